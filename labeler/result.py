@@ -1,0 +1,38 @@
+"""The typed result that `StableSeg.segment` returns for each image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BACKGROUND = 0
+IGNORE = 255
+
+
+@dataclass
+class SegmentationResult:
+    """Masks and probabilities for one image, at the image's original size.
+
+    Attributes:
+        mask: (H, W) integer array (uint8 up to 254 labels, uint16 beyond). 0 = background / unlabeled, k = ``labels[k - 1]``, 255 = ignore.
+        probs: (C, H, W) float32 array, one map per label (sums to 1 over C at each pixel).
+        labels: the label names, in the order given to ``segment``.
+        scores: per-label confidence: the mean probability of that label over the pixels
+            it wins (0.0 for a label that wins no pixel).
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    labels: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), the PIL convention."""
+        return int(self.mask.shape[1]), int(self.mask.shape[0])
+
+    def present_labels(self) -> list[int]:
+        """1-based ids of the labels that own at least one pixel of the mask."""
+        ids = np.unique(self.mask)
+        return [int(i) for i in ids if 1 <= i <= len(self.labels)]
