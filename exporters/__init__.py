@@ -1,0 +1,54 @@
+"""Exporters: segmentation results -> indexed PNG, COCO RLE JSON, Label Studio, previews.
+
+Every function here is pure: it returns arrays, images, dicts or strings, and the caller writes
+them. Optional dependencies (pycocotools, label-studio-converter) are imported when used.
+"""
+
+from exporters.coco import (
+    build_coco,
+    coco_annotations,
+    coco_image,
+    encode_rle,
+    result_to_coco_annotations,
+)
+from exporters.labelstudio import (
+    brush_results,
+    build_import_file,
+    decode_brush_result,
+    image_url,
+    import_task,
+    mask_to_brush_rle,
+    prediction,
+)
+from exporters.png import (
+    classes_json,
+    label_color,
+    labelmap_text,
+    mask_to_png,
+    png_to_mask,
+    voc_palette,
+)
+from exporters.preview import gallery_html, overlay
+
+__all__ = [
+    "brush_results",
+    "build_coco",
+    "build_import_file",
+    "classes_json",
+    "coco_annotations",
+    "coco_image",
+    "decode_brush_result",
+    "encode_rle",
+    "gallery_html",
+    "image_url",
+    "import_task",
+    "label_color",
+    "labelmap_text",
+    "mask_to_brush_rle",
+    "mask_to_png",
+    "overlay",
+    "png_to_mask",
+    "prediction",
+    "result_to_coco_annotations",
+    "voc_palette",
+]

@@ -1,0 +1,176 @@
+"""Label Studio brush predictions and import files.
+
+A brush result stores one label's pixels as Label Studio's RLE: the rle-pack bit stream of an
+RGBA image of the mask, of which Label Studio draws the alpha channel. ``label_studio_converter``
+(imported when used) encodes and decodes it; masks go in as 0/255 so the alpha is opaque.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+IGNORE_INDEX = 255
+_RGBA_CHANNELS = 4
+
+
+def _brush_api() -> Any:
+    try:
+        from label_studio_converter import brush
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Label Studio brush export needs label-studio-converter: "
+            "pip install label-studio-converter"
+        ) from error
+    return brush
+
+
+def _result_id(from_name: str, to_name: str, label_id: int, label: str) -> str:
+    """A short id that stays the same for the same tag, label and position."""
+    key = f"{from_name}\x00{to_name}\x00{label_id}\x00{label}".encode()
+    return hashlib.sha1(key).hexdigest()[:10]
+
+
+def mask_to_brush_rle(binary: np.ndarray) -> list[int]:
+    """Label Studio brush RLE (list of byte values) of an (H, W) boolean mask."""
+    binary = np.asarray(binary)
+    if binary.ndim != 2:
+        raise ValueError(f"mask_to_brush_rle: mask must be 2-D (H, W), got shape {binary.shape}")
+    alpha = np.ascontiguousarray(binary.astype(bool), dtype=np.uint8) * np.uint8(255)  # (H, W)
+    return [int(v) for v in _brush_api().mask2rle(alpha)]
+
+
+def brush_results(
+    mask: np.ndarray,
+    labels: Sequence[str],
+    scores: Mapping[str, float] | None = None,
+    from_name: str = "tag",
+    to_name: str = "image",
+) -> list[dict[str, Any]]:
+    """Label Studio ``brushlabels`` results, one per label present in the mask, in label order.
+
+    Args:
+        mask: (H, W) integer ids; k = ``labels[k - 1]``; 0 (background) and 255 (ignore)
+            produce no result.
+        labels: the label names, as in the project's labeling config.
+        scores: optional label -> confidence; a result carries ``score`` when its label has one.
+        from_name: the ``name`` of the ``<BrushLabels>`` control tag.
+        to_name: the ``name`` of the ``<Image>`` object tag.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"brush_results: mask must be 2-D (H, W), got shape {mask.shape}")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"brush_results: mask must hold integer ids, got dtype {mask.dtype}")
+    names = list(labels)
+    ids = np.unique(mask)
+    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE_INDEX]
+    if bad:
+        raise ValueError(
+            f"brush_results: mask ids {bad} are outside 0..{len(names)} "
+            f"({len(names)} labels) and not {IGNORE_INDEX} (ignore)"
+        )
+    height, width = mask.shape
+    results = []
+    for label_id in (int(i) for i in ids if 1 <= i <= len(names)):
+        label = names[label_id - 1]
+        result: dict[str, Any] = {
+            "id": _result_id(from_name, to_name, label_id, label),
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": "brushlabels",
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": {
+                "format": "rle",
+                "rle": mask_to_brush_rle(mask == label_id),
+                "brushlabels": [label],
+            },
+        }
+        if scores is not None and label in scores:
+            result["score"] = float(scores[label])
+        results.append(result)
+    return results
+
+
+def decode_brush_result(result: Mapping[str, Any]) -> np.ndarray:
+    """The (H, W) boolean mask of one brush result (its alpha channel, opaque = True)."""
+    try:
+        rle = result["value"]["rle"]
+        width, height = int(result["original_width"]), int(result["original_height"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            "decode_brush_result: expected a result with value.rle, original_width and "
+            f"original_height; missing {error}"
+        ) from error
+    rgba = _brush_api().decode_rle(rle)  # (H * W * 4,) uint8
+    if rgba.size != height * width * _RGBA_CHANNELS:
+        raise ValueError(
+            f"decode_brush_result: RLE holds {rgba.size} values, expected "
+            f"{height}x{width}x{_RGBA_CHANNELS} = {height * width * _RGBA_CHANNELS}"
+        )
+    alpha = rgba.reshape(height, width, _RGBA_CHANNELS)[:, :, 3]  # (H, W)
+    return alpha > 127
+
+
+def prediction(
+    results: Sequence[Mapping[str, Any]], model_version: str, score: float | None = None
+) -> dict[str, Any]:
+    """A Label Studio prediction; ``score`` defaults to the mean of the results' scores."""
+    if score is None:
+        result_scores = [float(r["score"]) for r in results if "score" in r]
+        score = float(np.mean(result_scores)) if result_scores else 0.0
+    return {"model_version": str(model_version), "score": float(score), "result": list(results)}
+
+
+def import_task(
+    image_url: str, prediction: Mapping[str, Any] | None = None, data_key: str = "image"
+) -> dict[str, Any]:
+    """One task of an import file: ``{"data": {data_key: url}, "predictions": [prediction]}``.
+
+    ``data_key`` is the ``$variable`` the ``<Image value="$image">`` tag reads.
+    """
+    if not image_url:
+        raise ValueError("import_task: image_url must not be empty")
+    task: dict[str, Any] = {"data": {data_key: image_url}}
+    task["predictions"] = [dict(prediction)] if prediction is not None else []
+    return task
+
+
+def build_import_file(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The JSON list Label Studio imports (Import > upload a .json), one task per image."""
+    checked = []
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
+            raise ValueError(f"build_import_file: task {index} has no 'data' dict: {task!r}")
+        checked.append(dict(task))
+    return checked
+
+
+def image_url(root_url: str, relative_path: str | PurePosixPath) -> str:
+    """Join a root URL and a relative posix path, URL-quoting each path segment.
+
+    ``root_url`` is where Label Studio finds the images: a local-files root such as
+    ``/data/local-files/?d=images`` or a web folder such as ``http://host/imgs/``.
+    ``image_url("/data/local-files/?d=images", "a b/c#1.jpg")`` gives
+    ``/data/local-files/?d=images/a%20b/c%231.jpg``.
+    """
+    if not root_url:
+        raise ValueError("image_url: root_url must not be empty")
+    path = str(relative_path)
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or ".." in parts:
+        raise ValueError(
+            f"image_url: relative_path must be a relative path without '..', got "
+            f"{str(relative_path)!r}"
+        )
+    quoted = "/".join(quote(part, safe="") for part in parts)
+    if root_url.endswith(("/", "=")):
+        return root_url + quoted
+    return f"{root_url}/{quoted}"

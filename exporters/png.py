@@ -1,0 +1,132 @@
+"""Indexed PNG masks with the Pascal VOC colour map, and the label files that go with them.
+
+Mask convention (see ``labeler.result``): 0 = background / unlabeled, k = the k-th label
+(1-based), 255 = ignore. A mask PNG stores these ids as palette indices, so any image viewer
+shows colours while ``png_to_mask`` reads the ids back unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = 255
+MAX_LABELS = 254  # ids 1..254; 0 is background and 255 is ignore
+_PALETTE_SIZE = 256
+
+
+def voc_palette(n: int = _PALETTE_SIZE) -> list[int]:
+    """The Pascal VOC colour map as a flat ``[r0, g0, b0, r1, g1, b1, ...]`` list of ``3 * n`` ints.
+
+    Colour i spreads the bits of i over the three channels, most significant bit first:
+    bit 0 of each 3-bit group goes to red, bit 1 to green, bit 2 to blue. Index 0 is black,
+    1 is (128, 0, 0) and 255 is (224, 224, 192), the VOC ignore colour.
+    """
+    if not 1 <= n <= _PALETTE_SIZE:
+        raise ValueError(f"voc_palette: n must be in 1..{_PALETTE_SIZE}, got {n!r}")
+    palette: list[int] = []
+    for index in range(n):
+        red = green = blue = 0
+        bits = index
+        for shift in range(7, -1, -1):  # fill each channel from its top bit down
+            red |= (bits & 1) << shift
+            green |= ((bits >> 1) & 1) << shift
+            blue |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        palette.extend((red, green, blue))
+    return palette
+
+
+def label_color(index: int) -> tuple[int, int, int]:
+    """The VOC colour (r, g, b) of one mask id (0..255)."""
+    if not 0 <= index < _PALETTE_SIZE:
+        raise ValueError(f"label_color: index must be in 0..255, got {index!r}")
+    palette = voc_palette(index + 1)
+    return palette[-3], palette[-2], palette[-1]
+
+
+def _check_mask(mask: np.ndarray, where: str) -> np.ndarray:
+    """Validate an (H, W) integer mask with ids in 0..255 and return it as uint8."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{where}: mask must be 2-D (H, W), got shape {mask.shape}")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{where}: mask must hold integer ids, got dtype {mask.dtype}")
+    if mask.size:
+        low, high = int(mask.min()), int(mask.max())
+        if low < 0 or high > IGNORE_INDEX:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{where}: mask value {bad} does not fit an 8-bit PNG; ids must be in 0..255 "
+                f"(at most {MAX_LABELS} labels, 255 = ignore)"
+            )
+    return mask.astype(np.uint8)
+
+
+def mask_to_png(mask: np.ndarray) -> Image.Image:
+    """An (H, W) id mask as a single-channel mode "P" image with the VOC palette."""
+    ids = _check_mask(mask, "mask_to_png")  # (H, W) uint8
+    height, width = ids.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(ids).tobytes())
+    image.putpalette(voc_palette())
+    return image
+
+
+def png_to_mask(image: Image.Image) -> np.ndarray:
+    """The (H, W) uint8 id mask stored in a mode "P" (palette) or "L" (grey) image."""
+    if image.mode not in ("P", "L"):
+        raise ValueError(
+            f"png_to_mask: expected a palette ('P') or greyscale ('L') mask image, got mode "
+            f"{image.mode!r}; an RGB rendering of a mask cannot be mapped back to ids reliably"
+        )
+    return np.array(image, dtype=np.uint8)  # (H, W)
+
+
+def _check_labels(labels: Sequence[str], where: str) -> list[str]:
+    names = list(labels)
+    if len(names) > MAX_LABELS:
+        raise ValueError(f"{where}: at most {MAX_LABELS} labels fit a mask, got {len(names)}")
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: every label must be a non-empty string, got {name!r}")
+        if name in seen:
+            raise ValueError(f"{where}: duplicate label {name!r}")
+        seen.add(name)
+    return names
+
+
+def labelmap_text(labels: Sequence[str], background: str = "background") -> str:
+    """A ``labelmap.txt`` (CVAT / "Segmentation mask 1.1" format), background first.
+
+    One line per id: ``name:r,g,b::`` with the VOC colour of that id, after a header comment::
+
+        # label:color_rgb:parts:actions
+        background:0,0,0::
+        cat:128,0,0::
+    """
+    names = _check_labels(labels, "labelmap_text")
+    for name in [background, *names]:
+        if ":" in name or "\n" in name:
+            raise ValueError(f"labelmap_text: label {name!r} contains ':' or a newline")
+    lines = ["# label:color_rgb:parts:actions"]
+    for index, name in enumerate([background, *names]):
+        red, green, blue = label_color(index)
+        lines.append(f"{name}:{red},{green},{blue}::")
+    return "\n".join(lines) + "\n"
+
+
+def classes_json(labels: Sequence[str]) -> dict[str, str]:
+    """The id -> name map of a mask, keyed by the id as a string (JSON keys are strings).
+
+    ``{"0": "background", "1": labels[0], ..., str(len(labels)): labels[-1], "255": "ignore"}``.
+    """
+    names = _check_labels(labels, "classes_json")
+    classes = {"0": "background"}
+    classes.update({str(index): name for index, name in enumerate(names, start=1)})
+    classes[str(IGNORE_INDEX)] = "ignore"
+    return classes

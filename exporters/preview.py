@@ -1,0 +1,151 @@
+"""Overlays of masks on their images, and a static HTML gallery of those overlays."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from exporters.png import IGNORE_INDEX, voc_palette
+
+BOUNDARY_COLOR = (255, 255, 255)
+LEGEND_BACKGROUND = (0, 0, 0, 170)
+LEGEND_TEXT = (255, 255, 255, 255)
+_LEGEND_PAD = 4
+_SWATCH_GAP = 4
+
+
+def _boundaries(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour holds a different id."""
+    edges = np.zeros(mask.shape, dtype=bool)
+    horizontal = mask[:, 1:] != mask[:, :-1]  # (H, W - 1)
+    vertical = mask[1:, :] != mask[:-1, :]  # (H - 1, W)
+    edges[:, 1:] |= horizontal
+    edges[:, :-1] |= horizontal
+    edges[1:, :] |= vertical
+    edges[:-1, :] |= vertical
+    return edges
+
+
+def _draw_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
+    """Draw a box in the top-left corner listing ``(name, colour)`` with colour swatches."""
+    if not entries:
+        return
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    font = ImageFont.load_default()
+    boxes = [draw.textbbox((0, 0), name, font=font) for name, _ in entries]
+    line_height = max(box[3] - box[1] for box in boxes) + 2
+    text_width = max(box[2] - box[0] for box in boxes)
+    swatch = line_height - 2
+    width = 2 * _LEGEND_PAD + swatch + _SWATCH_GAP + text_width
+    height = 2 * _LEGEND_PAD + line_height * len(entries)
+    draw.rectangle((0, 0, width, height), fill=LEGEND_BACKGROUND)
+    for row, ((name, color), box) in enumerate(zip(entries, boxes, strict=True)):
+        top = _LEGEND_PAD + row * line_height
+        draw.rectangle(
+            (_LEGEND_PAD, top, _LEGEND_PAD + swatch, top + swatch),
+            fill=(*color, 255),
+            outline=(255, 255, 255, 255),
+        )
+        text_x = _LEGEND_PAD + swatch + _SWATCH_GAP
+        draw.text((text_x, top - box[1]), name, font=font, fill=LEGEND_TEXT)
+    image.paste(Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB"))
+
+
+def overlay(
+    image: Image.Image,
+    mask: np.ndarray,
+    labels: Sequence[str],
+    alpha: float = 0.5,
+    *,
+    boundaries: bool = True,
+    legend: bool = True,
+) -> Image.Image:
+    """The RGB image with each label's VOC colour blended over its pixels.
+
+    Background (0) pixels are left as they are; ignore (255) pixels get the VOC ignore colour.
+    ``boundaries`` draws white lines where the id changes, ``legend`` adds a box listing the
+    labels present with their colours.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"overlay: mask must be 2-D (H, W), got shape {mask.shape}")
+    if mask.shape != (image.height, image.width):
+        raise ValueError(
+            f"overlay: mask shape {mask.shape} (H, W) does not match image size "
+            f"{image.width}x{image.height} (W x H)"
+        )
+    names = list(labels)
+    ids = np.unique(mask)
+    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE_INDEX]
+    if bad:
+        raise ValueError(f"overlay: mask ids {bad} are outside 0..{len(names)} and not 255")
+
+    palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)  # (256, 3)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    colors = palette[mask.astype(np.intp)]  # (H, W, 3)
+    painted = (mask != 0)[..., None]  # (H, W, 1)
+    blended = np.where(painted, (1.0 - alpha) * rgb + alpha * colors, rgb)  # (H, W, 3)
+    if boundaries:
+        blended[_boundaries(mask)] = BOUNDARY_COLOR
+    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    if legend:
+        present = [int(i) for i in ids if 1 <= i <= len(names)]
+        entries = [(names[i - 1], tuple(int(c) for c in palette[i])) for i in present]
+        _draw_legend(result, entries)
+    return result
+
+
+_GALLERY_STYLE = """
+body { font-family: sans-serif; margin: 1em; background: #fafafa; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }
+figure { margin: 0; padding: 6px; background: #fff; border: 1px solid #ddd; }
+figure img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 12px; word-break: break-all; margin-top: 4px; }
+.labels { color: #555; }
+"""
+
+
+def _href(path: str) -> str:
+    """A relative link, URL-quoted (separators kept) and escaped for an HTML attribute."""
+    return html.escape(quote(str(path), safe="/"), quote=True)
+
+
+def gallery_html(entries: Sequence[Mapping[str, Any]], title: str = "StableSeg previews") -> str:
+    """A self-contained HTML page: a grid of overlay thumbnails with file names and labels.
+
+    Each entry has ``overlay`` (path of the overlay image, relative to the page), ``file_name``
+    (the source image's name, shown) and ``labels`` (the names present, shown); an optional
+    ``thumbnail`` path is shown instead of the overlay itself. Every text is HTML-escaped.
+    """
+    figures = []
+    for index, entry in enumerate(entries):
+        missing = [key for key in ("overlay", "file_name") if key not in entry]
+        if missing:
+            raise ValueError(f"gallery_html: entry {index} lacks {missing}: {dict(entry)!r}")
+        labels = ", ".join(str(name) for name in entry.get("labels", [])) or "(none)"
+        file_name = html.escape(str(entry["file_name"]))
+        figures.append(
+            "<figure>"
+            f'<a href="{_href(entry["overlay"])}">'
+            f'<img src="{_href(entry.get("thumbnail", entry["overlay"]))}" alt="{file_name}"'
+            ' loading="lazy"></a>'
+            f"<figcaption>{file_name}<br>"
+            f'<span class="labels">{html.escape(labels)}</span></figcaption>'
+            "</figure>"
+        )
+    safe_title = html.escape(title)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{safe_title}</title>\n<style>{_GALLERY_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{safe_title}</h1>\n<p>{len(figures)} images</p>\n"
+        '<div class="grid">\n' + "\n".join(figures) + "\n</div>\n</body>\n</html>\n"
+    )

@@ -1,0 +1,107 @@
+"""Any image a user hands over -> an RGB uint8 array, and the model's input tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def _from_high_bit(array: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit or float pixels -> uint8."""
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float64))
+        top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    array = array.astype(np.int64)
+    if array.max(initial=0) <= 255 and array.min(initial=0) >= 0:
+        return array.astype(np.uint8)
+    # 16-bit range (also for 32-bit containers of 16-bit data, as PIL's "I" mode often is).
+    top = 65535 if array.max(initial=0) <= 65535 else int(array.max())
+    return np.clip(array * 255.0 / top + 0.5, 0, 255).astype(np.uint8)
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Alpha-composite over white, as image viewers show transparent pixels."""
+    weight = alpha.astype(np.float32)[..., None] / 255.0
+    out = rgb.astype(np.float32) * weight + 255.0 * (1.0 - weight)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ValueError(
+            f"image array must be (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4), "
+            f"got shape {array.shape}"
+        )
+    if array.dtype != np.uint8:
+        array = _from_high_bit(array)
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=-1)
+    if array.shape[-1] == 2:  # grey + alpha
+        return _composite(np.repeat(array[..., :1], 3, axis=-1), array[..., 1])
+    if array.shape[-1] == 4:
+        return _composite(array[..., :3], array[..., 3])
+    return array
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in _HIGH_BIT_MODES:
+        return _from_array(np.asarray(image))
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _from_array(np.asarray(image.convert("RGBA")))
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def to_rgb_array(image: Any, index: int = 0) -> np.ndarray:
+    """PIL image (any mode) or numpy array -> (H, W, 3) uint8.
+
+    Grey, 16-bit and float images are scaled to 8 bits; alpha is composited over white;
+    CMYK, YCbCr, palette and other PIL modes are converted.
+
+    Raises:
+        ValueError: zero-sized image or unsupported array shape, naming the image's position.
+        TypeError: anything that is not an image.
+    """
+    if isinstance(image, Image.Image):
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ValueError(f"image {index} has zero size ({width}x{height})")
+        rgb = _from_pil(image)
+    elif isinstance(image, np.ndarray):
+        if image.size == 0 or image.ndim < 2 or 0 in image.shape[:2]:
+            raise ValueError(f"image {index} has zero size (array shape {image.shape})")
+        try:
+            rgb = _from_array(image)
+        except ValueError as err:
+            raise ValueError(f"image {index}: {err}") from None
+    else:
+        raise TypeError(
+            f"image {index} must be a PIL.Image.Image or a numpy array, got {type(image).__name__}"
+        )
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """RGB uint8 arrays -> (B, 3, size, size) float tensor in [-1, 1] (bicubic resize)."""
+    batch = []
+    for rgb in images:
+        resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
+        batch.append(np.asarray(resized))
+    pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+    return pixels.float().div_(127.5).sub_(1.0)

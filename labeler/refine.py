@@ -1,0 +1,124 @@
+"""From recorded attention to class probabilities: CAPM, Self-Attention Refinement, final map.
+
+Pure tensor functions; the reference implementations in the tests compute the same quantities
+with explicit attention matrices and loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def class_maps_from_tokens(
+    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
+) -> torch.Tensor:
+    """Cross-attention probability map (CAPM) of one layer.
+
+    Args:
+        token_maps: (B*P, T, h, w) probabilities of the label tokens (rows image-major: image i,
+            prompt p at row i*P + p).
+        token_class: (P, T) label index of each token column; -1 on padding.
+        num_classes: C.
+        num_prompts: P.
+
+    Returns:
+        (B, C, h, w): for each label the mean of its tokens' maps, renormalised over labels so
+        each pixel holds a distribution over the C labels.
+    """
+    rows, _, height, width = token_maps.shape
+    batch = rows // num_prompts
+    valid = token_class >= 0
+    onehot = F.one_hot(token_class.clamp(min=0), num_classes).to(token_maps.dtype)  # (P, T, C)
+    onehot = onehot * valid[..., None].to(token_maps.dtype)
+    counts = onehot.sum(dim=1, keepdim=True).clamp(min=1)  # (P, 1, C)
+    average = onehot / counts  # (P, T, C)
+    maps = token_maps.view(batch, num_prompts, -1, height, width)  # (B, P, T, h, w)
+    # Every label lives in exactly one prompt, so summing over prompts concatenates the labels.
+    class_maps = torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
+    return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=_EPS)
+
+
+def resize_labels(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a (B, H, W) integer map to (B, h, w)."""
+    if tuple(label_map.shape[-2:]) == tuple(size):
+        return label_map
+    resized = F.interpolate(label_map[:, None].float(), size=size, mode="nearest")
+    return resized[:, 0].long()
+
+
+def self_attention_class_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    ca_map: torch.Tensor,
+    num_classes: int,
+    scale: float,
+) -> torch.Tensor:
+    """Self-attention probability map (SAPM) of one layer, the heart of SAR.
+
+    Each label's class vector is the mean key over the pixels the CA map gives it; every
+    pixel's query then attends over the class vectors (softmax over labels), averaged over heads.
+    A label with no pixel at this layer's size is left out of the softmax.
+
+    Args:
+        query, key: (B, heads, N, d) of the layer.
+        ca_map: (B, N) label index (0-based) of every token of the layer.
+        num_classes: C.
+        scale: the layer's softmax scale (1/sqrt(d)).
+
+    Returns:
+        (B, C, N) probabilities; a left-out label has probability 0.
+    """
+    query, key = query.float(), key.float()
+    member = F.one_hot(ca_map, num_classes).float()  # (B, N, C)
+    counts = member.sum(dim=1)  # (B, C)
+    class_keys = torch.einsum("bnc,bhnd->bhcd", member, key)  # (B, heads, C, d)
+    class_keys = class_keys / counts.clamp(min=1)[:, None, :, None]
+    logits = torch.matmul(query, class_keys.transpose(-1, -2)) * scale  # (B, heads, N, C)
+    logits = logits.masked_fill((counts == 0)[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1).transpose(1, 2)  # (B, C, N)
+
+
+def weighted_sum(
+    maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]
+) -> torch.Tensor | None:
+    """sum_l w_l * upsample(maps[l]) at ``size`` (bilinear); None when no map has weight.
+
+    Args:
+        maps: layer -> (B, C, h, w).
+        weights: layer -> weight; layers missing or with weight 0 are skipped.
+    """
+    total = None
+    for name, layer_map in maps.items():
+        weight = float(weights.get(name, 0.0))
+        if weight == 0.0:
+            continue
+        if tuple(layer_map.shape[-2:]) != tuple(size):
+            layer_map = F.interpolate(
+                layer_map.float(), size=size, mode="bilinear", align_corners=False
+            )
+        term = weight * layer_map.float()
+        total = term if total is None else total + term
+    return total
+
+
+def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Scores -> a distribution over labels along ``dim`` (non-negative scores)."""
+    scores = scores.clamp(min=0)
+    return scores / scores.sum(dim=dim, keepdim=True).clamp(min=_EPS)
+
+
+def probs_to_mask(probs: torch.Tensor, background_threshold: float | None) -> torch.Tensor:
+    """(C, H, W) probabilities -> (H, W) labels: k = k-th label (1-based), 0 = background.
+
+    With a threshold, pixels whose best probability is below it become background.
+    """
+    best, index = probs.max(dim=0)
+    mask = index + 1
+    if background_threshold is not None:
+        mask = torch.where(best < background_threshold, torch.zeros_like(mask), mask)
+    return mask

@@ -1,0 +1,359 @@
+"""StableSeg: zero-shot semantic masks from one Stable Diffusion UNet pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionStore, LayerInfo, record_attention, unet_attention_layers
+from .config import SegmenterConfig
+from .images import to_model_input, to_rgb_array
+from .prompts import PromptBatch, build_prompts, validate_labels
+from .refine import (
+    class_maps_from_tokens,
+    normalise,
+    probs_to_mask,
+    resize_labels,
+    self_attention_class_probs,
+    weighted_sum,
+)
+from .result import SegmentationResult
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """Which attention layers a pass records, and how their maps are weighted."""
+
+    cross: dict[str, float]
+    self_: dict[str, float]
+    layers: list[LayerInfo]
+    common_size: tuple[int, int]
+
+
+@dataclass
+class _Pass:
+    """Per-batch maps before upsampling to image size (all at ``common_size``)."""
+
+    final: torch.Tensor  # (B, C, S, S) un-normalised scores
+    layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
+
+
+class StableSeg:
+    """The StableSeg zero-shot segmenter.
+
+    Build it from a diffusers-format Stable Diffusion with :meth:`from_pretrained`, or from
+    components. ``segment(images, labels)`` returns one :class:`SegmentationResult` per image.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        config: SegmenterConfig | None = None,
+    ) -> None:
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.config = config or SegmenterConfig()
+        self.source = "components"
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if self.config.image_size % self.vae_scale_factor:
+            raise ValueError(
+                f"image_size {self.config.image_size} is not a multiple of the VAE's "
+                f"downsampling factor {self.vae_scale_factor}"
+            )
+        self._embedding_cache: dict[tuple[str, ...], tuple[PromptBatch, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_dir: str | PathLike[str],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        config: SegmenterConfig | None = None,
+        **load_kwargs: Any,
+    ) -> StableSeg:
+        """Load a diffusers-format Stable Diffusion 1.x / 2.x (hub id or local folder).
+
+        Only the UNet, VAE, text encoder and tokenizer are loaded; ``load_kwargs`` (for example
+        ``revision``, ``variant``, ``local_files_only``) go to every ``from_pretrained`` call.
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype if dtype is not None else default_dtype(device)
+        source = str(model_id_or_dir)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=dtype, **load_kwargs
+        )
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=dtype, **load_kwargs
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", torch_dtype=dtype, **load_kwargs
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **load_kwargs)
+        model = cls(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, config=config
+        )
+        model.source = source
+        return model.to(device)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> StableSeg:
+        """Move the model (channels-last on CUDA). Returns self."""
+        device = torch.device(device) if device is not None else self.device
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        if device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self._embedding_cache.clear()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def with_config(self, config: SegmenterConfig) -> StableSeg:
+        """A segmenter sharing these weights with another configuration."""
+        other = StableSeg(self.unet, self.vae, self.text_encoder, self.tokenizer, config)
+        other.source = self.source
+        return other
+
+    @property
+    def model_version(self) -> str:
+        """A short id that changes when the model source or the configuration changes."""
+        blob = json.dumps(
+            {"source": self.source, "config": repr(self.config), "dtype": str(self.dtype)},
+            sort_keys=True,
+        )
+        return "stableseg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        side = self.config.image_size // self.vae_scale_factor
+        return side, side
+
+    def attention_layers(self) -> list[LayerInfo]:
+        """Every attention layer of the UNet with its grid size at ``config.image_size``."""
+        return unet_attention_layers(self.unet, self.latent_size)
+
+    def plan(self, all_layers: bool = False) -> MapPlan:
+        """Choose the recorded layers and their weights from the configuration.
+
+        With ``all_layers`` every attention layer is recorded (for the StableSeg++ cache), while
+        the weights stay those of the configuration.
+        """
+        cfg = self.config
+        layers = self.attention_layers()
+        cross = [layer for layer in layers if layer.kind == "cross"]
+        selfs = [layer for layer in layers if layer.kind == "self"]
+        common = max((layer.size for layer in layers), key=lambda s: s[0] * s[1])
+        if cfg.map_weights is not None:
+            known = {layer.name for layer in layers}
+            unknown = sorted(set(cfg.map_weights) - known)
+            if unknown:
+                raise ValueError(
+                    f"map_weights names layers this UNet does not have: {unknown[:5]}"
+                    f"{' ...' if len(unknown) > 5 else ''}"
+                )
+            cross_w = {n.name: cfg.map_weights.get(n.name, 0.0) for n in cross}
+            self_w = {n.name: cfg.map_weights.get(n.name, 0.0) for n in selfs}
+            if not any(cross_w.values()):
+                raise ValueError("map_weights gives every cross-attention layer weight 0")
+        else:
+            cross_w = _uniform(cross, cfg.cross_sizes, "cross_sizes", smallest=2)
+            self_w = _uniform(selfs, cfg.self_sizes, "self_sizes", smallest=None)
+        if not cfg.use_sar:
+            self_w = {name: 0.0 for name in self_w}
+        elif not any(self_w.values()):
+            raise ValueError("use_sar=True but no self-attention layer has weight")
+        chosen = {n for n, w in {**cross_w, **self_w}.items() if w > 0}
+        recorded = [layer for layer in layers if all_layers or layer.name in chosen]
+        return MapPlan(cross=cross_w, self_=self_w, layers=recorded, common_size=common)
+
+    # ------------------------------------------------------------------ the method
+    @torch.inference_mode()
+    def encode_prompts(self, labels: Sequence[str]) -> tuple[PromptBatch, torch.Tensor]:
+        """Step 1: prompts and their text embeddings (P, L, D), cached per label list."""
+        key = (*labels, "\x00", self.config.prompt_template, self.config.label_separator)
+        if key not in self._embedding_cache:
+            prompts = build_prompts(
+                self.tokenizer, labels, self.config.prompt_template, self.config.label_separator
+            )
+            ids = prompts.input_ids.to(self.device)
+            embeddings = self.text_encoder(ids)[0]  # (P, L, D)
+            if len(self._embedding_cache) > 32:
+                self._embedding_cache.clear()
+            self._embedding_cache[key] = (prompts, embeddings)
+        return self._embedding_cache[key]
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Step 2: (B, 3, S, S) in [-1, 1] -> latents z0 = mean * scaling_factor, no noise."""
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        latents = self.vae.encode(pixels).latent_dist.mean  # (B, c, S/f, S/f)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def _attention_pass(
+        self, latents: torch.Tensor, prompts: PromptBatch, embeddings: torch.Tensor, plan: MapPlan
+    ) -> _Pass:
+        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores."""
+        batch, num_prompts = latents.shape[0], prompts.num_prompts
+        num_classes = len(prompts.spans)
+        rows = latents.repeat_interleave(num_prompts, dim=0)  # (B*P, c, h, w)
+        context = embeddings.repeat(batch, 1, 1)  # (B*P, L, D)
+        timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
+        store = AttentionStore(token_index=prompts.token_index.to(self.device).repeat(batch, 1))
+        with record_attention(self.unet, plan.layers, store):
+            self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+
+        token_class = prompts.token_class.to(self.device)
+        layer_maps: dict[str, torch.Tensor] = {}
+        for name, token_maps in store.cross.items():
+            layer_maps[name] = class_maps_from_tokens(
+                token_maps, token_class, num_classes, num_prompts
+            )  # (B, C, h, w)
+        capm = weighted_sum(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
+        ca_map = capm.argmax(dim=1)  # (B, S, S)
+
+        sizes = {layer.name: layer.size for layer in plan.layers}
+        for name, query in store.queries.items():
+            size = sizes[name]
+            labels = resize_labels(ca_map, size).flatten(1)  # (B, h*w)
+            labels = labels.repeat_interleave(num_prompts, dim=0)  # (B*P, h*w)
+            probs = self_attention_class_probs(
+                query, store.keys[name], labels, num_classes, store.scales[name]
+            )  # (B*P, C, h*w)
+            probs = probs.view(batch, num_prompts, num_classes, *size).mean(dim=1)
+            layer_maps[name] = probs  # (B, C, h, w)
+        store.clear()
+
+        sapm = weighted_sum(layer_maps, plan.self_, plan.common_size)
+        if sapm is None:
+            final = capm
+        elif self.config.self_only:
+            final = sapm
+        else:
+            final = capm + sapm
+        return _Pass(final=final, layer_maps=layer_maps)
+
+    def _finish(
+        self, scores: torch.Tensor, rgb: np.ndarray, labels: list[str]
+    ) -> SegmentationResult:
+        """Step 7-8 for one image: upsample to its size, normalise, mask, confidences."""
+        height, width = rgb.shape[:2]
+        probs = F.interpolate(
+            scores[None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[0]  # (C, H, W)
+        probs = normalise(probs, dim=0)
+        mask = probs_to_mask(probs, self.config.background_threshold)  # (H, W)
+        confidences = {}
+        for k, label in enumerate(labels, start=1):
+            won = mask == k
+            confidences[label] = float(probs[k - 1][won].mean()) if bool(won.any()) else 0.0
+        dtype = np.uint8 if len(labels) <= 254 else np.uint16
+        return SegmentationResult(
+            mask=mask.cpu().numpy().astype(dtype),
+            probs=probs.cpu().numpy().astype(np.float32),
+            labels=list(labels),
+            scores=confidences,
+        )
+
+    def segment(
+        self,
+        images: Any,
+        labels: Sequence[str],
+        return_layer_maps: bool = False,
+    ) -> list[SegmentationResult]:
+        """Segment images into the given labels.
+
+        Args:
+            images: a PIL image or numpy array, or a list of them (any mode, any size).
+            labels: label names; mask value k means ``labels[k - 1]``, 0 means background.
+            return_layer_maps: also return every attention layer's class map at its own size
+                (``result.layer_maps``: layer -> (C, h, w) float16), for the StableSeg++ cache.
+
+        Returns:
+            One :class:`SegmentationResult` per image, in order, at each image's original size.
+        """
+        return list(self.iter_segment(images, labels, return_layer_maps))
+
+    def iter_segment(
+        self, images: Any, labels: Sequence[str], return_layer_maps: bool = False
+    ) -> Iterator[SegmentationResult]:
+        """Like :meth:`segment`, yielding results batch by batch."""
+        labels = validate_labels(labels)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        rgbs = [to_rgb_array(image, index=i) for i, image in enumerate(images)]
+        plan = self.plan(all_layers=return_layer_maps)
+        prompts, embeddings = self.encode_prompts(labels)
+        size = self.config.batch_size
+        for start in range(0, len(rgbs), size):
+            chunk = rgbs[start : start + size]
+            pixels = to_model_input(chunk, self.config.image_size)
+            latents = self.encode_images(pixels)
+            with torch.inference_mode():
+                result = self._attention_pass(latents, prompts, embeddings, plan)
+                for i, rgb in enumerate(chunk):
+                    out = self._finish(result.final[i], rgb, labels)
+                    if return_layer_maps:
+                        out.layer_maps = {
+                            name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
+                        }
+                    yield out
+
+
+def _uniform(
+    layers: list[LayerInfo], sizes: tuple[int, ...] | None, field: str, smallest: int | None
+) -> dict[str, float]:
+    """Equal weights over the layers whose side is in ``sizes`` (default: the smallest few)."""
+    available = sorted({layer.side for layer in layers})
+    if sizes is None:
+        chosen = set(available if smallest is None else available[:smallest])
+    else:
+        missing = sorted(set(sizes) - set(available))
+        if missing:
+            raise ValueError(
+                f"{field} {missing} not offered by this UNet at this image size; "
+                f"valid sizes: {available}"
+            )
+        chosen = set(sizes)
+    picked = [layer.name for layer in layers if layer.side in chosen]
+    weight = 1.0 / len(picked) if picked else 0.0
+    return {layer.name: (weight if layer.name in picked else 0.0) for layer in layers}
