@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 
 from labeler import SegmenterConfig, StableSeg
 from labeler.testing import tiny_components
+
+from .tiny import save_tiny_model
 
 TINY_SIZE = 64  # image side for the tiny model: latent 32, attention grids 32, 16 and 8
 
@@ -22,23 +23,7 @@ def tiny_parts() -> dict:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_parts: dict) -> Path:
     """The tiny model written in diffusers layout, as a real checkpoint folder looks."""
-    from diffusers import DDPMScheduler
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
-        tiny_parts[name].save_pretrained(root / name)
-    DDPMScheduler().save_pretrained(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.27.0",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-sd"), parts=tiny_parts)
 
 
 @pytest.fixture(scope="session")
