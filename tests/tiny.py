@@ -1,4 +1,4 @@
-"""Write the tiny random Stable Diffusion as a diffusers folder, as a real checkpoint is laid out."""
+"""Write the tiny random Stable Diffusion as a diffusers folder, laid out as a checkpoint."""
 
 from __future__ import annotations
 
