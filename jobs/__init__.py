@@ -1,0 +1,1 @@
+"""File-owning jobs behind the CLI and the backend: listing, loading, atomic writes, runs."""

@@ -1,0 +1,148 @@
+"""Files in, files out: image discovery and loading, atomic writes, JSON lines."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; larger images are skipped with a reason
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message says why (for skipped.jsonl and logs)."""
+
+
+def list_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Every image file under ``root``, recursively, as paths relative to it, sorted.
+
+    Hidden files and folders (name starting with '.') are left out; the order is stable across
+    machines (sorted by the posix relative path).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            found.append(Path(folder, name).relative_to(root))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image, applying its EXIF orientation.
+
+    Raises:
+        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty file (0 bytes)")
+        handle: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError("empty file (0 bytes)")
+        except OSError as err:
+            raise ImageError(f"cannot read file: {err.strerror or err}") from None
+        handle = path
+    try:
+        with Image.open(handle) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, more than the limit "
+                    f"of {max_pixels} (raise it with --max-pixels)"
+                )
+            if width == 0 or height == 0:
+                raise ImageError(f"image has zero size ({width}x{height})")
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large: {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"unreadable or truncated image: {err}") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    """Encode a PIL image in memory (to be written atomically)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn last line (from a killed writer) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
+    """Atomically replace ``path`` with these records, one JSON object a line."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not labelled, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
