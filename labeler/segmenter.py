@@ -128,7 +128,10 @@ class StableSeg:
         """Move the model (channels-last on CUDA). Returns self."""
         device = torch.device(device) if device is not None else self.device
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            if dtype is None:
+                module.to(device)
+            else:
+                module.to(device=device, dtype=dtype)
         if device.type == "cuda":
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -152,9 +155,10 @@ class StableSeg:
     @property
     def model_version(self) -> str:
         """A short id that changes when the model source or the configuration changes."""
+        # batch_size changes speed, not masks: leave it out.
+        config = repr(self.config.replace(batch_size=1))
         blob = json.dumps(
-            {"source": self.source, "config": repr(self.config), "dtype": str(self.dtype)},
-            sort_keys=True,
+            {"source": self.source, "config": config, "dtype": str(self.dtype)}, sort_keys=True
         )
         return "stableseg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 

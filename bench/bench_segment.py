@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Throughput and memory of StableSeg against a bare VAE + text + UNet pass.
+
+Builds Stable Diffusion 1.5-shaped UNet, VAE and text encoder with random weights (the same
+compute as the real model; no download) and prints JSON:
+
+* seconds per image of ``segment()`` and of the bare pass on the same input, and their ratio;
+* peak memory of each (CUDA: max allocated; CPU: peak RSS growth, sampled);
+* the recording's own memory per image at the benchmark size and at 512 px.
+
+    python bench/bench_segment.py                 # CPU: 256 px, batch 1
+    python bench/bench_segment.py --device cuda   # GPU: 512 px, batches 1, 8, 32, fp16
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict that holds ``peak_bytes`` after the block."""
+    out: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield out
+        torch.cuda.synchronize()
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        return
+    base, peak, stop = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak_bytes"] = max(0, peak[0] - base)
+
+
+def recording_bytes(model: Any, num_label_tokens: int) -> dict[str, int]:
+    """What the recording keeps per image: Q and K of the chosen self-attention layers (model
+    dtype) and the label-token columns of the chosen cross-attention layers (fp32)."""
+    modules = dict(model.unet.named_modules())
+    item = torch.finfo(model.dtype).bits // 8
+    self_bytes = cross_bytes = 0
+    for layer in model.plan().layers:
+        tokens = layer.size[0] * layer.size[1]
+        if layer.kind == "self":
+            inner = modules[layer.name].to_q.out_features
+            self_bytes += 2 * tokens * inner * item
+        else:
+            cross_bytes += tokens * num_label_tokens * 4
+    return {"self_qk_bytes": self_bytes, "cross_bytes": cross_bytes}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_pass(model: Any, pixels: torch.Tensor, labels: list[str]) -> None:
+    """VAE encode + text encode + UNet pass, default processors, nothing recorded."""
+    from labeler.prompts import build_prompts
+
+    with torch.inference_mode():
+        latents = model.encode_images(pixels)
+        ids = build_prompts(model.tokenizer, labels).input_ids.to(model.device)
+        context = model.text_encoder(ids)[0].repeat(latents.shape[0], 1, 1)
+        timestep = torch.full((latents.shape[0],), 1, device=model.device)
+        model.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
+
+
+def measure(fn, device: torch.device, repeats: int) -> tuple[float, int]:
+    fn()  # warm-up
+    sync(device)
+    times = []
+    with peak_memory(device) as mem:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times)), mem["peak_bytes"]
+
+
+@click.command()
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--image-size", type=int, default=None, help="[default: 256 on CPU, 512 on CUDA]")
+@click.option("--batch-sizes", default=None, help="Comma list. [default: 1 on CPU, 1,8,32 on CUDA]")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--labels", default="cat,dog,person,car,tree", show_default=True)
+def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
+    from labeler import SegmenterConfig, StableSeg
+    from labeler.images import to_model_input
+    from labeler.testing import sd15_components
+
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # the dtype cast below is deliberate
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    image_size = image_size or (512 if cuda else 256)
+    sizes = [int(b) for b in (batch_sizes or ("1,8,32" if cuda else "1")).split(",")]
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        dtype or ("fp16" if cuda else "fp32")
+    ]
+    names = labels.split(",")
+    model = StableSeg(**sd15_components(), config=SegmenterConfig(image_size=image_size))
+    model.to(device, torch_dtype)
+    rng = np.random.default_rng(0)
+    label_tokens = int((model.encode_prompts(names)[0].token_class >= 0).sum())
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "image_size": image_size,
+        "labels": len(names),
+        "recording_per_image": recording_bytes(model, label_tokens),
+        "runs": [],
+    }
+    if image_size != 512:
+        at512 = model.with_config(SegmenterConfig(image_size=512))
+        report["recording_per_image_at_512"] = recording_bytes(at512, label_tokens)
+    for batch in sizes:
+        seg_model = model.with_config(SegmenterConfig(image_size=image_size, batch_size=batch))
+        images = [
+            (rng.random((image_size, image_size, 3)) * 255).astype(np.uint8) for _ in range(batch)
+        ]
+        pixels = to_model_input(images, image_size)
+        seg_s, seg_mem = measure(partial(seg_model.segment, images, names), device, repeats)
+        bare_s, bare_mem = measure(partial(bare_pass, model, pixels, names), device, repeats)
+        report["runs"].append(
+            {
+                "batch_size": batch,
+                "segment_s_per_image": seg_s / batch,
+                "bare_s_per_image": bare_s / batch,
+                "ratio": seg_s / bare_s,
+                "segment_images_per_s": batch / seg_s,
+                "bare_images_per_s": batch / bare_s,
+                "segment_peak_bytes": seg_mem,
+                "bare_peak_bytes": bare_mem,
+            }
+        )
+        click.echo(json.dumps(report["runs"][-1]), err=True)
+    click.echo(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""``cli.py pseudo-label``: label a folder of images with StableSeg."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import labels_options, model_options, parse_labels, progress_bar, setup_logging
+
+
+@click.command("pseudo-label")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@labels_options
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (created). Rerunning into it resumes the run.",
+)
+@model_options
+@click.option(
+    "--batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per UNet pass.",
+)
+@click.option(
+    "--image-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Side the model sees (512 for SD 1.x/2.x base, 64 for demo/model).",
+)
+@click.option(
+    "--background-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Pixels whose best label probability is below this become background (0). "
+    "[default: every pixel gets a label]",
+)
+@click.option(
+    "--crf/--no-crf",
+    default=False,
+    show_default=True,
+    help="Refine the probabilities with DenseCRF (pydensecrf2) before the argmax.",
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=("coco", "png"),
+    show_default=True,
+    type=click.Choice(["coco", "png", "labelstudio"]),
+    help="Exports to write (repeatable). PNG masks are always written: they are the "
+    "per-image record that resuming relies on.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Learned attention-map weights from `refine` (W/plusplus/weights.safetensors).",
+)
+@click.option(
+    "--student",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Label with a DeepLabV3+ trained by `refine` (e.g. W/plusplus/student) "
+    "instead of StableSeg.",
+)
+@click.option(
+    "--preview",
+    is_flag=True,
+    help="Write overlays to OUT/preview/ and a gallery OUT/preview/index.html.",
+)
+@click.option(
+    "--image-root-url",
+    default=None,
+    help="How Label Studio reaches IMAGES_DIR, joined with each relative path in "
+    "labelstudio.json.  [default: /data/local-files/?d=<IMAGES_DIR name>]",
+)
+@click.option(
+    "--max-pixels",
+    default=100_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images with more pixels are skipped (listed in skipped.jsonl).",
+)
+@click.option(
+    "--labels-from-gt",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Ground-truth mask folder: prompt each image with only the labels present "
+    "in its ground truth (the paper's evaluation protocol). Mask ids stay global.",
+)
+@click.option("--overwrite", is_flag=True, help="Discard a previous run in --out and start again.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def pseudo_label(
+    images_dir: Path,
+    labels: str | None,
+    labels_file: Path | None,
+    out_dir: Path,
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    batch_size: int,
+    image_size: int,
+    background_threshold: float | None,
+    crf: bool,
+    formats: tuple[str, ...],
+    weights: Path | None,
+    student: Path | None,
+    preview: bool,
+    image_root_url: str | None,
+    max_pixels: int,
+    labels_from_gt: Path | None,
+    overwrite: bool,
+    verbose: bool,
+) -> None:
+    """Label every image under IMAGES_DIR (recursively) with the given labels.
+
+    \b
+    Inputs: jpg, jpeg, png, bmp, webp, tif, tiff; EXIF orientation is applied.
+    Outputs in --out:
+      masks/<path>.png    indexed PNG, 0 = background, k = k-th label, 255 = ignore
+      coco.json           COCO with compressed RLE, category k = k-th label
+      labelstudio.json    Label Studio import file with brush predictions
+      labelmap.txt, classes.json, skipped.jsonl (unreadable files and why)
+      preview/            overlays and index.html (--preview)
+
+    \b
+    The run resumes: rerun the same command after an interruption and only
+    missing images are labelled; exports are rebuilt. Under torchrun or
+    accelerate launch the images are split across the processes.
+
+    \b
+    Exit status: 0 every image labelled, 3 some images skipped (see
+    skipped.jsonl), 2 usage error, 1 other error.
+    """
+    from jobs.pseudo_label import PseudoLabelOptions, RunMismatchError, run
+
+    setup_logging(verbose)
+    names = parse_labels(labels, labels_file)
+    formats = tuple(dict.fromkeys((*formats, "png")))
+    if weights is not None and student is not None:
+        raise click.UsageError(
+            "--weights applies to StableSeg; it cannot be combined with --student"
+        )
+    options = PseudoLabelOptions(
+        images_dir=images_dir,
+        out_dir=out_dir,
+        labels=names,
+        model=model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        image_size=image_size,
+        background_threshold=background_threshold,
+        crf=crf,
+        formats=formats,
+        weights=weights,
+        student=student,
+        preview=preview,
+        image_root_url=image_root_url,
+        max_pixels=max_pixels,
+        labels_from_gt=labels_from_gt,
+        overwrite=overwrite,
+    )
+    try:
+        summary = run(options, progress=progress_bar("pseudo-label"))
+    except RunMismatchError as err:
+        raise click.UsageError(str(err)) from None
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    if summary.outputs:
+        click.echo(
+            f"labelled {summary.labelled}, skipped {len(summary.skipped)}, "
+            f"already done {summary.already_done} (of {summary.total}) in {summary.seconds:.1f}s",
+            err=True,
+        )
+        for name, path in summary.outputs.items():
+            click.echo(f"  {name:12s} {path}", err=True)
+        if summary.skipped:
+            click.echo(
+                f"  {len(summary.skipped)} skipped: see {summary.outputs['skipped']}", err=True
+            )
+    raise SystemExit(summary.exit_code)

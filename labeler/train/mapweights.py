@@ -1,0 +1,162 @@
+"""StableSeg++: learn one non-negative weight per attention map from the student's predictions.
+
+Model. For pixel i with per-layer class maps ``m_l[i]`` (each a distribution over the C labels,
+upsampled to the common size), StableSeg's probabilities with weights ``w`` are
+``P[i] = normalise(sum_l w_l * m_l[i])``, the CAPM + SAPM of the segmenter with no softmax.
+The weights are ``w_l = exp(theta_l)`` (non-negative by construction) and the loss is the
+cross-entropy ``-log P[i, y_i]`` against the StableSeg+ student's label ``y_i``. The loss does
+not change when all weights are scaled together, so the result is rescaled to the total of the
+starting (uniform) weights, which keeps it comparable with the uniform plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import MapFitConfig
+from .data import IGNORE_INDEX, resize_mask
+
+_EPS = 1e-8
+
+
+@dataclass
+class MapFit:
+    """Result of :func:`fit_map_weights`.
+
+    Attributes:
+        weights: layer -> learned weight (summing to the starting weights' total).
+        initial: layer -> starting weight.
+        loss: the mini-batch loss of every step.
+        initial_loss, final_loss: the loss over all sampled pixels before and after.
+        pixels: how many pixels were fitted.
+    """
+
+    weights: dict[str, float]
+    initial: dict[str, float]
+    loss: list[float] = field(default_factory=list)
+    initial_loss: float = float("nan")
+    final_loss: float = float("nan")
+    pixels: int = 0
+
+
+def pixels_per_image(config: MapFitConfig, num_images: int) -> int:
+    """How many pixels to sample from each image so all fit in ``config.max_pixels``."""
+    return max(1, min(config.pixels_per_image, config.max_pixels // max(num_images, 1)))
+
+
+def stack_maps(
+    layer_maps: Mapping[str, np.ndarray], names: Sequence[str], size: tuple[int, int]
+) -> torch.Tensor:
+    """(L, C, S, S) float32: the named layers' (C, h, w) maps, bilinear to ``size``."""
+    stacked = []
+    for name in names:
+        if name not in layer_maps:
+            raise KeyError(f"layer {name!r} is missing from the cached maps")
+        layer_map = torch.from_numpy(np.asarray(layer_maps[name])).float()[None]  # (1, C, h, w)
+        if tuple(layer_map.shape[-2:]) != tuple(size):
+            layer_map = F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False)
+        stacked.append(layer_map[0])
+    return torch.stack(stacked)  # (L, C, S, S)
+
+
+def targets_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(S, S) int64 fitting targets from an (H, W) id mask: label k -> k - 1; 0 and 255 -> -1.
+
+    The attention maps see the image squashed to a square, so the mask is resized (nearest)
+    to the common size the same way. Background (0) has no attention map and is left out.
+    """
+    small = resize_mask(mask, (size[1], size[0])).astype(np.int64)  # (S, S)
+    return np.where((small == 0) | (small == IGNORE_INDEX), -1, small - 1)
+
+
+def sample_pixels(
+    stacked: torch.Tensor, targets: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` pixels with a target: features (n, L, C) float16, labels (n,) int64."""
+    num_layers, num_classes = stacked.shape[:2]
+    flat_targets = targets.reshape(-1)  # (S*S,)
+    valid = np.flatnonzero(flat_targets >= 0)
+    if valid.size > count:
+        valid = np.sort(rng.choice(valid, size=count, replace=False))
+    features = stacked.reshape(num_layers, num_classes, -1)[:, :, valid]  # (L, C, n)
+    features = features.permute(2, 0, 1).to(torch.float16)  # (n, L, C)
+    return features, torch.from_numpy(flat_targets[valid])
+
+
+def _nll(features: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Mean -log P[label] with P = normalise(sum_l exp(theta_l) * features[:, l])."""
+    scores = torch.einsum("nlc,l->nc", features.float(), theta.exp())  # (n, C)
+    probs = scores / scores.sum(dim=1, keepdim=True).clamp(min=_EPS)
+    return F.nll_loss(probs.clamp(min=_EPS).log(), labels)
+
+
+@torch.no_grad()
+def _full_loss(features: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor) -> float:
+    total, chunk = 0.0, 65536
+    for start in range(0, len(labels), chunk):
+        part = slice(start, start + chunk)
+        total += float(_nll(features[part], labels[part], theta)) * len(labels[part])
+    return total / max(len(labels), 1)
+
+
+def fit_map_weights(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    initial: Mapping[str, float],
+    config: MapFitConfig | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> MapFit:
+    """Fit one non-negative weight per layer (see the module docstring).
+
+    Args:
+        features: (N, L, C) per-layer class probabilities of N sampled pixels.
+        labels: (N,) 0-based label of each pixel.
+        names: the L layer names, in the order of ``features``' second axis.
+        initial: layer -> starting weight (the uniform plan); zeros are raised to
+            ``config.init_floor`` times the mean non-zero weight.
+        on_step: called with (step, loss) after every step (progress bars).
+    """
+    config = config or MapFitConfig()
+    if features.ndim != 3 or features.shape[1] != len(names):
+        raise ValueError(
+            f"features must be (N, L={len(names)}, C), got shape {tuple(features.shape)}"
+        )
+    if len(labels) != len(features) or len(labels) == 0:
+        raise ValueError(
+            f"need one label per pixel and at least one pixel, got {len(labels)} labels "
+            f"for {len(features)} pixels"
+        )
+    start = torch.tensor([float(initial.get(name, 0.0)) for name in names])  # (L,)
+    nonzero = start[start > 0]
+    floor = config.init_floor * (float(nonzero.mean()) if len(nonzero) else 1.0)
+    total = float(start.sum()) if float(start.sum()) > 0 else float(len(names))
+    theta = start.clamp(min=floor).log().clone().requires_grad_(True)  # (L,)
+    optimizer = torch.optim.Adam([theta], lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    fit = MapFit(
+        weights={},
+        initial={name: float(w) for name, w in zip(names, start.tolist(), strict=True)},
+        initial_loss=_full_loss(features, labels, theta.detach()),
+        pixels=len(labels),
+    )
+    batch = min(config.batch_pixels, len(labels))
+    for step in range(config.steps):
+        index = torch.randint(len(labels), (batch,), generator=generator)  # (b,)
+        loss = _nll(features[index], labels[index], theta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        fit.loss.append(float(loss))
+        if on_step is not None:
+            on_step(step, fit.loss[-1])
+    final = theta.detach()
+    fit.final_loss = _full_loss(features, labels, final)
+    weights = final.exp() * (total / float(final.exp().sum()))  # (L,)
+    fit.weights = {name: float(w) for name, w in zip(names, weights.tolist(), strict=True)}
+    return fit

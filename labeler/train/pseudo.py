@@ -1,0 +1,101 @@
+"""Pseudo-masks from cached attention maps: the segmenter's final map, CRF, uncertain pixels.
+
+``probs_from_maps`` rebuilds exactly what ``StableSeg`` computes from its layer maps
+(CAPM = weighted sum of cross maps, SAPM = weighted sum of self maps, final = CAPM + SAPM at the
+common size, bilinear to the image, normalised), so stage 1 only caches the per-layer maps and
+StableSeg++ regenerates pseudo-masks with new weights without running the UNet again.
+
+The self maps in the cache were computed with the CA map of the uniform weights; with learned
+weights the real segmenter seeds SAR with its own CA map, so the regenerated masks approximate
+(closely) what ``StableSeg`` with the same weights gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..crf import dense_crf
+from ..refine import normalise, weighted_sum
+from .config import PseudoConfig
+from .data import IGNORE_INDEX
+
+
+def scores_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    cross_weights: Mapping[str, float],
+    self_weights: Mapping[str, float],
+    common_size: tuple[int, int],
+    self_only: bool = False,
+) -> torch.Tensor:
+    """(C, S, S) un-normalised final scores at the common size from layer -> (C, h, w) maps."""
+    maps = {name: torch.from_numpy(np.asarray(m)).float()[None] for name, m in layer_maps.items()}
+    capm = weighted_sum(maps, cross_weights, common_size)  # (1, C, S, S)
+    if capm is None:
+        raise ValueError("no cross-attention map has weight in these layer maps")
+    sapm = weighted_sum(maps, self_weights, common_size)  # (1, C, S, S) or None
+    if sapm is None:
+        final = capm
+    elif self_only:
+        final = sapm
+    else:
+        final = capm + sapm
+    return final[0]
+
+
+def probs_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    cross_weights: Mapping[str, float],
+    self_weights: Mapping[str, float],
+    common_size: tuple[int, int],
+    out_size: tuple[int, int],
+    self_only: bool = False,
+) -> np.ndarray:
+    """(C, H, W) float32 probabilities at ``out_size`` = (width, height), as StableSeg's."""
+    scores = scores_from_maps(layer_maps, cross_weights, self_weights, common_size, self_only)
+    width, height = out_size
+    probs = F.interpolate(
+        scores[None], size=(height, width), mode="bilinear", align_corners=False
+    )[0]  # (C, H, W)
+    return normalise(probs, dim=0).numpy().astype(np.float32)
+
+
+def with_background(probs: np.ndarray, background_threshold: float) -> np.ndarray:
+    """(C, H, W) -> (1 + C, H, W) with a constant background score, renormalised.
+
+    Its argmax is 0 exactly where every label's probability is below the threshold, the
+    segmenter's background rule, so CRF can move background boundaries like any other class.
+    """
+    background = np.full((1, *probs.shape[1:]), background_threshold, dtype=np.float32)
+    extended = np.concatenate([background, probs.astype(np.float32)])  # (1 + C, H, W)
+    return extended / extended.sum(axis=0, keepdims=True)
+
+
+def pseudo_mask(
+    rgb: np.ndarray,
+    probs: np.ndarray,
+    config: PseudoConfig,
+    background_threshold: float | None = None,
+) -> np.ndarray:
+    """(H, W) uint8 training mask from (C, H, W) probabilities over an (H, W, 3) image.
+
+    Ids follow the project's convention: k = ``labels[k - 1]``, 0 = background (only with a
+    background threshold), 255 = uncertain (best refined probability below
+    ``config.threshold``), left out of training.
+    """
+    if probs.shape[0] > 254:
+        raise ValueError(f"at most 254 labels fit a uint8 mask, got {probs.shape[0]}")
+    if background_threshold is None:
+        class_probs, first_id = probs, 1
+    else:
+        class_probs, first_id = with_background(probs, background_threshold), 0
+    if config.crf:
+        class_probs = dense_crf(rgb, class_probs, config.crf_config)  # (K, H, W)
+    mask = (class_probs.argmax(axis=0) + first_id).astype(np.uint8)  # (H, W)
+    threshold = config.threshold
+    if threshold is not None:
+        mask[class_probs.max(axis=0) < threshold] = IGNORE_INDEX
+    return mask

@@ -1,0 +1,49 @@
+"""WSGI entry point, after Label Studio's ML backend convention.
+
+``gunicorn ml_backend._wsgi:app`` (what ``python cli.py serve`` runs), or
+``python -m ml_backend._wsgi --port 9090`` for the development server. Settings come from the
+environment (see :mod:`ml_backend.settings`); ``STABLESEG_WARM_UP`` says when the model loads:
+``background`` (default: a thread starts loading it as the server starts), ``sync`` (before
+serving; what gunicorn's ``--preload`` wants, so forked workers share the weights) or ``off``
+(on the first prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ml_backend.server import create_app
+from ml_backend.settings import BackendSettings
+
+logging.basicConfig(
+    level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+    format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
+)
+
+WARM_UP_MODES = ("background", "sync", "off")
+
+
+def build_app() -> object:
+    """The app, with the model warm-up the environment asks for."""
+    settings = BackendSettings.from_env()
+    mode = os.environ.get("STABLESEG_WARM_UP", "background").strip().lower()
+    if mode not in WARM_UP_MODES:
+        raise ValueError(f"STABLESEG_WARM_UP must be one of {WARM_UP_MODES}, got {mode!r}")
+    if mode == "sync":
+        from ml_backend.cache import get_segmenter
+
+        get_segmenter(settings)
+    return create_app(settings, warm_up=mode == "background")
+
+
+app = build_app()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="StableSeg Label Studio ML backend (dev server)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=9090)
+    args = parser.parse_args()
+    app.run(host=args.host, port=args.port, threaded=True)

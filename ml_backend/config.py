@@ -1,0 +1,130 @@
+"""The project's labeling config -> what StableSeg paints: a BrushLabels tag on an Image.
+
+``<BrushLabels name="tag" toName="image">`` with ``<Label value="Car" prompt="red car"/>``
+children, pointing at ``<Image name="image" value="$image"/>``. The model sees each label's
+prompt: its ``prompt`` attribute, else the first of its ``predicted_values``, else the label
+itself (its ``alias`` when it has one, as Label Studio stores the alias in results).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from xml.etree import ElementTree
+
+logger = logging.getLogger(__name__)
+
+
+class LabelConfigError(ValueError):
+    """The labeling config has nothing StableSeg can predict; the message says what to add."""
+
+
+EXAMPLE_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<BrushLabels name="tag" toName="image"><Label value="Car"/><Label value="Road"/>'
+    "</BrushLabels></View>"
+)
+
+
+@dataclass(frozen=True)
+class BrushTarget:
+    """Where predictions go and what the model is asked for.
+
+    Attributes:
+        from_name: the BrushLabels tag's ``name``.
+        to_name: the Image tag's ``name``.
+        data_key: the task data field holding the image URL (``$image`` -> ``image``).
+        labels: label values as results store them, in config order.
+        prompts: what the model is prompted with for each label (same order).
+    """
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+def parse_label_config(label_config: str | None) -> BrushTarget:
+    """Find the first BrushLabels control on an Image and its labels' prompts.
+
+    Raises:
+        LabelConfigError: empty or malformed XML, no BrushLabels on an Image, no labels, or two
+            labels with the same prompt.
+    """
+    if not label_config or not label_config.strip():
+        raise LabelConfigError(
+            "the project has no labeling config; set one with a <BrushLabels> on an <Image>, "
+            f"for example {EXAMPLE_CONFIG}"
+        )
+    try:
+        root = ElementTree.fromstring(label_config)
+    except ElementTree.ParseError as err:
+        raise LabelConfigError(f"the labeling config is not valid XML: {err}") from None
+
+    images = {
+        tag.get("name"): tag
+        for tag in root.iter("Image")
+        if tag.get("name") and tag.get("value", "").startswith("$")
+    }
+    brushes = [tag for tag in root.iter("BrushLabels") if tag.get("name")]
+    targets = [
+        (brush, images[to_name])
+        for brush in brushes
+        for to_name in [n.strip() for n in brush.get("toName", "").split(",")][:1]
+        if to_name in images
+    ]
+    if not targets:
+        what = '<BrushLabels> pointing at an <Image value="$...">' if brushes else "<BrushLabels>"
+        found = sorted({tag.tag for tag in root.iter() if tag.get("name")}) or ["no named tags"]
+        raise LabelConfigError(
+            f"the labeling config has no {what} (found: {', '.join(found)}); StableSeg paints "
+            f"brush masks, so add one, for example {EXAMPLE_CONFIG}"
+        )
+    if len(targets) > 1:
+        logger.warning(
+            "the labeling config has %d BrushLabels tags; predicting for the first, %r",
+            len(targets),
+            targets[0][0].get("name"),
+        )
+    brush, image = targets[0]
+    from_name = brush.get("name", "")
+    labels: list[str] = []
+    prompts: list[str] = []
+    for tag in brush.iter("Label"):
+        label = (tag.get("alias") or tag.get("value") or "").strip()
+        if label and label not in labels:
+            labels.append(label)
+            prompts.append(_prompt(label, tag.attrib))
+    if not labels:
+        raise LabelConfigError(
+            f'<BrushLabels name="{from_name}"> has no <Label> children; add the classes to '
+            'predict, for example <Label value="Car"/>'
+        )
+    seen: dict[str, str] = {}
+    for label, prompt in zip(labels, prompts, strict=True):
+        key = prompt.lower()
+        if key in seen:
+            raise LabelConfigError(
+                f"labels {seen[key]!r} and {label!r} have the same prompt {prompt!r}; give one "
+                'of them a prompt of its own, e.g. <Label value="..." prompt="..."/>'
+            )
+        seen[key] = label
+    return BrushTarget(
+        from_name=from_name,
+        to_name=image.get("name", ""),
+        data_key=image.get("value", "")[1:],
+        labels=tuple(labels),
+        prompts=tuple(prompts),
+    )
+
+
+def _prompt(label: str, attrs: Mapping[str, str]) -> str:
+    prompt = attrs.get("prompt", "").strip()
+    if prompt:
+        return prompt
+    predicted = [v.strip() for v in attrs.get("predicted_values", "").split(",") if v.strip()]
+    if predicted:
+        return predicted[0]
+    return label

@@ -1,0 +1,174 @@
+"""The Label Studio ML backend model: StableSeg brush masks for the project's labels.
+
+Label Studio builds this class for every ``/setup`` and the server builds it for every
+``/predict``, so construction only parses the labeling config; the weights come from the
+process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
+pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
+by ``jobs.io.open_image``, encoded by ``exporters.brush_results`` and ``exporters.prediction``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_ml.model import LabelStudioMLBase
+from PIL import Image
+
+from jobs.io import ImageError
+
+from . import cache, training
+from .config import BrushTarget, LabelConfigError, parse_label_config
+from .images import ImageLoader
+from .settings import BackendSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """A task that got no prediction, and why."""
+
+    task: Any
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "reason": self.reason}
+
+
+class StableSegBackend(LabelStudioMLBase):
+    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds."""
+
+    def __init__(
+        self,
+        label_config: str | None = None,
+        train_output: dict[str, Any] | None = None,
+        settings: BackendSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        except Exception:  # the base class parses the XML too; ours reports the error below
+            self.label_config, self.parsed_label_config = label_config, {}
+            self.train_output = train_output or {}
+            self.hostname = kwargs.get("hostname", "")
+            self.access_token = kwargs.get("access_token", "")
+        self.settings = settings or BackendSettings.from_env()
+        self.target: BrushTarget | None = None
+        self.config_error: str | None = None
+        try:
+            self.target = parse_label_config(label_config)
+        except LabelConfigError as err:
+            self.config_error = str(err)
+
+    # ------------------------------------------------------------------ Label Studio hooks
+    @property
+    def model_version(self) -> str:
+        """Changes with the model, its configuration and learned weights."""
+        return cache.model_version(self.settings)
+
+    def require_target(self) -> BrushTarget:
+        """The BrushLabels target, or the config error (logged) as a :class:`LabelConfigError`."""
+        if self.target is None:
+            logger.error("cannot predict: %s", self.config_error)
+            raise LabelConfigError(self.config_error or "no labeling config")
+        return self.target
+
+    def predict(self, tasks: Sequence[dict[str, Any]], **kwargs: Any) -> list[Any]:
+        """One prediction per task, in order; ``[]`` (no prediction) for a task that failed."""
+        predictions, _ = self.predict_with_errors(tasks)
+        return predictions
+
+    def predict_with_errors(
+        self, tasks: Sequence[dict[str, Any]]
+    ) -> tuple[list[Any], list[TaskError]]:
+        """Predictions aligned with ``tasks`` and the reasons of the tasks left without one.
+
+        Steps: check the config, load every task's image, run all of them through StableSeg in
+        UNet batches while holding the GPU lock, encode brush results.
+        """
+        target = self.require_target()
+        ids = [_task_id(task, index) for index, task in enumerate(tasks)]
+        images, errors = self._load_images(tasks, ids, target)
+        masks = self._segment(images, ids, target, errors)
+        version = self.model_version
+        predictions: list[Any] = []
+        for index in range(len(tasks)):
+            result = masks.get(index)
+            predictions.append([] if result is None else self._prediction(result, target, version))
+        for error in errors:
+            logger.warning("task %s gets no prediction: %s", error.task, error.reason)
+        return predictions, errors
+
+    def start_training(self, project_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """``START_TRAINING``: hand the project to the refine trainer (one run a project)."""
+        tasks = payload.get("tasks") or []
+        return training.start_training(project_id, tasks, self.label_config, self.settings)
+
+    # ------------------------------------------------------------------ steps
+    def _load_images(
+        self, tasks: Sequence[dict[str, Any]], ids: list[Any], target: BrushTarget
+    ) -> tuple[dict[int, Image.Image], list[TaskError]]:
+        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        images: dict[int, Image.Image] = {}
+        errors: list[TaskError] = []
+        for index, (task, task_id) in enumerate(zip(tasks, ids, strict=True)):
+            try:
+                if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                    raise ImageError("task has no 'data' object")
+                if target.data_key not in task["data"]:
+                    raise ImageError(
+                        f"task data has no {target.data_key!r} field (the <Image> tag reads "
+                        f"${target.data_key}); its fields are {sorted(task['data'])}"
+                    )
+                tid = task_id if isinstance(task_id, int) else None
+                images[index] = loader.load(task["data"][target.data_key], tid)
+            except ImageError as err:
+                errors.append(TaskError(task_id, str(err)))
+        return images, errors
+
+    def _segment(
+        self,
+        images: dict[int, Image.Image],
+        ids: list[Any],
+        target: BrushTarget,
+        errors: list[TaskError],
+    ) -> dict[int, Any]:
+        """Task index -> SegmentationResult, all images in one ``segment`` call when possible."""
+        if not images:
+            return {}
+        segmenter = cache.get_segmenter(self.settings)
+        order = sorted(images)
+        prompts = list(target.prompts)
+        with cache.GPU_LOCK:
+            try:
+                results = segmenter.segment([images[i] for i in order], prompts)
+                return dict(zip(order, results, strict=True))
+            except (ValueError, TypeError) as err:
+                logger.warning("batch failed (%s); segmenting the images one by one", err)
+            found = {}
+            for index in order:
+                try:
+                    found[index] = segmenter.segment(images[index], prompts)[0]
+                except (ValueError, TypeError) as err:
+                    errors.append(TaskError(ids[index], f"segmentation failed: {err}"))
+            return found
+
+    def _prediction(self, result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
+        from exporters import brush_results, prediction
+
+        labels = list(target.labels)
+        scores = {
+            label: result.scores[prompt]
+            for label, prompt in zip(labels, target.prompts, strict=True)
+            if prompt in result.scores
+        }
+        regions = brush_results(result.mask, labels, scores, target.from_name, target.to_name)
+        return prediction(regions, version)
+
+
+def _task_id(task: Any, index: int) -> Any:
+    """The task's Label Studio id (its position in the request when it has none)."""
+    return task.get("id", index) if isinstance(task, dict) else index

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install Label Studio into a virtual environment of its own (about 1 GB), apart from the
+# project's: it pins Django and friends that must not mix with the backend's dependencies.
+#
+#   scripts/labelstudio_env.sh [VENV_DIR]
+#
+# VENV_DIR defaults to $LABEL_STUDIO_VENV, else ~/.cache/stableseg/ls-venv. Idempotent: an
+# environment whose `label-studio` already runs is left as it is. The version installed is
+# $LABEL_STUDIO_VERSION (default: the 1.23 series the backend was proven against).
+# Prints the environment's folder on its last line.
+set -euo pipefail
+
+venv="${1:-${LABEL_STUDIO_VENV:-${HOME}/.cache/stableseg/ls-venv}}"
+spec="label-studio${LABEL_STUDIO_VERSION:-~=1.23.0}"
+python="${PYTHON:-python3}"
+
+if [[ -x "${venv}/bin/label-studio" ]] \
+    && "${venv}/bin/python" -c "import label_studio" >/dev/null 2>&1; then
+    echo "Label Studio already installed in ${venv}" >&2
+    echo "${venv}"
+    exit 0
+fi
+
+echo "Installing ${spec} into ${venv} (about 1 GB, a few minutes)" >&2
+mkdir -p "$(dirname "${venv}")"
+"${python}" -m venv "${venv}"
+"${venv}/bin/python" -m pip install --quiet --upgrade pip >&2
+"${venv}/bin/python" -m pip install --quiet "${spec}" >&2
+"${venv}/bin/python" -c "import label_studio, sys; print('label-studio', label_studio.__version__, file=sys.stderr)"
+echo "${venv}"
