@@ -115,11 +115,11 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[float, int]:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--labels", default="cat,dog,person,car,tree", show_default=True)
 def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
+    import diffusers
+
     from labeler import SegmenterConfig, StableSeg
     from labeler.images import to_model_input
     from labeler.testing import sd15_components
-
-    import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # the dtype cast below is deliberate
     device = torch.device(device)
