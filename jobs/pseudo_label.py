@@ -233,6 +233,8 @@ def _segment_batch(
 def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
     from labeler.crf import dense_crf
 
+    if not result.probs.any():  # no label to refine (--labels-from-gt, background-only image)
+        return result
     probs = dense_crf(rgb, result.probs)  # (C, H, W)
     mask = (probs.argmax(axis=0) + 1).astype(result.mask.dtype)
     if threshold is not None:

@@ -103,7 +103,9 @@ def dense_crf(
     crf.addPairwiseBilateral(
         sxy=config.bilateral_sxy,
         srgb=config.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image_rgb),
+        rgbim=np.array(
+            image_rgb, dtype=np.uint8, order="C"
+        ),  # a writable copy: pydensecrf needs one
         compat=config.bilateral_compat,
     )
     refined = np.array(crf.inference(config.iterations), dtype=np.float32)  # (C, H*W)

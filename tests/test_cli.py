@@ -392,3 +392,39 @@ def test_label_arguments_are_checked(image_folder, tmp_path):
     assert neither.returncode == 2 and "exactly one of --labels or --labels-file" in neither.stderr
     dup = run_cli("pseudo-label", str(image_folder), "--labels", "cat,cat", "--out", str(tmp_path))
     assert dup.returncode == 2 and "duplicate label 'cat'" in dup.stderr
+
+
+def test_crf_and_labels_from_gt(tmp_path, tiny_model_dir):
+    images, gt = tmp_path / "images", tmp_path / "gt"
+    rng = np.random.default_rng(3)
+    for name, present in [("a", [1]), ("b", [2, 3]), ("c", [])]:
+        pixels = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+        images.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(images / f"{name}.png")
+        mask = np.zeros((20, 24), np.uint8)
+        for i, label_id in enumerate(present):
+            mask[:, i * 8 : i * 8 + 8] = label_id
+        _save(gt / f"{name}.png", mask)
+    out = tmp_path / "out"
+    proc = run_cli(
+        "pseudo-label",
+        str(images),
+        "--labels",
+        "cat,dog,bird",
+        "--model",
+        str(tiny_model_dir),
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+        "--crf",
+        "--labels-from-gt",
+        str(gt),
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Each image only holds labels of its ground truth (ids stay global); none -> background.
+    assert set(np.unique(read_mask(out / "masks" / "a.png"))) == {1}
+    assert set(np.unique(read_mask(out / "masks" / "b.png"))) <= {2, 3}
+    assert set(np.unique(read_mask(out / "masks" / "c.png"))) == {0}
+    run = json.loads((out / "run.json").read_text())
+    assert run["crf"] is True and run["labels_from_gt"] == str(gt)
