@@ -74,30 +74,21 @@ GOOD = {  # relative path -> (height, width) as a viewer shows it
 }
 
 
+def full_run_args(image_folder: Path, model_dir: Path, out: Path) -> list[str]:
+    """pseudo-label with every export and previews, as the module's main run uses it."""
+    return [
+        "pseudo-label", str(image_folder), "--labels", LABELS, "--model", str(model_dir),
+        "--image-size", "64", "--out", str(out), "--format", "coco", "--format", "labelstudio",
+        "--preview", "--image-root-url", "/data/local-files/?d=imgs",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def labelled(
     tmp_path_factory, image_folder, tiny_model_dir
 ) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("out")
-    proc = run_cli(
-        "pseudo-label",
-        str(image_folder),
-        "--labels",
-        LABELS,
-        "--model",
-        str(tiny_model_dir),
-        "--image-size",
-        "64",
-        "--out",
-        str(out),
-        "--format",
-        "coco",
-        "--format",
-        "labelstudio",
-        "--preview",
-        "--image-root-url",
-        "/data/local-files/?d=imgs",
-    )
+    proc = run_cli(*full_run_args(image_folder, tiny_model_dir, out))
     return out, proc
 
 
@@ -167,25 +158,7 @@ def test_rerun_labels_nothing_and_rebuilds_identical_exports(
 ):
     out, _ = labelled
     before = {name: (out / name).read_text() for name in ("coco.json", "labelstudio.json")}
-    proc = run_cli(
-        "pseudo-label",
-        str(image_folder),
-        "--labels",
-        LABELS,
-        "--model",
-        str(tiny_model_dir),
-        "--image-size",
-        "64",
-        "--out",
-        str(out),
-        "--format",
-        "coco",
-        "--format",
-        "labelstudio",
-        "--preview",
-        "--image-root-url",
-        "/data/local-files/?d=imgs",
-    )
+    proc = run_cli(*full_run_args(image_folder, tiny_model_dir, out))
     assert proc.returncode == 3
     assert "labelled 0, skipped 2, already done 6" in proc.stderr
     for name, text in before.items():
