@@ -420,20 +420,27 @@ def quiet_model_loading() -> None:
 
 
 class _StudentAdapter:
-    """A trained DeepLabV3+ (``refine``'s output) behind the Segmenter protocol."""
+    """A trained DeepLabV3+ (``refine``'s output) behind the Segmenter protocol.
+
+    The student runs at the size it was trained at; ``--image-size`` applies to StableSeg.
+    """
 
     def __init__(self, options: PseudoLabelOptions, device: str | None) -> None:
         from labeler.train.student import load_student
 
         assert options.student is not None
-        self.options = options
-        self.model = load_student(options.student, device=device)
-        self.model_version = f"student-{Path(options.student).resolve().name}"
+        folder = Path(options.student)
+        self.student = load_student(folder, device=device)
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        self.model_version = f"student-{digest.hexdigest()[:12]}"
 
     def segment(self, images: Any, labels: Sequence[str]) -> list[Any]:
         from labeler.train.student import student_segment
 
-        return student_segment(self.model, images, labels, image_size=self.options.image_size)
+        return student_segment(self.student, images, labels)
 
 
 def run(

@@ -45,7 +45,8 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet-normalised."""
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.float32))  # (H, W, 3), a writable copy
+    pixels = pixels.permute(2, 0, 1).contiguous() / 255.0  # (3, H, W), NCHW strides
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return (pixels - mean) / std  # (3, H, W)

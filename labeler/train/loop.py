@@ -8,6 +8,7 @@ sampling order and augmentation depend on the seed and the epoch only).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -199,8 +200,9 @@ def train_student(
             on_epoch_end(
                 {
                     "epoch": epoch + 1,
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    # copies: the dict must not change when training goes on
+                    "model": copy.deepcopy(unwrap(model).state_dict()),
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),
                     "scaler": scaler.state_dict(),
                     "rng": {
                         "torch": torch.get_rng_state(),

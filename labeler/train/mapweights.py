@@ -88,6 +88,58 @@ def sample_pixels(
     return features, torch.from_numpy(flat_targets[valid])
 
 
+class PixelSampler:
+    """Collects fitting pixels image by image: (maps, student mask) -> features and labels."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        common_size: tuple[int, int],
+        config: MapFitConfig,
+        num_images: int,
+    ) -> None:
+        self.names = list(names)
+        self.common_size = common_size
+        self.count = pixels_per_image(config, num_images)
+        self.rng = np.random.default_rng(config.seed)
+        self.features: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, layer_maps: Mapping[str, np.ndarray], student_mask: np.ndarray) -> None:
+        """Sample one image: its cached layer maps and the student's (H, W) predicted ids."""
+        targets = targets_at(student_mask, self.common_size)  # (S, S)
+        stacked = stack_maps(layer_maps, self.names, self.common_size)  # (L, C, S, S)
+        features, labels = sample_pixels(stacked, targets, self.count, self.rng)
+        self.features.append(features)  # (n, L, C)
+        self.labels.append(labels)  # (n,)
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, C) features and (N,) labels of every image added."""
+        if not sum(len(labels) for labels in self.labels):
+            raise ValueError(
+                "the StableSeg+ student predicted only background (or nothing): no pixel to fit "
+                "the map weights on"
+            )
+        return torch.cat(self.features), torch.cat(self.labels)
+
+
+def weights_summary(
+    fit: MapFit,
+    cross: Sequence[str],
+    selfs: Sequence[str],
+    metadata: Mapping[str, object],
+) -> dict[str, object]:
+    """The human-readable weights.json written beside weights.safetensors."""
+    return {
+        "format": "stableseg-map-weights/1",
+        "usage": "SegmenterConfig(map_weights=load_map_weights('weights.safetensors'))",
+        "cross": {name: fit.weights[name] for name in cross if name in fit.weights},
+        "self": {name: fit.weights[name] for name in selfs if name in fit.weights},
+        "initial": fit.initial,
+        **metadata,
+    }
+
+
 def _nll(features: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Mean -log P[label] with P = normalise(sum_l exp(theta_l) * features[:, l])."""
     scores = torch.einsum("nlc,l->nc", features.float(), theta.exp())  # (n, C)
@@ -152,7 +204,7 @@ def fit_map_weights(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        fit.loss.append(float(loss))
+        fit.loss.append(loss.item())
         if on_step is not None:
             on_step(step, fit.loss[-1])
     final = theta.detach()

@@ -62,8 +62,9 @@ def build_student(
     except OSError as error:  # huggingface_hub: no network and not in the cache
         raise EncoderWeightsUnavailable(
             f"cannot download ImageNet weights for encoder {encoder!r} ({error.__class__.__name__}"
-            "); use --encoder-weights none or pre-populate the Hugging Face hub cache "
-            f"(HF_HOME; smp reads smp-hub/{encoder}.imagenet) or the torch hub cache"
+            "); use --encoder-weights none or pre-populate the Hugging Face hub cache (HF_HOME) "
+            f"with smp-hub/{encoder}.imagenet, where segmentation-models-pytorch 0.5+ reads "
+            "encoder weights (older versions: the torch hub cache)"
         ) from None
     # The saved config must rebuild the model without downloading anything: the trained
     # weights replace the ImageNet ones anyway.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..crf import dense_crf
-from ..refine import normalise, weighted_sum
+from ..refine import normalise, probs_to_mask, weighted_sum
 from .config import PseudoConfig
 from .data import IGNORE_INDEX
 
@@ -57,9 +57,8 @@ def probs_from_maps(
     """(C, H, W) float32 probabilities at ``out_size`` = (width, height), as StableSeg's."""
     scores = scores_from_maps(layer_maps, cross_weights, self_weights, common_size, self_only)
     width, height = out_size
-    probs = F.interpolate(
-        scores[None], size=(height, width), mode="bilinear", align_corners=False
-    )[0]  # (C, H, W)
+    probs = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)
+    probs = probs[0]  # (C, H, W)
     return normalise(probs, dim=0).numpy().astype(np.float32)
 
 
@@ -99,3 +98,26 @@ def pseudo_mask(
     if threshold is not None:
         mask[class_probs.max(axis=0) < threshold] = IGNORE_INDEX
     return mask
+
+
+def masks_from_cache(
+    layer_maps: Mapping[str, np.ndarray],
+    rgb: np.ndarray,
+    weights: tuple[Mapping[str, float], Mapping[str, float]],
+    common_size: tuple[int, int],
+    config: PseudoConfig,
+    background_threshold: float | None = None,
+    self_only: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image's masks from its cached maps and (cross, self) layer weights.
+
+    Returns:
+        (StableSeg mask, training pseudo-mask), both (H, W) uint8 at the size of ``rgb``
+        (H, W, 3): the first is the segmenter's argmax (with its background rule), the second
+        :func:`pseudo_mask` of the same probabilities (CRF, 255 = uncertain).
+    """
+    size = (rgb.shape[1], rgb.shape[0])
+    cross, selfs = weights
+    probs = probs_from_maps(layer_maps, cross, selfs, common_size, size, self_only)  # (C, H, W)
+    raw = probs_to_mask(torch.from_numpy(probs), background_threshold)  # (H, W)
+    return raw.numpy().astype(np.uint8), pseudo_mask(rgb, probs, config, background_threshold)

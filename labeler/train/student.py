@@ -64,7 +64,7 @@ def load_student(folder: str | PathLike[str], device: torch.device | str | None 
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format") != STUDENT_FORMAT:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-    model = require_smp().from_pretrained(str(folder))
+    model = _rebuild(folder)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(torch.device(device)).eval()
@@ -74,6 +74,19 @@ def load_student(folder: str | PathLike[str], device: torch.device | str | None 
         background=bool(meta["background"]),
         image_size=int(meta["image_size"]),
     )
+
+
+def _rebuild(folder: Path) -> torch.nn.Module:
+    """What ``smp.from_pretrained(folder)`` does for a local folder, without its stdout print."""
+    from safetensors.torch import load_file
+
+    smp = require_smp()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    name = config.pop("_model_class", "DeepLabV3Plus")
+    config["encoder_weights"] = None  # the trained weights follow; never download
+    model = getattr(smp, name)(**{k: v for k, v in config.items() if not k.startswith("_")})
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model
 
 
 @torch.inference_mode()

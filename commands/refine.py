@@ -1,0 +1,243 @@
+"""``cli.py refine``: StableSeg+ / StableSeg++ self-training on an unlabelled pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import labels_options, model_options, parse_labels, setup_logging
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in value.split(",") if s.strip())
+    valid = ("stableseg", "plus", "plusplus")
+    bad = [s for s in names if s not in valid]
+    if bad or not names:
+        raise click.BadParameter(
+            f"unknown stage(s) {bad or value!r}; give a comma-separated subset of "
+            f"{', '.join(valid)}",
+            param_hint="--stages",
+        )
+    return names
+
+
+@click.command("refine")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@labels_options
+@click.option(
+    "--work-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the cache, checkpoints, students, weights and report (created). "
+    "Rerunning the same command resumes from the last finished step.",
+)
+@model_options
+@click.option(
+    "--stages",
+    default="stableseg,plus,plusplus",
+    show_default=True,
+    help="Stages to run: stableseg (pseudo-masks and attention cache; always runs first), "
+    "plus (CRF + DeepLabV3+), plusplus (learned map weights + DeepLabV3+ again).",
+)
+@click.option("--crf/--no-crf", default=True, show_default=True, help="DenseCRF on pseudo-masks.")
+@click.option(
+    "--uncertain-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Pseudo-mask pixels whose best (CRF) probability is below this are ignored (255) "
+    "in training.  [default: 0.6 with --crf, none without]",
+)
+@click.option(
+    "--background-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Pixels whose best label probability is below this are background (0), a class the "
+    "student learns too.  [default: every pixel gets a label]",
+)
+@click.option("--encoder", default="resnet50", show_default=True, help="smp encoder name.")
+@click.option(
+    "--encoder-weights",
+    type=click.Choice(["imagenet", "none"]),
+    default="imagenet",
+    show_default=True,
+    help="Encoder initialisation (imagenet is downloaded from the Hugging Face hub).",
+)
+@click.option(
+    "--epochs",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Passes over the pool for each student.",
+)
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Training images per step (per process under torchrun / accelerate launch).",
+)
+@click.option(
+    "--lr",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Base learning rate (SGD, momentum 0.9, poly decay).",
+)
+@click.option(
+    "--image-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=32),
+    help="Student crop side (a multiple of 32); at inference the longer side is resized to it.",
+)
+@click.option(
+    "--sd-image-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Side Stable Diffusion sees (512 for SD 1.x/2.x base, 64 for demo/model).",
+)
+@click.option(
+    "--sd-batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per UNet pass.",
+)
+@click.option(
+    "--max-side",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=32),
+    help="Larger images are downscaled to this longer side for CRF and training.",
+)
+@click.option(
+    "--map-steps",
+    default=300,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Optimisation steps of the StableSeg++ weight fit.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Student init, sampling, weight fit."
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="DataLoader worker processes for training.",
+)
+@click.option(
+    "--val-gt",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Ground-truth masks (<relative path>.png, 0 background, k = k-th label, 255 ignore) "
+    "to report mIoU after each stage; never used for training.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def refine(
+    images_dir: Path,
+    labels: str | None,
+    labels_file: Path | None,
+    work_dir: Path,
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    stages: str,
+    crf: bool,
+    uncertain_threshold: float | None,
+    background_threshold: float | None,
+    encoder: str,
+    encoder_weights: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    image_size: int,
+    sd_image_size: int,
+    sd_batch_size: int,
+    max_side: int,
+    map_steps: int,
+    seed: int,
+    workers: int,
+    val_gt: Path | None,
+    verbose: bool,
+) -> None:
+    """Improve the pseudo-labels of IMAGES_DIR without any human annotation.
+
+    \b
+    1. StableSeg pseudo-masks for every image, and a cache of every
+       attention layer's class map (W/cache, fp16).
+    2. plus: DenseCRF cleans the pseudo-masks, uncertain pixels are ignored,
+       a DeepLabV3+ trains on them and predicts the pool (W/plus/student).
+    3. plusplus: one weight per attention map is fitted so StableSeg matches
+       those predictions (W/plusplus/weights.safetensors, for
+       `pseudo-label --weights`); new pseudo-masks from the cache, CRF, and
+       a new DeepLabV3+ (W/plusplus/student, for `pseudo-label --student`).
+    W/report.json and W/report.png: times, loss curves, weights, mIoU.
+
+    \b
+    Rerunning the same command resumes; a finished run returns at once.
+    Several GPUs: accelerate launch cli.py refine ... (or torchrun).
+    """
+    names = parse_labels(labels, labels_file)
+    chosen = _stages(stages)
+    setup_logging(verbose)
+    from jobs.refine import RefineMismatchError, RefineOptions, run_refine
+    from labeler.config import SegmenterConfig
+    from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
+    from labeler.train.model import EncoderWeightsUnavailable
+
+    try:
+        options = RefineOptions(
+            model=model,
+            labels=tuple(names),
+            stages=chosen,
+            device=device,
+            dtype=dtype,
+            segmenter=SegmenterConfig(
+                image_size=sd_image_size,
+                batch_size=sd_batch_size,
+                background_threshold=background_threshold,
+            ),
+            pseudo=PseudoConfig(
+                crf=crf, uncertain_threshold=uncertain_threshold, max_side=max_side
+            ),
+            student=StudentConfig(
+                encoder=encoder,
+                encoder_weights=None if encoder_weights == "none" else encoder_weights,
+                image_size=image_size,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                num_workers=workers,
+            ),
+            map_fit=MapFitConfig(steps=map_steps, seed=seed),
+            val_gt=val_gt,
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        result = run_refine(images_dir, work_dir, options)
+    except RefineMismatchError as err:
+        raise click.UsageError(str(err)) from None
+    except (ValueError, OSError, ImportError, EncoderWeightsUnavailable) as err:
+        raise click.ClickException(str(err)) from None
+
+    report = result.report
+    if not result.is_main:  # another process of torchrun / accelerate launch
+        return
+    state = "already finished" if result.already_done else "finished"
+    click.echo(f"refine {state}: {result.work_dir}", err=True)
+    for stage, entry in report["stages"].items():
+        miou = entry.get("mIoU")
+        score = f"mIoU {miou:.1f}" if miou is not None else "mIoU -"
+        seconds = entry.get("seconds")
+        took = f"{seconds:.1f}s" if seconds is not None else "-"
+        click.echo(f"  {stage:10s} {score:12s} {took:>9s}", err=True)
+    click.echo(f"  report     {result.work_dir / 'report.json'}", err=True)
+    for stage, folder in result.students.items():
+        click.echo(f"  {stage + ' student':18s} {folder}", err=True)
+    if result.weights_path is not None:
+        click.echo(f"  map weights        {result.weights_path}", err=True)

@@ -1,0 +1,198 @@
+"""The refine report: report.json assembled from the run's step records, and its plot.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot state), so it is safe in a
+background thread and needs no display.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+REPORT_FORMAT = "stableseg-refine-report/1"
+PARTS = {
+    "plus": ("pseudo", "train", "predict"),
+    "plusplus": ("fit", "pseudo", "train", "predict"),
+}
+OUTPUTS = {
+    "stableseg": {"masks": "stableseg/masks", "cache": "cache"},
+    "plus": {"pseudo_masks": "plus/pseudo", "student": "plus/student", "predictions": "plus/pred"},
+    "plusplus": {
+        "weights": "plusplus/weights.safetensors",
+        "stableseg_masks": "plusplus/stableseg",
+        "pseudo_masks": "plusplus/pseudo",
+        "student": "plusplus/student",
+        "predictions": "plusplus/pred",
+    },
+}
+
+
+class MaskScore:
+    """Accumulates the confusion matrix of predicted masks against ground truth (--val-gt).
+
+    Without background (every pixel gets a label) ground-truth background is not scored:
+    such a run cannot predict it.
+    """
+
+    def __init__(self, labels: Sequence[str], background: bool) -> None:
+        self.classes = ["background", *labels]
+        self.background = background
+        self.total = np.zeros((len(self.classes), len(self.classes)), dtype=np.int64)
+        self.images = 0
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        """One image: (h, w) predicted ids (resized nearest to gt's size), (H, W) gt ids."""
+        from ..metrics import confusion_matrix
+        from .data import resize_mask
+
+        pred = resize_mask(pred, (gt.shape[1], gt.shape[0]))  # (H, W)
+        if not self.background:
+            gt = np.where(gt == 0, 255, gt).astype(np.uint8)
+        self.total += confusion_matrix(pred, gt, len(self.classes))
+        self.images += 1
+
+    def summary(self) -> dict[str, Any]:
+        """``labeler.metrics.summarize`` of the sum, plus ``images``."""
+        from ..metrics import summarize
+
+        summary = summarize(self.total, self.classes, include_background=self.background)
+        return {**summary, "images": self.images}
+
+
+def _miou(record: Mapping[str, Any] | None, name: str) -> float | None:
+    metrics = ((record or {}).get("metrics") or {}).get(name)
+    return None if metrics is None else metrics.get("mIoU")
+
+
+def _part(record: Mapping[str, Any] | None, drop: Sequence[str] = ()) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {k: v for k, v in record.items() if k not in drop}
+
+
+def assemble_report(
+    steps: Mapping[str, Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    stages: Sequence[str],
+    finished: bool,
+    pool_size: int,
+    background: bool,
+) -> dict[str, Any]:
+    """report.json from the finished steps' records (``W/state.json``).
+
+    Schema: ``format``, ``finished``, ``labels``, ``background``, ``pool_size``, ``settings``;
+    ``stages.stableseg`` = {ran, seconds, images, skipped, mIoU, metrics, outputs};
+    ``stages.plus`` = {ran, seconds, pseudo, train, predict, mIoU, outputs};
+    ``stages.plusplus`` = the same plus ``fit`` (loss curve, initial/final loss, pixels),
+    ``weights`` and ``initial_weights`` (layer -> weight); ``mIoU`` = the headline numbers
+    {stableseg: StableSeg masks, plus / plusplus: the students' predictions} (None without
+    ``--val-gt``). Every ``metrics`` entry is ``labeler.metrics.summarize`` plus ``images``.
+    """
+    first = steps.get("stableseg")
+    report_stages: dict[str, Any] = {
+        "stableseg": {
+            "ran": first is not None,
+            "seconds": (first or {}).get("seconds"),
+            "images": (first or {}).get("images"),
+            "skipped": (first or {}).get("skipped", {}),
+            "mIoU": _miou(first, "stableseg"),
+            "metrics": ((first or {}).get("metrics") or {}).get("stableseg"),
+            "outputs": OUTPUTS["stableseg"],
+        }
+    }
+    for stage, parts in PARTS.items():
+        records = {part: steps.get(f"{stage}.{part}") for part in parts}
+        if stage not in stages and not any(records.values()):
+            continue
+        entry: dict[str, Any] = {
+            "ran": all(r is not None for r in records.values()),
+            "seconds": round(sum(r.get("seconds", 0.0) for r in records.values() if r), 3),
+            "mIoU": _miou(records["predict"], "student"),
+            "outputs": OUTPUTS[stage],
+        }
+        for part, record in records.items():
+            entry[part] = _part(record, drop=("weights", "initial_weights"))
+        if stage == "plusplus":
+            entry["weights"] = (records["fit"] or {}).get("weights")
+            entry["initial_weights"] = (records["fit"] or {}).get("initial_weights")
+        report_stages[stage] = entry
+    return {
+        "format": REPORT_FORMAT,
+        "finished": finished,
+        "labels": list(settings["labels"]),
+        "background": background,
+        "pool_size": pool_size,
+        "settings": dict(settings),
+        "stages": report_stages,
+        "mIoU": {name: entry.get("mIoU") for name, entry in report_stages.items()},
+    }
+
+
+def _short(layer: str) -> str:
+    """``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` -> ``up1.0.0 x``."""
+    parts = layer.split(".")
+    block = parts[0].replace("_blocks", "").replace("_block", "")
+    if block == "mid":
+        place = ".".join(parts[2:3] + parts[4:5])
+    else:
+        place = ".".join(parts[1:2] + parts[3:4] + parts[5:6])
+    kind = "x" if parts[-1] == "attn2" else "s"
+    return f"{block}{place} {kind}"
+
+
+def render_report_png(report: Mapping[str, Any]) -> bytes:
+    """A three-panel PNG of a report dict (see ``jobs.refine``'s report.json schema).
+
+    Panels: the students' training loss per step, the StableSeg++ fitting loss per step,
+    and the learned against the uniform weight of every attention layer.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    stages = report.get("stages", {})
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax_train, ax_fit, ax_weights = figure.subplots(1, 3, width_ratios=(1, 1, 1.6))
+
+    for stage, title in (("plus", "StableSeg+"), ("plusplus", "StableSeg++")):
+        train = stages.get(stage, {}).get("train") or {}
+        if train.get("step_loss"):
+            ax_train.plot(train["step_loss"], label=title)
+    ax_train.set(title="student training loss", xlabel="step", ylabel="cross-entropy")
+    if ax_train.lines:
+        ax_train.legend()
+
+    fit = stages.get("plusplus", {}).get("fit") or {}
+    if fit.get("loss"):
+        ax_fit.plot(fit["loss"], color="tab:green")
+    ax_fit.set(title="StableSeg++ map-weight fit", xlabel="step", ylabel="cross-entropy")
+
+    weights = stages.get("plusplus", {}).get("weights") or {}
+    initial = stages.get("plusplus", {}).get("initial_weights") or {}
+    names = list(weights)
+    if names:
+        positions = range(len(names))
+        ax_weights.bar(
+            [p - 0.2 for p in positions],
+            [initial.get(n, 0.0) for n in names],
+            width=0.4,
+            color="lightgray",
+        )
+        colors = ["tab:blue" if n.endswith("attn2") else "tab:orange" for n in names]
+        ax_weights.bar([p + 0.2 for p in positions], [weights[n] for n in names], 0.4, color=colors)
+        ax_weights.set_xticks(list(positions), [_short(n) for n in names], rotation=90, fontsize=7)
+        handles = [
+            Patch(color="lightgray", label="uniform (StableSeg)"),
+            Patch(color="tab:blue", label="learned, cross-attention"),
+            Patch(color="tab:orange", label="learned, self-attention"),
+        ]
+        ax_weights.legend(handles=handles)
+    ax_weights.set(title="weight by attention layer", ylabel="weight")
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

@@ -1,0 +1,127 @@
+"""Shared by the refine tests: a synthetic pool with ground truth, fast options, file digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+LABELS = ("cat", "dog")
+# Files whose content legitimately differs between runs (times); compared by their numbers.
+VOLATILE = {"state.json", "report.json", "report.png", "run.json"}
+
+
+def make_pool(root: Path, count: int = 10, seed: int = 0) -> tuple[Path, Path]:
+    """``count`` two-colour scenes (a disc on a plain ground) and their masks (1 disc, 2 ground).
+
+    Returns (images folder, ground-truth folder).
+    """
+    rng = np.random.default_rng(seed)
+    images, truth = root / "pool", root / "gt"
+    images.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        height, width = (int(v) for v in rng.integers(40, 72, size=2))
+        rows, cols = np.mgrid[:height, :width]
+        radius = min(height, width) / 3
+        disc = (rows - height / 2) ** 2 + (cols - width / 2) ** 2 < radius**2  # (H, W)
+        image = np.empty((height, width, 3), dtype=np.int64)
+        image[:] = rng.integers(0, 256, size=3)
+        image[disc] = rng.integers(0, 256, size=3)
+        image = np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(images / f"scene{index:02d}.png")
+        mask = np.where(disc, 1, 2).astype(np.uint8)
+        Image.fromarray(mask, mode="L").save(truth / f"scene{index:02d}.png")
+    return images, truth
+
+
+def fast_options(model_dir: Path, **changes):
+    """RefineOptions for the tiny model: resnet18, no ImageNet, 64 px, one epoch, no bars."""
+    from dataclasses import replace
+
+    from jobs.refine import RefineOptions
+    from labeler import SegmenterConfig
+    from labeler.train.config import MapFitConfig, StudentConfig
+
+    options = RefineOptions(
+        model=str(model_dir),
+        labels=LABELS,
+        device="cpu",
+        segmenter=SegmenterConfig(image_size=64, batch_size=4),
+        student=StudentConfig(
+            encoder="resnet18", encoder_weights=None, image_size=64, epochs=1, batch_size=4
+        ),
+        map_fit=MapFitConfig(steps=60),
+        progress=False,
+    )
+    return replace(options, **changes)
+
+
+def cli_args(images: Path, work: Path, model_dir: Path, epochs: int = 1) -> list[str]:
+    """``refine`` arguments equivalent to :func:`fast_options`."""
+    return [
+        "refine",
+        str(images),
+        "--labels",
+        ",".join(LABELS),
+        "--work-dir",
+        str(work),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--sd-image-size",
+        "64",
+        "--encoder",
+        "resnet18",
+        "--encoder-weights",
+        "none",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--map-steps",
+        "60",
+    ]
+
+
+def contents(work: Path) -> dict[str, object]:
+    """Every file under the work dir but the volatile ones, by relative path, as comparable
+    values: arrays of masks, tensors and header of safetensors (whose header key order varies
+    from write to write), parsed JSON, raw bytes otherwise."""
+    from safetensors.numpy import load
+
+    found: dict[str, object] = {}
+    for path in sorted(work.rglob("*")):
+        if not path.is_file() or path.name in VOLATILE:
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                value: object = np.array(image).tobytes()
+        elif path.suffix == ".safetensors":
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            tensors = {k: v.tobytes() for k, v in load(data).items()}
+            value = (header.get("__metadata__"), tensors)
+        elif path.suffix == ".json":
+            value = json.loads(data)
+        else:
+            value = hashlib.sha256(data).hexdigest()
+        found[path.relative_to(work).as_posix()] = value
+    return found
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine OpenMP spin-waiting makes two much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
