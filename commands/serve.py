@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import click
 
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+from .common import DEFAULT_MODEL, model_options
+
+# --dtype of every command -> STABLESEG_DTYPE
+DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 @click.command(context_settings={"show_default": True})
-@click.option(
-    "--model",
-    envvar=["STABLESEG_MODEL", "MODEL_DIR"],
-    default="runwayml/stable-diffusion-v1-5",
-    help="Hub id or local diffusers folder of a Stable Diffusion 1.x/2.x [env: MODEL_DIR].",
-)
-@click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: CUDA when present]")
-@click.option(
-    "--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", help="auto: fp16 on CUDA."
-)
+@model_options
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9090)
 @click.option(
@@ -67,7 +61,7 @@ DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 def serve(
     model: str,
     device: str | None,
-    dtype: str,
+    dtype: str | None,
     host: str,
     port: int,
     basic_auth_user: str | None,
@@ -87,10 +81,14 @@ def serve(
     Connect it in Label Studio: Project > Settings > Model > Connect Model,
     URL http://HOST:PORT. Images are fetched with LABEL_STUDIO_URL and
     LABEL_STUDIO_API_KEY, or read from LOCAL_FILES_DOCUMENT_ROOT.
+    --model defaults to $MODEL_DIR when set (Label Studio's Docker convention).
     """
     import os
 
     env = dict(os.environ)
+    source = click.get_current_context().get_parameter_source("model")
+    if source == click.core.ParameterSource.DEFAULT:
+        model = env.get("STABLESEG_MODEL") or env.get("MODEL_DIR") or DEFAULT_MODEL
     if os.path.isdir(model):  # gunicorn runs from the repository root: keep the path valid
         model = os.path.abspath(model)
     root = env.get("LOCAL_FILES_DOCUMENT_ROOT")
@@ -99,7 +97,7 @@ def serve(
     options = {
         "STABLESEG_MODEL": model,
         "STABLESEG_DEVICE": device,
-        "STABLESEG_DTYPE": dtype,
+        "STABLESEG_DTYPE": DTYPES[dtype],
         "STABLESEG_IMAGE_SIZE": image_size,
         "STABLESEG_BATCH_SIZE": batch_size,
         "STABLESEG_BACKGROUND_THRESHOLD": background_threshold,
@@ -129,6 +127,12 @@ def _has_gunicorn() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("gunicorn") is not None
+
+
+def _gunicorn_has_setting(name: str) -> bool:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return any(setting.name == name for setting in KNOWN_SETTINGS)
 
 
 def _uses_cuda(device: str | None) -> bool:
@@ -173,6 +177,8 @@ def _exec_gunicorn(
     ]
     if preload:
         args.append("--preload")
+    if _gunicorn_has_setting("control_socket_disable"):  # gunicorn >= 25.1: one per $HOME
+        args.append("--no-control-socket")
     args.append("ml_backend._wsgi:app")
     click.echo(f"serving {env['STABLESEG_MODEL']} on http://{host}:{port} (gunicorn)", err=True)
     sys.stdout.flush()

@@ -97,7 +97,8 @@ def _materialise(images: Sequence[Any], work_dir: Path) -> list[PoolItem]:
 
 def start_background_refine(
     project_id: str | int,
-    images: Sequence[str | os.PathLike[str] | Image.Image],
+    images: Sequence[str | os.PathLike[str] | Image.Image]
+    | Callable[[], Sequence[str | os.PathLike[str] | Image.Image]],
     labels: Sequence[str],
     work_root: str | os.PathLike[str],
     model: str,
@@ -116,7 +117,9 @@ def start_background_refine(
     UNet's processors while a pass runs).
 
     Args:
-        images: local paths and/or already downloaded PIL images (at least 2 readable).
+        images: local paths and/or already downloaded PIL images (at least 2 readable), or a
+            function returning them, called in the worker thread (so slow downloads do not
+            hold up the caller).
         labels: label names; mask id k is ``labels[k - 1]``.
         device, dtype: for Stable Diffusion and the student (None: CUDA/fp16 when present).
         options: everything else (stages, epochs, ...); ``model``, ``labels`` and the
@@ -143,7 +146,7 @@ def start_background_refine(
 
         def work() -> None:
             try:
-                pool = _materialise(list(images), work_dir)
+                pool = _materialise(list(images() if callable(images) else images), work_dir)
                 handle.result = run_refine(pool, work_dir, run_options)
                 handle.status = "finished"
             except Exception as err:  # reported through the handle, not raised in a thread

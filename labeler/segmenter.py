@@ -155,10 +155,18 @@ class StableSeg:
     @property
     def model_version(self) -> str:
         """A short id that changes when the model source or the configuration changes."""
+        return self.version_for(self.source, self.config, self.dtype)
+
+    @staticmethod
+    def version_for(source: str, config: SegmenterConfig, dtype: torch.dtype) -> str:
+        """The ``model_version`` a model from ``source`` with this config and dtype has.
+
+        Known without loading the weights (Label Studio asks for it with a 3 s timeout).
+        """
         # batch_size changes speed, not masks: leave it out.
-        config = repr(self.config.replace(batch_size=1))
         blob = json.dumps(
-            {"source": self.source, "config": config, "dtype": str(self.dtype)}, sort_keys=True
+            {"source": source, "config": repr(config.replace(batch_size=1)), "dtype": str(dtype)},
+            sort_keys=True,
         )
         return "stableseg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -120,24 +120,10 @@ def model_version(settings: BackendSettings) -> str:
     """The version predictions will carry, without loading the model when it is not loaded yet.
 
     Label Studio asks for it on every ``/setup`` with a 3 s timeout, too short to load a full
-    Stable Diffusion. ``StableSeg.model_version`` depends on the source, configuration and dtype
-    only, so its getter runs on a stand-in holding those three (a test checks both agree).
+    Stable Diffusion; the version depends on the source, configuration and dtype only.
     """
-    from types import SimpleNamespace
-
     from labeler import SegmenterConfig, StableSeg
 
-    _, dtype, base_key, view_key = _keys(settings)
-    with _CACHE_LOCK:
-        cached = _views.get(base_key)
-    if cached is not None and cached[0] == view_key:
-        return cached[1].model_version
-    stand_in = SimpleNamespace(
-        source=settings.model,
-        config=segmenter_config(settings, SegmenterConfig()),
-        dtype=dtype,
-    )
-    try:
-        return str(StableSeg.model_version.fget(stand_in))
-    except AttributeError:  # the version came to depend on the weights: load them
-        return get_segmenter(settings).model_version
+    _, dtype, _, _ = _keys(settings)
+    config = segmenter_config(settings, SegmenterConfig())
+    return StableSeg.version_for(settings.model, config, dtype)

@@ -125,7 +125,8 @@ def safe_local_path(root: str | Path, relative: str) -> Path:
     if not relative:
         raise ImageError("local-files URL has an empty ?d= path")
     posix = PurePosixPath(relative.replace("\\", "/"))
-    if posix.is_absolute() or ".." in posix.parts or ":" in posix.parts[0]:
+    drive = bool(posix.parts) and len(posix.parts[0]) == 2 and posix.parts[0][1] == ":"
+    if posix.is_absolute() or ".." in posix.parts or drive or not posix.parts:
         raise ImageError(
             f"refused local-files path {relative!r}: it must be relative to "
             "LOCAL_FILES_DOCUMENT_ROOT, without '..'"

@@ -14,17 +14,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from label_studio_ml.model import LabelStudioMLBase
 from PIL import Image
 
 from jobs.io import ImageError
 
 from . import cache, training
+from ._lsml import LabelStudioMLBase
 from .config import BrushTarget, LabelConfigError, parse_label_config
 from .images import ImageLoader
 from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
+
+
+MIN_TASKS_PER_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,15 @@ class TaskError:
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "reason": self.reason}
+
+
+@dataclass
+class Outcome:
+    """What one /predict produced: predictions aligned with the tasks, and the failures."""
+
+    predictions: list[Any]
+    errors: list[TaskError]
+    model_version: str
 
 
 class StableSegBackend(LabelStudioMLBase):
@@ -78,43 +90,70 @@ class StableSegBackend(LabelStudioMLBase):
 
     def predict(self, tasks: Sequence[dict[str, Any]], **kwargs: Any) -> list[Any]:
         """One prediction per task, in order; ``[]`` (no prediction) for a task that failed."""
-        predictions, _ = self.predict_with_errors(tasks)
-        return predictions
+        return self.predict_tasks(tasks).predictions
 
-    def predict_with_errors(
-        self, tasks: Sequence[dict[str, Any]]
-    ) -> tuple[list[Any], list[TaskError]]:
-        """Predictions aligned with ``tasks`` and the reasons of the tasks left without one.
+    def predict_tasks(self, tasks: Sequence[dict[str, Any]]) -> Outcome:
+        """Predictions aligned with ``tasks``, and the reasons of the tasks left without one.
 
-        Steps: check the config, load every task's image, run all of them through StableSeg in
-        UNet batches while holding the GPU lock, encode brush results.
+        Steps, a chunk of tasks at a time (so a request for thousands of tasks does not hold
+        all their images in memory): load the images, run them through StableSeg in UNet
+        batches while holding the GPU lock, encode brush results.
         """
         target = self.require_target()
         ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        images, errors = self._load_images(tasks, ids, target)
-        masks = self._segment(images, ids, target, errors)
-        version = self.model_version
-        predictions: list[Any] = []
-        for index in range(len(tasks)):
-            result = masks.get(index)
-            predictions.append([] if result is None else self._prediction(result, target, version))
-        for error in errors:
+        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
+        segmenter = None
+        step = self._tasks_per_chunk()
+        for start in range(0, len(tasks), step):
+            indices = range(start, min(start + step, len(tasks)))
+            images = self._load_images(tasks, ids, indices, target, loader, outcome.errors)
+            if not images:
+                continue
+            segmenter = segmenter or cache.get_segmenter(self.settings)
+            results = self._segment(segmenter, images, ids, target, outcome.errors)
+            for index, result in results.items():
+                outcome.predictions[index] = self._prediction(
+                    result, target, segmenter.model_version
+                )
+        outcome.model_version = (
+            segmenter.model_version if segmenter is not None else self.model_version
+        )
+        for error in outcome.errors:
             logger.warning("task %s gets no prediction: %s", error.task, error.reason)
-        return predictions, errors
+        return outcome
 
     def start_training(self, project_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """``START_TRAINING``: hand the project to the refine trainer (one run a project)."""
+        """``START_TRAINING``: run ``refine`` on the project's images (one run a project)."""
+        try:
+            target = self.require_target()
+        except LabelConfigError as err:
+            return {"status": "error", "project": project_id, "detail": str(err)}
         tasks = payload.get("tasks") or []
-        return training.start_training(project_id, tasks, self.label_config, self.settings)
+        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        return training.start_training(project_id, tasks, target, self.settings, loader)
 
     # ------------------------------------------------------------------ steps
+    def _tasks_per_chunk(self) -> int:
+        from labeler import SegmenterConfig
+
+        return max(
+            MIN_TASKS_PER_CHUNK, 4 * (self.settings.batch_size or SegmenterConfig.batch_size)
+        )
+
     def _load_images(
-        self, tasks: Sequence[dict[str, Any]], ids: list[Any], target: BrushTarget
-    ) -> tuple[dict[int, Image.Image], list[TaskError]]:
-        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        self,
+        tasks: Sequence[Any],
+        ids: list[Any],
+        indices: range,
+        target: BrushTarget,
+        loader: ImageLoader,
+        errors: list[TaskError],
+    ) -> dict[int, Image.Image]:
+        """Task index -> decoded image, for the tasks whose image can be used."""
         images: dict[int, Image.Image] = {}
-        errors: list[TaskError] = []
-        for index, (task, task_id) in enumerate(zip(tasks, ids, strict=True)):
+        for index in indices:
+            task = tasks[index]
             try:
                 if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                     raise ImageError("task has no 'data' object")
@@ -123,23 +162,21 @@ class StableSegBackend(LabelStudioMLBase):
                         f"task data has no {target.data_key!r} field (the <Image> tag reads "
                         f"${target.data_key}); its fields are {sorted(task['data'])}"
                     )
-                tid = task_id if isinstance(task_id, int) else None
-                images[index] = loader.load(task["data"][target.data_key], tid)
+                task_id = ids[index] if isinstance(ids[index], int) else None
+                images[index] = loader.load(task["data"][target.data_key], task_id)
             except ImageError as err:
-                errors.append(TaskError(task_id, str(err)))
-        return images, errors
+                errors.append(TaskError(ids[index], str(err)))
+        return images
 
     def _segment(
         self,
+        segmenter: Any,
         images: dict[int, Image.Image],
         ids: list[Any],
         target: BrushTarget,
         errors: list[TaskError],
     ) -> dict[int, Any]:
-        """Task index -> SegmentationResult, all images in one ``segment`` call when possible."""
-        if not images:
-            return {}
-        segmenter = cache.get_segmenter(self.settings)
+        """Task index -> SegmentationResult: one ``segment`` call, image by image if it fails."""
         order = sorted(images)
         prompts = list(target.prompts)
         with cache.GPU_LOCK:
@@ -151,7 +188,7 @@ class StableSegBackend(LabelStudioMLBase):
             found = {}
             for index in order:
                 try:
-                    found[index] = segmenter.segment(images[index], prompts)[0]
+                    found[index] = segmenter.segment([images[index]], prompts)[0]
                 except (ValueError, TypeError) as err:
                     errors.append(TaskError(ids[index], f"segmentation failed: {err}"))
             return found

@@ -8,7 +8,8 @@ replaces those views:
 * ``/setup`` answers the model version without loading the model (Label Studio waits 3 s);
 * ``/predict`` reads the labeling config of the request itself, so several projects can share
   one backend, and answers a clear 400 for a config without BrushLabels;
-* ``/webhook`` acknowledges every event and routes ``START_TRAINING`` to the refine trainer;
+* ``/webhook`` acknowledges every event and routes ``START_TRAINING`` to the refine trainer,
+  and so does the older ``/train`` (Label Studio posts there while its webhook flag is off);
 * ``/health``, ``/versions`` and ``/is_training`` report the StableSeg model.
 
 HTTP basic auth (``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``) guards every route when set.
@@ -59,13 +60,21 @@ def create_app(settings: BackendSettings | None = None, warm_up: bool = False) -
 
 
 def _install_routes(app: Flask) -> None:
-    app.view_functions["_setup"] = setup
-    app.view_functions["_predict"] = predict
-    app.view_functions["webhook"] = webhook
-    app.view_functions["health"] = health
-    app.view_functions["_is_training"] = is_training
+    replaced = {
+        "_setup": setup,
+        "_predict": predict,
+        "webhook": webhook,
+        "_train": train,
+        "health": health,
+        "_is_training": is_training,
+        "get_version": versions,
+    }
+    known = {rule.endpoint for rule in app.url_map.iter_rules()}
+    missing = sorted(set(replaced) - known)
+    if missing:  # label-studio-ml is pinned to 1.0.9; another release names its views otherwise
+        raise RuntimeError(f"label-studio-ml has no endpoints {missing}; expected release 1.0.9")
+    app.view_functions.update(replaced)
     app.add_url_rule("/versions", "stableseg_versions", versions, methods=["GET"])
-    app.view_functions["get_version"] = versions
     app.before_request(check_basic_auth)
 
 
@@ -115,7 +124,9 @@ def check_basic_auth() -> Response | None:
 def setup() -> Any:
     """Label Studio connects a project: check its config, answer the model version."""
     body = _json_body() or {}
-    model = StableSegBackend(label_config=body.get("schema"), settings=_settings())
+    project_id = str(body.get("project") or "").split(".")[0]
+    settings = training.project_settings(_settings(), project_id)
+    model = StableSegBackend(label_config=body.get("schema"), settings=settings)
     if model.config_error:
         logger.error("/setup for project %s: %s", body.get("project"), model.config_error)
         return error(400, model.config_error)
@@ -147,12 +158,12 @@ def predict() -> Any:
         hostname, access_token = _setup_context.get(project, ("", ""))
     model = StableSegBackend(
         label_config=body.get("label_config"),
-        settings=_settings(),
+        settings=training.project_settings(_settings(), project.split(".")[0]),
         hostname=hostname,
         access_token=access_token,
     )
     try:
-        predictions, errors = model.predict_with_errors(tasks)
+        outcome = model.predict_tasks(tasks)
     except LabelConfigError as err:
         return error(400, str(err))
     except Exception as err:
@@ -160,11 +171,21 @@ def predict() -> Any:
         return error(500, f"{type(err).__name__}: {err}")
     return jsonify(
         {
-            "results": predictions,
-            "model_version": model.model_version,
-            "errors": [e.to_dict() for e in errors],
+            "results": outcome.predictions,
+            "model_version": outcome.model_version,
+            "errors": [e.to_dict() for e in outcome.errors],
         }
     )
+
+
+def _context(project_id: str) -> dict[str, str]:
+    """hostname and access_token that /setup recorded for this project (keys are 'ID.TIME')."""
+    with _context_lock:
+        for key in reversed(_setup_context):
+            if key.split(".")[0] == project_id:
+                hostname, access_token = _setup_context[key]
+                return {"hostname": hostname, "access_token": access_token}
+    return {}
 
 
 def webhook() -> Any:
@@ -180,9 +201,28 @@ def webhook() -> Any:
     project_id = str(project.get("id", ""))
     if not project_id:
         return error(400, "START_TRAINING needs the project: {'project': {'id': ...}}")
-    model = StableSegBackend(label_config=project.get("label_config"), settings=_settings())
+    model = StableSegBackend(
+        label_config=project.get("label_config"), settings=_settings(), **_context(project_id)
+    )
     status = model.start_training(project_id, body)
     return jsonify({"action": action, **status}), 201
+
+
+def train() -> Any:
+    """Label Studio's older Start Training call: the same route as ``START_TRAINING``."""
+    body = _json_body()
+    if body is None:
+        return error(400, "the request body must be a JSON object")
+    project_id = str(body.get("project") or "").split(".")[0]
+    if not project_id:
+        return error(400, "/train needs the project: {'project': 'ID.TIMESTAMP', ...}")
+    annotations = body.get("annotations")
+    tasks = annotations if isinstance(annotations, list) else []
+    model = StableSegBackend(
+        label_config=body.get("label_config"), settings=_settings(), **_context(project_id)
+    )
+    status = model.start_training(project_id, {"tasks": tasks})
+    return jsonify({"action": "START_TRAINING", "job": None, **status}), 201
 
 
 def health() -> Any:
@@ -213,6 +253,6 @@ def is_training() -> Any:
         {
             "is_training": training.is_training(project),
             "backend": "none",
-            "model_version": cache.model_version(_settings()),
+            "model_version": cache.model_version(training.project_settings(_settings(), project)),
         }
     )

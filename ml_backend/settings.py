@@ -5,7 +5,7 @@ development server and a Docker container are all configured the same way.
 
 Model: ``STABLESEG_MODEL`` or ``MODEL_DIR`` (hub id or local diffusers folder; the first wins;
 default ``runwayml/stable-diffusion-v1-5``), ``STABLESEG_DEVICE`` (default CUDA when present),
-``STABLESEG_DTYPE`` (auto, float32, float16, bfloat16; auto = fp16 on CUDA),
+``STABLESEG_DTYPE`` (auto, fp32, fp16, bf16 or float32, ...; auto = fp16 on CUDA),
 ``STABLESEG_IMAGE_SIZE`` (512), ``STABLESEG_BATCH_SIZE`` (4), ``STABLESEG_BACKGROUND_THRESHOLD``
 (none: every pixel gets a label), ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++).
 
@@ -15,6 +15,12 @@ token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
 ``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download).
 
 Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
+
+Training (Start Training in Label Studio runs ``refine`` on the project's images):
+``STABLESEG_REFINE_DIR`` (where runs go; default ``~/.cache/stableseg/refine``),
+``STABLESEG_REFINE_ENCODER`` (resnet50), ``STABLESEG_REFINE_ENCODER_WEIGHTS`` (imagenet or
+none; imagenet needs the weights downloadable or cached), ``STABLESEG_REFINE_EPOCHS`` (20),
+``STABLESEG_REFINE_IMAGE_SIZE`` (512, the student's crop side).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_HTTP_TIMEOUT = 30.0
+DEFAULT_REFINE_DIR = os.path.join("~", ".cache", "stableseg", "refine")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,11 @@ class BackendSettings:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    refine_dir: str = DEFAULT_REFINE_DIR
+    refine_encoder: str = "resnet50"
+    refine_encoder_weights: str | None = "imagenet"
+    refine_epochs: int = 20
+    refine_image_size: int = 512
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,7 +87,7 @@ class BackendSettings:
         return cls(
             model=get("STABLESEG_MODEL", "MODEL_DIR") or DEFAULT_MODEL,
             device=get("STABLESEG_DEVICE"),
-            dtype=(get("STABLESEG_DTYPE") or "auto").lower(),
+            dtype=_dtype(get("STABLESEG_DTYPE")),
             image_size=_number(get("STABLESEG_IMAGE_SIZE"), int, "STABLESEG_IMAGE_SIZE"),
             batch_size=_number(get("STABLESEG_BATCH_SIZE"), int, "STABLESEG_BATCH_SIZE"),
             background_threshold=_number(
@@ -96,7 +109,30 @@ class BackendSettings:
             or DEFAULT_HTTP_TIMEOUT,
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
+            refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,
+            refine_encoder=get("STABLESEG_REFINE_ENCODER") or "resnet50",
+            refine_encoder_weights=_encoder_weights(get("STABLESEG_REFINE_ENCODER_WEIGHTS")),
+            refine_epochs=_number(get("STABLESEG_REFINE_EPOCHS"), int, "STABLESEG_REFINE_EPOCHS")
+            or 20,
+            refine_image_size=_number(
+                get("STABLESEG_REFINE_IMAGE_SIZE"), int, "STABLESEG_REFINE_IMAGE_SIZE"
+            )
+            or 512,
         )
+
+
+def _encoder_weights(value: str | None) -> str | None:
+    name = (value or "imagenet").lower()
+    if name not in ("imagenet", "none"):
+        raise ValueError(
+            f"STABLESEG_REFINE_ENCODER_WEIGHTS must be imagenet or none, got {value!r}"
+        )
+    return None if name == "none" else name
+
+
+def _dtype(value: str | None) -> str:
+    name = (value or "auto").lower()
+    return DTYPE_ALIASES.get(name, name)
 
 
 def _number(value: str | None, kind: type, name: str) -> int | float | None:

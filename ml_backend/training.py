@@ -1,93 +1,198 @@
-"""Label Studio's ``START_TRAINING`` webhook -> the StableSeg+/++ refine trainer, one run a project.
+"""Start Training in Label Studio -> ``refine`` (StableSeg+ / ++) on the project's images.
 
 label-studio-ml 1.0.9 does not route ``START_TRAINING`` to ``fit``; the server's webhook view
-calls :func:`start_training` instead. The trainer lives in ``jobs.refine`` as
-``start_background_refine(project_id, tasks, **options)``; until that module exists the answer
-says so. A run counts as running while the call is in progress and, when the call returns an
-object with ``is_alive()`` (a thread or process), for as long as that object is alive.
+(and the older ``/train`` call) come here instead. A run goes in the background, one at a time
+per project (:mod:`jobs.refine_background`). The older ``/train`` call carries the tasks; the
+``START_TRAINING`` webhook does not, so the run first lists the project's tasks through the
+Label Studio API. Images load exactly as ``/predict`` loads them.
+
+When a run has finished, that project's next ``/predict`` uses its learned attention-map
+weights, which gives a new ``model_version``; after a restart the newest finished run on disk
+is found again.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from jobs.io import ImageError
+
+from .config import BrushTarget
+from .images import ImageLoader, download
 from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
-REFINE_MODULE = "jobs.refine"
-REFINE_FUNCTION = "start_background_refine"
-
-_lock = threading.Lock()
-_runs: dict[str, Any] = {}  # project id -> the run's handle (or True while the call runs)
+TASK_PAGE_SIZE = 100
+_DTYPES = {"auto": None, "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def find_refine_starter() -> Callable[..., Any] | None:
-    """``jobs.refine.start_background_refine`` when the trainer is installed, else None."""
-    try:
-        module = importlib.import_module(REFINE_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name not in (REFINE_MODULE, REFINE_MODULE.split(".")[0]):
-            raise  # the trainer exists but one of its own imports is missing
-        return None
-    return getattr(module, REFINE_FUNCTION, None)
+def work_root(settings: BackendSettings) -> Path:
+    return Path(settings.refine_dir).expanduser()
 
 
 def is_training(project_id: str) -> bool:
-    """Whether a refine run of this project is in progress."""
-    with _lock:
-        return _is_running(_runs.get(project_id))
+    """Whether a refine run of this project is in progress in this process."""
+    from jobs.refine_background import get_background_refine
+
+    handle = get_background_refine(project_id)
+    return handle is not None and handle.is_running()
 
 
-def _is_running(handle: Any) -> bool:
-    if handle is None:
-        return False
-    alive = getattr(handle, "is_alive", None)
-    return bool(alive()) if callable(alive) else handle is True
+def project_settings(settings: BackendSettings, project_id: str | None) -> BackendSettings:
+    """The settings for one project's predictions: its refined weights once it has some.
+
+    Weights set explicitly (``STABLESEG_WEIGHTS``) win.
+    """
+    if not project_id or settings.weights:
+        return settings
+    from jobs.refine_background import get_background_refine, latest_refine_weights
+
+    handle = get_background_refine(project_id)
+    path = handle.weights_path if handle is not None else None
+    path = path or latest_refine_weights(work_root(settings), project_id)
+    return replace(settings, weights=str(path)) if path else settings
+
+
+def fetch_project_tasks(loader: ImageLoader, project_id: str) -> list[dict[str, Any]]:
+    """Every task of the project, through ``GET /api/tasks?project=ID`` (paged)."""
+    import json
+
+    from .images import label_studio_auth
+
+    if not loader.base_url or not loader.api_key:
+        raise ImageError(
+            "Start Training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to list the "
+            "project's tasks"
+        )
+    headers = label_studio_auth(loader.base_url, loader.api_key).header()
+    tasks: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        url = (
+            f"{loader.base_url}/api/tasks?project={int(project_id)}&page={page}"
+            f"&page_size={TASK_PAGE_SIZE}&fields=all"
+        )
+        body = json.loads(download(url, headers, 100_000_000, loader.settings.http_timeout))
+        batch = body.get("tasks", []) if isinstance(body, dict) else body
+        tasks += batch
+        total = body.get("total", len(tasks)) if isinstance(body, dict) else len(tasks)
+        if not batch or len(tasks) >= total:
+            return tasks
+        page += 1
+
+
+def _images(
+    tasks: Sequence[dict[str, Any]], target: BrushTarget, loader: ImageLoader, project_id: str
+) -> list[Any]:
+    """Images of every task of the project (the refiner needs no annotation, so the whole
+    pool); the tasks Label Studio sent when the API cannot be reached. Bad ones are logged."""
+    try:
+        tasks = fetch_project_tasks(loader, project_id)
+    except ImageError as err:
+        if not tasks:
+            raise
+        logger.warning(
+            "cannot list project %s's tasks (%s); using the %d sent", project_id, err, len(tasks)
+        )
+    images = []
+    for task in tasks:
+        data = task.get("data") if isinstance(task, dict) else None
+        url = data.get(target.data_key) if isinstance(data, dict) else None
+        try:
+            images.append(loader.load(url, task.get("id")))
+        except ImageError as err:
+            logger.warning(
+                "refine of project %s leaves out task %s: %s", project_id, task.get("id"), err
+            )
+    logger.info(
+        "refine of project %s: %d images from %d tasks", project_id, len(images), len(tasks)
+    )
+    return images
+
+
+def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
+    """RefineOptions from the backend's settings (no progress bars in a server)."""
+    from jobs.refine import RefineOptions
+    from labeler import SegmenterConfig
+    from labeler.train.config import StudentConfig
+
+    segmenter = SegmenterConfig(
+        image_size=settings.image_size or SegmenterConfig.image_size,
+        batch_size=settings.batch_size or SegmenterConfig.batch_size,
+        background_threshold=settings.background_threshold,
+    )
+    student = StudentConfig(
+        encoder=settings.refine_encoder,
+        encoder_weights=settings.refine_encoder_weights,
+        epochs=settings.refine_epochs,
+        image_size=settings.refine_image_size,
+    )
+    return RefineOptions(
+        model=settings.model,
+        labels=tuple(labels),
+        device=settings.device,
+        dtype=_DTYPES.get(settings.dtype),
+        segmenter=segmenter,
+        student=student,
+        progress=False,
+    )
 
 
 def start_training(
     project_id: str,
     tasks: Sequence[dict[str, Any]],
-    label_config: str | None,
+    target: BrushTarget,
     settings: BackendSettings,
+    loader: ImageLoader,
 ) -> dict[str, Any]:
     """Start a refine run for the project unless one is running; returns a status for the reply."""
-    starter = find_refine_starter()
-    if starter is None:
+    from jobs.refine_background import start_background_refine
+
+    logger.info("START_TRAINING for project %s (%d tasks given)", project_id, len(tasks))
+    if is_training(project_id):
+        detail = f"a refine run of project {project_id} is already running"
+        logger.info(detail)
+        return {"status": "already_running", "project": project_id, "detail": detail}
+    if not tasks and not (loader.base_url and loader.api_key):
         detail = (
-            "refine trainer not available yet: START_TRAINING for project "
-            f"{project_id} acknowledged, nothing started ({REFINE_MODULE}.{REFINE_FUNCTION} "
-            "is not installed)"
+            "Start Training lists the project's tasks through Label Studio: set "
+            "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for the backend"
         )
-        logger.warning(detail)
-        return {"status": "unavailable", "project": project_id, "detail": detail}
-    with _lock:
-        if _is_running(_runs.get(project_id)):
-            detail = f"a refine run of project {project_id} is already running"
-            logger.info(detail)
-            return {"status": "already_running", "project": project_id, "detail": detail}
-        _runs[project_id] = True
+        logger.error("START_TRAINING for project %s: %s", project_id, detail)
+        return {"status": "error", "project": project_id, "detail": detail}
     try:
-        handle = starter(
+        options = refine_options(settings, target.prompts)
+        handle = start_background_refine(
             project_id,
-            list(tasks),
-            label_config=label_config,
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            weights=settings.weights,
+            lambda: _images(tasks, target, loader, project_id),
+            target.prompts,
+            work_root(settings),
+            settings.model,
+            options=options,
+            on_finish=_log_finish,
         )
-    except Exception as err:
-        with _lock:
-            _runs.pop(project_id, None)
+    except Exception as err:  # a trainer that cannot start must not take the webhook down
         logger.exception("refine run of project %s failed to start", project_id)
         return {"status": "error", "project": project_id, "detail": f"{type(err).__name__}: {err}"}
-    with _lock:
-        _runs[project_id] = handle if callable(getattr(handle, "is_alive", None)) else None
-    logger.info("refine run of project %s started", project_id)
-    return {"status": "started", "project": project_id, "detail": "refine run started"}
+    logger.info("refine run of project %s started in %s", project_id, handle.work_dir)
+    return {
+        "status": "started",
+        "project": project_id,
+        "detail": f"refine run started in {handle.work_dir}",
+    }
+
+
+def _log_finish(handle: Any) -> None:
+    if handle.status == "finished":
+        logger.info(
+            "refine run of project %s finished: %s (model_version of its next predictions changes)",
+            handle.project_id,
+            handle.weights_path,
+        )
+    else:
+        logger.error("refine run of project %s failed: %s", handle.project_id, handle.error)

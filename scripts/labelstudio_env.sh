@@ -5,9 +5,9 @@
 #   scripts/labelstudio_env.sh [VENV_DIR]
 #
 # VENV_DIR defaults to $LABEL_STUDIO_VENV, else ~/.cache/stableseg/ls-venv. Idempotent: an
-# environment whose `label-studio` already runs is left as it is. The version installed is
-# $LABEL_STUDIO_VERSION (default: the 1.23 series the backend was proven against).
-# Prints the environment's folder on its last line.
+# environment whose Label Studio imports is left as it is. The version installed is
+# $LABEL_STUDIO_VERSION (a pip specifier; default: the 1.23 series the backend is tested with).
+# Progress goes to stderr; the environment's folder is printed on stdout.
 set -euo pipefail
 
 venv="${1:-${LABEL_STUDIO_VENV:-${HOME}/.cache/stableseg/ls-venv}}"
@@ -21,10 +21,18 @@ if [[ -x "${venv}/bin/label-studio" ]] \
     exit 0
 fi
 
-echo "Installing ${spec} into ${venv} (about 1 GB, a few minutes)" >&2
+echo "Installing ${spec} into ${venv} (about 1 GB, a minute or more)" >&2
 mkdir -p "$(dirname "${venv}")"
-"${python}" -m venv "${venv}"
-"${venv}/bin/python" -m pip install --quiet --upgrade pip >&2
-"${venv}/bin/python" -m pip install --quiet "${spec}" >&2
-"${venv}/bin/python" -c "import label_studio, sys; print('label-studio', label_studio.__version__, file=sys.stderr)"
+log="$(mktemp -t labelstudio-install.XXXXXX.log)"
+if ! {
+    "${python}" -m venv --clear "${venv}" \
+        && "${venv}/bin/python" -m pip install --upgrade pip \
+        && "${venv}/bin/python" -m pip install "${spec}"
+} >"${log}" 2>&1; then
+    echo "Installing Label Studio failed; the end of pip's log (${log}):" >&2
+    tail -n 40 "${log}" >&2
+    exit 1
+fi
+rm -f "${log}"
+"${venv}/bin/python" -c "import label_studio, sys; print('installed label-studio', label_studio.__version__, file=sys.stderr)"
 echo "${venv}"
