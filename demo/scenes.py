@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -264,25 +265,20 @@ def read_scene_set(
     return names, images, gts, labels
 
 
-def main() -> None:
-    import click
-
-    @click.command()
-    @click.option("--out", type=click.Path(file_okay=False), default="demo/scenes", show_default=True)
-    @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
-    @click.option("--seed", type=int, default=EVAL_SEED, show_default=True)
-    @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True)
-    def cli(out: str, count: int, seed: int, size: int) -> None:
-        """Write an evaluation set of synthetic scenes with exact masks."""
-        if seed == TRAIN_SEED:
-            raise click.BadParameter(
-                f"seed {seed} is the training seed; pick another", param_hint="--seed"
-            )
-        write_scene_set(out, count, seed, SceneConfig(size=size))
-        click.echo(f"wrote {count} scenes to {out}")
-
-    cli()
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default="demo/scenes", show_default=True)
+@click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=EVAL_SEED, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=64, show_default=True)
+def cli(out: str, count: int, seed: int, size: int) -> None:
+    """Write an evaluation set of synthetic scenes with exact masks."""
+    if seed == TRAIN_SEED:
+        raise click.BadParameter(
+            f"seed {seed} is the training seed; pick another", param_hint="--seed"
+        )
+    write_scene_set(out, count, seed, SceneConfig(size=size))
+    click.echo(f"wrote {count} scenes to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli()
