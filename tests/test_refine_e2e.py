@@ -218,33 +218,12 @@ def test_pseudo_label_uses_the_refine_outputs(finished, tiny_model_dir, tmp_path
     version = json.loads((out / "records" / "scene00.json").read_text())["model_version"]
     assert version.startswith("student-")
 
-    weighted = run_cli(
-        "pseudo-label",
-        str(images),
-        "--labels",
-        ",".join(LABELS),
-        "--model",
-        str(tiny_model_dir),
-        "--image-size",
-        "64",
-        "--weights",
-        str(work / "plusplus" / "weights.safetensors"),
-        "--out",
-        str(tmp_path / "weighted"),
-    )
+    stableseg = ["pseudo-label", str(images), "--labels", ",".join(LABELS), "--model",
+                 str(tiny_model_dir), "--image-size", "64"]  # fmt: skip
+    weights = work / "plusplus" / "weights.safetensors"
+    weighted = run_cli(*stableseg, "--weights", str(weights), "--out", str(tmp_path / "weighted"))
     assert weighted.returncode == 0, weighted.stderr
-    plain = run_cli(
-        "pseudo-label",
-        str(images),
-        "--labels",
-        ",".join(LABELS),
-        "--model",
-        str(tiny_model_dir),
-        "--image-size",
-        "64",
-        "--out",
-        str(tmp_path / "plain"),
-    )
+    plain = run_cli(*stableseg, "--out", str(tmp_path / "plain"))
     assert plain.returncode == 0, plain.stderr
     versions = {
         json.loads((tmp_path / name / "records" / "scene00.json").read_text())["model_version"]
