@@ -42,6 +42,12 @@ from .common import labels_options, model_options, parse_labels, progress_bar, s
     "[default: every pixel gets a label]",
 )
 @click.option(
+    "--background-prompt",
+    default=None,
+    help='A word prompted after the labels as one more class (e.g. "background"); the '
+    "pixels it wins become background (0).  [default: none]",
+)
+@click.option(
     "--crf/--no-crf",
     default=False,
     show_default=True,
@@ -105,6 +111,7 @@ def pseudo_label(
     batch_size: int,
     image_size: int,
     background_threshold: float | None,
+    background_prompt: str | None,
     crf: bool,
     formats: tuple[str, ...],
     weights: Path | None,
@@ -155,6 +162,7 @@ def pseudo_label(
         batch_size=batch_size,
         image_size=image_size,
         background_threshold=background_threshold,
+        background_prompt=background_prompt,
         crf=crf,
         formats=formats,
         weights=weights,

@@ -55,6 +55,12 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Pixels whose best label probability is below this are background (0), a class the "
     "student learns too.  [default: every pixel gets a label]",
 )
+@click.option(
+    "--background-prompt",
+    default=None,
+    help='A word prompted after the labels as one more class (e.g. "background"); its pixels '
+    "are background (0), a class the student learns too.  [default: none]",
+)
 @click.option("--encoder", default="resnet50", show_default=True, help="smp encoder name.")
 @click.option(
     "--encoder-weights",
@@ -148,6 +154,7 @@ def refine(
     crf: bool,
     uncertain_threshold: float | None,
     background_threshold: float | None,
+    background_prompt: str | None,
     encoder: str,
     encoder_weights: str,
     epochs: int,
@@ -199,6 +206,7 @@ def refine(
                 image_size=sd_image_size,
                 batch_size=sd_batch_size,
                 background_threshold=background_threshold,
+                background_prompt=background_prompt,
             ),
             pseudo=PseudoConfig(
                 crf=crf, uncertain_threshold=uncertain_threshold, max_side=max_side

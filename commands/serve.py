@@ -43,6 +43,11 @@ DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"
     help="Pixels less confident than this stay unlabeled [default: every pixel gets a label].",
 )
 @click.option(
+    "--background-prompt",
+    default=None,
+    help='A word prompted as one more class (e.g. "background"); its pixels stay unlabeled.',
+)
+@click.option(
     "--weights",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -71,6 +76,7 @@ def serve(
     image_size: int | None,
     batch_size: int | None,
     background_threshold: float | None,
+    background_prompt: str | None,
     weights: str | None,
     dev_server: bool,
     log_level: str,
@@ -101,6 +107,7 @@ def serve(
         "STABLESEG_IMAGE_SIZE": image_size,
         "STABLESEG_BATCH_SIZE": batch_size,
         "STABLESEG_BACKGROUND_THRESHOLD": background_threshold,
+        "STABLESEG_BACKGROUND_PROMPT": background_prompt,
         "STABLESEG_WEIGHTS": os.path.abspath(weights) if weights else None,
         "BASIC_AUTH_USER": basic_auth_user,
         "BASIC_AUTH_PASS": basic_auth_pass,

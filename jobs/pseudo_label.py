@@ -71,6 +71,7 @@ class PseudoLabelOptions:
     batch_size: int = 4
     image_size: int = 512
     background_threshold: float | None = None
+    background_prompt: str | None = None
     crf: bool = False
     formats: tuple[str, ...] = ("coco", "png")
     weights: Path | None = None
@@ -94,6 +95,7 @@ class PseudoLabelOptions:
             "student": self.student is not None,
             "image_size": self.image_size,
             "background_threshold": self.background_threshold,
+            "background_prompt": self.background_prompt,
             "crf": self.crf,
             "weights_sha256": weights,
             "labels_from_gt": str(self.labels_from_gt) if self.labels_from_gt else None,
@@ -405,6 +407,7 @@ def load_model(options: PseudoLabelOptions, device: str | None) -> Segmenter:
         image_size=options.image_size,
         batch_size=options.batch_size,
         background_threshold=options.background_threshold,
+        background_prompt=options.background_prompt,
         map_weights=load_map_weights(options.weights) if options.weights else None,
     )
     return StableSeg.from_pretrained(options.model, device=device, dtype=dtype, config=config)

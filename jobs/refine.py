@@ -316,6 +316,7 @@ class _Run:
                 self.options.pseudo,
                 self.options.segmenter.background_threshold,
                 plan["self_only"],
+                background_channel=self.options.segmenter.background_prompt is not None,
             )
             if stage == "plusplus":
                 _write_mask(self.out("plusplus/stableseg", item), raw)
@@ -443,6 +444,7 @@ class _Run:
                 "image_size": segmenter.image_size,
                 "timestep": segmenter.timestep,
                 "background_threshold": segmenter.background_threshold,
+                "background_prompt": segmenter.background_prompt,
             },
             "initial_loss": fit.initial_loss,
             "final_loss": fit.final_loss,

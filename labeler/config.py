@@ -25,6 +25,8 @@ class SegmenterConfig:
         label_separator: text between label names in the prompt.
         background_threshold: ``None`` gives every pixel a label; otherwise pixels whose best
             normalised probability is below this value become background (0).
+        background_prompt: a word (e.g. ``"background"``) prompted after the labels as one more
+            class; pixels it wins become background (0). ``None``: no such class.
         batch_size: images per UNet pass.
         map_weights: learned weight per attention layer (layer name -> weight), as written by
             the StableSeg++ trainer. ``None`` means uniform: the CAPM is the mean of the chosen
@@ -42,6 +44,7 @@ class SegmenterConfig:
     prompt_template: str = "{}"
     label_separator: str = ", "
     background_threshold: float | None = None
+    background_prompt: str | None = None
     batch_size: int = 4
     map_weights: Mapping[str, float] | None = field(default=None, compare=True)
 
@@ -60,6 +63,8 @@ class SegmenterConfig:
         thr = self.background_threshold
         if thr is not None and not 0.0 <= thr <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1] or None, got {thr}")
+        if self.background_prompt is not None and not self.background_prompt.strip():
+            raise ValueError("background_prompt must be a word or None, got a blank string")
         if self.self_only and not self.use_sar:
             raise ValueError("self_only=True needs use_sar=True (the final map comes from SAR)")
         for name in ("cross_sizes", "self_sizes"):

@@ -112,13 +112,18 @@ def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return scores / scores.sum(dim=dim, keepdim=True).clamp(min=_EPS)
 
 
-def probs_to_mask(probs: torch.Tensor, background_threshold: float | None) -> torch.Tensor:
+def probs_to_mask(
+    probs: torch.Tensor, background_threshold: float | None, background_channel: bool = False
+) -> torch.Tensor:
     """(C, H, W) probabilities -> (H, W) labels: k = k-th label (1-based), 0 = background.
 
-    With a threshold, pixels whose best probability is below it become background.
+    With a threshold, pixels whose best probability is below it become background. With
+    ``background_channel`` the last channel is the background prompt's: pixels it wins are 0.
     """
     best, index = probs.max(dim=0)
     mask = index + 1
+    if background_channel:
+        mask = torch.where(index == probs.shape[0] - 1, torch.zeros_like(mask), mask)
     if background_threshold is not None:
         mask = torch.where(best < background_threshold, torch.zeros_like(mask), mask)
     return mask

@@ -293,7 +293,10 @@ class StableSeg:
             scores[None].float(), size=(height, width), mode="bilinear", align_corners=False
         )[0]  # (C, H, W)
         probs = normalise(probs, dim=0)
-        mask = probs_to_mask(probs, self.config.background_threshold)  # (H, W)
+        has_background = self.config.background_prompt is not None
+        mask = probs_to_mask(probs, self.config.background_threshold, has_background)  # (H, W)
+        if has_background:
+            probs = probs[: len(labels)]  # the labels' share; the rest is background
         confidences = {}
         for k, label in enumerate(labels, start=1):
             won = mask == k
@@ -319,22 +322,31 @@ class StableSeg:
             labels: label names; mask value k means ``labels[k - 1]``, 0 means background.
             return_layer_maps: also return every attention layer's class map at its own size
                 (``result.layer_maps``: layer -> (C, h, w) float16), for the StableSeg++ cache.
+                With ``config.background_prompt`` the maps have one more, last, channel.
 
         Returns:
             One :class:`SegmentationResult` per image, in order, at each image's original size.
         """
         return list(self.iter_segment(images, labels, return_layer_maps))
 
+    def prompt_labels(self, labels: Sequence[str]) -> list[str]:
+        """The classes the prompt names: the labels, then the background prompt if any."""
+        labels = validate_labels(labels)
+        if self.config.background_prompt is None:
+            return labels
+        return validate_labels([*labels, self.config.background_prompt])
+
     def iter_segment(
         self, images: Any, labels: Sequence[str], return_layer_maps: bool = False
     ) -> Iterator[SegmentationResult]:
         """Like :meth:`segment`, yielding results batch by batch."""
         labels = validate_labels(labels)
+        prompted = self.prompt_labels(labels)
         if not isinstance(images, (list, tuple)):
             images = [images]
         rgbs = [to_rgb_array(image, index=i) for i, image in enumerate(images)]
         plan = self.plan(all_layers=return_layer_maps)
-        prompts, embeddings = self.encode_prompts(labels)
+        prompts, embeddings = self.encode_prompts(prompted)
         size = self.config.batch_size
         for start in range(0, len(rgbs), size):
             chunk = rgbs[start : start + size]

@@ -63,6 +63,8 @@ def segmenter_config(settings: BackendSettings, base: SegmenterConfig) -> Segmen
         changes["batch_size"] = settings.batch_size
     if settings.background_threshold is not None:
         changes["background_threshold"] = settings.background_threshold
+    if settings.background_prompt is not None:
+        changes["background_prompt"] = settings.background_prompt
     if settings.weights is not None:
         changes["map_weights"] = load_map_weights(settings.weights)
     return base.replace(**changes)
@@ -76,6 +78,7 @@ def _keys(settings: BackendSettings) -> tuple[Any, Any, tuple[str, str, str], tu
         settings.image_size,
         settings.batch_size,
         settings.background_threshold,
+        settings.background_prompt,
         _weights_key(settings.weights),
     )
     return device, dtype, base_key, view_key

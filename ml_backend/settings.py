@@ -7,7 +7,8 @@ Model: ``STABLESEG_MODEL`` or ``MODEL_DIR`` (hub id or local diffusers folder; t
 default ``runwayml/stable-diffusion-v1-5``), ``STABLESEG_DEVICE`` (default CUDA when present),
 ``STABLESEG_DTYPE`` (auto, fp32, fp16, bf16 or float32, ...; auto = fp16 on CUDA),
 ``STABLESEG_IMAGE_SIZE`` (512), ``STABLESEG_BATCH_SIZE`` (4), ``STABLESEG_BACKGROUND_THRESHOLD``
-(none: every pixel gets a label), ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++).
+(none: every pixel gets a label), ``STABLESEG_BACKGROUND_PROMPT`` (a word prompted as one more
+class whose pixels stay unpainted), ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++).
 
 Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
 token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
@@ -48,6 +49,7 @@ class BackendSettings:
     image_size: int | None = None
     batch_size: int | None = None
     background_threshold: float | None = None
+    background_prompt: str | None = None
     weights: str | None = None
     label_studio_url: str | None = None
     api_key: str | None = None
@@ -93,6 +95,7 @@ class BackendSettings:
             background_threshold=_number(
                 get("STABLESEG_BACKGROUND_THRESHOLD"), float, "STABLESEG_BACKGROUND_THRESHOLD"
             ),
+            background_prompt=get("STABLESEG_BACKGROUND_PROMPT"),
             weights=get("STABLESEG_WEIGHTS"),
             label_studio_url=get("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
             api_key=get("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),

@@ -234,3 +234,21 @@ def test_student_segment_returns_stableseg_results(tmp_path) -> None:
 def test_load_student_refuses_other_folders(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a refine student folder"):
         load_student(tmp_path)
+
+
+def test_pseudo_mask_with_a_background_prompt_channel() -> None:
+    from labeler.train.config import PseudoConfig
+    from labeler.train.pseudo import pseudo_mask
+
+    # Two labels and the background prompt's channel last; pixel columns: cat, dog, background.
+    probs = np.zeros((3, 2, 3), np.float32)
+    probs[:, :, 0] = np.array([0.7, 0.2, 0.1])[:, None]
+    probs[:, :, 1] = np.array([0.2, 0.5, 0.3])[:, None]
+    probs[:, :, 2] = np.array([0.1, 0.2, 0.7])[:, None]
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    config = PseudoConfig(crf=False, uncertain_threshold=None)
+    mask = pseudo_mask(rgb, probs, config, background_channel=True)
+    np.testing.assert_array_equal(mask, [[1, 2, 0], [1, 2, 0]])
+    # With a threshold too, a label below it becomes background as well.
+    mask = pseudo_mask(rgb, probs, config, background_threshold=0.6, background_channel=True)
+    np.testing.assert_array_equal(mask, [[1, 0, 0], [1, 0, 0]])

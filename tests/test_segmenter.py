@@ -231,3 +231,20 @@ def test_config_validation():
         SegmenterConfig(background_threshold=1.5)
     with pytest.raises(ValueError, match="non-negative"):
         SegmenterConfig(map_weights={"a": -1.0})
+
+
+def test_background_prompt_is_one_more_class_whose_pixels_are_background(tiny_model):
+    config = tiny_model.config.replace(background_prompt="background")
+    model = tiny_model.with_config(config)
+    assert model.prompt_labels(LABELS) == [*LABELS, "background"]
+    result = model.segment(_image(), LABELS, return_layer_maps=True)[0]
+    assert result.probs.shape[0] == len(LABELS)  # the labels' share only
+    assert next(iter(result.layer_maps.values())).shape[0] == len(LABELS) + 1
+    background = 1.0 - result.probs.sum(axis=0)  # (H, W) what the background prompt holds
+    wins = background > result.probs.max(axis=0)
+    assert wins.any() and not wins.all()  # the random model splits the image
+    np.testing.assert_array_equal(result.mask == 0, wins)
+    np.testing.assert_array_equal(result.mask[~wins], result.probs.argmax(axis=0)[~wins] + 1)
+    assert model.model_version != tiny_model.model_version
+    with pytest.raises(ValueError, match="duplicate label 'background'"):
+        model.segment(_image(), ["cat", "background"])

@@ -210,7 +210,8 @@ class RefineOptions:
 
     @property
     def background(self) -> bool:
-        return self.segmenter.background_threshold is not None
+        segmenter = self.segmenter
+        return segmenter.background_threshold is not None or segmenter.background_prompt is not None
 
     def settings(self) -> dict[str, Any]:
         """What decides the results: a rerun into the same work dir must match it."""

@@ -78,16 +78,26 @@ def pseudo_mask(
     probs: np.ndarray,
     config: PseudoConfig,
     background_threshold: float | None = None,
+    background_channel: bool = False,
 ) -> np.ndarray:
     """(H, W) uint8 training mask from (C, H, W) probabilities over an (H, W, 3) image.
 
-    Ids follow the project's convention: k = ``labels[k - 1]``, 0 = background (only with a
-    background threshold), 255 = uncertain (best refined probability below
-    ``config.threshold``), left out of training.
+    Ids follow the project's convention: k = ``labels[k - 1]``, 0 = background (with a
+    background threshold, or ``background_channel``: the last channel is the background
+    prompt's), 255 = uncertain (best refined probability below ``config.threshold``), left out
+    of training.
     """
     if probs.shape[0] > 254:
         raise ValueError(f"at most 254 labels fit a uint8 mask, got {probs.shape[0]}")
-    if background_threshold is None:
+    if background_channel:
+        background = probs[-1:]  # (1, H, W)
+        if background_threshold is not None:
+            labels_best = probs[:-1].max(axis=0, keepdims=True)
+            background = np.where(labels_best < background_threshold, 1.0, background)
+        class_probs = np.concatenate([background, probs[:-1]]).astype(np.float32)
+        class_probs /= class_probs.sum(axis=0, keepdims=True)
+        first_id = 0
+    elif background_threshold is None:
         class_probs, first_id = probs, 1
     else:
         class_probs, first_id = with_background(probs, background_threshold), 0
@@ -108,6 +118,7 @@ def masks_from_cache(
     config: PseudoConfig,
     background_threshold: float | None = None,
     self_only: bool = False,
+    background_channel: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's masks from its cached maps and (cross, self) layer weights.
 
@@ -119,5 +130,6 @@ def masks_from_cache(
     size = (rgb.shape[1], rgb.shape[0])
     cross, selfs = weights
     probs = probs_from_maps(layer_maps, cross, selfs, common_size, size, self_only)  # (C, H, W)
-    raw = probs_to_mask(torch.from_numpy(probs), background_threshold)  # (H, W)
-    return raw.numpy().astype(np.uint8), pseudo_mask(rgb, probs, config, background_threshold)
+    raw = probs_to_mask(torch.from_numpy(probs), background_threshold, background_channel)
+    pseudo = pseudo_mask(rgb, probs, config, background_threshold, background_channel)
+    return raw.numpy().astype(np.uint8), pseudo
