@@ -249,6 +249,22 @@ def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
     return result
 
 
+PREVIEW_MIN_SIDE = 256
+
+
+def _preview_size(image: Any, mask: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Small images are enlarged (nearest, whole factor) so the legend stays readable."""
+    from PIL import Image
+
+    factor = -(-PREVIEW_MIN_SIDE // max(image.size))  # ceil
+    if factor <= 1:
+        return image, mask
+    size = (image.width * factor, image.height * factor)
+    return image.resize(size, Image.Resampling.NEAREST), np.kron(
+        mask, np.ones((factor, factor), mask.dtype)
+    )
+
+
 def _store(options: PseudoLabelOptions, relative: Path, image: Any, result: Any, version: str):
     """Write one image's mask, preview and (last) record."""
     from exporters.png import mask_to_png
@@ -257,7 +273,7 @@ def _store(options: PseudoLabelOptions, relative: Path, image: Any, result: Any,
     if options.preview:
         from exporters.preview import overlay
 
-        picture = overlay(image.convert("RGB"), result.mask, options.labels)
+        picture = overlay(*_preview_size(image.convert("RGB"), result.mask), options.labels)
         data = image_bytes(picture, "JPEG", quality=88)
         atomic_write_bytes(preview_path(options.out_dir, relative), data)
     record = {
