@@ -48,6 +48,13 @@ from .common import labels_options, model_options, parse_labels, progress_bar, s
     "pixels it wins become background (0).  [default: none]",
 )
 @click.option(
+    "--sar/--no-sar",
+    default=True,
+    show_default=True,
+    help="Self-Attention Refinement (the paper's ablation: --no-sar uses the cross-attention "
+    "map alone).",
+)
+@click.option(
     "--crf/--no-crf",
     default=False,
     show_default=True,
@@ -112,6 +119,7 @@ def pseudo_label(
     image_size: int,
     background_threshold: float | None,
     background_prompt: str | None,
+    sar: bool,
     crf: bool,
     formats: tuple[str, ...],
     weights: Path | None,
@@ -163,6 +171,7 @@ def pseudo_label(
         image_size=image_size,
         background_threshold=background_threshold,
         background_prompt=background_prompt,
+        use_sar=sar,
         crf=crf,
         formats=formats,
         weights=weights,

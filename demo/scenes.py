@@ -1,14 +1,15 @@
-"""Synthetic scenes for the demo model: coloured shapes on plain backgrounds, with exact masks.
+"""Synthetic scenes for the demo model: coloured shapes on grey backdrops, with exact masks.
 
 A scene is drawn from ``(seed, index)`` alone, so a training run can ask for scene ``i`` at any
 step (and resume), and the evaluation set is reproduced bit for bit from its seed.
 
 Each scene has 1-3 objects (circle, square, triangle, cross), each in a distinct colour (red,
-green, blue, yellow), on a grey background that is plain or lightly noisy. Objects are flat
-colour with hard edges and do not overlap, so the masks are exact: ``colour_mask`` holds the
-1-based index of the object's colour in :data:`COLOURS` (0 = background), ``shape_mask`` the
-1-based index of its shape in :data:`SHAPES`. The caption names every object, e.g.
-``"a red circle, a blue square and a green cross"``.
+green, blue, yellow), on a grey backdrop that is plain or lightly noisy (or, in the training
+stream only, a smooth multi-coloured texture). Objects are flat colour with hard edges and do
+not overlap, so the masks are exact: ``colour_mask`` holds the 1-based index of the object's
+colour in :data:`COLOURS` (0 = background), ``shape_mask`` the 1-based index of its shape in
+:data:`SHAPES`. The caption names every object and a grey backdrop, e.g.
+``"a red circle, a blue square and a green cross, background"``.
 
 Run ``python -m demo.scenes --out demo/scenes --count 100 --seed 1000`` to write an
 evaluation set (images/, masks/ by colour, shape_masks/, colours.txt, shapes.txt,
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 40),
@@ -34,7 +36,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 # Every word a caption can hold, for the demo model's tokenizer.
-VOCABULARY: tuple[str, ...] = ("a", "and", *COLOUR_NAMES, *SHAPES)
+BACKGROUND_WORD = "background"
+VOCABULARY: tuple[str, ...] = ("a", "and", *COLOUR_NAMES, *SHAPES, BACKGROUND_WORD)
 TRAIN_SEED = 0
 EVAL_SEED = 1000
 
@@ -53,6 +56,11 @@ class SceneConfig:
         noise_std: (low, high) standard deviation of the background noise, in grey levels.
         colour_jitter: an object's colour differs per channel from its named colour by at
             most this much.
+        texture_prob: probability that the backdrop is a smooth multi-coloured texture instead
+            of grey (the training stream uses 0.3, the evaluation set 0). The caption names a
+            grey backdrop with the word "background" and says nothing about a texture, so the
+            word tells the model something and the backdrop's pixels learn to attend to it.
+        texture_cells: the texture is bilinearly upsampled from this many random cells a side.
     """
 
     size: int = 64
@@ -64,6 +72,8 @@ class SceneConfig:
     noise_prob: float = 0.5
     noise_std: tuple[float, float] = (2.0, 8.0)
     colour_jitter: int = 12
+    texture_prob: float = 0.0
+    texture_cells: int = 6
 
     def __post_init__(self) -> None:
         if self.size < 16:
@@ -97,7 +107,8 @@ class Scene:
         colour_mask: (H, W) uint8, 0 = background, k = ``COLOUR_NAMES[k - 1]``.
         shape_mask: (H, W) uint8, 0 = background, k = ``SHAPES[k - 1]``.
         objects: the objects, in the order the caption names them.
-        caption: e.g. ``"a red circle and a blue square"``.
+        caption: e.g. ``"a red circle and a blue square, background"``.
+        textured: the backdrop is a texture (and the caption does not say "background").
     """
 
     image: np.ndarray
@@ -105,6 +116,7 @@ class Scene:
     shape_mask: np.ndarray
     objects: list[SceneObject] = field(default_factory=list)
     caption: str = ""
+    textured: bool = False
 
     @property
     def colours(self) -> list[str]:
@@ -137,12 +149,17 @@ def shape_region(shape: str, size: int, centre: tuple[float, float], radius: flo
     raise KeyError(f"unknown shape {shape!r}; valid shapes: {list(SHAPES)}")
 
 
-def caption_for(objects: Sequence[SceneObject]) -> str:
-    """Name every object: "a red circle", "a red circle and a blue square", "x, y and z"."""
+def caption_for(objects: Sequence[SceneObject], background: bool = True) -> str:
+    """Name every object, then the grey backdrop when there is one.
+
+    "a red circle, background", "a red circle and a blue square, background",
+    "a red circle, a blue square and a green cross" (textured backdrop).
+    """
     names = [f"a {obj.colour} {obj.shape}" for obj in objects]
-    if len(names) <= 1:
-        return "".join(names)
-    return ", ".join(names[:-1]) + " and " + names[-1]
+    text = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    if background:
+        text = f"{text}, {BACKGROUND_WORD}" if text else BACKGROUND_WORD
+    return text
 
 
 def _place(
@@ -172,12 +189,20 @@ def make_scene(seed: int, index: int, config: SceneConfig | None = None) -> Scen
     size = config.size
     rng = np.random.default_rng([seed, index])
 
-    grey = rng.uniform(*config.background)
-    tint = rng.uniform(-config.tint, config.tint, size=3)
-    image = np.broadcast_to(grey + tint, (size, size, 3)).astype(np.float32)  # (H, W, 3)
-    if rng.random() < config.noise_prob:
-        std = rng.uniform(*config.noise_std)
-        image = image + rng.normal(0.0, std, size=(size, size, 3)).astype(np.float32)
+    textured = bool(rng.random() < config.texture_prob)
+    if textured:
+        cells = rng.uniform(0, 255, size=(config.texture_cells, config.texture_cells, 3))
+        texture = Image.fromarray(cells.astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
+        image = np.asarray(texture, dtype=np.float32)  # (H, W, 3)
+    else:
+        grey = rng.uniform(*config.background)
+        tint = rng.uniform(-config.tint, config.tint, size=3)
+        image = np.broadcast_to(grey + tint, (size, size, 3)).astype(np.float32)  # (H, W, 3)
+        if rng.random() < config.noise_prob:
+            std = rng.uniform(*config.noise_std)
+            image = image + rng.normal(0.0, std, size=(size, size, 3)).astype(np.float32)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)  # (H, W, 3)
 
     count = int(rng.integers(config.min_objects, config.max_objects + 1))
@@ -195,7 +220,8 @@ def make_scene(seed: int, index: int, config: SceneConfig | None = None) -> Scen
         colour_mask[region] = colour_index + 1
         shape_mask[region] = shape_index + 1
         objects.append(SceneObject(name, SHAPES[shape_index], centre, radius, rgb))  # type: ignore[arg-type]
-    return Scene(image, colour_mask, shape_mask, objects, caption_for(objects))
+    caption = caption_for(objects, background=not textured)
+    return Scene(image, colour_mask, shape_mask, objects, caption, textured)
 
 
 def make_scenes(
@@ -219,8 +245,6 @@ def write_scene_set(
     ``shape_masks/NAME.png`` (indexed, ids of shapes.txt), ``colours.txt`` and ``shapes.txt``
     (one label a line), ``scenes.jsonl`` (name, caption, objects, one scene a line).
     """
-    from PIL import Image
-
     from exporters.png import mask_to_png
 
     root = Path(root)
@@ -249,8 +273,6 @@ def read_scene_set(
     root: str | Path, masks: str = "masks", labels_file: str = "colours.txt"
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[str]]:
     """Read an evaluation set: (names, RGB images (H, W, 3), id masks (H, W), labels)."""
-    from PIL import Image
-
     from exporters.png import png_to_mask
 
     root = Path(root)

@@ -72,6 +72,7 @@ class PseudoLabelOptions:
     image_size: int = 512
     background_threshold: float | None = None
     background_prompt: str | None = None
+    use_sar: bool = True
     crf: bool = False
     formats: tuple[str, ...] = ("coco", "png")
     weights: Path | None = None
@@ -96,6 +97,7 @@ class PseudoLabelOptions:
             "image_size": self.image_size,
             "background_threshold": self.background_threshold,
             "background_prompt": self.background_prompt,
+            "use_sar": self.use_sar,
             "crf": self.crf,
             "weights_sha256": weights,
             "labels_from_gt": str(self.labels_from_gt) if self.labels_from_gt else None,
@@ -424,6 +426,7 @@ def load_model(options: PseudoLabelOptions, device: str | None) -> Segmenter:
         batch_size=options.batch_size,
         background_threshold=options.background_threshold,
         background_prompt=options.background_prompt,
+        use_sar=options.use_sar,
         map_weights=load_map_weights(options.weights) if options.weights else None,
     )
     return StableSeg.from_pretrained(options.model, device=device, dtype=dtype, config=config)

@@ -423,7 +423,11 @@ class _Run:
         initial = {**plan["cross"]}
         if any(plan["self"].values()):  # SAR on: its layers are weighted too
             initial.update(plan["self"])
-        sampler = PixelSampler(list(initial), tuple(plan["common_size"]), config, len(self.usable))
+        # With a background prompt its map is the last channel, and background pixels are fitted.
+        background = len(self.labels) if self.options.segmenter.background_prompt else None
+        sampler = PixelSampler(
+            list(initial), tuple(plan["common_size"]), config, len(self.usable), background
+        )
         bar = self.bar(len(self.usable), "plusplus: sampling cached maps")
         for item in self.usable:
             maps, _ = maps_from_bytes(self.out("cache", item, ".safetensors").read_bytes())

@@ -93,3 +93,12 @@ def test_pixels_per_image_respects_the_budget() -> None:
     assert pixels_per_image(config, 2) == 1000
     assert pixels_per_image(config, 50) == 100
     assert pixels_per_image(config, 10**6) == 1
+
+
+def test_targets_fit_background_only_when_it_has_a_map() -> None:
+    from labeler.train.mapweights import targets_at
+
+    mask = np.array([[0, 1], [2, 255]], np.uint8)
+    np.testing.assert_array_equal(targets_at(mask, (2, 2)), [[-1, 0], [1, -1]])
+    # A background prompt's map is the channel after the labels' (here 2 labels -> index 2).
+    np.testing.assert_array_equal(targets_at(mask, (2, 2), background_index=2), [[2, 0], [1, -1]])

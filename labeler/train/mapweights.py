@@ -64,14 +64,19 @@ def stack_maps(
     return torch.stack(stacked)  # (L, C, S, S)
 
 
-def targets_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) int64 fitting targets from an (H, W) id mask: label k -> k - 1; 0 and 255 -> -1.
+def targets_at(
+    mask: np.ndarray, size: tuple[int, int], background_index: int | None = None
+) -> np.ndarray:
+    """(S, S) int64 fitting targets from an (H, W) id mask: label k -> k - 1; 255 -> -1.
 
     The attention maps see the image squashed to a square, so the mask is resized (nearest)
-    to the common size the same way. Background (0) has no attention map and is left out.
+    to the common size the same way. Background (0) maps to ``background_index``, the channel
+    of a background prompt, when there is one; otherwise it has no map and is left out (-1).
     """
     small = resize_mask(mask, (size[1], size[0])).astype(np.int64)  # (S, S)
-    return np.where((small == 0) | (small == IGNORE_INDEX), -1, small - 1)
+    background = -1 if background_index is None else background_index
+    targets = np.where(small == 0, background, small - 1)
+    return np.where(small == IGNORE_INDEX, -1, targets)
 
 
 def sample_pixels(
@@ -97,8 +102,10 @@ class PixelSampler:
         common_size: tuple[int, int],
         config: MapFitConfig,
         num_images: int,
+        background_index: int | None = None,
     ) -> None:
         self.names = list(names)
+        self.background_index = background_index
         self.common_size = common_size
         self.count = pixels_per_image(config, num_images)
         self.rng = np.random.default_rng(config.seed)
@@ -107,7 +114,7 @@ class PixelSampler:
 
     def add(self, layer_maps: Mapping[str, np.ndarray], student_mask: np.ndarray) -> None:
         """Sample one image: its cached layer maps and the student's (H, W) predicted ids."""
-        targets = targets_at(student_mask, self.common_size)  # (S, S)
+        targets = targets_at(student_mask, self.common_size, self.background_index)  # (S, S)
         stacked = stack_maps(layer_maps, self.names, self.common_size)  # (L, C, S, S)
         features, labels = sample_pixels(stacked, targets, self.count, self.rng)
         self.features.append(features)  # (n, L, C)
