@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -223,6 +224,7 @@ def build_scheduler() -> Any:
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
         clip_sample=False,
+        steps_offset=1,
     )
 
 
@@ -413,10 +415,13 @@ class Trainer:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        out.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(out, safe_serialization=True)
+        # Written beside ``out`` and swapped in, so a run killed while exporting leaves the
+        # previous export whole.
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pipe.save_pretrained(partial, safe_serialization=True)
         if hasattr(self.tokenizer, "backend_tokenizer"):
-            write_bpe_files(self.tokenizer, out / "tokenizer")
+            write_bpe_files(self.tokenizer, partial / "tokenizer")
         settings = {
             "about": "StableSeg settings recommended for this demo model (see demo/README.md)",
             "segmenter": RECOMMENDED_SEGMENTER,
@@ -426,7 +431,13 @@ class Trainer:
                 "unet_steps_done": self.unet_step,
             },
         }
-        (out / "stableseg.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (partial / "stableseg.json").write_text(json.dumps(settings, indent=2) + "\n")
+        previous = out.with_name(out.name + ".previous")
+        if out.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            out.rename(previous)
+        partial.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
         return out
 
     def probe(self, count: int = 48) -> dict[str, Any]:
