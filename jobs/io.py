@@ -100,6 +100,22 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write_bytes` leaves when a process is killed
+    between creating one and renaming it (``.<name>.<random>.tmp``), anywhere under ``root``.
+
+    Call it only when no writer is active (at the end of a run, after the last barrier): a
+    live writer's temporary file matches too. Returns what was removed.
+    """
+    removed = []
+    for path in sorted(Path(root).rglob(".*.tmp")):
+        if path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

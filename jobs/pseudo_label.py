@@ -39,6 +39,7 @@ from .io import (
     list_images,
     open_image,
     read_jsonl,
+    remove_stale_temporaries,
     write_jsonl,
 )
 
@@ -524,6 +525,7 @@ def run(
         summary.labelled, summary.skipped = total_labelled, all_skipped
         summary.outputs = assemble_exports(options, images)
         summary.outputs["skipped"] = str(options.out_dir / "skipped.jsonl")
+        remove_stale_temporaries(options.out_dir)  # left-overs of a killed run
     dist.barrier()
     dist.close()
     summary.seconds = time.monotonic() - started

@@ -50,6 +50,7 @@ from .io import (
     image_bytes,
     list_images,
     open_image,
+    remove_stale_temporaries,
 )
 from .pseudo_label import quiet_model_loading, stem_path
 
@@ -629,6 +630,8 @@ def run_refine(
             if not run.done(step):
                 run.run_step(step)
         report = run.write_report() if dist.is_main else {}
+        if dist.is_main:  # every process is past its last write: left-overs of a killed run
+            remove_stale_temporaries(work)
         dist.barrier()
         return RefineResult(work, report, is_main=dist.is_main)
     finally:

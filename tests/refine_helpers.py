@@ -92,29 +92,36 @@ def cli_args(images: Path, work: Path, model_dir: Path, epochs: int = 1) -> list
     ]
 
 
-def contents(work: Path) -> dict[str, object]:
-    """Every file under the work dir but the volatile ones, by relative path, as comparable
-    values: arrays of masks, tensors and header of safetensors (whose header key order varies
-    from write to write), parsed JSON, raw bytes otherwise."""
+def contents(work: Path) -> dict[str, str]:
+    """Every file under the work dir but the volatile ones, by relative path, as a short digest
+    of a comparable form: mask pixels for PNG, metadata and tensors for safetensors (whose
+    header key order varies from write to write), parsed JSON, raw bytes otherwise.
+
+    Digests, not the values: a failed ``==`` then names the differing files in a few lines
+    (pytest under ``CI=true`` diffs whole values, which takes hours for model weights).
+    """
     from safetensors.numpy import load
 
-    found: dict[str, object] = {}
+    found: dict[str, str] = {}
     for path in sorted(work.rglob("*")):
         if not path.is_file() or path.name in VOLATILE:
             continue
         data = path.read_bytes()
+        digest = hashlib.sha256()
         if path.suffix == ".png":
             with Image.open(path) as image:
-                value: object = np.array(image).tobytes()
+                pixels = np.array(image)
+            digest.update(repr(pixels.shape).encode() + pixels.tobytes())
         elif path.suffix == ".safetensors":
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-            tensors = {k: v.tobytes() for k, v in load(data).items()}
-            value = (header.get("__metadata__"), tensors)
+            digest.update(json.dumps(header.get("__metadata__"), sort_keys=True).encode())
+            for name, tensor in sorted(load(data).items()):
+                digest.update(name.encode() + repr(tensor.shape).encode() + tensor.tobytes())
         elif path.suffix == ".json":
-            value = json.loads(data)
+            digest.update(json.dumps(json.loads(data), sort_keys=True).encode())
         else:
-            value = hashlib.sha256(data).hexdigest()
-        found[path.relative_to(work).as_posix()] = value
+            digest.update(data)
+        found[path.relative_to(work).as_posix()] = digest.hexdigest()[:16]
     return found
 
 

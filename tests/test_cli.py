@@ -226,6 +226,11 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(tmp_path, tiny_model_d
     proc.wait()
     first = len(list((out / "records").glob("*.json")))
     assert 4 <= first < 40, "the run must be killed part-way"
+    # What a kill between a temporary file's creation and its rename leaves (the window is
+    # the fsync, long on slow disks): the rerun must not count it, and removes it.
+    (out / "records" / ".005.json.k1lled.tmp").write_text('{"partial')
+    (out / "masks").mkdir(exist_ok=True)
+    (out / "masks" / ".005.png.k1lled.tmp").write_bytes(b"\x89PNG")
 
     rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr

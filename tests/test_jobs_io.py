@@ -12,6 +12,7 @@ from jobs.io import (
     list_images,
     open_image,
     read_jsonl,
+    remove_stale_temporaries,
     write_jsonl,
 )
 
@@ -74,6 +75,22 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    keep = ["a.json", "sub/b.png", ".hidden", "c.tmp", "sub/.d.png"]
+    stale = [".a.json.x1y2.tmp", "sub/deeper/.b.png.z9.tmp"]
+    for name in keep + stale:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".folder.tmp").mkdir()  # a folder is not a writer's temporary file
+
+    removed = remove_stale_temporaries(tmp_path)
+
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(stale)
+    left = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == set(keep)
+    assert (tmp_path / ".folder.tmp").is_dir()
 
 
 def test_jsonl_round_trip_and_a_torn_last_line(tmp_path):
