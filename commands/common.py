@@ -36,6 +36,29 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def background_options(outcome: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--background-threshold and --background-prompt; ``outcome`` says what becomes of the
+    background pixels in this command (e.g. "a class the student learns too")."""
+
+    def add(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option(
+            "--background-prompt",
+            default=None,
+            help='A word prompted after the labels as one more class (e.g. "background"); '
+            f"the pixels it wins are background: {outcome}.  [default: none]",
+        )(func)
+        func = click.option(
+            "--background-threshold",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="Pixels whose best label probability is below this are background: "
+            f"{outcome}.  [default: every pixel gets a label]",
+        )(func)
+        return func
+
+    return add
+
+
 def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     """--labels "a,b" or --labels-file (one per line, '#' comments): exactly one of them."""
     if (labels is None) == (labels_file is None):

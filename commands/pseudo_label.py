@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from .common import labels_options, model_options, parse_labels, progress_bar, setup_logging
+from .common import (
+    background_options,
+    labels_options,
+    model_options,
+    parse_labels,
+    progress_bar,
+    setup_logging,
+)
 
 
 @click.command("pseudo-label")
@@ -34,19 +41,7 @@ from .common import labels_options, model_options, parse_labels, progress_bar, s
     type=click.IntRange(min=8),
     help="Side the model sees (512 for SD 1.x/2.x base, 64 for demo/model).",
 )
-@click.option(
-    "--background-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Pixels whose best label probability is below this become background (0). "
-    "[default: every pixel gets a label]",
-)
-@click.option(
-    "--background-prompt",
-    default=None,
-    help='A word prompted after the labels as one more class (e.g. "background"); the '
-    "pixels it wins become background (0).  [default: none]",
-)
+@background_options("0 in the masks")
 @click.option(
     "--sar/--no-sar",
     default=True,

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from .common import labels_options, model_options, parse_labels, setup_logging
+from .common import (
+    background_options,
+    labels_options,
+    model_options,
+    parse_labels,
+    setup_logging,
+)
 
 
 def _stages(value: str) -> tuple[str, ...]:
@@ -48,19 +54,7 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Pseudo-mask pixels whose best (CRF) probability is below this are ignored (255) "
     "in training.  [default: 0.6 with --crf, none without]",
 )
-@click.option(
-    "--background-threshold",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Pixels whose best label probability is below this are background (0), a class the "
-    "student learns too.  [default: every pixel gets a label]",
-)
-@click.option(
-    "--background-prompt",
-    default=None,
-    help='A word prompted after the labels as one more class (e.g. "background"); its pixels '
-    "are background (0), a class the student learns too.  [default: none]",
-)
+@background_options("0, a class the students learn too")
 @click.option("--encoder", default="resnet50", show_default=True, help="smp encoder name.")
 @click.option(
     "--encoder-weights",
@@ -139,7 +133,8 @@ def _stages(value: str) -> tuple[str, ...]:
     "--val-gt",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Ground-truth masks (<relative path>.png, 0 background, k = k-th label, 255 ignore) "
-    "to report mIoU after each stage; never used for training.",
+    "to report mIoU after each stage; never used for training. Given to a rerun of a "
+    "finished run, it scores that run without training anything again.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def refine(

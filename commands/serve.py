@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_MODEL, model_options
+from .common import DEFAULT_MODEL, background_options, model_options
 
 # --dtype of every command -> STABLESEG_DTYPE
 DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -36,17 +36,7 @@ DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"
 )
 @click.option("--image-size", type=click.IntRange(min=8), default=None, help="[default: 512]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 4]")
-@click.option(
-    "--background-threshold",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="Pixels less confident than this stay unlabeled [default: every pixel gets a label].",
-)
-@click.option(
-    "--background-prompt",
-    default=None,
-    help='A word prompted as one more class (e.g. "background"); its pixels stay unlabeled.',
-)
+@background_options("left unlabeled in the predictions")
 @click.option(
     "--weights",
     type=click.Path(exists=True, dir_okay=False),

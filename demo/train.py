@@ -32,7 +32,6 @@ resumed run matches an uninterrupted one. Rerunning with a larger ``--steps`` tr
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from demo.scenes import BACKGROUND_WORD, TRAIN_SEED, VOCABULARY, SceneConfig, make_scenes
+from labeler.testing import tiny_clip_tokenizer
 
 log = logging.getLogger("demo.train")
 
@@ -102,27 +102,9 @@ _DEFAULTS = TrainConfig()
 
 # ---------------------------------------------------------------------- components
 def build_tokenizer(words: tuple[str, ...] = VOCABULARY, context: int = CONTEXT_LENGTH) -> Any:
-    """A CLIP BPE tokenizer in which every word of ``words`` is exactly one token.
-
-    Every byte is in the vocabulary, so any text tokenises (unknown words into several
-    tokens). Merges are added word by word after running BPE with the merges so far, so a
-    word sharing a prefix or a pair with an earlier word still ends as one token.
-    """
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in sorted(ByteLevel.alphabet()):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = _bpe([*word[:-1], word[-1] + "</w>"], merges)
-        while len(pieces) > 1:  # join the leftover pieces left to right with new merges
-            merges.append((pieces[0], pieces[1]))
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context)
+    """A CLIP BPE tokenizer in which every word of ``words`` is exactly one token (any other
+    text tokenises into several)."""
+    return tiny_clip_tokenizer(words, model_max_length=context)
 
 
 def write_bpe_files(tokenizer: Any, folder: Path) -> None:
@@ -135,18 +117,6 @@ def write_bpe_files(tokenizer: Any, folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
-def _bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    """Apply byte-pair merges by rank, as the tokenizer does."""
-    ranks = {pair: rank for rank, pair in enumerate(merges)}
-    while len(pieces) > 1:
-        pairs = enumerate(itertools.pairwise(pieces))
-        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in pairs)
-        if rank == len(ranks):
-            break
-        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
-    return pieces
 
 
 def build_text_encoder(tokenizer: Any, config: TrainConfig) -> torch.nn.Module:

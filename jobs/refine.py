@@ -281,7 +281,7 @@ class _Run:
         record["skipped"] = {
             str(i.path): self.out("cache", i, ".skip").read_text(encoding="utf-8") for i in skipped
         }
-        record["metrics"] = {"stableseg": self.evaluate("stableseg/masks")}
+        self.score("stableseg", record)
         if len(self.usable) < 2:
             raise ValueError(f"only {len(self.usable)} readable image(s) in the pool; need >= 2")
 
@@ -333,9 +333,7 @@ class _Run:
             ignored += int((mask == 255).sum())
             total += mask.size
         record["ignored_fraction"] = ignored / max(total, 1)
-        record["metrics"] = {"pseudo_masks": self.evaluate(f"{stage}/pseudo")}
-        if stage == "plusplus":
-            record["metrics"]["stableseg"] = self.evaluate("plusplus/stableseg")
+        self.score(f"{stage}.pseudo", record)
 
     def step_train(self, stage: str) -> dict[str, Any]:
         import io
@@ -470,9 +468,25 @@ class _Run:
         }
 
     def after_predict(self, stage: str, record: dict[str, Any]) -> None:
-        record["metrics"] = {"student": self.evaluate(f"{stage}/pred")}
+        self.score(f"{stage}.predict", record)
 
     # -- evaluation
+    def score(self, step: str, record: dict[str, Any]) -> None:
+        """Set the step record's mIoU against --val-gt (None without it) for each of its masks."""
+        record["metrics"] = {name: self.evaluate(folder) for name, folder in _scored(step).items()}
+        record["val_gt"] = None if self.options.val_gt is None else str(self.options.val_gt)
+
+    def rescore(self) -> None:
+        """Score the finished steps that ran without this --val-gt; rewrite state and report."""
+        steps = _unscored(self.state, self.options.val_gt)
+        if not steps or not self.dist.is_main:
+            return
+        for step in steps:
+            log.info("scoring %s against %s", step, self.options.val_gt)
+            self.score(step, self.state["steps"][step])
+        atomic_write_json(self.work / "state.json", self.state)
+        self.write_report()
+
     def evaluate(self, folder: str) -> dict[str, Any] | None:
         """mIoU of the masks in W/<folder> against --val-gt (None without it)."""
         from labeler.train.report import MaskScore
@@ -533,6 +547,30 @@ class _Run:
         atomic_write_json(self.work / "report.json", report, indent=2)
         atomic_write_bytes(self.work / "report.png", render_report_png(report))
         return report
+
+
+def _scored(step: str) -> dict[str, str]:
+    """The masks a step's record scores against --val-gt: metric name -> folder in W."""
+    stage, _, part = step.partition(".")
+    if step == "stableseg":
+        return {"stableseg": "stableseg/masks"}
+    if part == "pseudo":
+        extra = {"stableseg": "plusplus/stableseg"} if stage == "plusplus" else {}
+        return {"pseudo_masks": f"{stage}/pseudo", **extra}
+    if part == "predict":
+        return {"student": f"{stage}/pred"}
+    return {}
+
+
+def _unscored(state: dict[str, Any], val_gt: str | os.PathLike[str] | None) -> list[str]:
+    """Finished steps without metrics against ``val_gt`` (given after they ran)."""
+    if val_gt is None:
+        return []
+    return [
+        step
+        for step, record in state["steps"].items()
+        if _scored(step) and record.get("val_gt") != str(val_gt)
+    ]
 
 
 def _check_encoder(options: RefineOptions, dist: Distributed) -> None:
@@ -611,7 +649,8 @@ def run_refine(
     record = _check_work_dir(work, options, pool)
     state = _read_json(work / "state.json", {"steps": {}})
     wanted = options.steps()
-    if all(s in state["steps"] for s in wanted) and (work / "report.json").exists():
+    finished = all(s in state["steps"] for s in wanted) and (work / "report.json").exists()
+    if finished and not _unscored(state, options.val_gt):
         return RefineResult(work, _read_json(work / "report.json"), already_done=True)
     needs_plus = "plusplus" in options.stages and "plus" not in options.stages
     if needs_plus and "plus.predict" not in state["steps"]:
@@ -624,6 +663,9 @@ def run_refine(
             atomic_write_json(work / "run.json", record, indent=2)
         dist.barrier()
         run = _Run(pool, work, options, dist, on_event)
+        run.rescore()  # --val-gt given to a rerun: score what already ran
+        dist.barrier()
+        run.state = _read_json(work / "state.json", {"steps": {}})
         if any(s.endswith(".train") and not run.done(s) for s in wanted):
             _check_encoder(options, dist)  # fail before hours of stage 1, not after
         for step in wanted:
@@ -633,7 +675,7 @@ def run_refine(
         if dist.is_main:  # every process is past its last write: left-overs of a killed run
             remove_stale_temporaries(work)
         dist.barrier()
-        return RefineResult(work, report, is_main=dist.is_main)
+        return RefineResult(work, report, already_done=finished, is_main=dist.is_main)
     finally:
         if created:
             import torch.distributed

@@ -6,6 +6,7 @@ set runs on a CPU in milliseconds; the SD-1.5-shaped set has the real model's co
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,29 +45,41 @@ DEFAULT_WORDS = [
 
 
 def tiny_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 77) -> Any:
-    """A CLIP BPE tokenizer over a small vocabulary.
+    """A CLIP BPE tokenizer over a small vocabulary in which each word of ``words`` is exactly
+    one token.
 
-    Every byte is in the vocabulary, so any text tokenises; each word in ``words`` is one token,
-    other words split into several (useful for multi-token labels).
+    Every byte is in the vocabulary, so any text tokenises; other words split into several
+    tokens (useful for multi-token labels). Merges are added word by word after running BPE
+    with the merges so far, so a word that shares a prefix or a pair with an earlier word
+    still ends as one token.
     """
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
     for char in sorted(ByteLevel.alphabet()):
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
     for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merged = current + piece
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((current, piece))
-            current = merged
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], merges)
+        while len(pieces) > 1:  # join the leftover pieces left to right with new merges
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _bpe(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Apply byte-pair merges by rank, as the tokenizer does."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = enumerate(itertools.pairwise(pieces))
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
 
 
 def tiny_components(

@@ -1,7 +1,7 @@
 import pytest
 
 from labeler.prompts import build_prompts, validate_labels
-from labeler.testing import tiny_clip_tokenizer
+from labeler.testing import DEFAULT_WORDS, tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,10 @@ def test_label_longer_than_any_prompt_is_an_error():
 def test_invalid_label_lists(labels, message):
     with pytest.raises(ValueError, match=message):
         validate_labels(labels)
+
+
+def test_the_tiny_tokenizer_makes_each_listed_word_one_token(tokenizer):
+    # Words sharing merges with earlier ones ("triangle", "cross") once split into pieces.
+    split = {w: tokenizer.tokenize(w) for w in DEFAULT_WORDS if len(tokenizer.tokenize(w)) != 1}
+    assert split == {}
+    assert len(tokenizer.tokenize("zebra")) > 1  # other words still tokenise, in pieces

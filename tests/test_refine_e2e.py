@@ -193,6 +193,26 @@ def test_stage_one_alone(tmp_path, tiny_model_dir) -> None:
         run_refine(images, tmp_path / "W", fast_options(tiny_model_dir, stages=("plusplus",)))
 
 
+def test_val_gt_given_to_a_finished_run_scores_it_without_rerunning(tmp_path, tiny_model_dir):
+    images, truth = make_pool(tmp_path, count=4, seed=3)
+    options = fast_options(tiny_model_dir, stages=("plus",))
+    first = run_refine(images, tmp_path / "W", options)
+    assert first.report["mIoU"]["plus"] is None
+
+    events: list[str] = []
+    scored = run_refine(images, tmp_path / "W", replace(options, val_gt=truth), events.append)
+    assert scored.already_done and events == []  # nothing ran again
+    stages = scored.report["stages"]
+    assert stages["stableseg"]["metrics"]["images"] == 4
+    assert stages["plus"]["pseudo"]["metrics"]["pseudo_masks"]["images"] == 4
+    for name in ("stableseg", "plus"):
+        assert 0 <= scored.report["mIoU"][name] <= 100
+    assert json.loads((tmp_path / "W" / "report.json").read_text()) == scored.report
+
+    again = run_refine(images, tmp_path / "W", replace(options, val_gt=truth))
+    assert again.already_done and again.report == scored.report
+
+
 def test_pseudo_label_uses_the_refine_outputs(finished, tiny_model_dir, tmp_path) -> None:
     """`pseudo-label --student` labels like the student; `--weights` loads the learned weights."""
     from .test_cli import read_mask, run_cli
