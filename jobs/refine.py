@@ -23,7 +23,6 @@ the processes, training runs DistributedDataParallel, and process 0 writes the s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from labeler.train.config import DTYPES, STAGES, RefineOptions
 
@@ -47,16 +45,23 @@ from .io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    image_bytes,
-    list_images,
     open_image,
     remove_stale_temporaries,
 )
-from .pseudo_label import quiet_model_loading, stem_path
+from .pseudo_label import quiet_model_loading
+from .refine_files import (
+    PoolItem,
+    RefineMismatchError,
+    check_work_dir,
+    load_pair,
+    load_rgb,
+    pool_from_folder,
+    read_json,
+    read_mask,
+    write_mask,
+)
 
 log = logging.getLogger(__name__)
-
-RUN_FORMAT = "stableseg-refine/1"
 
 
 __all__ = [
@@ -67,35 +72,6 @@ __all__ = [
     "pool_from_folder",
     "run_refine",
 ]
-
-
-class RefineMismatchError(ValueError):
-    """The work dir holds a run with other settings or another pool."""
-
-
-@dataclass(frozen=True)
-class PoolItem:
-    """One pool image: ``key`` names its outputs (``a/b`` for ``a/b.jpg``)."""
-
-    key: str
-    path: Path
-
-
-def pool_from_folder(images_dir: str | os.PathLike[str]) -> list[PoolItem]:
-    """Every image under the folder; keys are relative paths without the extension."""
-    root = Path(images_dir)
-    items: dict[str, PoolItem] = {}
-    for relative in list_images(root):
-        key = str(stem_path(relative))
-        if key in items:
-            raise ValueError(
-                f"{relative.as_posix()} and {items[key].path.relative_to(root).as_posix()} would "
-                f"share the output name {key}.png; rename one of them"
-            )
-        items[key] = PoolItem(key, root / relative)
-    if not items:
-        raise ValueError(f"no images under {root} (extensions: jpg, jpeg, png, bmp, webp, tif)")
-    return list(items.values())
 
 
 @dataclass
@@ -116,37 +92,6 @@ class RefineResult:
     def weights_path(self) -> Path | None:
         path = self.work_dir / "plusplus" / "weights.safetensors"
         return path if path.exists() else None
-
-
-# ---------------------------------------------------------------------------- small helpers
-def _read_mask(path: Path) -> np.ndarray:
-    from exporters.png import png_to_mask
-
-    with Image.open(path) as image:
-        return png_to_mask(image)
-
-
-def _write_mask(path: Path, mask: np.ndarray) -> None:
-    from exporters.png import mask_to_png
-
-    atomic_write_bytes(path, image_bytes(mask_to_png(mask)))
-
-
-def _load_rgb(path: Path, max_side: int) -> np.ndarray:
-    """(H, W, 3) uint8 at the working size (longer side at most ``max_side``)."""
-    from labeler.images import to_rgb_array
-    from labeler.train.data import resize_rgb, work_size
-
-    rgb = to_rgb_array(open_image(path))
-    return resize_rgb(rgb, work_size(rgb.shape[1], rgb.shape[0], max_side))
-
-
-def _load_pair(path: Path, mask_path: Path, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-    return _load_rgb(path, max_side), _read_mask(mask_path)
-
-
-def _read_json(path: Path, default: Any = None) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
 
 
 def _setup_distributed(device: str | None) -> tuple[Distributed, bool]:
@@ -190,7 +135,7 @@ class _Run:
         if device.type == "cuda" and device.index is None:  # DDP wants the index
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.state: dict[str, Any] = _read_json(work_dir / "state.json", {"steps": {}})
+        self.state: dict[str, Any] = read_json(work_dir / "state.json", {"steps": {}})
 
     # -- paths and bookkeeping
     def out(self, folder: str, item: PoolItem, suffix: str = ".png") -> Path:
@@ -216,7 +161,7 @@ class _Run:
         return step in self.state["steps"]
 
     def plan(self) -> dict[str, Any]:
-        plan = _read_json(self.work / "plan.json")
+        plan = read_json(self.work / "plan.json")
         if plan is None:
             raise RuntimeError(f"{self.work}/plan.json is missing; delete the work dir and rerun")
         return plan
@@ -268,7 +213,7 @@ class _Run:
                 assert segmenter is not None
                 results = segmenter.iter_segment(images, self.labels, return_layer_maps=True)
                 for item, image, result in zip(good, images, results, strict=True):
-                    _write_mask(self.out("stableseg/masks", item), result.mask)
+                    write_mask(self.out("stableseg/masks", item), result.mask)
                     data = maps_to_bytes(result.layer_maps or {}, self.labels, image.size)
                     atomic_write_bytes(self.out("cache", item, ".safetensors"), data)
             bar.update(len(todo[start : start + chunk_size]))
@@ -308,7 +253,7 @@ class _Run:
         bar = self.bar(len(todo), f"{stage}: {'CRF ' * self.options.pseudo.crf}pseudo-masks")
         for item in todo:
             maps, _ = maps_from_bytes(self.out("cache", item, ".safetensors").read_bytes())
-            rgb = _load_rgb(item.path, self.options.pseudo.max_side)
+            rgb = load_rgb(item.path, self.options.pseudo.max_side)
             raw, mask = masks_from_cache(
                 maps,
                 rgb,
@@ -320,8 +265,8 @@ class _Run:
                 background_channel=self.options.segmenter.background_prompt is not None,
             )
             if stage == "plusplus":
-                _write_mask(self.out("plusplus/stableseg", item), raw)
-            _write_mask(self.out(f"{stage}/pseudo", item), mask)
+                write_mask(self.out("plusplus/stableseg", item), raw)
+            write_mask(self.out(f"{stage}/pseudo", item), mask)
             bar.update(1)
         bar.close()
         return {}
@@ -329,7 +274,7 @@ class _Run:
     def after_pseudo(self, stage: str, record: dict[str, Any]) -> None:
         ignored = total = 0
         for item in self.usable:
-            mask = _read_mask(self.out(f"{stage}/pseudo", item))
+            mask = read_mask(self.out(f"{stage}/pseudo", item))
             ignored += int((mask == 255).sum())
             total += mask.size
         record["ignored_fraction"] = ignored / max(total, 1)
@@ -349,7 +294,7 @@ class _Run:
         resume = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else None
         max_side = self.options.pseudo.max_side
         sources = [
-            partial(_load_pair, item.path, self.out(f"{stage}/pseudo", item), max_side)
+            partial(load_pair, item.path, self.out(f"{stage}/pseudo", item), max_side)
             for item in self.usable
         ]
         dataset = PseudoMaskDataset(
@@ -403,10 +348,10 @@ class _Run:
         todo = [i for i in self.mine(self.usable) if not self.out(f"{stage}/pred", i).exists()]
         bar = self.bar(len(todo), f"{stage}: student predictions")
         for item in todo:
-            rgb = _load_rgb(item.path, self.options.pseudo.max_side)
+            rgb = load_rgb(item.path, self.options.pseudo.max_side)
             logits = predict_logits(student.model, rgb, student.image_size, self.device)
             mask = logits_to_mask(logits, student.background).cpu().numpy().astype(np.uint8)
-            _write_mask(self.out(f"{stage}/pred", item), mask)
+            write_mask(self.out(f"{stage}/pred", item), mask)
             bar.update(1)
         bar.close()
         return {}
@@ -430,7 +375,7 @@ class _Run:
         bar = self.bar(len(self.usable), "plusplus: sampling cached maps")
         for item in self.usable:
             maps, _ = maps_from_bytes(self.out("cache", item, ".safetensors").read_bytes())
-            sampler.add(maps, _read_mask(self.out("plus/pred", item)))
+            sampler.add(maps, read_mask(self.out("plus/pred", item)))
             bar.update(1)
         bar.close()
         features, labels = sampler.samples()
@@ -498,7 +443,7 @@ class _Run:
             gt_path = Path(self.options.val_gt) / f"{item.key}.png"
             if gt_path.exists():
                 try:
-                    score.add(_read_mask(self.out(folder, item)), _read_mask(gt_path))
+                    score.add(read_mask(self.out(folder, item)), read_mask(gt_path))
                 except ValueError as err:
                     raise ValueError(f"--val-gt {gt_path}: {err}") from None
         return score.summary()
@@ -530,7 +475,7 @@ class _Run:
                 checkpoint.unlink()
             self.write_report()
         self.dist.barrier()
-        self.state = _read_json(self.work / "state.json", {"steps": {}})
+        self.state = read_json(self.work / "state.json", {"steps": {}})
         self.on_event(f"{step}.done")
 
     def write_report(self) -> dict[str, Any]:
@@ -588,33 +533,6 @@ def _check_encoder(options: RefineOptions, dist: Distributed) -> None:
         build_student(config.encoder, config.encoder_weights, len(options.labels))
 
 
-def _check_work_dir(work_dir: Path, options: RefineOptions, pool: list[PoolItem]) -> dict:
-    """Compare with W/run.json (raises RefineMismatchError); returns what to write."""
-    record = {
-        "format": RUN_FORMAT,
-        "settings": options.settings(),
-        "pool": {item.key: str(item.path) for item in pool},
-    }
-    previous = _read_json(work_dir / "run.json")
-    if previous is not None:
-        changed = [
-            k for k in record["settings"] if previous["settings"].get(k) != record["settings"][k]
-        ]
-        if changed:
-            raise RefineMismatchError(
-                f"{work_dir} holds a refine run with other settings ({', '.join(changed)}); "
-                "use another --work-dir, or delete it to start again"
-            )
-        if set(previous["pool"]) != set(record["pool"]):
-            added = len(set(record["pool"]) - set(previous["pool"]))
-            removed = len(set(previous["pool"]) - set(record["pool"]))
-            raise RefineMismatchError(
-                f"the image pool changed since {work_dir} was started ({added} added, {removed} "
-                "removed); use another --work-dir"
-            )
-    return record
-
-
 def run_refine(
     images: str | os.PathLike[str] | Sequence[PoolItem],
     work_dir: str | os.PathLike[str],
@@ -646,12 +564,12 @@ def run_refine(
             f"--val-gt {options.val_gt} has no mask for any pool image (expected "
             f"<val-gt>/<relative path without extension>.png, e.g. {pool[0].key}.png)"
         )
-    record = _check_work_dir(work, options, pool)
-    state = _read_json(work / "state.json", {"steps": {}})
+    record = check_work_dir(work, options, pool)
+    state = read_json(work / "state.json", {"steps": {}})
     wanted = options.steps()
     finished = all(s in state["steps"] for s in wanted) and (work / "report.json").exists()
     if finished and not _unscored(state, options.val_gt):
-        return RefineResult(work, _read_json(work / "report.json"), already_done=True)
+        return RefineResult(work, read_json(work / "report.json"), already_done=True)
     needs_plus = "plusplus" in options.stages and "plus" not in options.stages
     if needs_plus and "plus.predict" not in state["steps"]:
         raise ValueError("stage plusplus needs the StableSeg+ predictions: add stage plus")
@@ -665,7 +583,7 @@ def run_refine(
         run = _Run(pool, work, options, dist, on_event)
         run.rescore()  # --val-gt given to a rerun: score what already ran
         dist.barrier()
-        run.state = _read_json(work / "state.json", {"steps": {}})
+        run.state = read_json(work / "state.json", {"steps": {}})
         if any(s.endswith(".train") and not run.done(s) for s in wanted):
             _check_encoder(options, dist)  # fail before hours of stage 1, not after
         for step in wanted:
