@@ -173,11 +173,12 @@ class _Run:
         from labeler import StableSeg
         from labeler.train.cache import maps_to_bytes
 
+        # Images skipped by an earlier, unfinished attempt are tried again (the file may have
+        # been fixed, or the read failed for a passing reason); once the step is done, final.
         todo = [
             item
             for item in self.mine(self.pool)
             if not self.out("cache", item, ".safetensors").exists()
-            and not self.out("cache", item, ".skip").exists()
         ]
         segmenter = None
         if todo or (self.dist.is_main and not (self.work / "plan.json").exists()):
@@ -216,6 +217,7 @@ class _Run:
                     write_mask(self.out("stableseg/masks", item), result.mask)
                     data = maps_to_bytes(result.layer_maps or {}, self.labels, image.size)
                     atomic_write_bytes(self.out("cache", item, ".safetensors"), data)
+                    self.out("cache", item, ".skip").unlink(missing_ok=True)
             bar.update(len(todo[start : start + chunk_size]))
         bar.close()
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -191,6 +192,31 @@ def test_stage_one_alone(tmp_path, tiny_model_dir) -> None:
     assert not (tmp_path / "W" / "plus").exists()
     with pytest.raises(ValueError, match="needs the StableSeg\\+ predictions"):
         run_refine(images, tmp_path / "W", fast_options(tiny_model_dir, stages=("plusplus",)))
+
+
+def test_unreadable_images_are_reported_and_retried_until_stage_one_is_done(
+    tmp_path, tiny_model_dir
+) -> None:
+    images, _ = make_pool(tmp_path, count=3, seed=4)
+    (images / "broken.png").write_bytes(b"")
+    options = fast_options(tiny_model_dir, stages=("stableseg",))
+    first = run_refine(images, tmp_path / "W", options)
+    skipped = first.report["stages"]["stableseg"]["skipped"]
+    broken = str(images / "broken.png")
+    assert list(skipped) == [broken] and skipped[broken]
+    assert first.report["stages"]["stableseg"]["images"] == 3
+
+    # As if the run had been killed before stage 1 was recorded, and the file fixed meanwhile.
+    state_file = tmp_path / "W" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["steps"]["stableseg"]
+    state_file.write_text(json.dumps(state))
+    shutil.copy(images / "scene00.png", images / "broken.png")
+    second = run_refine(images, tmp_path / "W", options)
+    assert second.report["stages"]["stableseg"]["skipped"] == {}
+    assert second.report["stages"]["stableseg"]["images"] == 4
+    assert (tmp_path / "W" / "cache" / "broken.safetensors").exists()
+    assert not (tmp_path / "W" / "cache" / "broken.skip").exists()
 
 
 def test_val_gt_given_to_a_finished_run_scores_it_without_rerunning(tmp_path, tiny_model_dir):
