@@ -38,6 +38,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +448,8 @@ def run(
     deadline = time.time() + time_limit if time_limit else None
     from tqdm.auto import tqdm
 
+    new_bar = partial(tqdm, disable=not progress, mininterval=10)
+
     trainer = Trainer(config)
     if state_path.exists():
         trainer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
@@ -458,13 +461,7 @@ def run(
         )
 
     if trainer.vae_step < config.vae_steps:
-        bar = tqdm(
-            total=config.vae_steps,
-            initial=trainer.vae_step,
-            desc="vae",
-            disable=not progress,
-            mininterval=10,
-        )
+        bar = new_bar(total=config.vae_steps, initial=trainer.vae_step, desc="vae")
         while trainer.vae_step < config.vae_steps:
             loss = trainer.vae_train_step()
             bar.update(1)
@@ -476,13 +473,7 @@ def run(
                 trainer.save_state(state_path)
         bar.close()
 
-    bar = tqdm(
-        total=config.steps,
-        initial=trainer.unet_step,
-        desc="unet",
-        disable=not progress,
-        mininterval=10,
-    )
+    bar = new_bar(total=config.steps, initial=trainer.unet_step, desc="unet")
     started, losses = time.time(), []
     while trainer.unet_step < config.steps:
         losses.append(trainer.unet_train_step())

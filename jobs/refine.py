@@ -583,9 +583,7 @@ def run_refine(
             atomic_write_json(work / "run.json", record, indent=2)
         dist.barrier()
         run = _Run(pool, work, options, dist, on_event)
-        run.rescore()  # --val-gt given to a rerun: score what already ran
-        dist.barrier()
-        run.state = read_json(work / "state.json", {"steps": {}})
+        run.rescore()  # --val-gt given to a rerun: score what already ran (process 0 only)
         if any(s.endswith(".train") and not run.done(s) for s in wanted):
             _check_encoder(options, dist)  # fail before hours of stage 1, not after
         for step in wanted:
