@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -160,6 +161,11 @@ def label_studio(
     env = {
         **os.environ,
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        # Label Studio signs JWTs with SECRET_KEY. Left unset, each of its starting processes
+        # may generate and append its own key to DATA_DIR/.env (a race seen on 2 cores): the
+        # server then holds one key and the token-minting shell reads the other, and every
+        # personal access token is "invalid". One key for all of them removes the race.
+        "SECRET_KEY": secrets.token_urlsafe(50),
         "ML_BLOCK_LOCAL_IP": "false",
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
