@@ -17,7 +17,8 @@ from .attention import AttentionStore, LayerInfo, record_attention, unet_attenti
 from .config import SegmenterConfig
 from .images import to_model_input, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
-from .refine import (
+from .result import SegmentationResult
+from .sar import (
     class_maps_from_tokens,
     normalise,
     probs_to_mask,
@@ -25,7 +26,6 @@ from .refine import (
     self_attention_class_probs,
     weighted_sum,
 )
-from .result import SegmentationResult
 
 
 def default_device() -> torch.device:

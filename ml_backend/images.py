@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from PIL import Image
 
-from jobs.io import ImageError, open_image
+from labeler.jobs.io import ImageError, open_image
 
 from .settings import BackendSettings
 

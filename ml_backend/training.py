@@ -2,9 +2,9 @@
 
 label-studio-ml 1.0.9 does not route ``START_TRAINING`` to ``fit``; the server's webhook view
 (and the older ``/train`` call) come here instead. A run goes in the background, one at a time
-per project (:mod:`jobs.refine_background`). The older ``/train`` call carries the tasks; the
-``START_TRAINING`` webhook does not, so the run first lists the project's tasks through the
-Label Studio API. Images load exactly as ``/predict`` loads them.
+per project (:mod:`labeler.jobs.refine_background`). The older ``/train`` call carries the
+tasks; the ``START_TRAINING`` webhook does not, so the run first lists the project's tasks
+through the Label Studio API. Images load exactly as ``/predict`` loads them.
 
 When a run has finished, that project's next ``/predict`` uses its learned attention-map
 weights, which gives a new ``model_version``; after a restart the newest finished run on disk
@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jobs.io import ImageError
+from labeler.jobs.io import ImageError
 
 from .config import BrushTarget
 from .images import ImageLoader, download
@@ -37,7 +37,7 @@ def work_root(settings: BackendSettings) -> Path:
 
 def is_training(project_id: str) -> bool:
     """Whether a refine run of this project is in progress in this process."""
-    from jobs.refine_background import get_background_refine
+    from labeler.jobs.refine_background import get_background_refine
 
     handle = get_background_refine(project_id)
     return handle is not None and handle.is_running()
@@ -50,7 +50,7 @@ def project_settings(settings: BackendSettings, project_id: str | None) -> Backe
     """
     if not project_id or settings.weights:
         return settings
-    from jobs.refine_background import get_background_refine, latest_refine_weights
+    from labeler.jobs.refine_background import get_background_refine, latest_refine_weights
 
     handle = get_background_refine(project_id)
     path = handle.weights_path if handle is not None else None
@@ -117,8 +117,8 @@ def _images(
 
 def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
     """RefineOptions from the backend's settings (no progress bars in a server)."""
-    from jobs.refine import RefineOptions
     from labeler import SegmenterConfig
+    from labeler.jobs.refine import RefineOptions
     from labeler.train.config import StudentConfig
 
     segmenter = SegmenterConfig(
@@ -151,7 +151,7 @@ def start_training(
     loader: ImageLoader,
 ) -> dict[str, Any]:
     """Start a refine run for the project unless one is running; returns a status for the reply."""
-    from jobs.refine_background import start_background_refine
+    from labeler.jobs.refine_background import start_background_refine
 
     logger.info("START_TRAINING for project %s (%d tasks given)", project_id, len(tasks))
     if is_training(project_id):

@@ -44,8 +44,8 @@ def fast_options(model_dir: Path, **changes):
     """RefineOptions for the tiny model: resnet18, no ImageNet, 64 px, one epoch, no bars."""
     from dataclasses import replace
 
-    from jobs.refine import RefineOptions
     from labeler import SegmenterConfig
+    from labeler.jobs.refine import RefineOptions
     from labeler.train.config import MapFitConfig, StudentConfig
 
     options = RefineOptions(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.io import (
+from labeler.jobs.io import (
     ImageError,
     atomic_write_json,
     list_images,

@@ -26,8 +26,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from exporters import brush_results, decode_brush_result, image_url, prediction
-from jobs.io import ImageError, open_image
 from labeler import StableSeg
+from labeler.jobs.io import ImageError, open_image
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.config import LabelConfigError, parse_label_config
@@ -63,7 +63,7 @@ LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _png(height: int, width: int, seed: int) -> bytes:
-    from jobs.io import image_bytes
+    from labeler.jobs.io import image_bytes
 
     rng = np.random.default_rng(seed)
     return image_bytes(Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)))
@@ -624,7 +624,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     """The older /train call with tasks: a real refine run (tiny model, resnet18, one epoch)."""
     from dataclasses import replace
 
-    from jobs.refine_background import get_background_refine
+    from labeler.jobs.refine_background import get_background_refine
 
     refine = replace(
         settings,
@@ -674,7 +674,7 @@ def test_versions_answers_get_and_post(client, settings):
 
 
 def test_serve_help_and_option_errors():
-    from commands.serve import serve
+    from labeler.commands.serve import serve
 
     runner = CliRunner()
     result = runner.invoke(serve, ["--help"])

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.refine_background import (
+from labeler import load_map_weights
+from labeler.jobs.refine_background import (
     get_background_refine,
     latest_refine_weights,
     start_background_refine,
 )
-from labeler import load_map_weights
 
 from .refine_helpers import LABELS, fast_options, make_pool, one_thread  # noqa: F401
 

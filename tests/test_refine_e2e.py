@@ -15,8 +15,8 @@ from PIL import Image
 
 from cli import main
 from exporters.png import png_to_mask
-from jobs.refine import RefineMismatchError, run_refine
 from labeler import SegmenterConfig, StableSeg, load_map_weights
+from labeler.jobs.refine import RefineMismatchError, run_refine
 from labeler.train.cache import maps_from_bytes
 from labeler.train.student import load_student, student_segment
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..crf import dense_crf
-from ..refine import normalise, probs_to_mask, weighted_sum
+from ..sar import normalise, probs_to_mask, weighted_sum
 from .config import PseudoConfig
 from .data import IGNORE_INDEX
 

@@ -144,7 +144,7 @@ def _short(layer: str) -> str:
 
 
 def render_report_png(report: Mapping[str, Any]) -> bytes:
-    """A three-panel PNG of a report dict (see ``jobs.refine``'s report.json schema).
+    """A three-panel PNG of a report dict (see ``labeler.jobs.refine``'s report.json schema).
 
     Panels: the students' training loss per step, the StableSeg++ fitting loss per step,
     and the learned against the uniform weight of every attention layer.

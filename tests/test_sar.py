@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from labeler.attention import AttentionStore, LayerInfo, RecordingAttnProcessor
-from labeler.refine import class_maps_from_tokens, self_attention_class_probs
+from labeler.sar import class_maps_from_tokens, self_attention_class_probs
 
 
 def _heads(x: torch.Tensor, heads: int) -> np.ndarray:

@@ -46,8 +46,8 @@ def evaluate(
     For the paper's prompt protocol (each image prompted with only the labels
     in its ground truth), label with `pseudo-label --labels-from-gt GT_DIR`.
     """
-    from jobs.evaluate import evaluate_folders, format_table
-    from jobs.io import atomic_write_json
+    from labeler.jobs.evaluate import evaluate_folders, format_table
+    from labeler.jobs.io import atomic_write_json
 
     names = parse_labels(labels, labels_file)
     try:

@@ -185,8 +185,8 @@ def refine(
     names = parse_labels(labels, labels_file)
     chosen = _stages(stages)
     setup_logging(verbose)
-    from jobs.refine import RefineMismatchError, RefineOptions, run_refine
     from labeler.config import SegmenterConfig
+    from labeler.jobs.refine import RefineMismatchError, RefineOptions, run_refine
     from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
     from labeler.train.model import EncoderWeightsUnavailable
 

@@ -146,7 +146,7 @@ def pseudo_label(
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
-    from jobs.pseudo_label import PseudoLabelOptions, RunMismatchError, run
+    from labeler.jobs.pseudo_label import PseudoLabelOptions, RunMismatchError, run
 
     setup_logging(verbose)
     names = parse_labels(labels, labels_file)

@@ -147,8 +147,6 @@ def _exec_gunicorn(
     does not survive a fork); on a CPU the model loads once before forking (``--preload``)."""
     import os
     import sys
-    from pathlib import Path
-
     preload = not _uses_cuda(device)
     env["STABLESEG_WARM_UP"] = "sync" if preload else "background"
     args = [
@@ -165,8 +163,6 @@ def _exec_gunicorn(
         str(threads),
         "--timeout",
         "600",
-        "--chdir",
-        str(Path(__file__).resolve().parent.parent),
         "--log-level",
         env["LOG_LEVEL"].lower(),
         "--access-logfile",
