@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import SegmenterConfig
-    from .result import BACKGROUND, IGNORE, SegmentationResult
+    from .result import BACKGROUND, IGNORE, MAX_LABELS, SegmentationResult
     from .segmenter import StableSeg
     from .weights import load_map_weights
 
 _EXPORTS = {
     "BACKGROUND": ".result",
     "IGNORE": ".result",
+    "MAX_LABELS": ".result",
     "SegmentationResult": ".result",
     "SegmenterConfig": ".config",
     "StableSeg": ".segmenter",
@@ -27,6 +28,7 @@ _EXPORTS = {
 __all__ = [
     "BACKGROUND",
     "IGNORE",
+    "MAX_LABELS",
     "SegmentationResult",
     "SegmenterConfig",
     "StableSeg",

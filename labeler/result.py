@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BACKGROUND = 0
+"""Mask id of background / unlabeled pixels."""
 IGNORE = 255
+"""Mask id of pixels left out of training and scoring."""
+MAX_LABELS = 254
+"""Labels that fit an 8-bit mask: ids 1..254 (0 is background, 255 ignore)."""
 
 
 @dataclass
