@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+from .labels import validate_labels
+
+__all__ = ["PromptBatch", "build_prompts", "validate_labels"]
+
 
 @dataclass(frozen=True)
 class PromptBatch:
@@ -39,27 +43,6 @@ class PromptBatch:
         return int(self.input_ids.shape[0])
 
 
-def validate_labels(labels: Sequence[str]) -> list[str]:
-    """Check a label list: non-empty, no blank or duplicate names. Returns it as a list."""
-    if isinstance(labels, str):
-        raise ValueError(f"labels must be a list of names, got the string {labels!r}")
-    labels = list(labels)
-    if not labels:
-        raise ValueError("labels is empty: give at least one label name")
-    seen: dict[str, int] = {}
-    for i, label in enumerate(labels):
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"label {i + 1} is blank or not a string: {label!r}")
-        key = label.strip().lower()
-        if key in seen:
-            raise ValueError(
-                f"duplicate label {label!r} (positions {seen[key] + 1} and {i + 1}); "
-                "every label must be unique"
-            )
-        seen[key] = i
-    return labels
-
-
 def _ids(tokenizer: Any, text: str) -> list[int]:
     if not text:
         return []
@@ -77,7 +60,7 @@ def build_prompts(
     Raises:
         ValueError: for an invalid label list, or a single label too long for any prompt.
     """
-    labels = validate_labels(labels)
+    labels = validate_labels(labels, max_labels=None)
     prefix, suffix = template.split("{}")
     prefix_ids, suffix_ids = _ids(tokenizer, prefix.rstrip()), _ids(tokenizer, suffix.lstrip())
     sep_ids = _ids(tokenizer, separator.strip())

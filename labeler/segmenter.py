@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionStore, LayerInfo, record_attention, unet_attention_layers
-from .config import SegmenterConfig
+from .config import SegmenterConfig, SizeSelection, select_sizes
 from .images import to_model_input, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult
@@ -331,16 +331,16 @@ class StableSeg:
 
     def prompt_labels(self, labels: Sequence[str]) -> list[str]:
         """The classes the prompt names: the labels, then the background prompt if any."""
-        labels = validate_labels(labels)
+        labels = validate_labels(labels, max_labels=None)
         if self.config.background_prompt is None:
             return labels
-        return validate_labels([*labels, self.config.background_prompt])
+        return validate_labels([*labels, self.config.background_prompt], max_labels=None)
 
     def iter_segment(
         self, images: Any, labels: Sequence[str], return_layer_maps: bool = False
     ) -> Iterator[SegmentationResult]:
         """Like :meth:`segment`, yielding results batch by batch."""
-        labels = validate_labels(labels)
+        labels = validate_labels(labels, max_labels=None)
         prompted = self.prompt_labels(labels)
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -364,20 +364,13 @@ class StableSeg:
 
 
 def _uniform(
-    layers: list[LayerInfo], sizes: tuple[int, ...] | None, field: str, smallest: int | None
+    layers: list[LayerInfo], sizes: SizeSelection, field: str, smallest: int | None
 ) -> dict[str, float]:
-    """Equal weights over the layers whose side is in ``sizes`` (default: the smallest few)."""
-    available = sorted({layer.side for layer in layers})
-    if sizes is None:
-        chosen = set(available if smallest is None else available[:smallest])
-    else:
-        missing = sorted(set(sizes) - set(available))
-        if missing:
-            raise ValueError(
-                f"{field} {missing} not offered by this UNet at this image size; "
-                f"valid sizes: {available}"
-            )
-        chosen = set(sizes)
+    """Equal weights over the layers whose side ``sizes`` selects (default: the smallest few)."""
+    try:
+        chosen = select_sizes(sizes, (layer.side for layer in layers), smallest)
+    except ValueError as err:
+        raise ValueError(f"{field}: {err} (at this UNet and image size)") from None
     picked = [layer.name for layer in layers if layer.side in chosen]
     weight = 1.0 / len(picked) if picked else 0.0
     return {layer.name: (weight if layer.name in picked else 0.0) for layer in layers}

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .settings import BackendSettings
 
 if TYPE_CHECKING:
-    from labeler import SegmenterConfig, StableSeg
+    from labeler import StableSeg
+    from labeler.config import ModelSpec, SegmenterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,80 +28,72 @@ GPU_LOCK = threading.Lock()
 
 _CACHE_LOCK = threading.Lock()
 _base_models: dict[tuple[str, str, str], StableSeg] = {}
-_views: dict[tuple[str, str, str], tuple[tuple[Any, ...], StableSeg]] = {}
+_views: dict[tuple[str, str, str], tuple[str, StableSeg]] = {}
 
 
-def _device_and_dtype(settings: BackendSettings) -> tuple[Any, Any]:
+def _device_and_dtype(model: ModelSpec) -> tuple[Any, Any]:
     import torch
 
+    from labeler.config import torch_dtype
     from labeler.segmenter import default_device, default_dtype
 
-    device = torch.device(settings.device) if settings.device else default_device()
-    if settings.dtype == "auto":
-        return device, default_dtype(device)
-    return device, getattr(torch, settings.dtype)
+    device = torch.device(model.device) if model.device else default_device()
+    return device, torch_dtype(model.dtype) or default_dtype(device)
 
 
-def _weights_key(path: str | None) -> tuple[str, int, int] | None:
-    """The weights file's identity: a rewritten file (new mtime or size) is loaded again."""
-    if path is None:
-        return None
+_weights: dict[str, tuple[tuple[int, int], dict[str, float]]] = {}
+
+
+def _map_weights(path: Path) -> dict[str, float]:
+    """The weights file's contents, read again when the file changes (new mtime or size)."""
+    from labeler import load_map_weights
+
     try:
         stat = os.stat(path)
     except OSError as err:
-        raise ValueError(f"STABLESEG_WEIGHTS {path!r} cannot be read: {err.strerror}") from None
-    return os.path.abspath(path), stat.st_mtime_ns, stat.st_size
+        raise ValueError(
+            f"STABLESEG_WEIGHTS {str(path)!r} cannot be read: {err.strerror}"
+        ) from None
+    key, identity = str(Path(path).resolve()), (stat.st_mtime_ns, stat.st_size)
+    with _CACHE_LOCK:
+        cached = _weights.get(key)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+    weights = load_map_weights(path)
+    with _CACHE_LOCK:
+        _weights[key] = (identity, weights)
+    return weights
 
 
-def segmenter_config(settings: BackendSettings, base: SegmenterConfig) -> SegmenterConfig:
-    """The base configuration with the settings' overrides (size, batch, threshold, weights)."""
-    from labeler import load_map_weights
-
-    changes: dict[str, Any] = {}
-    if settings.image_size is not None:
-        changes["image_size"] = settings.image_size
-    if settings.batch_size is not None:
-        changes["batch_size"] = settings.batch_size
-    if settings.background_threshold is not None:
-        changes["background_threshold"] = settings.background_threshold
-    if settings.background_prompt is not None:
-        changes["background_prompt"] = settings.background_prompt
-    if settings.weights is not None:
-        changes["map_weights"] = load_map_weights(settings.weights)
-    return base.replace(**changes)
-
-
-def _keys(settings: BackendSettings) -> tuple[Any, Any, tuple[str, str, str], tuple[Any, ...]]:
-    """(device, dtype, key of the loaded weights, key of the configured view)."""
-    device, dtype = _device_and_dtype(settings)
-    base_key = (settings.model, str(device), str(dtype))
-    view_key = (
-        settings.image_size,
-        settings.batch_size,
-        settings.background_threshold,
-        settings.background_prompt,
-        _weights_key(settings.weights),
-    )
-    return device, dtype, base_key, view_key
+def segmenter_config(settings: BackendSettings) -> SegmenterConfig:
+    """The settings' segmenter, with the current contents of its weights file (if any)."""
+    config = settings.stableseg.segmenter
+    if settings.stableseg.weights is not None:
+        config = config.replace(map_weights=_map_weights(settings.stableseg.weights))
+    return config
 
 
 def get_segmenter(settings: BackendSettings) -> StableSeg:
     """The process's StableSeg for these settings, loading it on first use."""
-    from labeler import SegmenterConfig, StableSeg
+    from labeler.jobs.models import load_stableseg
 
-    device, dtype, base_key, view_key = _keys(settings)
+    device, dtype = _device_and_dtype(settings.model)
+    base_key = (settings.model.source, str(device), str(dtype))
+    config = segmenter_config(settings)
+    view_key = _version(settings, config, dtype)
     with _CACHE_LOCK:
         cached = _views.get(base_key)
         if cached is not None and cached[0] == view_key:
             return cached[1]
         base = _base_models.get(base_key)
         if base is None:
-            started = time.monotonic()
-            logger.info("loading StableSeg from %s on %s (%s)", settings.model, device, dtype)
-            base = StableSeg.from_pretrained(settings.model, device=device, dtype=dtype)
+            logger.info(
+                "loading StableSeg from %s on %s (%s)", settings.model.source, device, dtype
+            )
+            spec = settings.model.replace(device=str(device), dtype=_dtype_name(dtype))
+            base = load_stableseg(spec)
             _base_models[base_key] = base
-            logger.info("model loaded in %.1f s", time.monotonic() - started)
-        view = base.with_config(segmenter_config(settings, SegmenterConfig()))
+        view = base.with_config(config)
         _views[base_key] = (view_key, view)
         logger.info("segmenter ready: %s (%s)", view.model_version, view.config)
         return view
@@ -117,6 +110,20 @@ def clear() -> None:
     with _CACHE_LOCK:
         _base_models.clear()
         _views.clear()
+        _weights.clear()
+
+
+def _dtype_name(dtype: Any) -> str:
+    """torch.float16 -> "fp16" (the spec's spelling)."""
+    from labeler.config import parse_dtype
+
+    return parse_dtype(str(dtype).removeprefix("torch."))
+
+
+def _version(settings: BackendSettings, config: SegmenterConfig, dtype: Any) -> str:
+    from labeler import StableSeg
+
+    return StableSeg.version_for(settings.model.source, config, dtype)
 
 
 def model_version(settings: BackendSettings) -> str:
@@ -125,8 +132,5 @@ def model_version(settings: BackendSettings) -> str:
     Label Studio asks for it on every ``/setup`` with a 3 s timeout, too short to load a full
     Stable Diffusion; the version depends on the source, configuration and dtype only.
     """
-    from labeler import SegmenterConfig, StableSeg
-
-    _, dtype, _, _ = _keys(settings)
-    config = segmenter_config(settings, SegmenterConfig())
-    return StableSeg.version_for(settings.model, config, dtype)
+    _, dtype = _device_and_dtype(settings.model)
+    return _version(settings, segmenter_config(settings), dtype)

@@ -136,11 +136,7 @@ class StableSegBackend(LabelStudioMLBase):
 
     # ------------------------------------------------------------------ steps
     def _tasks_per_chunk(self) -> int:
-        from labeler import SegmenterConfig
-
-        return max(
-            MIN_TASKS_PER_CHUNK, 4 * (self.settings.batch_size or SegmenterConfig.batch_size)
-        )
+        return max(MIN_TASKS_PER_CHUNK, 4 * self.settings.stableseg.segmenter.batch_size)
 
     def _load_images(
         self,

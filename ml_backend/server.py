@@ -55,7 +55,7 @@ def create_app(settings: BackendSettings | None = None, warm_up: bool = False) -
         app.config["STABLESEG_ROUTES"] = True
     if warm_up:
         threading.Thread(target=_warm_up, args=(settings,), name="warm-up", daemon=True).start()
-    logger.info("StableSeg ML backend for model %s", settings.model)
+    logger.info("StableSeg ML backend for model %s", settings.model.source)
     return app
 
 
@@ -86,7 +86,7 @@ def _warm_up(settings: BackendSettings) -> None:
     try:
         cache.get_segmenter(settings)
     except Exception:
-        logger.exception("warm-up: loading %s failed; requests will retry", settings.model)
+        logger.exception("warm-up: loading %s failed; requests will retry", settings.model.source)
 
 
 def error(status: int, detail: str, **extra: Any) -> tuple[Response, int]:
@@ -231,8 +231,8 @@ def health() -> Any:
         {
             "status": "UP",
             "model_class": StableSegBackend.__name__,
-            "model_dir": settings.model,
-            "model_loaded": settings.model in cache.loaded_models(),
+            "model_dir": settings.model.source,
+            "model_loaded": settings.model.source in cache.loaded_models(),
             "v2": True,
         }
     )
@@ -244,7 +244,7 @@ def versions() -> Any:
         version = cache.model_version(settings)
     except ValueError as err:
         return error(500, str(err))
-    return jsonify({"versions": [version], "model_dir": settings.model, "v2": True})
+    return jsonify({"versions": [version], "model_dir": settings.model.source, "v2": True})
 
 
 def is_training() -> Any:

@@ -3,12 +3,13 @@
 ``python cli.py serve`` turns its options into these variables, so gunicorn workers, the
 development server and a Docker container are all configured the same way.
 
-Model: ``STABLESEG_MODEL`` or ``MODEL_DIR`` (hub id or local diffusers folder; the first wins;
-default ``runwayml/stable-diffusion-v1-5``), ``STABLESEG_DEVICE`` (default CUDA when present),
-``STABLESEG_DTYPE`` (auto, fp32, fp16, bf16 or float32, ...; auto = fp16 on CUDA),
-``STABLESEG_IMAGE_SIZE`` (512), ``STABLESEG_BATCH_SIZE`` (4), ``STABLESEG_BACKGROUND_THRESHOLD``
-(none: every pixel gets a label), ``STABLESEG_BACKGROUND_PROMPT`` (a word prompted as one more
-class whose pixels stay unpainted), ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++).
+Model and segmenter: every row of :data:`labeler.options.SETTINGS`, as ``STABLESEG_<OPTION>``:
+``STABLESEG_MODEL`` (or ``MODEL_DIR``; hub id or local diffusers folder), ``STABLESEG_DEVICE``,
+``STABLESEG_DTYPE``, ``STABLESEG_COMPILE``, ``STABLESEG_IMAGE_SIZE``, ``STABLESEG_BATCH_SIZE``,
+``STABLESEG_TIMESTEP``, ``STABLESEG_CROSS_SIZES``, ``STABLESEG_SELF_SIZES``, ``STABLESEG_SAR``,
+``STABLESEG_SELF_ONLY``, ``STABLESEG_PROMPT_TEMPLATE``, ``STABLESEG_BACKGROUND_PROMPT``,
+``STABLESEG_BACKGROUND_THRESHOLD`` and ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++),
+with the defaults of ``pseudo-label``.
 
 Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
 token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
@@ -17,40 +18,42 @@ token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
 
 Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
 
-Training (Start Training in Label Studio runs ``refine`` on the project's images):
-``STABLESEG_REFINE_DIR`` (where runs go; default ``~/.cache/stableseg/refine``),
-``STABLESEG_REFINE_ENCODER`` (resnet50), ``STABLESEG_REFINE_ENCODER_WEIGHTS`` (imagenet or
-none; imagenet needs the weights downloadable or cached), ``STABLESEG_REFINE_EPOCHS`` (20),
-``STABLESEG_REFINE_IMAGE_SIZE`` (512, the student's crop side).
+Training (Start Training in Label Studio runs ``refine`` on the project's images, with the same
+model and segmenter settings as the predictions): ``STABLESEG_REFINE_DIR`` (where runs go;
+default ``~/.cache/stableseg/refine``), ``STABLESEG_REFINE_ENCODER`` (resnet50),
+``STABLESEG_REFINE_ENCODER_WEIGHTS`` (imagenet or none; imagenet needs the weights downloadable
+or cached), ``STABLESEG_REFINE_EPOCHS`` (20), ``STABLESEG_REFINE_IMAGE_SIZE`` (512, the
+student's crop side).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+from labeler.config import ModelSpec, SegmenterConfig
+from labeler.options import ModelSettings, settings_from_env
+
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_REFINE_DIR = os.path.join("~", ".cache", "stableseg", "refine")
 
 
+def _default_stableseg() -> ModelSettings:
+    return ModelSettings(ModelSpec(), SegmenterConfig())
+
+
 @dataclass(frozen=True)
 class BackendSettings:
-    """Everything the backend reads from its environment, validated."""
+    """Everything the backend reads from its environment, validated.
 
-    model: str = DEFAULT_MODEL
-    device: str | None = None
-    dtype: str = "auto"
-    image_size: int | None = None
-    batch_size: int | None = None
-    background_threshold: float | None = None
-    background_prompt: str | None = None
-    weights: str | None = None
+    Attributes:
+        stableseg: the model and the segmenter, exactly as ``pseudo-label`` takes them.
+    """
+
+    stableseg: ModelSettings = field(default_factory=_default_stableseg)
     label_studio_url: str | None = None
     api_key: str | None = None
     local_files_root: str | None = None
@@ -66,13 +69,15 @@ class BackendSettings:
     refine_image_size: int = 512
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"STABLESEG_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         for name in ("max_image_bytes", "max_pixels", "http_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.stableseg.model
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
@@ -87,16 +92,7 @@ class BackendSettings:
             return None
 
         return cls(
-            model=get("STABLESEG_MODEL", "MODEL_DIR") or DEFAULT_MODEL,
-            device=get("STABLESEG_DEVICE"),
-            dtype=_dtype(get("STABLESEG_DTYPE")),
-            image_size=_number(get("STABLESEG_IMAGE_SIZE"), int, "STABLESEG_IMAGE_SIZE"),
-            batch_size=_number(get("STABLESEG_BATCH_SIZE"), int, "STABLESEG_BATCH_SIZE"),
-            background_threshold=_number(
-                get("STABLESEG_BACKGROUND_THRESHOLD"), float, "STABLESEG_BACKGROUND_THRESHOLD"
-            ),
-            background_prompt=get("STABLESEG_BACKGROUND_PROMPT"),
-            weights=get("STABLESEG_WEIGHTS"),
+            stableseg=settings_from_env(env),
             label_studio_url=get("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
             api_key=get("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
             local_files_root=get(
@@ -131,11 +127,6 @@ def _encoder_weights(value: str | None) -> str | None:
             f"STABLESEG_REFINE_ENCODER_WEIGHTS must be imagenet or none, got {value!r}"
         )
     return None if name == "none" else name
-
-
-def _dtype(value: str | None) -> str:
-    name = (value or "auto").lower()
-    return DTYPE_ALIASES.get(name, name)
 
 
 def _number(value: str | None, kind: type, name: str) -> int | float | None:

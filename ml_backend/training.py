@@ -2,7 +2,7 @@
 
 label-studio-ml 1.0.9 does not route ``START_TRAINING`` to ``fit``; the server's webhook view
 (and the older ``/train`` call) come here instead. A run goes in the background, one at a time
-per project (:mod:`labeler.jobs.refine_background`). The older ``/train`` call carries the
+per project (:mod:`labeler.jobs.refine.background`). The older ``/train`` call carries the
 tasks; the ``START_TRAINING`` webhook does not, so the run first lists the project's tasks
 through the Label Studio API. Images load exactly as ``/predict`` loads them.
 
@@ -28,7 +28,6 @@ from .settings import BackendSettings
 logger = logging.getLogger(__name__)
 
 TASK_PAGE_SIZE = 100
-_DTYPES = {"auto": None, "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def work_root(settings: BackendSettings) -> Path:
@@ -37,7 +36,7 @@ def work_root(settings: BackendSettings) -> Path:
 
 def is_training(project_id: str) -> bool:
     """Whether a refine run of this project is in progress in this process."""
-    from labeler.jobs.refine_background import get_background_refine
+    from labeler.jobs.refine.background import get_background_refine
 
     handle = get_background_refine(project_id)
     return handle is not None and handle.is_running()
@@ -48,14 +47,16 @@ def project_settings(settings: BackendSettings, project_id: str | None) -> Backe
 
     Weights set explicitly (``STABLESEG_WEIGHTS``) win.
     """
-    if not project_id or settings.weights:
+    if not project_id or settings.stableseg.weights is not None:
         return settings
-    from labeler.jobs.refine_background import get_background_refine, latest_refine_weights
+    from labeler.jobs.refine.background import get_background_refine, latest_refine_weights
 
     handle = get_background_refine(project_id)
     path = handle.weights_path if handle is not None else None
     path = path or latest_refine_weights(work_root(settings), project_id)
-    return replace(settings, weights=str(path)) if path else settings
+    if path is None:
+        return settings
+    return replace(settings, stableseg=replace(settings.stableseg, weights=Path(path)))
 
 
 def fetch_project_tasks(loader: ImageLoader, project_id: str) -> list[dict[str, Any]]:
@@ -116,16 +117,11 @@ def _images(
 
 
 def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
-    """RefineOptions from the backend's settings (no progress bars in a server)."""
-    from labeler import SegmenterConfig
+    """RefineOptions from the backend's settings: the model and segmenter that serve the
+    predictions (learned map weights aside: a run learns its own), no progress bars."""
     from labeler.jobs.refine import RefineOptions
     from labeler.train.config import StudentConfig
 
-    segmenter = SegmenterConfig(
-        image_size=settings.image_size or SegmenterConfig.image_size,
-        batch_size=settings.batch_size or SegmenterConfig.batch_size,
-        background_threshold=settings.background_threshold,
-    )
     student = StudentConfig(
         encoder=settings.refine_encoder,
         encoder_weights=settings.refine_encoder_weights,
@@ -133,11 +129,9 @@ def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
         image_size=settings.refine_image_size,
     )
     return RefineOptions(
-        model=settings.model,
         labels=tuple(labels),
-        device=settings.device,
-        dtype=_DTYPES.get(settings.dtype),
-        segmenter=segmenter,
+        model=settings.model,
+        segmenter=settings.stableseg.segmenter.replace(map_weights=None),
         student=student,
         progress=False,
     )
@@ -151,7 +145,7 @@ def start_training(
     loader: ImageLoader,
 ) -> dict[str, Any]:
     """Start a refine run for the project unless one is running; returns a status for the reply."""
-    from labeler.jobs.refine_background import start_background_refine
+    from labeler.jobs.refine.background import start_background_refine
 
     logger.info("START_TRAINING for project %s (%d tasks given)", project_id, len(tasks))
     if is_training(project_id):
@@ -170,10 +164,8 @@ def start_training(
         handle = start_background_refine(
             project_id,
             lambda: _images(tasks, target, loader, project_id),
-            target.prompts,
+            options,
             work_root(settings),
-            settings.model,
-            options=options,
             on_finish=_log_finish,
         )
     except Exception as err:  # a trainer that cannot start must not take the webhook down

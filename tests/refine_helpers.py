@@ -45,13 +45,13 @@ def fast_options(model_dir: Path, **changes):
     from dataclasses import replace
 
     from labeler import SegmenterConfig
+    from labeler.config import ModelSpec
     from labeler.jobs.refine import RefineOptions
     from labeler.train.config import MapFitConfig, StudentConfig
 
     options = RefineOptions(
-        model=str(model_dir),
         labels=LABELS,
-        device="cpu",
+        model=ModelSpec(str(model_dir), device="cpu"),
         segmenter=SegmenterConfig(image_size=64, batch_size=4),
         student=StudentConfig(
             encoder="resnet18", encoder_weights=None, image_size=64, epochs=1, batch_size=4
@@ -75,7 +75,7 @@ def cli_args(images: Path, work: Path, model_dir: Path, epochs: int = 1) -> list
         str(model_dir),
         "--device",
         "cpu",
-        "--sd-image-size",
+        "--image-size",
         "64",
         "--encoder",
         "resnet18",
@@ -83,9 +83,9 @@ def cli_args(images: Path, work: Path, model_dir: Path, epochs: int = 1) -> list
         "none",
         "--epochs",
         str(epochs),
-        "--batch-size",
+        "--train-batch-size",
         "4",
-        "--image-size",
+        "--crop-size",
         "64",
         "--map-steps",
         "60",

@@ -17,6 +17,8 @@ from PIL import Image
 
 import cli
 from exporters import decode_brush_result, png_to_mask
+from labeler.commands import COMMANDS
+from labeler.options import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = "cat,dog"
@@ -348,11 +350,19 @@ def test_evaluate_with_nothing_to_compare_is_an_error(tmp_path):
     assert result.returncode == 1 and "no mask could be evaluated" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], *([name] for name in cli.COMMANDS)])
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)])
 def test_every_help_works(command):
     result = CliRunner().invoke(cli.main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output and "--help" in result.output
+
+
+@pytest.mark.parametrize("command", ["pseudo-label", "refine", "serve"])
+def test_every_command_that_runs_stableseg_lists_every_segmenter_option(command):
+    result = CliRunner().invoke(cli.main, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    missing = [s.option for s in SETTINGS if s.option not in result.output]
+    assert missing == []
 
 
 def test_top_level_help_does_not_import_torch():

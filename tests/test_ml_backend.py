@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -26,8 +27,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from exporters import brush_results, decode_brush_result, image_url, prediction
-from labeler import StableSeg
+from labeler import SegmenterConfig, StableSeg
+from labeler.config import ModelSpec
 from labeler.jobs.io import ImageError, open_image
+from labeler.options import ModelSettings
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.config import LabelConfigError, parse_label_config
@@ -94,11 +97,12 @@ def images_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir: Path, images_root: Path) -> BackendSettings:
+    stableseg = ModelSettings(
+        ModelSpec(str(tiny_model_dir), device="cpu"),
+        SegmenterConfig(image_size=TINY_SIZE, batch_size=2),
+    )
     return BackendSettings(
-        model=str(tiny_model_dir),
-        device="cpu",
-        image_size=TINY_SIZE,
-        batch_size=2,
+        stableseg=stableseg,
         local_files_root=str(images_root),
         max_pixels=MAX_PIXELS,
         max_image_bytes=MAX_BYTES,
@@ -221,7 +225,7 @@ def test_health_answers_up_without_loading_the_model(client, settings):
     response = client.get("/health")
     assert response.status_code == 200
     body = response.get_json()
-    assert body["status"] == "UP" and body["model_dir"] == settings.model
+    assert body["status"] == "UP" and body["model_dir"] == settings.model.source
     assert body["model_loaded"] is False
     assert cache.loaded_models() == []
 
@@ -503,12 +507,13 @@ def test_concurrent_requests_all_succeed_one_pass_at_a_time(settings, monkeypatc
 
 def test_model_version_changes_with_config_and_learned_weights(settings, tiny_model, tmp_path):
     base = cache.model_version(settings)
-    bigger = BackendSettings(**{**settings.__dict__, "image_size": 2 * TINY_SIZE})
+    segmenter = settings.stableseg.segmenter.replace(image_size=2 * TINY_SIZE)
+    bigger = replace(settings, stableseg=replace(settings.stableseg, segmenter=segmenter))
     assert cache.model_version(bigger) != base
     layers = [layer.name for layer in tiny_model.attention_layers()]
     weights_file = tmp_path / "weights.safetensors"
     weights_file.write_bytes(map_weights_to_bytes(dict.fromkeys(layers, 1.0)))
-    weighted = BackendSettings(**{**settings.__dict__, "weights": str(weights_file)})
+    weighted = replace(settings, stableseg=replace(settings.stableseg, weights=weights_file))
     first = cache.model_version(weighted)
     assert first not in (base, cache.model_version(bigger))
     assert first == cache.get_segmenter(weighted).model_version
@@ -548,8 +553,8 @@ def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web):
 
 @pytest.mark.parametrize("token", [LEGACY_TOKEN, REFRESH_TOKEN])
 def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
-    env = {**settings.__dict__, "label_studio_url": web, "api_key": token}
-    loader = ImageLoader(BackendSettings(**{**env, "local_files_root": None}))
+    env = replace(settings, label_studio_url=web, api_key=token)
+    loader = ImageLoader(replace(env, local_files_root=None))
     FakeLabelStudio.seen_auth.clear()
     upload = loader.load("/data/upload/1/up.png")
     assert upload.size == (20, 30)
@@ -561,7 +566,7 @@ def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
     assert FakeLabelStudio.seen_auth == [expected] * 5
     assert loader.load(f"{web}/web/pic.png").size == (31, 22)  # plain web: no key sent
     assert len(FakeLabelStudio.seen_auth) == 5
-    wrong = ImageLoader(BackendSettings(**{**env, "api_key": "wrong"}))
+    wrong = ImageLoader(replace(env, api_key="wrong"))
     with pytest.raises(ImageError, match=r"HTTP 401.*LABEL_STUDIO_API_KEY"):
         wrong.load("/data/upload/1/up.png")
 
@@ -580,9 +585,7 @@ def test_setup_hostname_and_token_are_used_when_the_environment_has_none(client,
 
 # ---------------------------------------------------------------------- auth, webhooks, serve
 def test_basic_auth_guards_every_route(settings):
-    secured = BackendSettings(
-        **{**settings.__dict__, "basic_auth_user": "ls", "basic_auth_pass": "s3cret"}
-    )
+    secured = replace(settings, basic_auth_user="ls", basic_auth_pass="s3cret")
     client = create_app(secured).test_client()
     try:
 
@@ -624,7 +627,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     """The older /train call with tasks: a real refine run (tiny model, resnet18, one epoch)."""
     from dataclasses import replace
 
-    from labeler.jobs.refine_background import get_background_refine
+    from labeler.jobs.refine.background import get_background_refine
 
     refine = replace(
         settings,

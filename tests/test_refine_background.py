@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from labeler import load_map_weights
-from labeler.jobs.refine_background import (
+from labeler.jobs.refine.background import (
     get_background_refine,
     latest_refine_weights,
     start_background_refine,
@@ -27,17 +27,8 @@ def test_background_run_on_paths_and_images(tmp_path, tiny_model_dir) -> None:
     tasks = [downloaded, *paths[1:]]
     finished = []
     options = fast_options(tiny_model_dir)
-    run = start_background_refine(
-        "7",
-        tasks,
-        LABELS,
-        tmp_path / "runs",
-        str(tiny_model_dir),
-        device="cpu",
-        options=options,
-        on_finish=finished.append,
-    )
-    again = start_background_refine("7", tasks, LABELS, tmp_path / "runs", str(tiny_model_dir))
+    run = start_background_refine("7", tasks, options, tmp_path / "runs", on_finish=finished.append)
+    again = start_background_refine("7", tasks, options, tmp_path / "runs")
     assert again is run  # one run at a time per project
     assert get_background_refine(7) is run
     assert run.wait(timeout=600)
@@ -56,12 +47,7 @@ def test_background_run_on_paths_and_images(tmp_path, tiny_model_dir) -> None:
 def test_a_failing_run_reports_why(tmp_path, tiny_model_dir) -> None:
     missing = [Path(tmp_path / "gone.png"), Path(tmp_path / "also-gone.png")]
     run = start_background_refine(
-        "broken",
-        missing,
-        LABELS,
-        tmp_path / "runs",
-        str(tiny_model_dir),
-        options=fast_options(tiny_model_dir),
+        "broken", missing, fast_options(tiny_model_dir), tmp_path / "runs"
     )
     assert run.wait(timeout=300)
     assert run.status == "failed" and "readable image" in run.error

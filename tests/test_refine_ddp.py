@@ -32,7 +32,7 @@ def test_two_processes_split_the_pool_and_train_ddp(tmp_path, tiny_model_dir) ->
         "--nproc_per_node=2",
         str(REPO / "cli.py"),
         *cli_args(images, work, tiny_model_dir, epochs=2),
-        "--batch-size",
+        "--train-batch-size",
         "2",
         "--val-gt",
         str(truth),

@@ -179,7 +179,7 @@ def test_cli_help_and_usage_errors(tmp_path) -> None:
     args = ["refine", str(images), "--labels", "cat,dog", "--work-dir", str(tmp_path / "W")]
     bad = runner.invoke(main, [*args, "--stages", "plus,extra"])
     assert bad.exit_code == 2 and "unknown stage" in bad.output
-    odd = runner.invoke(main, [*args, "--image-size", "100"])
+    odd = runner.invoke(main, [*args, "--crop-size", "100"])
     assert odd.exit_code == 2 and "multiple of 32" in odd.output
     assert not (tmp_path / "W").exists()
 

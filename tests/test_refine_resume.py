@@ -102,7 +102,7 @@ def _cli_command(images: Path, work: Path, model_dir: Path) -> list[str]:
         sys.executable,
         str(REPO / "cli.py"),
         *cli_args(images, work, model_dir, epochs=2),
-        "--batch-size",
+        "--train-batch-size",
         "3",
         "--no-crf",
     ]

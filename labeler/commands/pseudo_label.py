@@ -6,14 +6,9 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    background_options,
-    labels_options,
-    model_options,
-    parse_labels,
-    progress_bar,
-    setup_logging,
-)
+from labeler.options import ModelSettings
+
+from .common import labels_options, parse_labels, progress_bar, segmenter_options, setup_logging
 
 
 @click.command("pseudo-label")
@@ -26,29 +21,7 @@ from .common import (
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (created). Rerunning into it resumes the run.",
 )
-@model_options
-@click.option(
-    "--batch-size",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per UNet pass.",
-)
-@click.option(
-    "--image-size",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=8),
-    help="Side the model sees (512 for SD 1.x/2.x base, 64 for demo/model).",
-)
-@background_options("0 in the masks")
-@click.option(
-    "--sar/--no-sar",
-    default=True,
-    show_default=True,
-    help="Self-Attention Refinement (the paper's ablation: --no-sar uses the cross-attention "
-    "map alone).",
-)
+@segmenter_options
 @click.option(
     "--crf/--no-crf",
     default=False,
@@ -64,11 +37,6 @@ from .common import (
     type=click.Choice(["coco", "png", "labelstudio"]),
     help="Exports to write (repeatable). PNG masks are always written: they are the "
     "per-image record that resuming relies on.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Learned attention-map weights from `refine` (W/plusplus/weights.safetensors).",
 )
 @click.option(
     "--student",
@@ -107,17 +75,9 @@ def pseudo_label(
     labels: str | None,
     labels_file: Path | None,
     out_dir: Path,
-    model: str,
-    device: str | None,
-    dtype: str | None,
-    batch_size: int,
-    image_size: int,
-    background_threshold: float | None,
-    background_prompt: str | None,
-    sar: bool,
+    settings: ModelSettings,
     crf: bool,
     formats: tuple[str, ...],
-    weights: Path | None,
     student: Path | None,
     preview: bool,
     image_root_url: str | None,
@@ -146,30 +106,29 @@ def pseudo_label(
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
-    from labeler.jobs.pseudo_label import PseudoLabelOptions, RunMismatchError, run
+    from labeler.jobs.models import resolve_source
+    from labeler.jobs.pseudo_label import NoImagesError, PseudoLabelOptions, RunMismatchError, run
 
     setup_logging(verbose)
     names = parse_labels(labels, labels_file)
     formats = tuple(dict.fromkeys((*formats, "png")))
-    if weights is not None and student is not None:
+    if settings.weights is not None and student is not None:
         raise click.UsageError(
             "--weights applies to StableSeg; it cannot be combined with --student"
         )
+    if student is None:
+        try:
+            resolve_source(settings.model.source)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--model") from None
     options = PseudoLabelOptions(
         images_dir=images_dir,
         out_dir=out_dir,
         labels=names,
-        model=model,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        image_size=image_size,
-        background_threshold=background_threshold,
-        background_prompt=background_prompt,
-        use_sar=sar,
+        model=settings.model,
+        segmenter=settings.segmenter,
         crf=crf,
         formats=formats,
-        weights=weights,
         student=student,
         preview=preview,
         image_root_url=image_root_url,
@@ -179,6 +138,8 @@ def pseudo_label(
     )
     try:
         summary = run(options, progress=progress_bar("pseudo-label"))
+    except NoImagesError as err:
+        raise click.BadParameter(str(err), param_hint="IMAGES_DIR") from None
     except RunMismatchError as err:
         raise click.UsageError(str(err)) from None
     except (ValueError, OSError) as err:

@@ -6,13 +6,9 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    background_options,
-    labels_options,
-    model_options,
-    parse_labels,
-    setup_logging,
-)
+from labeler.options import ModelSettings
+
+from .common import labels_options, parse_labels, segmenter_options, setup_logging
 
 
 def _stages(value: str) -> tuple[str, ...]:
@@ -38,7 +34,7 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Folder for the cache, checkpoints, students, weights and report (created). "
     "Rerunning the same command resumes from the last finished step.",
 )
-@model_options
+@segmenter_options
 @click.option(
     "--stages",
     default="stableseg,plus,plusplus",
@@ -54,7 +50,6 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Pseudo-mask pixels whose best (CRF) probability is below this are ignored (255) "
     "in training.  [default: 0.6 with --crf, none without]",
 )
-@background_options("0, a class the students learn too")
 @click.option("--encoder", default="resnet50", show_default=True, help="smp encoder name.")
 @click.option(
     "--encoder-weights",
@@ -71,11 +66,11 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Passes over the pool for each student.",
 )
 @click.option(
-    "--batch-size",
+    "--train-batch-size",
     default=8,
     show_default=True,
     type=click.IntRange(min=2),
-    help="Training images per step (per process under torchrun / accelerate launch).",
+    help="Student training images per step (per process under torchrun / accelerate launch).",
 )
 @click.option(
     "--lr",
@@ -85,25 +80,12 @@ def _stages(value: str) -> tuple[str, ...]:
     help="Base learning rate (SGD, momentum 0.9, poly decay).",
 )
 @click.option(
-    "--image-size",
+    "--crop-size",
     default=512,
     show_default=True,
     type=click.IntRange(min=32),
-    help="Student crop side (a multiple of 32); at inference the longer side is resized to it.",
-)
-@click.option(
-    "--sd-image-size",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=8),
-    help="Side Stable Diffusion sees (512 for SD 1.x/2.x base, 64 for demo/model).",
-)
-@click.option(
-    "--sd-batch-size",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per UNet pass.",
+    help="Student training crop side (a multiple of 32); at inference the longer side is "
+    "resized to it.",
 )
 @click.option(
     "--max-side",
@@ -142,22 +124,16 @@ def refine(
     labels: str | None,
     labels_file: Path | None,
     work_dir: Path,
-    model: str,
-    device: str | None,
-    dtype: str | None,
+    settings: ModelSettings,
     stages: str,
     crf: bool,
     uncertain_threshold: float | None,
-    background_threshold: float | None,
-    background_prompt: str | None,
     encoder: str,
     encoder_weights: str,
     epochs: int,
-    batch_size: int,
+    train_batch_size: int,
     lr: float,
-    image_size: int,
-    sd_image_size: int,
-    sd_batch_size: int,
+    crop_size: int,
     max_side: int,
     map_steps: int,
     seed: int,
@@ -185,33 +161,27 @@ def refine(
     names = parse_labels(labels, labels_file)
     chosen = _stages(stages)
     setup_logging(verbose)
-    from labeler.config import SegmenterConfig
+    from labeler.jobs.models import resolve_source
     from labeler.jobs.refine import RefineMismatchError, RefineOptions, run_refine
     from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
     from labeler.train.model import EncoderWeightsUnavailable
 
     try:
+        resolve_source(settings.model.source)
         options = RefineOptions(
-            model=model,
             labels=tuple(names),
+            model=settings.model,
             stages=chosen,
-            device=device,
-            dtype=dtype,
-            segmenter=SegmenterConfig(
-                image_size=sd_image_size,
-                batch_size=sd_batch_size,
-                background_threshold=background_threshold,
-                background_prompt=background_prompt,
-            ),
+            segmenter=settings.segmenter,
             pseudo=PseudoConfig(
                 crf=crf, uncertain_threshold=uncertain_threshold, max_side=max_side
             ),
             student=StudentConfig(
                 encoder=encoder,
                 encoder_weights=None if encoder_weights == "none" else encoder_weights,
-                image_size=image_size,
+                image_size=crop_size,
                 epochs=epochs,
-                batch_size=batch_size,
+                batch_size=train_batch_size,
                 lr=lr,
                 seed=seed,
                 num_workers=workers,

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import click
 
-from .common import DEFAULT_MODEL, background_options, model_options
+from labeler.options import ModelSettings
 
-# --dtype of every command -> STABLESEG_DTYPE
-DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from .common import segmenter_options
 
 
 @click.command(context_settings={"show_default": True})
-@model_options
+@segmenter_options(environment=True)
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9090)
 @click.option(
@@ -34,15 +33,6 @@ DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"
     default=4,
     help="Threads a worker; they share the model and run one pass at a time.",
 )
-@click.option("--image-size", type=click.IntRange(min=8), default=None, help="[default: 512]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 4]")
-@background_options("left unlabeled in the predictions")
-@click.option(
-    "--weights",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Learned map weights (StableSeg++) from `cli.py refine`.",
-)
 @click.option(
     "--dev-server",
     is_flag=True,
@@ -54,20 +44,13 @@ DTYPES = {None: "auto", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"
     default="INFO",
 )
 def serve(
-    model: str,
-    device: str | None,
-    dtype: str | None,
+    settings: ModelSettings,
     host: str,
     port: int,
     basic_auth_user: str | None,
     basic_auth_pass: str | None,
     workers: int,
     threads: int,
-    image_size: int | None,
-    batch_size: int | None,
-    background_threshold: float | None,
-    background_prompt: str | None,
-    weights: str | None,
     dev_server: bool,
     log_level: str,
 ) -> None:
@@ -77,38 +60,41 @@ def serve(
     Connect it in Label Studio: Project > Settings > Model > Connect Model,
     URL http://HOST:PORT. Images are fetched with LABEL_STUDIO_URL and
     LABEL_STUDIO_API_KEY, or read from LOCAL_FILES_DOCUMENT_ROOT.
-    --model defaults to $MODEL_DIR when set (Label Studio's Docker convention).
+
+    \b
+    Every model and segmenter option also reads its STABLESEG_* variable
+    (--image-size: STABLESEG_IMAGE_SIZE, ...; --model also MODEL_DIR, Label
+    Studio's Docker convention); an option given on the command line wins.
     """
     import os
 
     env = dict(os.environ)
-    source = click.get_current_context().get_parameter_source("model")
-    if source == click.core.ParameterSource.DEFAULT:
-        model = env.get("STABLESEG_MODEL") or env.get("MODEL_DIR") or DEFAULT_MODEL
-    if os.path.isdir(model):  # gunicorn runs from the repository root: keep the path valid
-        model = os.path.abspath(model)
+    model = settings.model
+    if os.path.isdir(os.path.expanduser(model.source)):  # the workers may start elsewhere
+        model = model.replace(source=os.path.abspath(os.path.expanduser(model.source)))
     root = env.get("LOCAL_FILES_DOCUMENT_ROOT")
     if root:
         env["LOCAL_FILES_DOCUMENT_ROOT"] = os.path.abspath(root)
-    options = {
-        "STABLESEG_MODEL": model,
-        "STABLESEG_DEVICE": device,
-        "STABLESEG_DTYPE": DTYPES[dtype],
-        "STABLESEG_IMAGE_SIZE": image_size,
-        "STABLESEG_BATCH_SIZE": batch_size,
-        "STABLESEG_BACKGROUND_THRESHOLD": background_threshold,
-        "STABLESEG_BACKGROUND_PROMPT": background_prompt,
-        "STABLESEG_WEIGHTS": os.path.abspath(weights) if weights else None,
+    for variable in _setting_variables():  # replaced by the settings in effect
+        env.pop(variable, None)
+    env.update(ModelSettings(model, settings.segmenter, settings.weights).to_env())
+    extra = {
         "BASIC_AUTH_USER": basic_auth_user,
         "BASIC_AUTH_PASS": basic_auth_pass,
         "LOG_LEVEL": log_level.upper(),
     }
-    env.update({name: str(value) for name, value in options.items() if value is not None})
+    env.update({name: str(value) for name, value in extra.items() if value is not None})
     _check_settings(env)
     if dev_server or not _has_gunicorn():
         _run_dev_server(env, host, port)
     else:
-        _exec_gunicorn(env, host, port, workers, threads, device)
+        _exec_gunicorn(env, host, port, workers, threads, model.device)
+
+
+def _setting_variables() -> list[str]:
+    from labeler.options import SETTINGS
+
+    return [setting.env for setting in SETTINGS]
 
 
 def _check_settings(env: dict[str, str]) -> None:
@@ -147,6 +133,7 @@ def _exec_gunicorn(
     does not survive a fork); on a CPU the model loads once before forking (``--preload``)."""
     import os
     import sys
+
     preload = not _uses_cuda(device)
     env["STABLESEG_WARM_UP"] = "sync" if preload else "background"
     args = [

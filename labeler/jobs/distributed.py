@@ -12,8 +12,8 @@ class Distributed:
     """Rank, world size and a barrier; a no-op for a single process.
 
     ``torchrun`` and ``accelerate launch`` both set WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
-    MASTER_PORT. The process group uses gloo, which needs no GPU: it only synchronises the
-    processes (each one runs its own model on its own device).
+    MASTER_PORT. One setup serves every job: NCCL when the processes run on CUDA (the refine
+    trainer's DistributedDataParallel needs it; barriers work on it too), else gloo.
     """
 
     rank: int = 0
@@ -22,10 +22,19 @@ class Distributed:
     _initialised: bool = False
 
     @classmethod
-    def from_environment(cls, timeout_hours: float = 48.0) -> Distributed:
+    def from_environment(
+        cls, device: str | None = None, timeout_hours: float = 48.0
+    ) -> Distributed:
+        """Join the launcher's process group (or describe the single process).
+
+        Args:
+            device: the job's ``--device``; None or ``cuda...`` use CUDA when present.
+            timeout_hours: how long a barrier waits for the slowest process.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        import torch
         import torch.distributed as dist
 
         info = cls(
@@ -34,7 +43,11 @@ class Distributed:
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         )
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(hours=timeout_hours))
+            backend = "gloo"
+            if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+                torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+                backend = "nccl"
+            dist.init_process_group(backend, timeout=timedelta(hours=timeout_hours))
             info._initialised = True
         return info
 

@@ -153,6 +153,61 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]])
     atomic_write_text(path, text)
 
 
+def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+    """The parsed JSON file, or ``default`` when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
+
+
+class RunMismatchError(ValueError):
+    """An output folder holds a run made with other settings."""
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """Human-readable differences between two JSON values (nested dicts by dotted key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if len(old) > 8 or len(new) > 8:  # a pool of images: counts, not a listing
+            added, removed = set(new) - set(old), set(old) - set(new)
+            changed = [k for k in set(old) & set(new) if old[k] != new[k]]
+            if added or removed or changed:
+                return [
+                    f"{key}: {len(added)} added, {len(removed)} removed, {len(changed)} changed"
+                ]
+            return []
+        found = []
+        for name in sorted(set(old) | set(new)):
+            found += _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+        return found
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def check_run_file(path: str | os.PathLike[str], expected: dict[str, Any], advice: str) -> None:
+    """Refuse to continue a run whose ``run.json`` at ``path`` differs from ``expected``.
+
+    Nothing happens when the file does not exist (a new run). ``expected`` must carry a
+    ``format`` key; a file of another format was written by another version of this tool.
+
+    Raises:
+        RunMismatchError: listing what differs, then ``advice`` (how to start again).
+    """
+    path = Path(path)
+    previous = read_json(path)
+    if previous is None:
+        return
+    if not isinstance(previous, dict) or previous.get("format") != expected.get("format"):
+        found = previous.get("format") if isinstance(previous, dict) else None
+        raise RunMismatchError(
+            f"{path.parent} holds a run of format {found!r} (this version writes "
+            f"{expected.get('format')!r}). {advice}"
+        )
+    changes = _differences(previous, expected)
+    if changes:
+        shown = "; ".join(changes[:6]) + (
+            f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
+        )
+        raise RunMismatchError(f"{path.parent} holds a run with other settings ({shown}). {advice}")
+
+
 @dataclass(frozen=True)
 class Skipped:
     """An input that was not labelled, and why."""

@@ -27,14 +27,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from labeler.config import ModelSpec, SegmenterConfig
+
 from .distributed import Distributed
 from .io import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     ImageError,
+    RunMismatchError,
     Skipped,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_run_file,
     image_bytes,
     list_images,
     open_image,
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "png", "labelstudio")
 RUN_FILE = "run.json"
+RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
 class Segmenter(Protocol):
@@ -57,26 +63,25 @@ class Segmenter(Protocol):
     def segment(self, images: Any, labels: Sequence[str]) -> list[Any]: ...
 
 
-class RunMismatchError(ValueError):
-    """OUT_DIR holds a run made with other settings."""
+__all__ = ["NoImagesError", "PseudoLabelOptions", "RunMismatchError", "Summary", "run"]
+
+
+class NoImagesError(ValueError):
+    """The image folder holds no image at all."""
 
 
 @dataclass(frozen=True)
 class PseudoLabelOptions:
+    """A pseudo-label run: the folders and labels, the model and segmenter, and the job's own
+    choices (CRF, formats, previews, ...)."""
+
     images_dir: Path
     out_dir: Path
     labels: list[str]
-    model: str = "runwayml/stable-diffusion-v1-5"
-    device: str | None = None
-    dtype: str | None = None
-    batch_size: int = 4
-    image_size: int = 512
-    background_threshold: float | None = None
-    background_prompt: str | None = None
-    use_sar: bool = True
+    model: ModelSpec = field(default_factory=ModelSpec)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     crf: bool = False
     formats: tuple[str, ...] = ("coco", "png")
-    weights: Path | None = None
     student: Path | None = None
     preview: bool = False
     image_root_url: str | None = None
@@ -87,20 +92,19 @@ class PseudoLabelOptions:
 
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""
-        weights = None
-        if self.weights is not None:
-            weights = hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()[:16]
+        segmenter = self.segmenter.mask_settings()
+        weights = segmenter.pop("map_weights")
+        if weights is not None:
+            blob = json.dumps(weights, sort_keys=True).encode()
+            segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
         return {
+            "format": RUN_FORMAT,
             "images_dir": str(Path(self.images_dir).resolve()),
             "labels": list(self.labels),
-            "model": str(self.student or self.model),
+            "model": str(self.student or self.model.source),
             "student": self.student is not None,
-            "image_size": self.image_size,
-            "background_threshold": self.background_threshold,
-            "background_prompt": self.background_prompt,
-            "use_sar": self.use_sar,
+            "segmenter": segmenter,
             "crf": self.crf,
-            "weights_sha256": weights,
             "labels_from_gt": str(self.labels_from_gt) if self.labels_from_gt else None,
         }
 
@@ -141,16 +145,12 @@ def preview_path(out_dir: Path, relative: Path) -> Path:
 def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
     """Compare the options with OUT_DIR/run.json. Returns the signature to write."""
     signature = options.signature()
-    run_file = options.out_dir / RUN_FILE
-    if run_file.exists() and not options.overwrite:
-        previous = json.loads(run_file.read_text())
-        changed = {k: (previous.get(k), v) for k, v in signature.items() if previous.get(k) != v}
-        if changed:
-            details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise RunMismatchError(
-                f"{options.out_dir} holds a run with other settings ({details}). "
-                "Use another --out, or --overwrite to start it again."
-            )
+    if not options.overwrite:
+        check_run_file(
+            options.out_dir / RUN_FILE,
+            signature,
+            "Use another --out, or --overwrite to start it again.",
+        )
     return signature
 
 
@@ -305,7 +305,7 @@ def label_images(
 
     labelled, skipped = 0, []
     model: Segmenter | None = None
-    for batch in _prefetch(options, pending, options.batch_size):
+    for batch in _prefetch(options, pending, options.segmenter.batch_size):
         good = [(rel, img) for rel, img in batch if not isinstance(img, Exception)]
         skipped += [
             Skipped(rel.as_posix(), str(img)) for rel, img in batch if isinstance(img, Exception)
@@ -322,7 +322,7 @@ def label_images(
             for (relative, image), result in zip(good, results or [], strict=False):
                 if options.crf:
                     rgb = to_rgb_array(image)
-                    result = _apply_crf(result, rgb, options.background_threshold)
+                    result = _apply_crf(result, rgb, options.segmenter.background_threshold)
                 _store(options, relative, image, result, model.model_version)
                 labelled += 1
         if on_progress is not None:
@@ -411,35 +411,11 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
 # ---------------------------------------------------------------------------- the run
 def load_model(options: PseudoLabelOptions, device: str | None) -> Segmenter:
     """StableSeg from --model (with --weights), or the trained student from --student."""
-    import torch
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[
-        options.dtype
-    ]
     if options.student is not None:
-        return _StudentAdapter(options, device)
-    from labeler import SegmenterConfig, StableSeg, load_map_weights
+        return _StudentAdapter(options, device or options.model.device)
+    from .models import load_stableseg
 
-    quiet_model_loading()
-
-    config = SegmenterConfig(
-        image_size=options.image_size,
-        batch_size=options.batch_size,
-        background_threshold=options.background_threshold,
-        background_prompt=options.background_prompt,
-        use_sar=options.use_sar,
-        map_weights=load_map_weights(options.weights) if options.weights else None,
-    )
-    return StableSeg.from_pretrained(options.model, device=device, dtype=dtype, config=config)
-
-
-def quiet_model_loading() -> None:
-    """Hide diffusers' and transformers' per-file loading bars (ours shows the run)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    return load_stableseg(options.model, options.segmenter, device)
 
 
 class _StudentAdapter:
@@ -485,25 +461,39 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
-    dist = Distributed.from_environment()
     signature = check_run(options)
     images, refused = discover(options)
+    if not images and not refused:
+        raise NoImagesError(
+            f"no images under {options.images_dir} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+            "recursively; hidden files and folders are left out)"
+        )
+    dist = Distributed.from_environment(options.model.device)
+    out = options.out_dir
+    fresh = options.overwrite or not (out / RUN_FILE).exists()
+    if options.overwrite:
+        pending = list(images)
+    else:
+        pending = [r for r in images if not record_path(out, r).exists()]
+    mine = pending[dist.rank :: dist.world_size]
+    loaded = model
+    if fresh and mine and loaded is None:
+        # A new run writes nothing into OUT_DIR before its model has loaded: a model that
+        # cannot load leaves no run.json behind to refuse the corrected command.
+        loaded = load_model(options, dist.device())
     if dist.is_main:
         if options.overwrite:
             for sub in ("records", "masks", "preview"):
-                shutil.rmtree(options.out_dir / sub, ignore_errors=True)
-        options.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(options.out_dir / RUN_FILE, signature, indent=2)
+                shutil.rmtree(out / sub, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, signature, indent=2)
     dist.barrier()
 
-    done = [r for r in images if record_path(options.out_dir, r).exists()]
-    pending = [r for r in images if not record_path(options.out_dir, r).exists()]
-    mine = pending[dist.rank :: dist.world_size]
-    summary = Summary(total=len(images) + len(refused), already_done=len(done))
+    summary = Summary(total=len(images) + len(refused), already_done=len(images) - len(pending))
     bar = progress(len(mine), 0) if (progress is not None and dist.is_main) else None
 
     def get_model() -> Segmenter:
-        return model or load_model(options, dist.device())
+        return loaded or load_model(options, dist.device())
 
     labelled, skipped = label_images(get_model, options, mine, bar.update if bar else None)
     if bar is not None:

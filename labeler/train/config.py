@@ -1,15 +1,12 @@
-"""Every default of the StableSeg+ / StableSeg++ trainer in one place."""
+"""Every default of the StableSeg+ / StableSeg++ trainer in one place (the refine job's own options,
+its stages and folders live in ``labeler.jobs.refine``)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import SegmenterConfig
 from ..crf import CRFConfig
-from ..prompts import validate_labels
 
 ENCODER_WEIGHTS = ("imagenet", None)
 
@@ -154,85 +151,3 @@ class PseudoConfig:
 
     def replace(self, **changes: Any) -> PseudoConfig:
         return replace(self, **changes)
-
-
-STAGES = ("plus", "plusplus")
-# the steps of each stage, in order; "stableseg" always runs first
-STEPS = {
-    "stableseg": ("stableseg",),
-    "plus": ("plus.pseudo", "plus.train", "plus.predict"),
-    "plusplus": ("plusplus.fit", "plusplus.pseudo", "plusplus.train", "plusplus.predict"),
-}
-DTYPES = {None: None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-@dataclass(frozen=True)
-class RefineOptions:
-    """Everything a refine run needs besides the pool and the work dir.
-
-    Attributes:
-        model: Stable Diffusion hub id or local diffusers folder.
-        labels: label names; mask id k is ``labels[k - 1]``.
-        stages: which of ``STAGES`` run after the StableSeg pseudo-masks (stage 1, always
-            run); empty (or ``("stableseg",)``) for stage 1 alone.
-        device: None: CUDA when present (one GPU per process under DDP), else CPU.
-        dtype: of Stable Diffusion: ``"fp16"``, ``"bf16"``, ``"fp32"`` or None (fp16 on CUDA).
-        segmenter, pseudo, student, map_fit: the parts' own configurations.
-        val_gt: ground-truth mask folder, for mIoU in the report only.
-        progress: show progress bars (process 0 only).
-    """
-
-    model: str
-    labels: tuple[str, ...]
-    stages: tuple[str, ...] = STAGES
-    device: str | None = None
-    dtype: str | None = None
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    map_fit: MapFitConfig = field(default_factory=MapFitConfig)
-    val_gt: Path | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", tuple(validate_labels(list(self.labels))))
-        if len(self.labels) > 254:
-            raise ValueError(f"at most 254 labels fit a mask, got {len(self.labels)}")
-        unknown = [s for s in self.stages if s not in ("stableseg", *STAGES)]
-        if unknown:
-            raise ValueError(
-                f"unknown stages {unknown}; choose from {['stableseg', *STAGES]} "
-                "(stableseg, the pseudo-masks and cache, always runs first)"
-            )
-        object.__setattr__(self, "stages", tuple(s for s in STAGES if s in self.stages))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES, key=str)}, got {self.dtype!r}")
-
-    @property
-    def background(self) -> bool:
-        segmenter = self.segmenter
-        return segmenter.background_threshold is not None or segmenter.background_prompt is not None
-
-    def settings(self) -> dict[str, Any]:
-        """What decides the results: a rerun into the same work dir must match it."""
-        segmenter = asdict(self.segmenter)
-        segmenter.pop("batch_size")
-        return json.loads(
-            json.dumps(
-                {
-                    "model": self.model,
-                    "dtype": self.dtype,
-                    "labels": list(self.labels),
-                    "segmenter": segmenter,
-                    "pseudo": asdict(self.pseudo),
-                    "student": {
-                        k: v for k, v in asdict(self.student).items() if k != "num_workers"
-                    },
-                    "map_fit": asdict(self.map_fit),
-                }
-            )
-        )
-
-    def steps(self) -> list[str]:
-        """Every step of this run, in order."""
-        return [step for group in ("stableseg", *self.stages) for step in STEPS[group]]

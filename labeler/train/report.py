@@ -1,4 +1,4 @@
-"""The refine report: report.json assembled from the run's step records, and its plot.
+"""The refine report's pieces that need no files: mIoU accumulation and the report's plot.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot state), so it is safe in a
 background thread and needs no display.
@@ -11,23 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-REPORT_FORMAT = "stableseg-refine-report/1"
-PARTS = {
-    "plus": ("pseudo", "train", "predict"),
-    "plusplus": ("fit", "pseudo", "train", "predict"),
-}
-OUTPUTS = {
-    "stableseg": {"masks": "stableseg/masks", "cache": "cache"},
-    "plus": {"pseudo_masks": "plus/pseudo", "student": "plus/student", "predictions": "plus/pred"},
-    "plusplus": {
-        "weights": "plusplus/weights.safetensors",
-        "stableseg_masks": "plusplus/stableseg",
-        "pseudo_masks": "plusplus/pseudo",
-        "student": "plusplus/student",
-        "predictions": "plusplus/pred",
-    },
-}
 
 
 class MaskScore:
@@ -62,75 +45,6 @@ class MaskScore:
         return {**summary, "images": self.images}
 
 
-def _miou(record: Mapping[str, Any] | None, name: str) -> float | None:
-    metrics = ((record or {}).get("metrics") or {}).get(name)
-    return None if metrics is None else metrics.get("mIoU")
-
-
-def _part(record: Mapping[str, Any] | None, drop: Sequence[str] = ()) -> dict[str, Any] | None:
-    if record is None:
-        return None
-    return {k: v for k, v in record.items() if k not in drop}
-
-
-def assemble_report(
-    steps: Mapping[str, Mapping[str, Any]],
-    settings: Mapping[str, Any],
-    stages: Sequence[str],
-    finished: bool,
-    pool_size: int,
-    background: bool,
-) -> dict[str, Any]:
-    """report.json from the finished steps' records (``W/state.json``).
-
-    Schema: ``format``, ``finished``, ``labels``, ``background``, ``pool_size``, ``settings``;
-    ``stages.stableseg`` = {ran, seconds, images, skipped, mIoU, metrics, outputs};
-    ``stages.plus`` = {ran, seconds, pseudo, train, predict, mIoU, outputs};
-    ``stages.plusplus`` = the same plus ``fit`` (loss curve, initial/final loss, pixels),
-    ``weights`` and ``initial_weights`` (layer -> weight); ``mIoU`` = the headline numbers
-    {stableseg: StableSeg masks, plus / plusplus: the students' predictions} (None without
-    ``--val-gt``). Every ``metrics`` entry is ``labeler.metrics.summarize`` plus ``images``.
-    """
-    first = steps.get("stableseg")
-    report_stages: dict[str, Any] = {
-        "stableseg": {
-            "ran": first is not None,
-            "seconds": (first or {}).get("seconds"),
-            "images": (first or {}).get("images"),
-            "skipped": (first or {}).get("skipped", {}),
-            "mIoU": _miou(first, "stableseg"),
-            "metrics": ((first or {}).get("metrics") or {}).get("stableseg"),
-            "outputs": OUTPUTS["stableseg"],
-        }
-    }
-    for stage, parts in PARTS.items():
-        records = {part: steps.get(f"{stage}.{part}") for part in parts}
-        if stage not in stages and not any(records.values()):
-            continue
-        entry: dict[str, Any] = {
-            "ran": all(r is not None for r in records.values()),
-            "seconds": round(sum(r.get("seconds", 0.0) for r in records.values() if r), 3),
-            "mIoU": _miou(records["predict"], "student"),
-            "outputs": OUTPUTS[stage],
-        }
-        for part, record in records.items():
-            entry[part] = _part(record, drop=("weights", "initial_weights"))
-        if stage == "plusplus":
-            entry["weights"] = (records["fit"] or {}).get("weights")
-            entry["initial_weights"] = (records["fit"] or {}).get("initial_weights")
-        report_stages[stage] = entry
-    return {
-        "format": REPORT_FORMAT,
-        "finished": finished,
-        "labels": list(settings["labels"]),
-        "background": background,
-        "pool_size": pool_size,
-        "settings": dict(settings),
-        "stages": report_stages,
-        "mIoU": {name: entry.get("mIoU") for name, entry in report_stages.items()},
-    }
-
-
 def _short(layer: str) -> str:
     """``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` -> ``up1.0.0 x``."""
     parts = layer.split(".")
@@ -144,7 +58,7 @@ def _short(layer: str) -> str:
 
 
 def render_report_png(report: Mapping[str, Any]) -> bytes:
-    """A three-panel PNG of a report dict (see ``labeler.jobs.refine``'s report.json schema).
+    """A three-panel PNG of a report dict (see ``labeler.jobs.refine.report``).
 
     Panels: the students' training loss per step, the StableSeg++ fitting loss per step,
     and the learned against the uniform weight of every attention layer.

@@ -121,7 +121,7 @@ def logits_to_mask(logits: torch.Tensor, background: bool) -> torch.Tensor:
 def _select(student: Student, labels: Sequence[str] | None) -> list[str]:
     if labels is None:
         return list(student.labels)
-    labels = validate_labels(labels)
+    labels = validate_labels(labels, max_labels=None)
     unknown = [name for name in labels if name not in student.labels]
     if unknown:
         raise ValueError(

@@ -16,10 +16,11 @@ from typing import Any
 
 from PIL import Image
 
-from labeler.train.config import RefineOptions
-
-from .io import atomic_write_bytes, image_bytes
-from .refine import PoolItem, RefineResult, run_refine
+from ..io import atomic_write_bytes, image_bytes
+from .files import PoolItem
+from .options import RefineOptions
+from .run import RefineResult, run_refine
+from .steps import WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,9 @@ def start_background_refine(
     project_id: str | int,
     images: Sequence[str | os.PathLike[str] | Image.Image]
     | Callable[[], Sequence[str | os.PathLike[str] | Image.Image]],
-    labels: Sequence[str],
+    options: RefineOptions,
     work_root: str | os.PathLike[str],
-    model: str,
     *,
-    device: str | None = None,
-    dtype: str | None = None,
-    options: RefineOptions | None = None,
     on_finish: Callable[[BackgroundRefine], None] | None = None,
 ) -> BackgroundRefine:
     """Start ``refine`` on a project's images in a background thread and return at once.
@@ -120,10 +117,8 @@ def start_background_refine(
         images: local paths and/or already downloaded PIL images (at least 2 readable), or a
             function returning them, called in the worker thread (so slow downloads do not
             hold up the caller).
-        labels: label names; mask id k is ``labels[k - 1]``.
-        device, dtype: for Stable Diffusion and the student (None: CUDA/fp16 when present).
-        options: everything else (stages, epochs, ...); ``model``, ``labels`` and the
-            ``device`` / ``dtype`` given here win. Progress bars are off.
+        options: the run's labels, model, segmenter and trainer settings; progress bars are
+            turned off.
         on_finish: called in the worker thread with the run when it ends (either way).
     """
     key = str(project_id)
@@ -133,15 +128,7 @@ def start_background_refine(
             return current
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         work_dir = Path(work_root) / f"project-{key}" / f"run-{stamp}"
-        base = options or RefineOptions(model=model, labels=tuple(labels))
-        run_options = replace(
-            base,
-            model=model,
-            labels=tuple(labels),
-            device=device or base.device,
-            dtype=dtype or base.dtype,
-            progress=False,
-        )
+        run_options = replace(options, progress=False)
         handle = BackgroundRefine(project_id=key, work_dir=work_dir)
 
         def work() -> None:
@@ -173,7 +160,7 @@ def latest_refine_weights(work_root: str | os.PathLike[str], project_id: str | i
     for folder in runs:
         report_file = folder / "report.json"
         report = json.loads(report_file.read_text()) if report_file.exists() else None
-        weights = folder / "plusplus" / "weights.safetensors"
+        weights = folder / WEIGHTS
         if report and report.get("finished") and weights.exists():
             return weights
     return None

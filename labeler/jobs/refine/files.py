@@ -3,25 +3,28 @@ holds this run (``run.json``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from labeler.train.config import RefineOptions
+from ..io import (
+    RunMismatchError,
+    atomic_write_bytes,
+    check_run_file,
+    image_bytes,
+    list_images,
+    open_image,
+)
+from ..pseudo_label import stem_path
+from .options import RefineOptions
 
-from .io import atomic_write_bytes, image_bytes, list_images, open_image
-from .pseudo_label import stem_path
+RUN_FORMAT = "stableseg-refine/2"
 
-RUN_FORMAT = "stableseg-refine/1"
-
-
-class RefineMismatchError(ValueError):
-    """The work dir holds a run with other settings or another pool."""
+RefineMismatchError = RunMismatchError
+"""The work dir holds a run with other settings or another pool."""
 
 
 @dataclass(frozen=True)
@@ -78,33 +81,16 @@ def load_pair(path: Path, mask_path: Path, max_side: int) -> tuple[np.ndarray, n
     return load_rgb(path, max_side), read_mask(mask_path)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """The parsed file, or ``default`` when it does not exist."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
-
-
 def check_work_dir(work_dir: Path, options: RefineOptions, pool: list[PoolItem]) -> dict:
     """Compare with W/run.json (raises RefineMismatchError); returns what to write."""
     record = {
         "format": RUN_FORMAT,
         "settings": options.settings(),
-        "pool": {item.key: str(item.path) for item in pool},
+        "pool": sorted(item.key for item in pool),
     }
-    previous = read_json(work_dir / "run.json")
-    if previous is not None:
-        changed = [
-            k for k in record["settings"] if previous["settings"].get(k) != record["settings"][k]
-        ]
-        if changed:
-            raise RefineMismatchError(
-                f"{work_dir} holds a refine run with other settings ({', '.join(changed)}); "
-                "use another --work-dir, or delete it to start again"
-            )
-        if set(previous["pool"]) != set(record["pool"]):
-            added = len(set(record["pool"]) - set(previous["pool"]))
-            removed = len(set(previous["pool"]) - set(record["pool"]))
-            raise RefineMismatchError(
-                f"the image pool changed since {work_dir} was started ({added} added, {removed} "
-                "removed); use another --work-dir"
-            )
+    check_run_file(
+        work_dir / "run.json",
+        record,
+        "Use another --work-dir, or delete it to start again.",
+    )
     return record

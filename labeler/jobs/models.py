@@ -1,0 +1,106 @@
+"""Loading StableSeg from a :class:`~labeler.config.ModelSpec`: one place for every entry point.
+
+``pseudo-label``, ``refine``, ``benchmark``, the Label Studio backend and Start Training all load
+their model here, so they share the checks done before anything expensive (a local-looking path
+that does not exist fails at once, instead of being tried as a hub id for half a minute), the
+quiet loading (our progress bars, not the libraries'), and one lock: diffusers and transformers
+cannot load two models at the same moment in one process (two Start Training runs once failed with
+"Cannot copy out of meta tensor").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from labeler.config import ModelSpec, SegmenterConfig, torch_dtype
+
+if TYPE_CHECKING:
+    from labeler import StableSeg
+
+log = logging.getLogger(__name__)
+
+LOAD_LOCK = threading.Lock()
+"""Held while weights load: one ``from_pretrained`` at a time per process."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+
+
+def resolve_source(source: str) -> str:
+    """A local diffusers folder (absolute path) or a hub id, checked without loading anything.
+
+    A path that exists must be a diffusers folder. A string is taken for a local path, which
+    must then exist, when it cannot be a hub id (it starts with ``/``, ``.`` or ``~``, has more
+    than one ``/``, or characters hub ids do not allow) or when its first part is an existing
+    local folder (``demo/modl`` beside a ``demo/`` folder is a typo, not a hub id).
+
+    Raises:
+        ValueError: saying which of the two it was taken for and what is missing.
+    """
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {source}: is a file; give a diffusers folder or a hub id")
+        missing = [part for part in _MODEL_PARTS if not (path / part).is_dir()]
+        if missing:
+            raise ValueError(
+                f"--model {source}: the folder is not a diffusers Stable Diffusion (missing "
+                f"{', '.join(f'{m}/' for m in missing)}); expected model_index.json with unet/, "
+                "vae/, text_encoder/ and tokenizer/ beside it"
+            )
+        return str(path.resolve())
+    first = Path(source.split("/", 1)[0])
+    local = source.startswith(("/", ".", "~")) or not _HUB_ID.match(source)
+    if local or ("/" in source and first.is_dir()):
+        raise ValueError(
+            f"--model {source}: no such folder (it is not a hub id either: those look like "
+            "'organisation/name')"
+        )
+    return source
+
+
+def quiet_model_loading() -> None:
+    """Hide diffusers' and transformers' per-file loading bars (ours show the run)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_stableseg(
+    spec: ModelSpec, config: SegmenterConfig | None = None, device: str | None = None
+) -> StableSeg:
+    """StableSeg from ``spec`` with ``config``; ``device`` (e.g. a distributed rank's GPU) wins
+    over ``spec.device`` when given.
+
+    Raises:
+        ValueError: a bad local path, an image size the VAE cannot take, or weights that cannot
+            be loaded (the message says what was tried).
+    """
+    from labeler import StableSeg
+
+    source = resolve_source(spec.source)
+    quiet_model_loading()
+    started = time.monotonic()
+    with LOAD_LOCK:
+        try:
+            model = StableSeg.from_pretrained(
+                source,
+                device=device or spec.device,
+                dtype=torch_dtype(spec.dtype),
+                config=config,
+            )
+        except OSError as err:
+            where = "the local folder" if os.path.isdir(source) else "the Hugging Face hub"
+            raise ValueError(f"cannot load --model {spec.source} from {where}: {err}") from None
+    if spec.compile:
+        model.compile()
+    log.info("loaded %s in %.1f s", spec.source, time.monotonic() - started)
+    return model

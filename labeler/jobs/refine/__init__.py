@@ -1,0 +1,21 @@
+"""The refine job: StableSeg pseudo-masks -> StableSeg+ -> StableSeg++ on an unlabelled pool.
+
+``options`` (what a run is asked to do), ``steps`` (the table of steps: work, outputs, scoring),
+``run`` (the driver, resumable and distributed), ``report`` (report.json), ``files`` (the pool,
+masks, ``run.json``), ``background`` (runs in a thread, for Label Studio's Start Training).
+"""
+
+from __future__ import annotations
+
+from .files import PoolItem, RefineMismatchError, pool_from_folder
+from .options import RefineOptions
+from .run import RefineResult, run_refine
+
+__all__ = [
+    "PoolItem",
+    "RefineMismatchError",
+    "RefineOptions",
+    "RefineResult",
+    "pool_from_folder",
+    "run_refine",
+]
