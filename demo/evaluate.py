@@ -23,7 +23,7 @@ import numpy as np
 
 from demo.scenes import COLOUR_NAMES, SceneConfig, make_scenes
 from labeler import SegmenterConfig, StableSeg
-from labeler.metrics import confusion_matrix, summarize
+from labeler.metrics import ConfusionMatrix
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -37,12 +37,11 @@ def load_demo_config(model_dir: str | Path) -> SegmenterConfig:
 def mean_iou(
     preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], labels: Sequence[str]
 ) -> dict[str, Any]:
-    """``labeler.metrics.summarize`` over background + labels, summed over all images."""
-    names = ["background", *labels]
-    conf = np.zeros((len(names), len(names)), dtype=np.int64)
+    """``ConfusionMatrix.summary`` over background + labels, summed over all images."""
+    score = ConfusionMatrix(labels)
     for pred, gt in zip(preds, gts, strict=True):
-        conf += confusion_matrix(pred, gt, len(names))
-    return summarize(conf, names)
+        score.add(pred, gt)
+    return score.summary()
 
 
 def threshold_masks(probs: Sequence[np.ndarray], threshold: float) -> list[np.ndarray]:

@@ -340,7 +340,64 @@ def test_evaluate_on_hand_made_masks(tmp_path):
         str(report),
     )
     assert no_bg.returncode == 0
-    assert json.loads(report.read_text())["mIoU"] == pytest.approx((400 / 6 + 500 / 6) / 2)
+    # Ground-truth background is not scored: its pixel predicted cat is no false positive.
+    # cat: tp 4, fp 1 (the dog pixel) -> 4/5; dog: tp 5, fn 1 -> 5/6.
+    assert json.loads(report.read_text())["mIoU"] == pytest.approx((80.0 + 500 / 6) / 2)
+
+
+def test_evaluate_protocol_options(tmp_path):
+    """--exclude-background ignores ground-truth background; --ignore-index is repeatable."""
+    # The toy case: half background, half cat, everything predicted cat.
+    _save(tmp_path / "gt" / "toy.png", np.array([[0, 0], [1, 1]], np.uint8))
+    _save(tmp_path / "pred" / "toy.png", np.ones((2, 2), np.uint8))
+    runner = CliRunner()
+    args = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", "cat"]
+    figures = {}
+    for name, extra in (("default", []), ("protocol", ["--exclude-background"])):
+        report = tmp_path / f"{name}.json"
+        result = runner.invoke(cli.main, [*args, *extra, "--json", str(report)])
+        assert result.exit_code == 0, result.output
+        figures[name] = json.loads(report.read_text())
+    assert figures["default"]["mIoU"] == pytest.approx(25.0)
+    assert figures["protocol"]["mIoU"] == pytest.approx(100.0)
+    assert figures["protocol"]["protocol"] == {
+        "ignore_index": [255],
+        "exclude_background": True,
+        "pred_ignore": "skip",
+    }
+    assert figures["protocol"]["images_evaluated"] == 1 and figures["protocol"]["skipped"] == []
+
+    # Two more ignored ground-truth ids; a predicted 255 skipped or counted as a miss.
+    _save(tmp_path / "gt" / "toy.png", np.array([[7, 9, 1], [1, 2, 2]], np.uint8))
+    _save(tmp_path / "pred" / "toy.png", np.array([[1, 1, 1], [255, 2, 1]], np.uint8))
+    base = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", "cat,dog"]
+    report = tmp_path / "ignore.json"
+    ignore = ["--ignore-index", "7", "--ignore-index", "9", "--json", str(report)]
+    result = runner.invoke(cli.main, [*base, *ignore])
+    assert result.exit_code == 0, result.output
+    skip = json.loads(report.read_text())
+    # Scored: cat -> cat, dog -> dog, dog -> cat (the predicted 255 is left out).
+    assert skip["per_class"] == pytest.approx({"background": None, "cat": 50.0, "dog": 50.0})
+    assert skip["num_pixels"] == 3 and skip["abstained_pixels"] == 1
+    assert skip["protocol"]["ignore_index"] == [7, 9, 255]
+    result = runner.invoke(cli.main, [*base, *ignore, "--pred-ignore", "miss"])
+    assert result.exit_code == 0, result.output
+    miss = json.loads(report.read_text())
+    assert miss["per_class"]["cat"] == pytest.approx(100 / 3)  # tp 1, gt 2, pred 2
+    assert miss["num_pixels"] == 4
+    assert "protocol        ignored ground truth 7, 9, 255" in result.output
+    # Without --ignore-index, 7 and 9 are ids outside the labels: the image is skipped.
+    result = runner.invoke(cli.main, base)
+    assert result.exit_code == 1 and "gt holds ids [7, 9]" in result.output
+
+
+def test_evaluate_help_states_the_protocol():
+    result = CliRunner().invoke(cli.main, ["evaluate", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--ignore-index" in text and "--pred-ignore" in text
+    assert "with --exclude-background, when it is 0" in text
+    assert "mIoU 25.0 by default (background 0, cat 50); 100.0 with --exclude-background" in text
 
 
 def test_evaluate_with_nothing_to_compare_is_an_error(tmp_path):

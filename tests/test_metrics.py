@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labeler.metrics import class_accuracy, class_iou, confusion_matrix, summarize
+from labeler.metrics import (
+    ConfusionMatrix,
+    ScoreProtocol,
+    class_accuracy,
+    class_iou,
+    confusion_matrix,
+    summarize,
+)
 
 # A 4x4 example. gt has two ignore pixels, pred one; 13 pixels are counted.
 GT = np.array(
@@ -132,3 +139,144 @@ def test_confusion_matrix_rejects_bad_input(pred, gt, message) -> None:
 def test_summarize_rejects_wrong_number_of_names() -> None:
     with pytest.raises(ValueError, match="2 class names for a 3x3"):
         summarize(EXPECTED_CONF, ["a", "b"])
+
+
+# -- the protocol and the accumulator ---------------------------------------------------------
+
+# The issue's toy case: ground truth half background, half cat; everything predicted cat.
+TOY_GT = np.array([[0, 0], [1, 1]], dtype=np.uint8)
+TOY_PRED = np.ones((2, 2), dtype=np.uint8)
+
+
+def test_toy_case_background_ignored_scores_100_where_excluding_the_mean_only_gave_50() -> None:
+    # Background as a class: background IoU 0 / 2 px union, cat 2 / 4 -> mean 25.
+    with_background = ConfusionMatrix(["cat"])
+    with_background.add(TOY_PRED, TOY_GT)
+    assert with_background.summary()["mIoU"] == pytest.approx(25.0)
+    # The old --exclude-background: class 0 out of the mean, its pixels still cat's FPs -> 50.
+    old = summarize(confusion_matrix(TOY_PRED, TOY_GT, 2), ["bg", "cat"], include_background=False)
+    assert old["mIoU"] == pytest.approx(50.0)
+    # The protocol: ground-truth background is not scored -> cat 2 / 2 = 100.
+    protocol = ConfusionMatrix(["cat"], ScoreProtocol(exclude_background=True))
+    protocol.add(TOY_PRED, TOY_GT)
+    summary = protocol.summary()
+    assert summary["mIoU"] == pytest.approx(100.0)
+    assert summary["num_pixels"] == 2
+    assert summary["per_class"] == {"background": None, "cat": 100.0}
+    assert summary["protocol"] == {
+        "ignore_index": [255],
+        "exclude_background": True,
+        "pred_ignore": "skip",
+    }
+
+
+def test_exclude_background_by_hand() -> None:
+    score = ConfusionMatrix(["cat", "dog"], ScoreProtocol(exclude_background=True))
+    score.add(PRED, GT)
+    # GT's four background pixels are not scored. Left: gt 1 -> 1,1,1,1; gt 2 -> 2,2,0,2, then
+    # pred 255 (skipped), 2. Predicted background on a dog pixel is a miss of dog.
+    np.testing.assert_array_equal(score.matrix, [[0, 0, 0], [0, 4, 0], [1, 0, 4]])
+    summary = score.summary()
+    assert summary["per_class"]["cat"] == pytest.approx(100.0)  # 4 / (4 + 4 - 4)
+    assert summary["per_class"]["dog"] == pytest.approx(80.0)  # 4 / (5 + 4 - 4)
+    assert summary["per_class"]["background"] == pytest.approx(0.0)  # listed, not averaged
+    assert summary["mIoU"] == pytest.approx(90.0)
+    assert summary["mean_accuracy"] == pytest.approx(90.0)  # (4/4 + 4/5) / 2
+    assert summary["pixel_accuracy"] == pytest.approx(100 * 8 / 9)
+    assert summary["abstained_pixels"] == 1
+
+
+def test_several_ignore_indices_by_hand() -> None:
+    gt = np.array([[0, 1, 7], [9, 2, 255], [1, 1, 2]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1], [2, 1, 0], [1, 2, 2]], dtype=np.uint8)
+    score = ConfusionMatrix(["cat", "dog"], ScoreProtocol(ignore_index=(7, 9)))
+    score.add(pred, gt)
+    # Scored: (0,0) 0->0, (0,1) 1->1, (1,1) 2->1, (2,0) 1->1, (2,1) 1->2, (2,2) 2->2.
+    np.testing.assert_array_equal(score.matrix, [[1, 0, 0], [0, 2, 1], [0, 1, 1]])
+    assert score.protocol.ignore_index == (7, 9, 255)  # 255 always ignored
+    summary = score.summary()
+    assert summary["per_class"]["cat"] == pytest.approx(100 * 2 / 4)
+    assert summary["per_class"]["dog"] == pytest.approx(100 * 1 / 3)
+    assert summary["mIoU"] == pytest.approx(100 * (1 + 0.5 + 1 / 3) / 3)
+    # A predicted id that is an ignore value outside the classes is an abstention, not an error.
+    skipped = ConfusionMatrix(["cat", "dog"], ScoreProtocol(ignore_index=(7, 9)))
+    skipped.add(np.array([[9, 7]], np.uint8), np.array([[1, 2]], np.uint8))
+    assert skipped.matrix.sum() == 0 and skipped.summary()["abstained_pixels"] == 2
+
+
+def test_pred_ignore_miss_counts_abstentions_as_false_negatives() -> None:
+    score = ConfusionMatrix(["cat", "dog"], ScoreProtocol(pred_ignore="miss"))
+    score.add(PRED, GT)
+    summary = score.summary()
+    # The pixel predicted 255 where gt is dog: dog has 6 gt pixels now, 4 hits, 4 predictions.
+    assert summary["per_class"] == pytest.approx(
+        {"background": 60.0, "cat": 80.0, "dog": 100 * 4 / 6}
+    )
+    assert summary["num_pixels"] == 14
+    assert summary["pixel_accuracy"] == pytest.approx(100 * 11 / 14)
+    assert summary["mean_accuracy"] == pytest.approx(100 * (3 / 4 + 1 + 4 / 6) / 3)
+
+
+def test_predicted_ids_outside_the_labels_are_an_error_and_add_nothing() -> None:
+    score = ConfusionMatrix(["cat"])
+    with pytest.raises(ValueError, match=r"pred holds ids \[2\].*another label list"):
+        score.add(np.array([[1, 2]], np.uint8), np.array([[1, 1]], np.uint8))
+    with pytest.raises(ValueError, match=r"gt holds ids \[5\]"):
+        score.add(np.array([[1, 1]], np.uint8), np.array([[1, 5]], np.uint8))
+    assert score.images == 0 and score.counts.sum() == 0
+    # Predicted background is a class, never an abstention, even when gt 0 is ignored.
+    ignoring_zero = ConfusionMatrix(["cat"], ScoreProtocol(ignore_index=(0,)))
+    ignoring_zero.add(np.array([[0, 1]], np.uint8), np.array([[1, 1]], np.uint8))
+    np.testing.assert_array_equal(ignoring_zero.matrix, [[0, 0], [1, 1]])
+
+
+def test_merge_equals_adding_everything_to_one() -> None:
+    rng = np.random.default_rng(1)
+    pairs = [(rng.integers(0, 4, (5, 6)), rng.integers(0, 4, (5, 6))) for _ in range(4)]
+    protocol = ScoreProtocol(exclude_background=True, ignore_index=(3,))
+    whole, first, second = (ConfusionMatrix(["a", "b", "c"], protocol) for _ in range(3))
+    for i, (pred, gt) in enumerate(pairs):
+        whole.add(pred, gt)
+        (first if i % 2 else second).add(pred, gt)
+    first.merge(second)
+    np.testing.assert_array_equal(first.counts, whole.counts)
+    assert first.summary() == whole.summary()
+    with pytest.raises(ValueError, match="differ"):
+        first.merge(ConfusionMatrix(["a", "b", "c"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ignore_index": (-1,)}, "non-negative"),
+        ({"ignore_index": ("x",)}, "non-negative"),
+        ({"pred_ignore": "count"}, "skip, miss"),
+    ],
+)
+def test_protocol_rejects_bad_settings(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ScoreProtocol(**kwargs)
+
+
+def test_mask_score_keeps_the_refine_reports_numbers() -> None:
+    """MaskScore equals the rule the refine report always used: without background, gt 0 ->
+    255, the (K, K) matrix with 255 left out in either mask, class 0 out of the mean."""
+    from labeler.train.report import MaskScore
+
+    rng = np.random.default_rng(2)
+    labels = ["a", "b", "c"]
+    for background in (True, False):
+        score, conf = MaskScore(labels, background), np.zeros((4, 4), np.int64)
+        for _ in range(3):
+            gt = rng.integers(0, 4, (9, 7)).astype(np.uint8)
+            gt[rng.random(gt.shape) < 0.1] = 255
+            low = 0 if background else 1
+            pred = rng.integers(low, 4, (9, 7)).astype(np.uint8)
+            pred[rng.random(pred.shape) < 0.1] = 255  # a pseudo-mask's uncertain pixels
+            score.add(pred, gt)
+            old_gt = gt if background else np.where(gt == 0, 255, gt).astype(np.uint8)
+            conf += confusion_matrix(pred, old_gt, 4)
+        old = summarize(conf, ["background", *labels], include_background=background)
+        new = score.summary()
+        assert {key: new[key] for key in old} == old
+        assert new["images"] == 3

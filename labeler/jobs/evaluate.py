@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from labeler.metrics import ScoreProtocol
+
 from .io import Skipped
 
 
@@ -46,15 +48,17 @@ def evaluate_folders(
     pred_dir: Path,
     gt_dir: Path,
     labels: list[str],
-    include_background: bool = True,
+    protocol: ScoreProtocol | None = None,
 ) -> Evaluation:
-    """mIoU of the masks under ``pred_dir`` against those under ``gt_dir``.
+    """mIoU of the masks under ``pred_dir`` against those under ``gt_dir``, by ``protocol``.
 
     Files are matched by relative path without extension; a pseudo-label output folder (with
-    ``masks/``) can be given as ``pred_dir``. 255 is ignored in either mask. Missing
-    predictions and size mismatches are skipped and reported.
+    ``masks/``) can be given as ``pred_dir``. Which pixels are scored is decided by
+    ``labeler.metrics.ScoreProtocol`` (by default: ground-truth 255 is not scored, background is
+    class 0, a predicted 255 is left out). Missing predictions, size mismatches and masks with
+    ids outside the label list are skipped and reported.
     """
-    from labeler.metrics import confusion_matrix, summarize
+    from labeler.metrics import ConfusionMatrix
 
     if (pred_dir / "masks").is_dir() and (pred_dir / "run.json").exists():
         pred_dir = pred_dir / "masks"
@@ -62,9 +66,8 @@ def evaluate_folders(
     if not gts:
         raise ValueError(f"no PNG ground-truth masks under {gt_dir}")
     preds = _masks(pred_dir)
-    classes = ["background", *labels]
-    total = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    skipped, evaluated = [], 0
+    score = ConfusionMatrix(labels, protocol)
+    skipped = []
     for key, gt_path in gts.items():
         if key not in preds:
             skipped.append(Skipped(f"{key}.png", f"no prediction under {pred_dir}"))
@@ -79,27 +82,27 @@ def evaluate_folders(
             )
             continue
         try:
-            total += confusion_matrix(pred, gt, len(classes))
+            score.add(pred, gt)
         except ValueError as err:
             skipped.append(Skipped(f"{key}.png", str(err)))
-            continue
-        evaluated += 1
-    if not evaluated:
+    if not score.images:
         raise ValueError(
             f"no mask could be evaluated ({len(skipped)} skipped; first: "
             f"{skipped[0].path}: {skipped[0].reason})"
         )
-    metrics = summarize(total, classes, include_background=include_background)
-    return Evaluation(metrics=metrics, evaluated=evaluated, skipped=skipped)
+    metrics = score.summary()
+    return Evaluation(metrics=metrics, evaluated=score.images, skipped=skipped)
 
 
 def format_table(evaluation: Evaluation) -> str:
     """A plain-text per-class IoU table with the summary lines."""
     metrics = evaluation.metrics
+    protocol = ScoreProtocol(**metrics["protocol"])
     width = max(12, *(len(name) for name in metrics["per_class"]))
     lines = [f"{'class':<{width}}  IoU %"]
-    for name, value in metrics["per_class"].items():
-        lines.append(f"{name:<{width}}  {'-' if value is None else f'{value:6.2f}'}")
+    for index, (name, value) in enumerate(metrics["per_class"].items()):
+        note = "  (not scored)" if index == 0 and protocol.exclude_background else ""
+        lines.append(f"{name:<{width}}  {'-' if value is None else f'{value:6.2f}'}{note}")
     lines.append("")
 
     def show(value: float | None) -> str:
@@ -110,4 +113,5 @@ def format_table(evaluation: Evaluation) -> str:
     lines.append(
         f"images          {evaluation.evaluated} evaluated, {len(evaluation.skipped)} skipped"
     )
+    lines.append(f"protocol        {protocol.describe()}")
     return "\n".join(lines)

@@ -12,37 +12,28 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import ConfusionMatrix, ScoreProtocol
 
-class MaskScore:
-    """Accumulates the confusion matrix of predicted masks against ground truth (--val-gt).
 
-    Without background (every pixel gets a label) ground-truth background is not scored:
-    such a run cannot predict it.
+class MaskScore(ConfusionMatrix):
+    """The confusion matrix of predicted masks against ground truth (--val-gt).
+
+    A ``labeler.metrics.ConfusionMatrix`` whose predictions are resized (nearest) to the ground
+    truth's size. Without background (every pixel gets a label) ground-truth background is not
+    scored and class 0 is left out of the mean: such a run cannot predict it. Predicted 255
+    (a pseudo-mask's uncertain pixels) is left out, so a pseudo-mask is scored on the pixels it
+    keeps.
     """
 
     def __init__(self, labels: Sequence[str], background: bool) -> None:
-        self.classes = ["background", *labels]
+        super().__init__(labels, ScoreProtocol(exclude_background=not background))
         self.background = background
-        self.total = np.zeros((len(self.classes), len(self.classes)), dtype=np.int64)
-        self.images = 0
 
     def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
         """One image: (h, w) predicted ids (resized nearest to gt's size), (H, W) gt ids."""
-        from ..metrics import confusion_matrix
         from .data import resize_mask
 
-        pred = resize_mask(pred, (gt.shape[1], gt.shape[0]))  # (H, W)
-        if not self.background:
-            gt = np.where(gt == 0, 255, gt).astype(np.uint8)
-        self.total += confusion_matrix(pred, gt, len(self.classes))
-        self.images += 1
-
-    def summary(self) -> dict[str, Any]:
-        """``labeler.metrics.summarize`` of the sum, plus ``images``."""
-        from ..metrics import summarize
-
-        summary = summarize(self.total, self.classes, include_background=self.background)
-        return {**summary, "images": self.images}
+        super().add(resize_mask(pred, (gt.shape[1], gt.shape[0])), gt)  # pred (H, W)
 
 
 def _short(layer: str) -> str:
