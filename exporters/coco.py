@@ -15,7 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     from labeler.result import SegmentationResult
 
-IGNORE_INDEX = 255
+from labeler.result import IGNORE, MAX_LABELS
 
 
 def _mask_api() -> Any:
@@ -67,14 +67,16 @@ def coco_annotations(
         raise ValueError(f"coco_annotations: mask must be 2-D (H, W), got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"coco_annotations: mask must hold integer ids, got dtype {mask.dtype}")
-    if not 1 <= num_labels <= 254:
-        raise ValueError(f"coco_annotations: num_labels must be in 1..254, got {num_labels}")
+    if not 1 <= num_labels <= MAX_LABELS:
+        raise ValueError(
+            f"coco_annotations: num_labels must be in 1..{MAX_LABELS}, got {num_labels}"
+        )
     ids = np.unique(mask)
-    bad = [int(i) for i in ids if (i < 0 or i > num_labels) and i != IGNORE_INDEX]
+    bad = [int(i) for i in ids if (i < 0 or i > num_labels) and i != IGNORE]
     if bad:
         raise ValueError(
             f"coco_annotations: mask ids {bad} are outside 0..{num_labels} and not "
-            f"{IGNORE_INDEX} (ignore)"
+            f"{IGNORE} (ignore)"
         )
     if probs is not None:
         probs = np.asarray(probs)

@@ -15,7 +15,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from labeler.result import IGNORE
+
 _RGBA_CHANNELS = 4
 
 
@@ -69,11 +70,11 @@ def brush_results(
         raise ValueError(f"brush_results: mask must hold integer ids, got dtype {mask.dtype}")
     names = list(labels)
     ids = np.unique(mask)
-    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE_INDEX]
+    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE]
     if bad:
         raise ValueError(
             f"brush_results: mask ids {bad} are outside 0..{len(names)} "
-            f"({len(names)} labels) and not {IGNORE_INDEX} (ignore)"
+            f"({len(names)} labels) and not {IGNORE} (ignore)"
         )
     height, width = mask.shape
     results = []

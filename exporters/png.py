@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
-MAX_LABELS = 254  # ids 1..254; 0 is background and 255 is ignore
+from labeler.result import IGNORE, MAX_LABELS
+
 _PALETTE_SIZE = 256
 
 
@@ -58,7 +58,7 @@ def _check_mask(mask: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where}: mask must hold integer ids, got dtype {mask.dtype}")
     if mask.size:
         low, high = int(mask.min()), int(mask.max())
-        if low < 0 or high > IGNORE_INDEX:
+        if low < 0 or high > IGNORE:
             bad = low if low < 0 else high
             raise ValueError(
                 f"{where}: mask value {bad} does not fit an 8-bit PNG; ids must be in 0..255 "
@@ -87,17 +87,24 @@ def png_to_mask(image: Image.Image) -> np.ndarray:
 
 
 def _check_labels(labels: Sequence[str], where: str) -> list[str]:
+    """The labels as given, checked by the project's one label rule (labeler.labels)."""
+    from labeler.labels import validate_labels
+
     names = list(labels)
-    if len(names) > MAX_LABELS:
-        raise ValueError(f"{where}: at most {MAX_LABELS} labels fit a mask, got {len(names)}")
-    seen: set[str] = set()
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{where}: every label must be a non-empty string, got {name!r}")
-        if name in seen:
-            raise ValueError(f"{where}: duplicate label {name!r}")
-        seen.add(name)
+    try:
+        validate_labels(names)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     return names
+
+
+def escape_labelmap_name(name: str) -> str:
+    """A label as a ``labelmap.txt`` field: ``%`` -> ``%25`` and ``:`` -> ``%3A``.
+
+    The CVAT format separates fields with ``:``, so a label holding one would shift every
+    field after it; ``classes.json`` and ``coco.json`` keep the exact names.
+    """
+    return name.replace("%", "%25").replace(":", "%3A")
 
 
 def labelmap_text(labels: Sequence[str], background: str = "background") -> str:
@@ -108,15 +115,14 @@ def labelmap_text(labels: Sequence[str], background: str = "background") -> str:
         # label:color_rgb:parts:actions
         background:0,0,0::
         cat:128,0,0::
+
+    Names are escaped by :func:`escape_labelmap_name` (``a:b`` is written ``a%3Ab``).
     """
     names = _check_labels(labels, "labelmap_text")
-    for name in [background, *names]:
-        if ":" in name or "\n" in name:
-            raise ValueError(f"labelmap_text: label {name!r} contains ':' or a newline")
     lines = ["# label:color_rgb:parts:actions"]
     for index, name in enumerate([background, *names]):
         red, green, blue = label_color(index)
-        lines.append(f"{name}:{red},{green},{blue}::")
+        lines.append(f"{escape_labelmap_name(name)}:{red},{green},{blue}::")
     return "\n".join(lines) + "\n"
 
 
@@ -128,5 +134,5 @@ def classes_json(labels: Sequence[str]) -> dict[str, str]:
     names = _check_labels(labels, "classes_json")
     classes = {"0": "background"}
     classes.update({str(index): name for index, name in enumerate(names, start=1)})
-    classes[str(IGNORE_INDEX)] = "ignore"
+    classes[str(IGNORE)] = "ignore"
     return classes

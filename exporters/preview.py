@@ -10,7 +10,8 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from exporters.png import IGNORE_INDEX, voc_palette
+from exporters.png import voc_palette
+from labeler.result import IGNORE
 
 BOUNDARY_COLOR = (255, 255, 255)
 LEGEND_BACKGROUND = (0, 0, 0, 170)
@@ -84,7 +85,7 @@ def overlay(
         )
     names = list(labels)
     ids = np.unique(mask)
-    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE_INDEX]
+    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE]
     if bad:
         raise ValueError(f"overlay: mask ids {bad} are outside 0..{len(names)} and not 255")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from .result import IGNORE, mask_dtype
+
 PROB_FLOOR = 1e-5  # probabilities are clipped to this before taking -log
 
 
@@ -129,8 +130,8 @@ def crf_mask(
             f"crf_mask: uncertain_threshold must be in [0, 1] or None, got {uncertain_threshold}"
         )
     refined = dense_crf(image_rgb, probs, config)  # (C, H, W)
-    dtype = np.uint8 if refined.shape[0] < IGNORE_INDEX else np.uint16
+    dtype = mask_dtype(refined.shape[0])
     mask = (refined.argmax(axis=0) + 1).astype(dtype)  # (H, W)
     if uncertain_threshold is not None:
-        mask[refined.max(axis=0) < uncertain_threshold] = IGNORE_INDEX
+        mask[refined.max(axis=0) < uncertain_threshold] = IGNORE
     return mask

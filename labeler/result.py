@@ -14,6 +14,11 @@ MAX_LABELS = 254
 """Labels that fit an 8-bit mask: ids 1..254 (0 is background, 255 ignore)."""
 
 
+def mask_dtype(num_labels: int) -> type[np.unsignedinteger]:
+    """uint8 for up to :data:`MAX_LABELS` labels, uint16 beyond (where 255 is a label)."""
+    return np.uint8 if num_labels <= MAX_LABELS else np.uint16
+
+
 @dataclass
 class SegmentationResult:
     """Masks and probabilities for one image, at the image's original size.

@@ -123,8 +123,12 @@ def test_labelmap_and_classes() -> None:
         "3": "person",
         "255": "ignore",
     }
-    with pytest.raises(ValueError, match="'a:b'"):
-        labelmap_text(["a:b"])
+    # ':' separates the CVAT fields: it is escaped (with '%'), never dropped or refused.
+    assert labelmap_text(["a:b", "50%"]).splitlines()[2:] == [
+        "a%3Ab:128,0,0::",
+        "50%25:0,128,0::",
+    ]
+    assert classes_json(["a:b"])["1"] == "a:b"
     with pytest.raises(ValueError, match="duplicate label 'cat'"):
         classes_json(["cat", "cat"])
     with pytest.raises(ValueError, match="at most 254"):

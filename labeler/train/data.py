@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE_INDEX = 255
+from ..result import IGNORE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,7 +82,7 @@ def augment(
         padded[:] = grey
         padded[:height, :width] = rgb
         rgb = padded
-        mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
         height, width = mask.shape
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..result import IGNORE
 from .config import StudentConfig
-from .data import IGNORE_INDEX, PseudoMaskDataset
+from .data import PseudoMaskDataset
 from .model import unwrap
 
 
@@ -76,8 +77,8 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
         logits: (B, K, H, W).
         target: (B, H, W) ids in 0..K-1 or 255.
     """
-    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    valid = (target != IGNORE).sum().clamp(min=1)
     return total / valid
 
 

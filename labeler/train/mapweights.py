@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..result import IGNORE
 from .config import MapFitConfig
-from .data import IGNORE_INDEX, resize_mask
+from .data import resize_mask
 
 _EPS = 1e-8
 
@@ -76,7 +77,7 @@ def targets_at(
     small = resize_mask(mask, (size[1], size[0])).astype(np.int64)  # (S, S)
     background = -1 if background_index is None else background_index
     targets = np.where(small == 0, background, small - 1)
-    return np.where(small == IGNORE_INDEX, -1, targets)
+    return np.where(small == IGNORE, -1, targets)
 
 
 def sample_pixels(

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..crf import dense_crf
+from ..result import IGNORE, MAX_LABELS
 from ..sar import normalise, probs_to_mask, weighted_sum
 from .config import PseudoConfig
-from .data import IGNORE_INDEX
 
 
 def scores_from_maps(
@@ -87,8 +87,8 @@ def pseudo_mask(
     prompt's), 255 = uncertain (best refined probability below ``config.threshold``), left out
     of training.
     """
-    if probs.shape[0] > 254:
-        raise ValueError(f"at most 254 labels fit a uint8 mask, got {probs.shape[0]}")
+    if probs.shape[0] > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels fit a uint8 mask, got {probs.shape[0]}")
     if background_channel:
         background = probs[-1:]  # (1, H, W)
         if background_threshold is not None:
@@ -106,7 +106,7 @@ def pseudo_mask(
     mask = (class_probs.argmax(axis=0) + first_id).astype(np.uint8)  # (H, W)
     threshold = config.threshold
     if threshold is not None:
-        mask[class_probs.max(axis=0) < threshold] = IGNORE_INDEX
+        mask[class_probs.max(axis=0) < threshold] = IGNORE
     return mask
 
 

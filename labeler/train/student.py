@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..images import to_rgb_array
 from ..prompts import validate_labels
-from ..result import SegmentationResult
+from ..result import SegmentationResult, mask_dtype
 from .data import resize_rgb, to_tensor
 from .model import STUDENT_FORMAT, STUDENT_META_FILE, require_smp, unwrap
 
@@ -168,7 +168,7 @@ def student_segment(
             scores[name] = float(probs[k - 1][won].mean()) if bool(won.any()) else 0.0
         results.append(
             SegmentationResult(
-                mask=mask.cpu().numpy().astype(np.uint8 if len(labels) <= 254 else np.uint16),
+                mask=mask.cpu().numpy().astype(mask_dtype(len(labels))),
                 probs=probs.cpu().numpy().astype(np.float32),
                 labels=list(labels),
                 scores=scores,
