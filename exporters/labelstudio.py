@@ -1,8 +1,10 @@
 """Label Studio brush predictions and import files.
 
 A brush result stores one label's pixels as Label Studio's RLE: the rle-pack bit stream of an
-RGBA image of the mask, of which Label Studio draws the alpha channel. ``label_studio_converter``
-(imported when used) encodes and decodes it; masks go in as 0/255 so the alpha is opaque.
+RGBA image of the mask, of which Label Studio draws the alpha channel; masks go in as 0/255 so the
+alpha is opaque. ``exporters.brush_rle`` encodes it (byte for byte what
+``label_studio_converter.brush.mask2rle`` writes, many times faster); ``label_studio_converter``
+(imported when used) decodes it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from exporters.brush_rle import encode_brush_rle
+
 IGNORE_INDEX = 255
 _RGBA_CHANNELS = 4
 
@@ -24,7 +28,7 @@ def _brush_api() -> Any:
         from label_studio_converter import brush
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "Label Studio brush export needs label-studio-converter: "
+            "Decoding Label Studio brushes needs label-studio-converter: "
             "pip install label-studio-converter"
         ) from error
     return brush
@@ -37,12 +41,11 @@ def _result_id(from_name: str, to_name: str, label_id: int, label: str) -> str:
 
 
 def mask_to_brush_rle(binary: np.ndarray) -> list[int]:
-    """Label Studio brush RLE (list of byte values) of an (H, W) boolean mask."""
+    """Label Studio brush RLE (list of byte values) of an (H, W) mask; nonzero pixels are in it."""
     binary = np.asarray(binary)
     if binary.ndim != 2:
         raise ValueError(f"mask_to_brush_rle: mask must be 2-D (H, W), got shape {binary.shape}")
-    alpha = np.ascontiguousarray(binary.astype(bool), dtype=np.uint8) * np.uint8(255)  # (H, W)
-    return [int(v) for v in _brush_api().mask2rle(alpha)]
+    return encode_brush_rle(binary)
 
 
 def brush_results(
