@@ -7,6 +7,8 @@ list, from ``exporters.brush_rle``), at 512x512 and at 12 MP (4000x3000), for se
 
 * ``blob``: one ellipse, a few runs a row, like a real segment;
 * ``label map``: each label of a 20-label map upsampled from 64x64 (the mean over its labels);
+  also timed from the map itself (``encode_brush_rles``: the map's runs found once, as
+  ``brush_results`` does), the comparison of the map with each label included;
 * ``noise 50%``: random pixels, the worst case (a run every two pixels);
 * ``empty``: no pixel.
 
@@ -25,12 +27,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import click
 import numpy as np
 
-from exporters.brush_rle import brush_rle_bytes
+from exporters.brush_rle import brush_rle_bytes, encode_brush_rles
 from exporters.labelstudio import mask_to_brush_rle
 
 _MAP_LABELS = 20
@@ -45,24 +48,26 @@ def reference(binary: np.ndarray) -> list[int]:
     return [int(v) for v in brush.mask2rle(alpha)]
 
 
-def masks(kind: str, height: int, width: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The (H, W) bool masks of one case, one per label."""
+def masks(
+    kind: str, height: int, width: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The (H, W) bool masks of one case, one per label; and the (H, W) id map of a label map."""
     if kind == "blob":
         rows, cols = np.ogrid[:height, :width]
         ellipse = ((rows - 0.45 * height) / (0.3 * height)) ** 2 + (
             (cols - 0.55 * width) / (0.3 * width)
         ) ** 2
-        return [ellipse < 1]
+        return [ellipse < 1], None
     if kind == "label map":
         grid = rng.integers(1, _MAP_LABELS + 1, (_MAP_GRID, _MAP_GRID))  # (64, 64) ids
         rows = np.arange(height) * _MAP_GRID // height  # nearest upsampling
         cols = np.arange(width) * _MAP_GRID // width
         label_map = grid[rows[:, None], cols[None, :]]  # (H, W)
-        return [label_map == k for k in range(1, _MAP_LABELS + 1)]
+        return [label_map == k for k in np.unique(label_map)], label_map  # the labels present
     if kind == "noise 50%":
-        return [rng.random((height, width)) < 0.5]
+        return [rng.random((height, width)) < 0.5], None
     if kind == "empty":
-        return [np.zeros((height, width), dtype=bool)]
+        return [np.zeros((height, width), dtype=bool)], None
     raise KeyError(f"unknown mask kind {kind!r}; valid: blob, label map, noise 50%, empty")
 
 
@@ -120,35 +125,42 @@ def main(sizes: str, kinds: str, budget: float, seed: int) -> None:
                 f"size {size!r} is not WIDTHxHEIGHT", param_hint="--sizes"
             ) from error
         for kind in kinds.split(","):
-            labels = masks(kind.strip(), height, width, rng)
-            labels = [binary for binary in labels if binary.any()] or labels
+            labels, label_map = masks(kind.strip(), height, width, rng)
             ours_ms, ours_repeats, ours = time_per_label(mask_to_brush_rle, labels, budget)
             bytes_ms, _, _ = time_per_label(brush_rle_bytes, labels, budget)
             reference_ms, reference_repeats, expected = time_per_label(reference, labels, budget)
-            cases.append(
-                {
-                    "size": f"{width}x{height}",
-                    "mask": kind.strip(),
-                    "labels": len(labels),
-                    "runs_per_label": round(
-                        float(np.mean([np.count_nonzero(np.diff(b.ravel())) + 1 for b in labels]))
-                    ),
-                    "rle_bytes_per_label": round(
-                        float(np.mean([brush_rle_bytes(b).size for b in labels]))
-                    ),
-                    "reference_ms": round(reference_ms, 2),
-                    "ours_ms": round(ours_ms, 2),
-                    "ours_bytes_only_ms": round(bytes_ms, 2),
-                    "speedup": round(reference_ms / ours_ms, 1),
-                    "identical": ours == expected,
-                    "repeats": {"reference": reference_repeats, "ours": ours_repeats},
-                }
-            )
+            case: dict[str, Any] = {
+                "size": f"{width}x{height}",
+                "mask": kind.strip(),
+                "labels": len(labels),
+                "runs_per_label": round(
+                    float(np.mean([np.count_nonzero(np.diff(b.ravel())) + 1 for b in labels]))
+                ),
+                "rle_bytes_per_label": round(
+                    float(np.mean([brush_rle_bytes(b).size for b in labels]))
+                ),
+                "reference_ms": round(reference_ms, 2),
+                "ours_ms": round(ours_ms, 2),
+                "ours_bytes_only_ms": round(bytes_ms, 2),
+                "speedup": round(reference_ms / ours_ms, 1),
+                "identical": ours == expected,
+                "repeats": {"reference": reference_repeats, "ours": ours_repeats},
+            }
+            if label_map is not None:
+                ids = np.unique(label_map).tolist()
+                map_ms, _, by_label = time_per_label(
+                    partial(encode_brush_rles, label_ids=ids), [label_map], budget
+                )
+                case["ours_from_label_map_ms"] = round(map_ms / len(ids), 2)
+                case["speedup_from_label_map"] = round(reference_ms * len(ids) / map_ms, 1)
+                case["identical"] = case["identical"] and list(by_label[0].values()) == expected
+            cases.append(case)
     report = {
         "benchmark": "brush RLE encoding, ms per label (one binary mask)",
         "reference": "label_studio_converter.brush.mask2rle, mask as 0/255, list of ints",
         "ours": "exporters.labelstudio.mask_to_brush_rle (list of ints)",
         "ours_bytes_only": "exporters.brush_rle.brush_rle_bytes (uint8 array, no list)",
+        "ours_from_label_map": "exporters.brush_rle.encode_brush_rles on the id map, per label",
         "numpy": np.__version__,
         "python": platform.python_version(),
         "cases": cases,

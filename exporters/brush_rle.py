@@ -17,10 +17,13 @@ This is what ``label_studio_converter.brush.mask2rle`` writes, bit for bit; it b
 as a Python string one run at a time. Here the runs come from one comparison of neighbouring
 pixels, and each chunk of runs becomes tokens (integers and their widths, from a table indexed by
 run length) that are summed into 32-bit words at their bit offsets: tokens never overlap, so
-their sum is their bitwise or. Chunks keep the temporaries small enough to stay in cache.
+their sum is their bitwise or. Chunks keep the temporaries small enough to stay in cache. The
+brushes of every label of an id mask come from the id mask's runs, found once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -172,10 +175,44 @@ def brush_rle_bytes(binary: np.ndarray) -> np.ndarray:
     flat = binary.reshape(-1)  # (H * W,)
     if flat.dtype != np.bool_:
         flat = flat != 0
-    bounds = _run_bounds(flat)  # (R + 1,)
-    values = np.zeros(bounds.size - 1, dtype=np.uint8)  # (R,) runs alternate, from pixel 0
-    values[0 if flat.size and flat[0] else 1 :: 2] = _OPAQUE
-    return _encode_runs(binary.size * _CHANNELS, bounds, _CHANNELS, values)
+    return _mask_stream(flat.size, _run_bounds(flat), bool(flat.size and flat[0]))
+
+
+def _mask_stream(num_pixels: int, bounds: np.ndarray, first_inside: bool) -> np.ndarray:
+    """The brush stream of a mask given as (R + 1,) pixel run bounds; runs alternate."""
+    values = np.zeros(bounds.size - 1, dtype=np.uint8)  # (R,)
+    values[0 if first_inside else 1 :: 2] = _OPAQUE
+    return _encode_runs(num_pixels * _CHANNELS, bounds, _CHANNELS, values)
+
+
+def brush_rle_bytes_by_label(mask: np.ndarray, label_ids: Iterable[int]) -> dict[int, np.ndarray]:
+    """The brush RLE of ``mask == k`` for each k of ``label_ids``, as (N,) uint8 each.
+
+    Faster than one call of ``brush_rle_bytes`` a label: the runs of the (H, W) id mask are
+    found once, and each label's runs are merged from them.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(
+            f"brush_rle_bytes_by_label: mask must be 2-D (H, W), got shape {mask.shape}"
+        )
+    _check_count(
+        mask.size * _CHANNELS, f"brush_rle_bytes_by_label ({mask.shape[0]}x{mask.shape[1]})"
+    )
+    flat = mask.reshape(-1)  # (H * W,)
+    id_bounds = _run_bounds(flat)  # (Q + 1,) runs of equal ids
+    run_ids = flat[id_bounds[:-1]]  # (Q,)
+    streams = {}
+    for label_id in label_ids:
+        inside = run_ids == label_id  # (Q,)
+        bounds = id_bounds[_run_bounds(inside)]  # (R + 1,) the label's runs, in pixels
+        streams[label_id] = _mask_stream(flat.size, bounds, bool(inside.size and inside[0]))
+    return streams
+
+
+def encode_brush_rles(mask: np.ndarray, label_ids: Iterable[int]) -> dict[int, list[int]]:
+    """``encode_brush_rle(mask == k)`` for each k of ``label_ids``, from the runs of ``mask``."""
+    return {k: stream.tolist() for k, stream in brush_rle_bytes_by_label(mask, label_ids).items()}
 
 
 def encode_brush_rle(binary: np.ndarray) -> list[int]:

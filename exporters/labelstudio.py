@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from exporters.brush_rle import encode_brush_rle
+from exporters.brush_rle import encode_brush_rle, encode_brush_rles
 
 IGNORE_INDEX = 255
 _RGBA_CHANNELS = 4
@@ -79,8 +79,10 @@ def brush_results(
             f"({len(names)} labels) and not {IGNORE_INDEX} (ignore)"
         )
     height, width = mask.shape
+    present = [int(i) for i in ids if 1 <= i <= len(names)]
+    rles = encode_brush_rles(mask, present)  # from the mask's runs, found once
     results = []
-    for label_id in (int(i) for i in ids if 1 <= i <= len(names)):
+    for label_id in present:
         label = names[label_id - 1]
         result: dict[str, Any] = {
             "id": _result_id(from_name, to_name, label_id, label),
@@ -92,7 +94,7 @@ def brush_results(
             "image_rotation": 0,
             "value": {
                 "format": "rle",
-                "rle": mask_to_brush_rle(mask == label_id),
+                "rle": rles[label_id],
                 "brushlabels": [label],
             },
         }

@@ -7,7 +7,13 @@ import pytest
 from label_studio_converter import brush
 
 from exporters import brush_rle, mask_to_brush_rle
-from exporters.brush_rle import brush_rle_bytes, encode_brush_rle, rle_pack_bytes
+from exporters.brush_rle import (
+    brush_rle_bytes,
+    brush_rle_bytes_by_label,
+    encode_brush_rle,
+    encode_brush_rles,
+    rle_pack_bytes,
+)
 from labeler.result import BACKGROUND, IGNORE, MAX_LABELS
 
 # Run lengths, in values, where the format changes: the last length of each run-length field
@@ -102,8 +108,35 @@ def test_every_label_of_a_multi_label_mask() -> None:
     mask.flat[-256:] = rng.permutation(256)
     assert {BACKGROUND, IGNORE} <= set(np.unique(mask).tolist())
     assert np.unique(mask).size == 256
-    for label_id in range(1, MAX_LABELS + 1):
+    label_ids = range(1, MAX_LABELS + 1)
+    by_label = encode_brush_rles(mask, label_ids)
+    assert list(by_label) == list(label_ids)
+    for label_id in label_ids:
         assert_same(mask == label_id)
+        assert by_label[label_id] == reference(mask == label_id)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (1, 1), (1, 40), (40, 1), (77, 131), (480, 640)])
+def test_labels_from_one_id_mask(shape) -> None:
+    rng = np.random.default_rng(shape[0] + 1)
+    # An upsampled label map with ignore noise, and labels that are absent, everywhere or alone.
+    grid = rng.integers(0, 6, (8, 8))
+    rows = np.arange(shape[0]) * 8 // max(shape[0], 1)
+    cols = np.arange(shape[1]) * 8 // max(shape[1], 1)
+    mask = grid[rows[:, None], cols[None, :]].astype(np.uint8)  # (H, W)
+    mask[rng.random(shape) < 0.02] = IGNORE
+    label_ids = [1, 2, 3, 4, 5, 9, IGNORE]
+    by_label = brush_rle_bytes_by_label(mask, label_ids)
+    assert list(by_label) == label_ids
+    for label_id in label_ids:
+        assert by_label[label_id].tolist() == encode_brush_rle(mask == label_id)
+        if mask.size:
+            assert by_label[label_id].tolist() == reference(mask == label_id)
+    full = np.full(shape, 3, np.int32)
+    assert encode_brush_rles(full, [3, 4]) == {
+        3: encode_brush_rle(full == 3),
+        4: encode_brush_rle(full == 4),
+    }
 
 
 @pytest.mark.parametrize("kind", ["blob", "sparse noise", "dense noise", "blob with holes"])
@@ -170,6 +203,8 @@ def test_errors_name_the_bad_input() -> None:
         brush_rle_bytes(huge)
     with pytest.raises(ValueError, match=r"1-D uint8.*int64"):
         rle_pack_bytes(np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"2-D \(H, W\), got shape \(2, 2, 2\)"):
+        encode_brush_rles(np.zeros((2, 2, 2), np.uint8), [1])
 
 
 @pytest.mark.parametrize("alphabet", [2, 3, 256])
