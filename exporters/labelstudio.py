@@ -1,8 +1,10 @@
 """Label Studio brush predictions and import files.
 
 A brush result stores one label's pixels as Label Studio's RLE: the rle-pack bit stream of an
-RGBA image of the mask, of which Label Studio draws the alpha channel. ``label_studio_converter``
-(imported when used) encodes and decodes it; masks go in as 0/255 so the alpha is opaque.
+RGBA image of the mask, of which Label Studio draws the alpha channel; masks go in as 0/255 so the
+alpha is opaque. ``exporters.brush_rle`` encodes it (byte for byte what
+``label_studio_converter.brush.mask2rle`` writes, many times faster); ``label_studio_converter``
+(imported when used) decodes it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from exporters.brush_rle import encode_brush_rle, encode_brush_rles
 from labeler.result import IGNORE
 
 _RGBA_CHANNELS = 4
@@ -25,7 +28,7 @@ def _brush_api() -> Any:
         from label_studio_converter import brush
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "Label Studio brush export needs label-studio-converter: "
+            "Decoding Label Studio brushes needs label-studio-converter: "
             "pip install label-studio-converter"
         ) from error
     return brush
@@ -38,12 +41,11 @@ def _result_id(from_name: str, to_name: str, label_id: int, label: str) -> str:
 
 
 def mask_to_brush_rle(binary: np.ndarray) -> list[int]:
-    """Label Studio brush RLE (list of byte values) of an (H, W) boolean mask."""
+    """Label Studio brush RLE (list of byte values) of an (H, W) mask; nonzero pixels are in it."""
     binary = np.asarray(binary)
     if binary.ndim != 2:
         raise ValueError(f"mask_to_brush_rle: mask must be 2-D (H, W), got shape {binary.shape}")
-    alpha = np.ascontiguousarray(binary.astype(bool), dtype=np.uint8) * np.uint8(255)  # (H, W)
-    return [int(v) for v in _brush_api().mask2rle(alpha)]
+    return encode_brush_rle(binary)
 
 
 def brush_results(
@@ -77,8 +79,10 @@ def brush_results(
             f"({len(names)} labels) and not {IGNORE} (ignore)"
         )
     height, width = mask.shape
+    present = [int(i) for i in ids if 1 <= i <= len(names)]
+    rles = encode_brush_rles(mask, present)  # from the mask's runs, found once
     results = []
-    for label_id in (int(i) for i in ids if 1 <= i <= len(names)):
+    for label_id in present:
         label = names[label_id - 1]
         result: dict[str, Any] = {
             "id": _result_id(from_name, to_name, label_id, label),
@@ -90,7 +94,7 @@ def brush_results(
             "image_rotation": 0,
             "value": {
                 "format": "rle",
-                "rle": mask_to_brush_rle(mask == label_id),
+                "rle": rles[label_id],
                 "brushlabels": [label],
             },
         }
