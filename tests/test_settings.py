@@ -1,0 +1,323 @@
+"""One settings carrier: the option table, labels checked once, usage errors before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from labeler.commands import main
+from labeler.config import ModelSpec, SegmenterConfig, parse_dtype, parse_sizes, select_sizes
+from labeler.labels import parse_labels_file, validate_labels
+from labeler.options import BY_NAME, SETTINGS, ModelSettings, build_settings, settings_from_env
+from ml_backend.settings import BackendSettings
+from ml_backend.training import refine_options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- the table
+def test_every_segmenter_and_model_field_has_exactly_one_row():
+    rows = {(s.owner, s.field) for s in SETTINGS}
+    assert len(rows) == len(SETTINGS)
+    segmenter = {f.name for f in fields(SegmenterConfig)} - {"label_separator", "map_weights"}
+    model = {f.name for f in fields(ModelSpec)}
+    assert {f for o, f in rows if o == "segmenter"} == segmenter
+    assert {f for o, f in rows if o == "model"} == model
+    assert {f for o, f in rows if o == "weights"} == {"map_weights"}
+
+
+def test_environment_round_trip_gives_the_same_settings(tmp_path):
+    from labeler.weights import map_weights_to_bytes
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(map_weights_to_bytes({"layer": 1.5}))
+    values = {
+        "model": "org/name",
+        "device": "cpu",
+        "dtype": "bf16",
+        "compile": True,
+        "image-size": 64,
+        "batch-size": 3,
+        "timestep": 50,
+        "cross-sizes": (8, 16),
+        "self-sizes": "<=32",
+        "sar": True,
+        "self-only": True,
+        "prompt-template": "a photo of {}",
+        "background-prompt": "background",
+        "background-threshold": 0.25,
+        "weights": str(weights),
+    }
+    assert set(values) == set(BY_NAME)  # the test covers every row
+    settings = build_settings(values)
+    again = settings_from_env(settings.to_env())
+    assert again == settings
+    assert again.segmenter.map_weights == {"layer": 1.5}
+    assert settings.to_env()["STABLESEG_SELF_SIZES"] == "<=32"
+
+
+def test_bad_values_name_the_variable():
+    with pytest.raises(ValueError, match="STABLESEG_TIMESTEP 'soon'"):
+        settings_from_env({"STABLESEG_TIMESTEP": "soon"})
+    with pytest.raises(ValueError, match="multiple of 8"):
+        settings_from_env({"STABLESEG_IMAGE_SIZE": "63"})
+    with pytest.raises(ValueError, match="STABLESEG_SAR 'maybe'"):
+        settings_from_env({"STABLESEG_SAR": "maybe"})
+    assert settings_from_env({"MODEL_DIR": "a/b"}).model.source == "a/b"
+    assert settings_from_env({"MODEL_DIR": "a/b", "STABLESEG_MODEL": "c/d"}).model.source == "c/d"
+
+
+def test_size_notation_and_dtype_spellings():
+    assert parse_sizes("16, 8") == (8, 16)
+    assert parse_sizes("<= 32") == "<=32" and parse_sizes("ALL") == "all"
+    assert select_sizes("<=32", [8, 16, 32, 64], None) == {8, 16, 32}
+    assert select_sizes(None, [8, 16, 32, 64], 2) == {8, 16}
+    with pytest.raises(ValueError, match="valid sizes"):
+        select_sizes((12,), [8, 16], None)
+    with pytest.raises(ValueError, match="cannot read sizes"):
+        parse_sizes("big")
+    assert [parse_dtype(v) for v in ("half", "float16", "BF16", "float32", "auto")] == [
+        "fp16",
+        "fp16",
+        "bf16",
+        "fp32",
+        None,
+    ]
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        parse_dtype("int8")
+
+
+def test_table_3_sizes_reach_the_model(tiny_parts):
+    from labeler import StableSeg
+
+    model = StableSeg(**tiny_parts, config=SegmenterConfig(image_size=64))
+    sides = sorted({layer.side for layer in model.attention_layers()})
+    plan = model.with_config(model.config.replace(cross_sizes="<=16", self_sizes="all")).plan()
+    chosen = {layer.side for layer in model.attention_layers() if plan.cross.get(layer.name)}
+    assert chosen == {s for s in sides if s <= 16}
+
+
+# ---------------------------------------------------------------------------- labels
+def test_labels_are_normalised_and_checked_once():
+    assert validate_labels(["  cat ", "hot\u00a0 dog", "Caf\u0065\u0301"]) == [
+        "cat",
+        "hot dog",
+        "Caf\u00e9",  # NFC
+    ]
+    with pytest.raises(ValueError, match="ZERO WIDTH SPACE"):
+        validate_labels(["cat", "d\u200bog"])
+    with pytest.raises(ValueError, match="duplicate label 'CAT'"):
+        validate_labels(["cat", "CAT"])
+    with pytest.raises(ValueError, match="at most 254"):
+        validate_labels([f"l{i}" for i in range(255)])
+    with pytest.raises(ValueError, match="starts with '#'"):
+        validate_labels(["#1"])
+    assert validate_labels(["a:b", "a,b"]) == ["a:b", "a,b"]  # carried, not refused
+
+
+def test_labels_file_comments_and_line_numbers():
+    lines = ["# classes", "cat", "", "  # still a comment", "dog  house", "\tbird"]
+    assert parse_labels_file(lines, "f.txt") == ["cat", "dog house", "bird"]
+    with pytest.raises(ValueError, match=r"line 3 of f\.txt"):
+        parse_labels_file(["cat", "dog", "c\x07at"], "f.txt")
+    with pytest.raises(ValueError, match="no label names"):
+        parse_labels_file(["# only", ""], "f.txt")
+
+
+# ---------------------------------------------------------------------------- entry points
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return folder
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_usage_errors_come_before_any_model_loads_or_file_is_written(images, tmp_path):
+    out = tmp_path / "out"
+    base = ["pseudo-label", str(images), "--labels", "cat,dog", "--out", str(out)]
+    odd = _invoke(*base, "--model", "demo/model", "--image-size", "63")
+    assert odd.exit_code == 2 and "multiple of 8" in odd.output
+    started = time.monotonic()
+    typo = _invoke(*base, "--model", str(ROOT / "demo" / "modl"))
+    assert typo.exit_code == 2 and "no such folder" in typo.output
+    relative = _invoke(*base, "--model", "demo/modl")  # demo/ exists: a local path, not a hub id
+    assert relative.exit_code == 2 and "no such folder" in relative.output
+    assert time.monotonic() - started < 10  # no hub retries
+    many = _invoke(*base[:3], ",".join(f"l{i}" for i in range(300)), *base[4:])
+    assert many.exit_code == 2 and "at most 254" in many.output
+    invisible = _invoke(*base[:3], "cat,d\u200bog", *base[4:])
+    assert invisible.exit_code == 2 and "U+200B" in invisible.output
+    sizes = _invoke(*base, "--model", "demo/model", "--cross-sizes", "big")
+    assert sizes.exit_code == 2 and "cannot read sizes" in sizes.output
+    assert not out.exists()
+
+
+def test_an_empty_image_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _invoke(
+        "pseudo-label",
+        str(tmp_path / "empty"),
+        "--labels",
+        "cat",
+        "--model",
+        "demo/model",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.exit_code == 2 and "no images under" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_load_writes_nothing(images, tmp_path):
+    broken = tmp_path / "broken-model"
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        (broken / part).mkdir(parents=True)
+    result = _invoke(
+        "pseudo-label",
+        str(images),
+        "--labels",
+        "cat",
+        "--model",
+        str(broken),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert result.exit_code == 1 and "cannot load --model" in result.output
+    assert not (tmp_path / "out").exists()  # the corrected rerun is not refused
+
+
+def test_labels_with_colons_are_carried_through_every_export(images, tmp_path, tiny_model_dir):
+    import json
+
+    out = tmp_path / "out"
+    labels = "cat: tabby,dog"
+    result = _invoke(
+        "pseudo-label",
+        str(images),
+        "--labels",
+        labels,
+        "--model",
+        str(tiny_model_dir),
+        "--image-size",
+        "64",
+        "--format",
+        "coco",
+        "--format",
+        "labelstudio",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    coco = json.loads((out / "coco.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["cat: tabby", "dog"]
+    assert json.loads((out / "classes.json").read_text())["1"] == "cat: tabby"
+    assert "cat%3A tabby:128,0,0::" in (out / "labelmap.txt").read_text()
+    tasks = json.loads((out / "labelstudio.json").read_text())
+    names = {r["value"]["brushlabels"][0] for t in tasks for r in t["predictions"][0]["result"]}
+    assert names <= {"cat: tabby", "dog"} and names
+
+
+def test_start_training_uses_the_segmenter_settings_that_serve_predicts_with():
+    env = {
+        "STABLESEG_MODEL": "org/name",
+        "STABLESEG_IMAGE_SIZE": "256",
+        "STABLESEG_BATCH_SIZE": "2",
+        "STABLESEG_TIMESTEP": "20",
+        "STABLESEG_CROSS_SIZES": "<=16",
+        "STABLESEG_SELF_SIZES": "16,32",
+        "STABLESEG_PROMPT_TEMPLATE": "a photo of {}",
+        "STABLESEG_BACKGROUND_PROMPT": "background",
+        "STABLESEG_BACKGROUND_THRESHOLD": "0.3",
+        "STABLESEG_DTYPE": "fp32",
+    }
+    settings = BackendSettings.from_env(env)
+    options = refine_options(settings, ["cat", "dog"])
+    assert options.segmenter == settings.stableseg.segmenter
+    assert options.segmenter.background_prompt == "background"  # once dropped
+    assert options.model == settings.model
+
+
+def test_serve_passes_every_option_to_its_workers_through_the_environment(tmp_path):
+    """serve's options become the STABLESEG_* variables the workers read (dev server started
+    with a port that is taken, so it exits right after building its environment)."""
+    code = (
+        "import os, sys, json\n"
+        "from labeler.commands import serve as module\n"
+        "def stop(env, host, port):\n"
+        "    print(json.dumps({k: v for k, v in env.items() if k.startswith('STABLESEG_')}))\n"
+        "module._run_dev_server = stop\n"
+        "from labeler.commands import main\n"
+        "main(['serve', '--dev-server', '--model', 'demo/model', '--image-size', '64',\n"
+        "      '--timestep', '5', '--no-sar', '--cross-sizes', '<=16'])\n"
+    )
+    env = {**os.environ, "STABLESEG_BATCH_SIZE": "3", "STABLESEG_TIMESTEP": "9"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    import json
+
+    assert done.returncode == 0, done.stderr
+    passed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert passed["STABLESEG_MODEL"] == str(ROOT / "demo" / "model")  # absolute for the workers
+    assert passed["STABLESEG_TIMESTEP"] == "5"  # the command line wins over the environment
+    assert passed["STABLESEG_BATCH_SIZE"] == "3"  # the environment fills what is not given
+    assert passed["STABLESEG_SAR"] == "0" and passed["STABLESEG_CROSS_SIZES"] == "<=16"
+    worker = BackendSettings.from_env(passed)
+    assert worker.stableseg.segmenter.timestep == 5 and not worker.stableseg.segmenter.use_sar
+
+
+def test_the_console_script_works_from_any_folder(tmp_path):
+    script = Path(sys.executable).with_name("stableseg")
+    if not script.exists():
+        pytest.skip("the package is not installed with its console script")
+    done = subprocess.run(
+        [str(script), "pseudo-label", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "--cross-sizes" in done.stdout
+
+
+def test_model_settings_are_what_the_commands_receive():
+    seen = {}
+
+    import click
+
+    from labeler.commands.common import segmenter_options
+
+    @click.command()
+    @segmenter_options
+    def probe(settings: ModelSettings) -> None:
+        seen["settings"] = settings
+
+    result = CliRunner().invoke(
+        probe, ["--image-size", "128", "--self-only", "--dtype", "half", "--timestep", "3"]
+    )
+    assert result.exit_code == 2  # click.Choice: half is not one of the choices
+    result = CliRunner().invoke(
+        probe, ["--image-size", "128", "--self-only", "--dtype", "fp16", "--timestep", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    settings = seen["settings"]
+    assert settings.model == ModelSpec(dtype="fp16")
+    assert settings.segmenter == SegmenterConfig(image_size=128, self_only=True, timestep=3)
+    bad = CliRunner().invoke(probe, ["--no-sar", "--self-only"])
+    assert bad.exit_code == 2 and "self_only=True needs use_sar=True" in bad.output
