@@ -1,0 +1,116 @@
+"""Compact digests of a ``pseudo-label`` output folder, to compare runs with a golden file.
+
+``tests/golden/pseudo_label_demo.json`` was written by this module from the output of the
+job as it was before the pipelined rewrite (main at 376c6f6), run on the demo scenes::
+
+    python cli.py pseudo-label demo/scenes/images --labels-file demo/scenes/colours.txt \\
+        --model demo/model --image-size 64 --background-prompt background \\
+        --format coco --format png --format labelstudio --preview --out OUT
+    python -m tests.pipeline_golden OUT tests/golden/pseudo_label_demo.json
+
+What is kept: each mask's pixels (a digest of its shape and ids, not of the PNG bytes, whose
+compression level may change), each record, every COCO image and annotation and every Label
+Studio task (digests of everything but the scores, and the scores themselves, compared to 1e-5
+like the backend's golden file), the label files, and the preview gallery page. Preview images
+are represented by their sizes only: they are JPEGs, whose bytes depend on the JPEG library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _json_digest(value: Any) -> str:
+    return _digest(json.dumps(value, sort_keys=True, ensure_ascii=False).encode())
+
+
+def mask_digest(path: Path) -> str:
+    """Digest of a mask PNG's mode, shape and pixel ids."""
+    with Image.open(path) as image:
+        mode = image.mode
+        ids = np.array(image, dtype=np.uint8)  # (H, W)
+    return _digest(f"{mode}{ids.shape}".encode() + ids.tobytes())
+
+
+def _without_scores(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_scores(v) for k, v in value.items() if k != "score"}
+    if isinstance(value, list):
+        return [_without_scores(v) for v in value]
+    return value
+
+
+def _scores(value: Any, found: list[float] | None = None) -> list[float]:
+    found = [] if found is None else found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "score":
+                found.append(float(item))
+            else:
+                _scores(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _scores(item, found)
+    return found
+
+
+def digest_run(out: Path) -> dict[str, Any]:
+    """The comparable content of one ``pseudo-label`` output folder."""
+    out = Path(out)
+    masks = {
+        path.relative_to(out / "masks").as_posix(): mask_digest(path)
+        for path in sorted((out / "masks").rglob("*.png"))
+    }
+    records, record_scores = {}, {}
+    for path in sorted((out / "records").rglob("*.json")):
+        record = json.loads(path.read_text())
+        key = path.relative_to(out / "records").as_posix()
+        records[key] = _json_digest({k: v for k, v in record.items() if k != "scores"})
+        record_scores[key] = record["scores"]
+    coco = json.loads((out / "coco.json").read_text())
+    tasks = json.loads((out / "labelstudio.json").read_text())
+    previews = {}
+    for path in sorted((out / "preview").rglob("*.jpg")):
+        with Image.open(path) as image:
+            previews[path.relative_to(out / "preview").as_posix()] = list(image.size)
+    return {
+        "masks": masks,
+        "records": records,
+        "record_scores": record_scores,
+        "coco": {
+            "info": coco["info"],
+            "categories": coco["categories"],
+            "images": _json_digest(coco["images"]),
+            "annotations": [_json_digest(_without_scores(a)) for a in coco["annotations"]],
+            "scores": _scores(coco["annotations"]),
+        },
+        "labelstudio": {
+            "tasks": [_json_digest(_without_scores(t)) for t in tasks],
+            "scores": _scores(tasks),
+        },
+        "files": {
+            name: _digest((out / name).read_bytes())
+            for name in ("labelmap.txt", "classes.json", "skipped.jsonl", "preview/index.html")
+        },
+        "previews": previews,
+    }
+
+
+def main(argv: list[str]) -> None:
+    out, golden = Path(argv[0]), Path(argv[1])
+    golden.write_text(json.dumps(digest_run(out), indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
