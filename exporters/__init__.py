@@ -9,6 +9,7 @@ from exporters.coco import (
     coco_annotations,
     coco_image,
     encode_rle,
+    mask_annotations,
     result_to_coco_annotations,
 )
 from exporters.labelstudio import (
@@ -20,6 +21,7 @@ from exporters.labelstudio import (
     mask_to_brush_rle,
     prediction,
 )
+from exporters.mask_ids import id_counts, present_ids
 from exporters.png import (
     classes_json,
     label_color,
@@ -28,7 +30,7 @@ from exporters.png import (
     png_to_mask,
     voc_palette,
 )
-from exporters.preview import gallery_html, overlay
+from exporters.preview import gallery_figure, gallery_head, gallery_html, gallery_tail, overlay
 
 __all__ = [
     "brush_results",
@@ -39,16 +41,22 @@ __all__ = [
     "coco_image",
     "decode_brush_result",
     "encode_rle",
+    "gallery_figure",
+    "gallery_head",
     "gallery_html",
+    "gallery_tail",
+    "id_counts",
     "image_url",
     "import_task",
     "label_color",
     "labelmap_text",
+    "mask_annotations",
     "mask_to_brush_rle",
     "mask_to_png",
     "overlay",
     "png_to_mask",
     "prediction",
+    "present_ids",
     "result_to_coco_annotations",
     "voc_palette",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 if TYPE_CHECKING:
     from labeler.result import SegmentationResult
 
+from exporters.mask_ids import present_ids
 from labeler.result import IGNORE, MAX_LABELS
 
 
@@ -35,6 +36,102 @@ def encode_rle(binary: np.ndarray) -> dict[str, Any]:
     fortran = np.asfortranarray(binary.astype(np.uint8))  # (H, W) uint8, column-major
     rle = mask_api.encode(fortran)
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _check_mask_ids(mask: np.ndarray, num_labels: int, where: str) -> np.ndarray:
+    """Validate an id mask against ``num_labels``; return the ids it holds (sorted)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{where}: mask must be 2-D (H, W), got shape {mask.shape}")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{where}: mask must hold integer ids, got dtype {mask.dtype}")
+    if not 1 <= num_labels <= MAX_LABELS:
+        raise ValueError(f"{where}: num_labels must be in 1..{MAX_LABELS}, got {num_labels}")
+    ids = present_ids(mask)
+    bad = [int(i) for i in ids if (i < 0 or i > num_labels) and i != IGNORE]
+    if bad:
+        raise ValueError(
+            f"{where}: mask ids {bad} are outside 0..{num_labels} and not {IGNORE} (ignore)"
+        )
+    return ids
+
+
+def _column_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal ids in column-major order (COCO's): (R + 1,) bounds and (R,) ids."""
+    flat = np.ascontiguousarray(mask.T).reshape(-1)  # (W * H,) column after column
+    starts = np.empty(flat.size + 1, dtype=bool)  # does a run start at this index
+    starts[0] = starts[-1] = True
+    np.not_equal(flat[1:], flat[:-1], out=starts[1:-1])
+    bounds = np.flatnonzero(starts)  # (R + 1,) from 0 to H * W
+    return bounds, flat[bounds[:-1]]
+
+
+def _label_counts(bounds: np.ndarray, run_ids: np.ndarray, label_id: int) -> np.ndarray:
+    """Uncompressed COCO RLE counts of ``mask == label_id`` from the mask's column runs:
+    alternate lengths of outside and inside pixels, starting outside (maybe with 0)."""
+    inside = run_ids == label_id  # (R,)
+    changes = np.empty(inside.size + 1, dtype=bool)
+    changes[0] = changes[-1] = True
+    np.not_equal(inside[1:], inside[:-1], out=changes[1:-1])
+    counts = np.diff(bounds[np.flatnonzero(changes)])  # lengths of the label's runs
+    if inside[0]:
+        counts = np.concatenate([[0], counts])
+    return counts
+
+
+def mask_annotations(
+    mask: np.ndarray,
+    num_labels: int,
+    *,
+    scores: Sequence[float] | None = None,
+    label_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """COCO annotations of one mask without their ``id`` and ``image_id``, one per label
+    present, in label order: the pieces a streamed ``coco.json`` numbers when it assembles.
+
+    The RLE of every label comes from the mask's runs in column-major order, found once;
+    each equals ``pycocotools.mask.encode`` of ``mask == label``.
+
+    Args:
+        mask: (H, W) integer ids; 0 = background, k = label k (1..num_labels), 255 = ignore.
+        num_labels: how many labels the mask's ids refer to.
+        scores: optional per-label scores, ``scores[k - 1]`` for label k.
+        label_ids: the labels present, when the caller already knows them (validated
+            against the mask by the caller); found from the mask otherwise.
+
+    Returns:
+        Dicts with ``category_id, segmentation`` (compressed RLE, counts as str), ``area,
+        bbox`` ([x, y, w, h]), ``iscrowd: 0`` and, with ``scores``, ``score``.
+    """
+    if label_ids is None:
+        ids = _check_mask_ids(mask, num_labels, "mask_annotations")
+        label_ids = [int(i) for i in ids if 1 <= i <= num_labels]
+    if scores is not None and len(scores) != num_labels:
+        raise ValueError(f"mask_annotations: got {len(scores)} scores for num_labels={num_labels}")
+    if not label_ids:
+        return []
+    mask = np.asarray(mask)
+    height, width = mask.shape
+    mask_api = _mask_api()
+    bounds, run_ids = _column_runs(mask)
+    annotations = []
+    for label_id in label_ids:
+        counts = _label_counts(bounds, run_ids, label_id)
+        rle = mask_api.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        annotation: dict[str, Any] = {
+            "category_id": int(label_id),
+            "segmentation": {
+                "size": [int(v) for v in rle["size"]],
+                "counts": rle["counts"].decode("ascii"),
+            },
+            "area": int(mask_api.area(rle)),
+            "bbox": [float(v) for v in mask_api.toBbox(rle)],
+            "iscrowd": 0,
+        }
+        if scores is not None:
+            annotation["score"] = float(scores[label_id - 1])
+        annotations.append(annotation)
+    return annotations
 
 
 def coco_annotations(
@@ -63,21 +160,8 @@ def coco_annotations(
         ``area, bbox`` ([x, y, w, h]), ``iscrowd: 0`` and, when known, ``score``.
     """
     mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"coco_annotations: mask must be 2-D (H, W), got shape {mask.shape}")
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"coco_annotations: mask must hold integer ids, got dtype {mask.dtype}")
-    if not 1 <= num_labels <= MAX_LABELS:
-        raise ValueError(
-            f"coco_annotations: num_labels must be in 1..{MAX_LABELS}, got {num_labels}"
-        )
-    ids = np.unique(mask)
-    bad = [int(i) for i in ids if (i < 0 or i > num_labels) and i != IGNORE]
-    if bad:
-        raise ValueError(
-            f"coco_annotations: mask ids {bad} are outside 0..{num_labels} and not "
-            f"{IGNORE} (ignore)"
-        )
+    ids = _check_mask_ids(mask, num_labels, "coco_annotations")
+    present = [int(i) for i in ids if 1 <= i <= num_labels]
     if probs is not None:
         probs = np.asarray(probs)
         if probs.shape != (num_labels, *mask.shape):
@@ -85,30 +169,16 @@ def coco_annotations(
                 f"coco_annotations: probs shape {probs.shape} does not match "
                 f"(num_labels, H, W) = {(num_labels, *mask.shape)}"
             )
-    if scores is not None and len(scores) != num_labels:
+        scores = [0.0] * num_labels
+        for label_id in present:
+            scores[label_id - 1] = float(probs[label_id - 1][mask == label_id].mean())
+    elif scores is not None and len(scores) != num_labels:
         raise ValueError(f"coco_annotations: got {len(scores)} scores for num_labels={num_labels}")
-
-    mask_api = _mask_api()
-    annotations = []
-    for label_id in (int(i) for i in ids if 1 <= i <= num_labels):
-        pixels = mask == label_id  # (H, W) bool
-        rle = encode_rle(pixels)
-        api_rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        annotation: dict[str, Any] = {
-            "id": first_ann_id + len(annotations),
-            "image_id": image_id,
-            "category_id": label_id,
-            "segmentation": rle,
-            "area": int(mask_api.area(api_rle)),
-            "bbox": [float(v) for v in mask_api.toBbox(api_rle)],
-            "iscrowd": 0,
-        }
-        if probs is not None:
-            annotation["score"] = float(probs[label_id - 1][pixels].mean())
-        elif scores is not None:
-            annotation["score"] = float(scores[label_id - 1])
-        annotations.append(annotation)
-    return annotations
+    pieces = mask_annotations(mask, num_labels, scores=scores, label_ids=present)
+    return [
+        {"id": first_ann_id + index, "image_id": image_id, **piece}
+        for index, piece in enumerate(pieces)
+    ]
 
 
 def result_to_coco_annotations(

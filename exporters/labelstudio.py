@@ -18,6 +18,7 @@ from urllib.parse import quote
 import numpy as np
 
 from exporters.brush_rle import encode_brush_rle, encode_brush_rles
+from exporters.mask_ids import present_ids
 from labeler.result import IGNORE
 
 _RGBA_CHANNELS = 4
@@ -54,6 +55,8 @@ def brush_results(
     scores: Mapping[str, float] | None = None,
     from_name: str = "tag",
     to_name: str = "image",
+    *,
+    label_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Label Studio ``brushlabels`` results, one per label present in the mask, in label order.
 
@@ -64,6 +67,8 @@ def brush_results(
         scores: optional label -> confidence; a result carries ``score`` when its label has one.
         from_name: the ``name`` of the ``<BrushLabels>`` control tag.
         to_name: the ``name`` of the ``<Image>`` object tag.
+        label_ids: the ids present, when the caller already knows them (validated against
+            the mask by the caller); found from the mask otherwise.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -71,15 +76,17 @@ def brush_results(
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"brush_results: mask must hold integer ids, got dtype {mask.dtype}")
     names = list(labels)
-    ids = np.unique(mask)
-    bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE]
-    if bad:
-        raise ValueError(
-            f"brush_results: mask ids {bad} are outside 0..{len(names)} "
-            f"({len(names)} labels) and not {IGNORE} (ignore)"
-        )
+    if label_ids is None:
+        ids = present_ids(mask)
+        bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE]
+        if bad:
+            raise ValueError(
+                f"brush_results: mask ids {bad} are outside 0..{len(names)} "
+                f"({len(names)} labels) and not {IGNORE} (ignore)"
+            )
+        label_ids = [int(i) for i in ids if 1 <= i <= len(names)]
     height, width = mask.shape
-    present = [int(i) for i in ids if 1 <= i <= len(names)]
+    present = [int(i) for i in label_ids]
     rles = encode_brush_rles(mask, present)  # from the mask's runs, found once
     results = []
     for label_id in present:

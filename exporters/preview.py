@@ -10,6 +10,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from exporters.mask_ids import present_ids
 from exporters.png import voc_palette
 from labeler.result import IGNORE
 
@@ -84,7 +85,7 @@ def overlay(
             f"{image.width}x{image.height} (W x H)"
         )
     names = list(labels)
-    ids = np.unique(mask)
+    ids = present_ids(mask)
     bad = [int(i) for i in ids if (i < 0 or i > len(names)) and i != IGNORE]
     if bad:
         raise ValueError(f"overlay: mask ids {bad} are outside 0..{len(names)} and not 255")
@@ -119,6 +120,46 @@ def _href(path: str) -> str:
     return html.escape(quote(str(path), safe="/"), quote=True)
 
 
+def gallery_head(count: int, title: str = "StableSeg previews") -> str:
+    """The start of :func:`gallery_html`'s page, up to its first figure, for ``count`` images.
+
+    With :func:`gallery_figure` and :func:`gallery_tail` a gallery of any size is written
+    piece by piece: ``head + "\\n".join(figures) + tail`` is :func:`gallery_html`'s page.
+    """
+    safe_title = html.escape(title)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{safe_title}</title>\n<style>{_GALLERY_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{safe_title}</h1>\n<p>{count} images</p>\n"
+        '<div class="grid">\n'
+    )
+
+
+def gallery_figure(entry: Mapping[str, Any], index: int = 0) -> str:
+    """One ``<figure>`` of the gallery (see :func:`gallery_html` for the entry's keys);
+    ``index`` names the entry in an error message."""
+    missing = [key for key in ("overlay", "file_name") if key not in entry]
+    if missing:
+        raise ValueError(f"gallery_html: entry {index} lacks {missing}: {dict(entry)!r}")
+    labels = ", ".join(str(name) for name in entry.get("labels", [])) or "(none)"
+    file_name = html.escape(str(entry["file_name"]))
+    return (
+        "<figure>"
+        f'<a href="{_href(entry["overlay"])}">'
+        f'<img src="{_href(entry.get("thumbnail", entry["overlay"]))}" alt="{file_name}"'
+        ' loading="lazy"></a>'
+        f"<figcaption>{file_name}<br>"
+        f'<span class="labels">{html.escape(labels)}</span></figcaption>'
+        "</figure>"
+    )
+
+
+def gallery_tail() -> str:
+    """The end of :func:`gallery_html`'s page, after its last figure."""
+    return "\n</div>\n</body>\n</html>\n"
+
+
 def gallery_html(entries: Sequence[Mapping[str, Any]], title: str = "StableSeg previews") -> str:
     """A self-contained HTML page: a grid of overlay thumbnails with file names and labels.
 
@@ -126,27 +167,5 @@ def gallery_html(entries: Sequence[Mapping[str, Any]], title: str = "StableSeg p
     (the source image's name, shown) and ``labels`` (the names present, shown); an optional
     ``thumbnail`` path is shown instead of the overlay itself. Every text is HTML-escaped.
     """
-    figures = []
-    for index, entry in enumerate(entries):
-        missing = [key for key in ("overlay", "file_name") if key not in entry]
-        if missing:
-            raise ValueError(f"gallery_html: entry {index} lacks {missing}: {dict(entry)!r}")
-        labels = ", ".join(str(name) for name in entry.get("labels", [])) or "(none)"
-        file_name = html.escape(str(entry["file_name"]))
-        figures.append(
-            "<figure>"
-            f'<a href="{_href(entry["overlay"])}">'
-            f'<img src="{_href(entry.get("thumbnail", entry["overlay"]))}" alt="{file_name}"'
-            ' loading="lazy"></a>'
-            f"<figcaption>{file_name}<br>"
-            f'<span class="labels">{html.escape(labels)}</span></figcaption>'
-            "</figure>"
-        )
-    safe_title = html.escape(title)
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{safe_title}</title>\n<style>{_GALLERY_STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{safe_title}</h1>\n<p>{len(figures)} images</p>\n"
-        '<div class="grid">\n' + "\n".join(figures) + "\n</div>\n</body>\n</html>\n"
-    )
+    figures = [gallery_figure(entry, index) for index, entry in enumerate(entries)]
+    return gallery_head(len(figures), title) + "\n".join(figures) + gallery_tail()

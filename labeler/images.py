@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,11 +98,34 @@ def to_rgb_array(image: Any, index: int = 0) -> np.ndarray:
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
+def resize_for_model(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """The model's view of an image: (size, size, 3) uint8, bicubic resize of its RGB pixels.
+
+    ``image`` is an RGB uint8 array (from :func:`to_rgb_array`) or an RGB PIL image.
+    """
+    picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    return np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))
+
+
 def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """RGB uint8 arrays -> (B, 3, size, size) float tensor in [-1, 1] (bicubic resize)."""
-    batch = []
-    for rgb in images:
-        resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
-        batch.append(np.asarray(resized))
+    batch = [resize_for_model(rgb, size) for rgb in images]  # B x (S, S, 3) uint8
     pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
     return pixels.float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already brought to the model's input size, with the size its mask must have.
+
+    For segmenters that declare ``accepts_prepared_images = True``: the caller resizes (in
+    worker threads, possibly from a reduced JPEG decode), and ``segment`` returns a mask of
+    ``size`` without ever seeing the full-size pixels.
+
+    Attributes:
+        pixels: (S, S, 3) uint8 from :func:`resize_for_model` at the model's ``image_size``.
+        size: (width, height) of the original image (EXIF orientation applied).
+    """
+
+    pixels: np.ndarray
+    size: tuple[int, int]

@@ -68,6 +68,13 @@ from .common import labels_options, parse_labels, progress_bar, segmenter_option
     help="Ground-truth mask folder: prompt each image with only the labels present "
     "in its ground truth (the paper's evaluation protocol). Mask ids stay global.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that read images, and threads that write outputs (each pool); the model "
+    "runs on the main thread.  [default: the CPUs this process may use, at most 16]",
+)
 @click.option("--overwrite", is_flag=True, help="Discard a previous run in --out and start again.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def pseudo_label(
@@ -83,6 +90,7 @@ def pseudo_label(
     image_root_url: str | None,
     max_pixels: int,
     labels_from_gt: Path | None,
+    workers: int | None,
     overwrite: bool,
     verbose: bool,
 ) -> None:
@@ -135,6 +143,7 @@ def pseudo_label(
         max_pixels=max_pixels,
         labels_from_gt=labels_from_gt,
         overwrite=overwrite,
+        workers=workers,
     )
     try:
         summary = run(options, progress=progress_bar("pseudo-label"))

@@ -7,10 +7,10 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -41,10 +41,32 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
-def open_image(
-    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_ORIENTATION) or 1)
+    except (ValueError, TypeError, OSError, SyntaxError):  # a malformed EXIF block
+        return 1
+
+
+def decode_image(
+    source: str | os.PathLike[str] | bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    at_least: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
     """Open and fully decode an image, applying its EXIF orientation.
+
+    ``at_least`` maps the full (width, height), as the image is shown, to the smallest size
+    the caller needs. A JPEG is then decoded at the smallest of its DCT scales (1/2, 1/4, 1/8;
+    PIL's draft mode) whose both sides are still at least that large: several times less work
+    when only smaller copies are needed (a model input, a preview). Other formats are decoded
+    at full size.
+
+    Returns:
+        The decoded image (reduced or not) and the (width, height) of the full image as shown.
 
     Raises:
         ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
@@ -71,8 +93,16 @@ def open_image(
                 )
             if width == 0 or height == 0:
                 raise ImageError(f"image has zero size ({width}x{height})")
+            orientation = _orientation(image)
+            shown = (height, width) if orientation in _TRANSPOSED else (width, height)
+            if at_least is not None:
+                wanted = at_least(shown)
+                wanted = wanted[::-1] if orientation in _TRANSPOSED else wanted
+                image.draft(None, (max(1, wanted[0]), max(1, wanted[1])))  # JPEG only
             image.load()
-            return ImageOps.exif_transpose(image)
+            if orientation != 1:
+                return ImageOps.exif_transpose(image), shown
+            return image, shown
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -81,6 +111,17 @@ def open_image(
         raise ImageError("not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"unreadable or truncated image: {err}") from None
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image, applying its EXIF orientation.
+
+    Raises:
+        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
+    """
+    return decode_image(source, max_pixels)[0]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -98,6 +139,47 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
+    """A text handle (UTF-8) whose content replaces ``path`` when the block ends.
+
+    For files written piece by piece (exports assembled in constant memory): the handle is a
+    temporary file in the same folder, named like :func:`atomic_write_bytes`' so
+    :func:`remove_stale_temporaries` cleans up after a kill; it is flushed, fsynced and
+    renamed over ``path`` when the block ends, and removed when the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def spool_file(folder: str | os.PathLike[str], name: str) -> Iterator[IO[str]]:
+    """A temporary UTF-8 text file in ``folder`` (read and write), deleted when the block ends.
+
+    Named ``.<name>.<random>.tmp`` like the other temporaries, so a killed run's spools are
+    removed by :func:`remove_stale_temporaries`.
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w+", encoding="utf-8", newline="") as handle:
+            yield handle
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:

@@ -1,15 +1,18 @@
-"""Pseudo-label a folder: per-image results stored as they finish, exports assembled at the end.
+"""Pseudo-label a folder: a bounded pipeline, per-image results stored as they finish,
+exports streamed from them at the end.
 
-Layout of OUT_DIR:
+    reading threads        decode, EXIF, model input, preview base, ground-truth labels
+        | at most batch + readers images ahead of the model
+    main thread            the model (segment), one batch at a time
+        | at most batch + writers images waiting for a writer
+    writing threads        CRF, mask PNG, COCO and Label Studio pieces, preview, record
 
-    run.json              the settings of the run (a rerun must match them, or use --overwrite)
-    masks/<rel>.png       indexed PNG per image (0 background, k = k-th label, 255 ignore)
-    records/<rel>.json    per-image record, written last: its presence means "done"
-    preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
-    coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
-
-Every file is written atomically, so a kill at any moment leaves either the old file or the new
-one; a rerun labels only the images without a record and rebuilds the exports.
+Memory does not grow with the folder: each queue is bounded, and the model waits for the
+writers only when they are the bottleneck. ``--workers N`` sets both pools (default: the CPUs
+this process may use). See :mod:`labeler.jobs.layout` for OUT_DIR's files; every file is
+written atomically, so a kill at any moment leaves either the old file or the new one, and a
+rerun labels only the images without a record and assembles the exports again
+(:mod:`labeler.jobs.exports`).
 """
 
 from __future__ import annotations
@@ -18,52 +21,62 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
-
-import numpy as np
 
 from labeler.config import ModelSpec, SegmenterConfig
 
 from .distributed import Distributed
+from .exports import assemble_exports
+from .finishing import WritePlan, write_image
 from .io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
-    ImageError,
     RunMismatchError,
     Skipped,
-    atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     check_run_file,
-    image_bytes,
     list_images,
-    open_image,
     read_jsonl,
     remove_stale_temporaries,
     write_jsonl,
 )
+from .labelling import segment_batch
+from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
+from .pipeline import Backlog, StageClock, WriterPool, default_workers, ordered_map
+from .reading import ImageItem, ReadPlan, read_image
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "png", "labelstudio")
-RUN_FILE = "run.json"
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
 class Segmenter(Protocol):
-    """What the job needs of a model: StableSeg, or a trained student."""
+    """What the job needs of a model: StableSeg, or a trained student.
+
+    ``segment`` may also take ``return_probs`` (asked only for ``--crf``). A segmenter that
+    sets ``accepts_prepared_images = True`` is given :class:`labeler.images.PreparedImage`
+    items made at ``config.image_size`` by the reading threads instead of full-size arrays.
+    """
 
     model_version: str
 
     def segment(self, images: Any, labels: Sequence[str]) -> list[Any]: ...
 
 
-__all__ = ["NoImagesError", "PseudoLabelOptions", "RunMismatchError", "Summary", "run"]
+__all__ = [
+    "NoImagesError",
+    "PseudoLabelOptions",
+    "RunMismatchError",
+    "Summary",
+    "run",
+    "stem_path",
+]
 
 
 class NoImagesError(ValueError):
@@ -88,7 +101,7 @@ class PseudoLabelOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     labels_from_gt: Path | None = None
     overwrite: bool = False
-    workers: int = 2
+    workers: int | None = None  # threads per pool (reading, writing); None: default_workers()
 
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""
@@ -117,28 +130,11 @@ class Summary:
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
+    stats: LabelStats | None = None
 
     @property
     def exit_code(self) -> int:
         return 3 if self.skipped else 0
-
-
-# ---------------------------------------------------------------------------- paths
-def stem_path(relative: Path) -> PurePosixPath:
-    """``a/b/c.jpg`` -> ``a/b/c``: the key of an image's outputs."""
-    return PurePosixPath(relative.as_posix()).with_suffix("")
-
-
-def mask_path(out_dir: Path, relative: Path) -> Path:
-    return out_dir / "masks" / f"{stem_path(relative)}.png"
-
-
-def record_path(out_dir: Path, relative: Path) -> Path:
-    return out_dir / "records" / f"{stem_path(relative)}.json"
-
-
-def preview_path(out_dir: Path, relative: Path) -> Path:
-    return out_dir / "preview" / f"{stem_path(relative)}.jpg"
 
 
 # ---------------------------------------------------------------------------- planning
@@ -175,119 +171,52 @@ def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Skipped]]:
 
 
 # ---------------------------------------------------------------------------- labelling
-def _load(options: PseudoLabelOptions, relative: Path) -> tuple[Path, Any]:
-    try:
-        return relative, open_image(options.images_dir / relative, options.max_pixels)
-    except ImageError as err:
-        return relative, err
+@dataclass
+class LabelStats:
+    """What the pipeline did: CPU time per stage, and how many images each queue held.
+
+    ``waiting`` counts images read and not yet through the model (its peak is at most
+    ``2 * batch + readers``); ``writing`` counts images queued or being written (at most
+    ``batch + writers``).
+    """
+
+    clock: StageClock = field(default_factory=StageClock)
+    waiting: Backlog = field(default_factory=Backlog)
+    writing: Backlog = field(default_factory=Backlog)
+    readers: int = 0
+    writers: int = 0
 
 
-def _prefetch(
-    options: PseudoLabelOptions, items: Sequence[Path], batch: int
-) -> Iterator[list[tuple[Path, Any]]]:
-    """Batches of (relative path, PIL image or ImageError), decoded in background threads."""
-    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        loaded = pool.map(lambda r: _load(options, r), items)
-        chunk: list[tuple[Path, Any]] = []
-        for item in loaded:
-            chunk.append(item)
-            if len(chunk) == batch:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+def _prepared_size(options: PseudoLabelOptions, model: Segmenter | None) -> int | None:
+    """The model input side when the segmenter takes prepared images, else None."""
+    if options.student is not None:
+        return None
+    if model is None:
+        from labeler.segmenter import StableSeg
+
+        takes = getattr(StableSeg, "accepts_prepared_images", False)
+        return options.segmenter.image_size if takes else None
+    if not getattr(model, "accepts_prepared_images", False):
+        return None
+    config = getattr(model, "config", None)
+    return int(getattr(config, "image_size", options.segmenter.image_size))
 
 
-def _gt_labels(options: PseudoLabelOptions, relative: Path) -> list[int]:
-    """1-based ids of the labels present in this image's ground truth (paper's protocol)."""
-    from exporters.png import png_to_mask
-
-    assert options.labels_from_gt is not None
-    path = options.labels_from_gt / f"{stem_path(relative)}.png"
-    if not path.exists():
-        raise ImageError(f"no ground-truth mask {path} for --labels-from-gt")
-    gt = png_to_mask(open_image(path))
-    return [int(i) for i in np.unique(gt) if 1 <= i <= len(options.labels)]
-
-
-def _segment_batch(
-    model: Segmenter, options: PseudoLabelOptions, images: list[Any], relatives: list[Path]
-) -> list[Any]:
-    """Segment with every label, or (labels_from_gt) with each image's own labels."""
-    if options.labels_from_gt is None:
-        return model.segment(images, options.labels)
-    from labeler.result import SegmentationResult
-
-    results = []
-    for image, relative in zip(images, relatives, strict=True):
-        ids = _gt_labels(options, relative)
-        width, height = image.size
-        mask = np.zeros((height, width), np.uint8)
-        probs = np.zeros((len(options.labels), height, width), np.float32)
-        scores = dict.fromkeys(options.labels, 0.0)
-        if ids:
-            sub = model.segment([image], [options.labels[i - 1] for i in ids])[0]
-            lookup = np.array([0, *ids], dtype=np.uint8)
-            mask = np.where(sub.mask == 255, 255, lookup[np.minimum(sub.mask, len(ids))])
-            probs[[i - 1 for i in ids]] = sub.probs
-            scores.update(sub.scores)
-        results.append(SegmentationResult(mask.astype(np.uint8), probs, options.labels, scores))
-    return results
-
-
-def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
-    from labeler.crf import dense_crf
-
-    if not result.probs.any():  # no label to refine (--labels-from-gt, background-only image)
-        return result
-    probs = dense_crf(rgb, result.probs)  # (C, H, W)
-    mask = (probs.argmax(axis=0) + 1).astype(result.mask.dtype)
-    if threshold is not None:
-        mask[probs.max(axis=0) < threshold] = 0
-    scores = {}
-    for k, label in enumerate(result.labels, start=1):
-        won = mask == k
-        scores[label] = float(probs[k - 1][won].mean()) if won.any() else 0.0
-    result.mask, result.probs, result.scores = mask, probs, scores
-    return result
-
-
-PREVIEW_MIN_SIDE = 256
-
-
-def _preview_size(image: Any, mask: np.ndarray) -> tuple[Any, np.ndarray]:
-    """Small images are enlarged (nearest, whole factor) so the legend stays readable."""
-    from PIL import Image
-
-    factor = -(-PREVIEW_MIN_SIDE // max(image.size))  # ceil
-    if factor <= 1:
-        return image, mask
-    size = (image.width * factor, image.height * factor)
-    return image.resize(size, Image.Resampling.NEAREST), np.kron(
-        mask, np.ones((factor, factor), mask.dtype)
-    )
-
-
-def _store(options: PseudoLabelOptions, relative: Path, image: Any, result: Any, version: str):
-    """Write one image's mask, preview and (last) record."""
-    from exporters.png import mask_to_png
-
-    atomic_write_bytes(mask_path(options.out_dir, relative), image_bytes(mask_to_png(result.mask)))
-    if options.preview:
-        from exporters.preview import overlay
-
-        picture = overlay(*_preview_size(image.convert("RGB"), result.mask), options.labels)
-        data = image_bytes(picture, "JPEG", quality=88)
-        atomic_write_bytes(preview_path(options.out_dir, relative), data)
-    record = {
-        "file": relative.as_posix(),
-        "width": int(result.mask.shape[1]),
-        "height": int(result.mask.shape[0]),
-        "labels_present": [options.labels[i - 1] for i in result.present_labels()],
-        "scores": {k: round(float(v), 6) for k, v in result.scores.items()},
-        "model_version": version,
-    }
-    atomic_write_json(record_path(options.out_dir, relative), record)
+def _batches(
+    items: Iterable[ImageItem], size: int, refuse: Callable[[ImageItem], None]
+) -> Iterator[list[ImageItem]]:
+    """Readable images in batches of ``size`` (the last may be shorter); others refused."""
+    batch: list[ImageItem] = []
+    for item in items:
+        if item.error is not None:
+            refuse(item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def label_images(
@@ -295,117 +224,85 @@ def label_images(
     options: PseudoLabelOptions,
     pending: Sequence[Path],
     on_progress: Callable[[int], None] | None = None,
+    stats: LabelStats | None = None,
+    prepared_size: int | None = None,
 ) -> tuple[int, list[Skipped]]:
-    """Label ``pending`` images; returns (labelled count, skipped).
+    """Label ``pending`` images through the pipeline; returns (labelled count, skipped).
 
     ``get_model`` is called once, when the first readable image comes: a rerun whose only
-    pending images are broken files does not load the model.
+    pending images are broken files does not load the model. ``prepared_size`` is the model
+    input side when the segmenter takes prepared images (see :mod:`labeler.jobs.reading`).
     """
-    from labeler.images import to_rgb_array
+    stats = stats or LabelStats()
+    workers = options.workers or default_workers()
+    stats.readers = stats.writers = workers
+    batch_size = options.segmenter.batch_size
+    clock, lock = stats.clock, threading.Lock()
+    skipped: list[Skipped] = []
 
-    labelled, skipped = 0, []
-    model: Segmenter | None = None
-    for batch in _prefetch(options, pending, options.segmenter.batch_size):
-        good = [(rel, img) for rel, img in batch if not isinstance(img, Exception)]
-        skipped += [
-            Skipped(rel.as_posix(), str(img)) for rel, img in batch if isinstance(img, Exception)
-        ]
-        if good:
-            model = model or get_model()
-            try:
-                results = _segment_batch(
-                    model, options, [img for _, img in good], [r for r, _ in good]
-                )
-            except ImageError as err:  # a missing GT mask under --labels-from-gt
-                results = None
-                skipped += [Skipped(rel.as_posix(), str(err)) for rel, _ in good]
-            for (relative, image), result in zip(good, results or [], strict=False):
-                if options.crf:
-                    rgb = to_rgb_array(image)
-                    result = _apply_crf(result, rgb, options.segmenter.background_threshold)
-                _store(options, relative, image, result, model.model_version)
-                labelled += 1
+    def progress(n: int) -> None:
         if on_progress is not None:
-            on_progress(len(batch))
-    return labelled, skipped
+            with lock:
+                on_progress(n)
 
-
-# ---------------------------------------------------------------------------- exports
-def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dict[str, str]:
-    """Rebuild every export from the stored masks and records of ``images``. Returns paths."""
-    from exporters import (
-        brush_results,
-        build_coco,
-        build_import_file,
-        classes_json,
-        coco_annotations,
-        coco_image,
-        gallery_html,
-        image_url,
-        import_task,
-        labelmap_text,
-        png_to_mask,
-        prediction,
+    read_plan = ReadPlan(
+        images_dir=Path(options.images_dir),
+        max_pixels=options.max_pixels,
+        prepared_size=prepared_size,
+        preview=options.preview,
+        keep_rgb=options.crf,
+        gt_dir=options.labels_from_gt,
+        num_labels=len(options.labels),
     )
 
-    out = options.out_dir
-    labels = options.labels
-    outputs = {"masks": str(out / "masks")}
-    atomic_write_text(out / "labelmap.txt", labelmap_text(labels))
-    atomic_write_json(out / "classes.json", classes_json(labels), indent=2)
-    outputs["labelmap"] = str(out / "labelmap.txt")
+    def read(relative: Path) -> ImageItem:
+        with clock.measure("read"):
+            item = read_image(read_plan, relative)
+        stats.waiting.add()
+        return item
 
-    want_coco, want_ls = "coco" in options.formats, "labelstudio" in options.formats
-    coco_images, annotations, tasks, gallery = [], [], [], []
-    root_url = options.image_root_url or f"/data/local-files/?d={Path(options.images_dir).name}"
-    for relative in images:
-        rec_file = record_path(out, relative)
-        if not rec_file.exists():
-            continue
-        record = json.loads(rec_file.read_text())
-        if options.preview:
-            gallery.append(
-                {
-                    "overlay": f"{stem_path(relative)}.jpg",
-                    "file_name": record["file"],
-                    "labels": record["labels_present"],
-                }
-            )
-        if not (want_coco or want_ls):
-            continue
-        from PIL import Image
+    def refuse(item: ImageItem) -> None:
+        stats.waiting.remove()
+        skipped.append(Skipped(item.relative.as_posix(), str(item.error)))
+        progress(1)
 
-        with Image.open(mask_path(out, relative)) as png:
-            mask = png_to_mask(png)
-        scores = record["scores"]
-        if want_coco:
-            image_id = len(coco_images) + 1
-            coco_images.append(
-                coco_image(image_id, record["file"], record["width"], record["height"])
-            )
-            per_label = [float(scores.get(name, 0.0)) for name in labels]
-            annotations += coco_annotations(
-                mask, image_id, len(annotations) + 1, len(labels), scores=per_label
-            )
-        if want_ls:
-            results = brush_results(mask, labels, scores)
-            task = import_task(
-                image_url(root_url, record["file"]), prediction(results, record["model_version"])
-            )
-            tasks.append(task)
-    if want_coco:
-        coco = build_coco(
-            coco_images, annotations, labels, info={"description": "StableSeg pseudo-labels"}
-        )
-        atomic_write_json(out / "coco.json", coco)
-        outputs["coco"] = str(out / "coco.json")
-    if want_ls:
-        atomic_write_json(out / "labelstudio.json", build_import_file(tasks))
-        outputs["labelstudio"] = str(out / "labelstudio.json")
-    if options.preview:
-        atomic_write_text(out / "preview" / "index.html", gallery_html(gallery))
-        outputs["preview"] = str(out / "preview" / "index.html")
-    return outputs
+    model: Segmenter | None = None
+    write_plan: WritePlan | None = None
+    labelled = 0
+
+    def write(item: ImageItem, result: Any) -> None:
+        assert write_plan is not None
+        write_image(write_plan, item, result, clock)
+        progress(1)
+
+    items = ordered_map(read, pending, workers, ahead=batch_size + workers)
+    with WriterPool(workers, max_pending=batch_size + workers, backlog=stats.writing) as pool:
+        for batch in _batches(items, batch_size, refuse):
+            if model is None:
+                model = get_model()
+                write_plan = WritePlan(
+                    out_dir=options.out_dir,
+                    labels=list(options.labels),
+                    formats=tuple(options.formats),
+                    preview=options.preview,
+                    crf=options.crf,
+                    background_threshold=options.segmenter.background_threshold,
+                    model_version=model.model_version,
+                )
+            with clock.measure("model", len(batch)):
+                results = segment_batch(
+                    model,
+                    [item.model_input for item in batch],
+                    [item.gt_ids for item in batch],
+                    options.labels,
+                    want_probs=options.crf,
+                )
+            stats.waiting.remove(len(batch))
+            for item, result in zip(batch, results, strict=True):
+                item.model_input = None  # the writers need only the preview (and rgb for CRF)
+                pool.submit(write, item, result)
+                labelled += 1
+    return labelled, skipped
 
 
 # ---------------------------------------------------------------------------- the run
@@ -436,10 +333,14 @@ class _StudentAdapter:
             digest.update(path.read_bytes())
         self.model_version = f"student-{digest.hexdigest()[:12]}"
 
-    def segment(self, images: Any, labels: Sequence[str]) -> list[Any]:
+    def segment(self, images: Any, labels: Sequence[str], return_probs: bool = False) -> list[Any]:
         from labeler.train.student import student_segment
 
-        return student_segment(self.student, images, labels)
+        results = student_segment(self.student, images, labels)
+        if not return_probs:
+            for result in results:
+                result.probs = None
+        return results
 
 
 def run(
@@ -483,7 +384,7 @@ def run(
         loaded = load_model(options, dist.device())
     if dist.is_main:
         if options.overwrite:
-            for sub in ("records", "masks", "preview"):
+            for sub in PER_IMAGE_FOLDERS:
                 shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_FILE, signature, indent=2)
@@ -495,7 +396,16 @@ def run(
     def get_model() -> Segmenter:
         return loaded or load_model(options, dist.device())
 
-    labelled, skipped = label_images(get_model, options, mine, bar.update if bar else None)
+    stats = LabelStats()
+    labelled, skipped = label_images(
+        get_model,
+        options,
+        mine,
+        bar.update if bar else None,
+        stats,
+        prepared_size=_prepared_size(options, loaded),
+    )
+    summary.stats = stats
     if bar is not None:
         bar.close()
     part = options.out_dir / ".parts" / f"rank{dist.rank}.jsonl"
@@ -523,6 +433,8 @@ def run(
 
 
 def summary_dict(summary: Summary) -> dict[str, Any]:
-    data = asdict(summary)
+    """The summary as JSON-ready data (the number of skipped images, not their list)."""
+    data = {f.name: getattr(summary, f.name) for f in fields(summary) if f.name != "stats"}
     data["skipped"] = len(summary.skipped)
+    data["outputs"] = dict(summary.outputs)
     return data

@@ -1,0 +1,40 @@
+"""Where each output of a ``pseudo-label`` run lives in OUT_DIR.
+
+    run.json              the settings of the run (a rerun must match them, or use --overwrite)
+    masks/<rel>.png       indexed PNG per image (0 background, k = k-th label, 255 ignore)
+    pieces/<rel>.jsonl    the image's COCO annotations and Label Studio prediction, ready to
+                          be numbered and streamed into coco.json / labelstudio.json
+    records/<rel>.json    per-image record, written last: its presence means "done"
+    preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
+    coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
+
+``<rel>`` is the image's path relative to IMAGES_DIR without its extension.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+RUN_FILE = "run.json"
+PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "preview")
+
+
+def stem_path(relative: Path) -> PurePosixPath:
+    """``a/b/c.jpg`` -> ``a/b/c``: the key of an image's outputs."""
+    return PurePosixPath(relative.as_posix()).with_suffix("")
+
+
+def mask_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "masks" / f"{stem_path(relative)}.png"
+
+
+def pieces_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "pieces" / f"{stem_path(relative)}.jsonl"
+
+
+def record_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "records" / f"{stem_path(relative)}.json"
+
+
+def preview_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "preview" / f"{stem_path(relative)}.jpg"
