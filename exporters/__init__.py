@@ -13,6 +13,7 @@ from exporters.coco import (
     result_to_coco_annotations,
 )
 from exporters.labelstudio import (
+    brush_prediction_json,
     brush_results,
     build_import_file,
     decode_brush_result,
@@ -33,6 +34,7 @@ from exporters.png import (
 from exporters.preview import gallery_figure, gallery_head, gallery_html, gallery_tail, overlay
 
 __all__ = [
+    "brush_prediction_json",
     "brush_results",
     "build_coco",
     "build_import_file",

@@ -26,6 +26,10 @@ def voc_palette(n: int = _PALETTE_SIZE) -> list[int]:
     """
     if not 1 <= n <= _PALETTE_SIZE:
         raise ValueError(f"voc_palette: n must be in 1..{_PALETTE_SIZE}, got {n!r}")
+    return list(_VOC_PALETTE[: 3 * n])
+
+
+def _build_voc_palette(n: int) -> list[int]:
     palette: list[int] = []
     for index in range(n):
         red = green = blue = 0
@@ -37,6 +41,9 @@ def voc_palette(n: int = _PALETTE_SIZE) -> list[int]:
             bits >>= 3
         palette.extend((red, green, blue))
     return palette
+
+
+_VOC_PALETTE = tuple(_build_voc_palette(_PALETTE_SIZE))  # built once: every PNG needs it
 
 
 def label_color(index: int) -> tuple[int, int, int]:
@@ -54,6 +61,8 @@ def _check_mask(mask: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where}: mask must be 2-D (H, W), got shape {mask.shape}")
     if mask.dtype == np.bool_:
         return mask.astype(np.uint8)
+    if mask.dtype == np.uint8:
+        return mask  # every uint8 value is a valid id
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"{where}: mask must hold integer ids, got dtype {mask.dtype}")
     if mask.size:
@@ -71,7 +80,7 @@ def mask_to_png(mask: np.ndarray) -> Image.Image:
     """An (H, W) id mask as a single-channel mode "P" image with the VOC palette."""
     ids = _check_mask(mask, "mask_to_png")  # (H, W) uint8
     height, width = ids.shape
-    image = Image.frombytes("P", (width, height), np.ascontiguousarray(ids).tobytes())
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(ids))
     image.putpalette(voc_palette())
     return image
 

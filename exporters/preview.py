@@ -34,18 +34,23 @@ def _boundaries(mask: np.ndarray) -> np.ndarray:
 
 
 def _draw_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-    """Draw a box in the top-left corner listing ``(name, colour)`` with colour swatches."""
+    """Draw a box in the top-left corner listing ``(name, colour)`` with colour swatches.
+
+    Only the box's region of the image is composited.
+    """
     if not entries:
         return
-    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
     font = ImageFont.load_default()
-    boxes = [draw.textbbox((0, 0), name, font=font) for name, _ in entries]
+    measure = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    boxes = [measure.textbbox((0, 0), name, font=font) for name, _ in entries]
     line_height = max(box[3] - box[1] for box in boxes) + 2
     text_width = max(box[2] - box[0] for box in boxes)
     swatch = line_height - 2
     width = 2 * _LEGEND_PAD + swatch + _SWATCH_GAP + text_width
     height = 2 * _LEGEND_PAD + line_height * len(entries)
+    region = (0, 0, min(image.width, width + 1), min(image.height, height + 1))
+    overlay = Image.new("RGBA", region[2:], (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
     draw.rectangle((0, 0, width, height), fill=LEGEND_BACKGROUND)
     for row, ((name, color), box) in enumerate(zip(entries, boxes, strict=True)):
         top = _LEGEND_PAD + row * line_height
@@ -56,7 +61,8 @@ def _draw_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int
         )
         text_x = _LEGEND_PAD + swatch + _SWATCH_GAP
         draw.text((text_x, top - box[1]), name, font=font, fill=LEGEND_TEXT)
-    image.paste(Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB"))
+    corner = image.crop(region).convert("RGBA")
+    image.paste(Image.alpha_composite(corner, overlay).convert("RGB"), region[:2])
 
 
 def overlay(
@@ -71,6 +77,7 @@ def overlay(
     """The RGB image with each label's VOC colour blended over its pixels.
 
     Background (0) pixels are left as they are; ignore (255) pixels get the VOC ignore colour.
+    The blending is PIL's (``Image.blend``, in C).
     ``boundaries`` draws white lines where the id changes, ``legend`` adds a box listing the
     labels present with their colours.
     """
@@ -90,17 +97,21 @@ def overlay(
     if bad:
         raise ValueError(f"overlay: mask ids {bad} are outside 0..{len(names)} and not 255")
 
-    palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)  # (256, 3)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    colors = palette[mask.astype(np.intp)]  # (H, W, 3)
-    painted = (mask != 0)[..., None]  # (H, W, 1)
-    blended = np.where(painted, (1.0 - alpha) * rgb + alpha * colors, rgb)  # (H, W, 3)
+    palette = voc_palette()
+    ids_u8 = np.ascontiguousarray(mask, dtype=np.uint8)  # (H, W), ids fit 8 bits (checked)
+    size = (image.width, image.height)
+    base = image.convert("RGB")
+    colors = Image.frombytes("P", size, ids_u8.tobytes())
+    colors.putpalette(palette)
+    blended = Image.blend(base, colors.convert("RGB"), alpha)  # every pixel painted
+    painted = Image.frombytes("L", size, np.where(ids_u8 != 0, 255, 0).astype(np.uint8).tobytes())
+    result = Image.composite(blended, base, painted)  # background (0) left as it was
     if boundaries:
-        blended[_boundaries(mask)] = BOUNDARY_COLOR
-    result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+        edges = Image.frombytes("L", size, (_boundaries(ids_u8) * 255).astype(np.uint8).tobytes())
+        result.paste(BOUNDARY_COLOR, (0, 0, *size), edges)
     if legend:
         present = [int(i) for i in ids if 1 <= i <= len(names)]
-        entries = [(names[i - 1], tuple(int(c) for c in palette[i])) for i in present]
+        entries = [(names[i - 1], tuple(palette[3 * i : 3 * i + 3])) for i in present]
         _draw_legend(result, entries)
     return result
 

@@ -78,33 +78,36 @@ def digest_run(out: Path) -> dict[str, Any]:
         key = path.relative_to(out / "records").as_posix()
         records[key] = _json_digest({k: v for k, v in record.items() if k != "scores"})
         record_scores[key] = record["scores"]
-    coco = json.loads((out / "coco.json").read_text())
-    tasks = json.loads((out / "labelstudio.json").read_text())
-    previews = {}
-    for path in sorted((out / "preview").rglob("*.jpg")):
-        with Image.open(path) as image:
-            previews[path.relative_to(out / "preview").as_posix()] = list(image.size)
-    return {
+    digest: dict[str, Any] = {
         "masks": masks,
         "records": records,
         "record_scores": record_scores,
-        "coco": {
+        "files": {
+            name: _digest((out / name).read_bytes())
+            for name in ("labelmap.txt", "classes.json", "skipped.jsonl", "preview/index.html")
+            if (out / name).exists()
+        },
+        "previews": {},
+    }
+    if (out / "coco.json").exists():
+        coco = json.loads((out / "coco.json").read_text())
+        digest["coco"] = {
             "info": coco["info"],
             "categories": coco["categories"],
             "images": _json_digest(coco["images"]),
             "annotations": [_json_digest(_without_scores(a)) for a in coco["annotations"]],
             "scores": _scores(coco["annotations"]),
-        },
-        "labelstudio": {
+        }
+    if (out / "labelstudio.json").exists():
+        tasks = json.loads((out / "labelstudio.json").read_text())
+        digest["labelstudio"] = {
             "tasks": [_json_digest(_without_scores(t)) for t in tasks],
             "scores": _scores(tasks),
-        },
-        "files": {
-            name: _digest((out / name).read_bytes())
-            for name in ("labelmap.txt", "classes.json", "skipped.jsonl", "preview/index.html")
-        },
-        "previews": previews,
-    }
+        }
+    for path in sorted((out / "preview").rglob("*.jpg")):
+        with Image.open(path) as image:
+            digest["previews"][path.relative_to(out / "preview").as_posix()] = list(image.size)
+    return digest
 
 
 def main(argv: list[str]) -> None:
@@ -114,3 +117,26 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def assert_same_outputs(found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Two digests (of :func:`digest_run`) describe the same outputs: everything equal, scores
+    to 2e-6 (records round them to 6 decimals; the last digit may differ with the batch)."""
+    for key in ("masks", "records", "files", "previews"):
+        assert found[key] == expected[key], key
+    assert ("coco" in found, "labelstudio" in found) == (
+        "coco" in expected,
+        "labelstudio" in expected,
+    )
+    for key in ("coco", "labelstudio"):
+        if key not in expected:
+            continue
+        assert {k: v for k, v in found[key].items() if k != "scores"} == {
+            k: v for k, v in expected[key].items() if k != "scores"
+        }, key
+        assert np.allclose(found[key]["scores"], expected[key]["scores"], rtol=0, atol=2e-6), key
+    assert found["record_scores"].keys() == expected["record_scores"].keys()
+    for name, scores in expected["record_scores"].items():
+        assert scores.keys() == found["record_scores"][name].keys(), name
+        got = [found["record_scores"][name][label] for label in scores]
+        assert np.allclose(got, list(scores.values()), rtol=0, atol=2e-6), name

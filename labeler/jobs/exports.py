@@ -106,7 +106,7 @@ def make_pieces(
         formats: the exports asked for ("coco", "labelstudio"; others are ignored).
         clock: adds the CPU time of each format's pieces to its stage.
     """
-    from exporters import brush_results, mask_annotations, prediction
+    from exporters import brush_prediction_json, mask_annotations
 
     formats = set(formats)
     coco = labelstudio = None
@@ -118,8 +118,9 @@ def make_pieces(
             coco = [_dumps(annotation) for annotation in annotations]
     if "labelstudio" in formats:
         with clock.measure("labelstudio"):
-            results = brush_results(mask, labels, scores, label_ids=label_ids)
-            labelstudio = _dumps(prediction(results, model_version))
+            labelstudio = brush_prediction_json(
+                mask, labels, scores, model_version, label_ids=label_ids
+            )
     return Pieces((int(mask.shape[0]), int(mask.shape[1])), coco, labelstudio)
 
 

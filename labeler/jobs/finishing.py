@@ -1,13 +1,15 @@
 """The writing stage of ``pseudo-label``: one labelled image -> its files, in a writer thread.
 
-In order, each written atomically: the mask PNG (zlib level 1: about 3x faster than the
-default level for 10-40% more bytes), the export pieces (COCO annotations and the Label
+In order, each written atomically: the mask PNG (zlib's run-length strategy, level 1: about
+3x faster than PIL's default, and at 12 MP half the bytes of plain level 1, since masks are
+runs of equal ids), the export pieces (COCO annotations and the Label
 Studio prediction, see :mod:`labeler.jobs.exports`), the preview, and last the record, whose
 presence means "done". With ``--crf`` DenseCRF runs here first, on the full-size image.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
 from .reading import ImageItem
 
-PNG_LEVEL = 1  # zlib level of the mask PNGs
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}  # the mask PNGs' zlib
 PREVIEW_MIN_SIDE = 256  # smaller previews are enlarged (nearest) so the legend stays readable
 PREVIEW_QUALITY = 88  # JPEG quality of the previews
 SCORE_DIGITS = 6  # scores are stored rounded
@@ -122,7 +124,7 @@ def write_image(plan: WritePlan, item: ImageItem, labelled: Labelled, clock: Sta
         present = _present(mask, len(labels))
     scores = {k: round(float(v), SCORE_DIGITS) for k, v in labelled.scores.items()}
     with clock.measure("png"):
-        png = image_bytes(mask_to_png(mask), "PNG", compress_level=PNG_LEVEL)
+        png = image_bytes(mask_to_png(mask), "PNG", **PNG_OPTIONS)
         atomic_write_bytes(mask_path(out, relative), png)
     pieces = make_pieces(mask, present, labels, scores, plan.model_version, plan.formats, clock)
     if plan.preview:

@@ -185,6 +185,7 @@ class LabelStats:
     writing: Backlog = field(default_factory=Backlog)
     readers: int = 0
     writers: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time: "label", "exports"
 
 
 def _prepared_size(options: PseudoLabelOptions, model: Segmenter | None) -> int | None:
@@ -397,6 +398,7 @@ def run(
         return loaded or load_model(options, dist.device())
 
     stats = LabelStats()
+    label_started = time.monotonic()
     labelled, skipped = label_images(
         get_model,
         options,
@@ -406,6 +408,7 @@ def run(
         prepared_size=_prepared_size(options, loaded),
     )
     summary.stats = stats
+    stats.seconds["label"] = time.monotonic() - label_started
     if bar is not None:
         bar.close()
     part = options.out_dir / ".parts" / f"rank{dist.rank}.jsonl"
@@ -423,7 +426,10 @@ def run(
         all_skipped.sort(key=lambda s: s.path)
         write_jsonl(options.out_dir / "skipped.jsonl", [s.to_dict() for s in all_skipped])
         summary.labelled, summary.skipped = total_labelled, all_skipped
-        summary.outputs = assemble_exports(options, images)
+        exports_started = time.monotonic()
+        with stats.clock.measure("exports", len(images)):
+            summary.outputs = assemble_exports(options, images)
+        stats.seconds["exports"] = time.monotonic() - exports_started
         summary.outputs["skipped"] = str(options.out_dir / "skipped.jsonl")
         remove_stale_temporaries(options.out_dir)  # left-overs of a killed run
     dist.barrier()

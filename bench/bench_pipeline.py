@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Throughput and memory of the whole ``pseudo-label`` job, everything but the model.
+
+The job runs as it does for a user (``labeler.jobs.pseudo_label.run``: reading threads, the
+main thread, writer threads, streamed exports), on generated folders of JPEGs, with StableSeg
+replaced by :class:`bench.stand_in.StandInSegmenter`: **it measures everything but the UNet
+pass** (VAE, text encoder, UNet, attention recording and SAR are not run). The stand-in does
+StableSeg's model-input resize on the main thread, and finishes each image with fixed
+(C, 64, 64) score maps, in one of two ways (``--finish``):
+
+* ``device``: the host's share of a GPU run: the mask is made once per image size and copied
+  for each image (the finishing runs on the accelerator; the host receives a uint8 mask);
+* ``cpu``: a CPU run's share: bilinear upsampling to the original size in bands, argmax, one
+  bincount for the scores, for every image (about 30 ms at 512² and 1.3 s at 12 MP with 20
+  labels on one core).
+
+Every configuration runs in a fresh process, so its peak RSS (``ru_maxrss``) is its own. The
+figures printed: images/s of the labelling (and end to end with the exports), CPU ms per image
+of each stage (all threads), peak RSS, the largest number of images held between the reading
+threads and the model, and peak RSS for 100 against 1,000 images.
+
+    python bench/bench_pipeline.py --quick     # a couple of minutes on 2 cores
+    python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = (
+    "read",
+    "model",
+    "mask ids",
+    "png",
+    "coco",
+    "labelstudio",
+    "preview",
+    "record",
+    "exports",
+)
+
+
+# ---------------------------------------------------------------------------- data
+def generate_folder(folder: Path, count: int, width: int, height: int, seed: int = 0) -> Path:
+    """``count`` JPEGs (quality 90) of smooth colour blobs with a little texture; reused when
+    the folder already holds them."""
+    from PIL import Image
+
+    done = folder / ".complete"
+    if done.exists() and done.read_text() == f"{count} {width} {height} {seed}":
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tile = rng.integers(-12, 13, (256, 256, 3), dtype=np.int16)  # texture, repeated
+    reps = (-(-height // 256), -(-width // 256), 1)
+    texture = np.tile(tile, reps)[:height, :width]  # (H, W, 3)
+    for index in range(count):
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        smooth = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+        pixels = np.clip(np.asarray(smooth, dtype=np.int16) + texture, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{index:05d}.jpg", quality=90)
+    done.write_text(f"{count} {width} {height} {seed}")
+    return folder
+
+
+# ---------------------------------------------------------------------------- one run
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the job once in this process; ``spec`` names the folder and the settings."""
+    import shutil
+
+    from bench.stand_in import StandInSegmenter
+    from labeler.config import SegmenterConfig
+    from labeler.jobs.io import list_images
+    from labeler.jobs.pseudo_label import PseudoLabelOptions, run
+
+    images_dir, out_dir = Path(spec["images"]), Path(spec["out"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    labels = [f"label{i:03d}" for i in range(spec["labels"])]
+    model = StandInSegmenter(
+        image_size=spec["image_size"], finish=spec["finish"], prepared=spec["prepared"]
+    )
+    first = images_dir / list_images(images_dir)[0]
+    from PIL import Image
+
+    with Image.open(first) as image:  # warm the stand-in's per-size cache (device finishing)
+        width, height = image.size
+    if spec["finish"] == "device":
+        model._finish(len(labels), width, height)
+    options = PseudoLabelOptions(
+        images_dir=images_dir,
+        out_dir=out_dir,
+        labels=labels,
+        segmenter=SegmenterConfig(image_size=spec["image_size"], batch_size=spec["batch"]),
+        formats=tuple(spec["formats"]),
+        preview=spec["preview"],
+        workers=spec["workers"],
+    )
+    baseline = _rss_bytes()
+    cpu_started = time.process_time()
+    summary = run(options, model=model)
+    cpu = time.process_time() - cpu_started
+    stats = summary.stats
+    assert stats is not None
+    label_s = stats.seconds["label"]
+    result = {
+        **{k: v for k, v in spec.items() if k not in ("images", "out")},
+        "images_labelled": summary.labelled,
+        "images_per_s": summary.labelled / label_s,
+        "images_per_s_with_exports": summary.labelled / summary.seconds,
+        "seconds_label": label_s,
+        "seconds_exports": stats.seconds.get("exports", 0.0),
+        "cpu_ms_per_image_total": 1000 * cpu / max(1, summary.labelled),
+        "cpu_ms_per_image": {
+            stage: round(ms, 2) for stage, ms in stats.clock.cpu_ms_per_item().items()
+        },
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_run_mb": baseline / 2**20,
+        "peak_waiting": stats.waiting.peak,
+        "peak_writing": stats.writing.peak,
+        "workers": stats.readers,
+    }
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- the grid
+def _line(result: dict[str, Any]) -> str:
+    stages = result["cpu_ms_per_image"]
+    shown = " ".join(f"{s}={stages[s]:.1f}" for s in STAGES if s in stages)
+    return (
+        f"{result['size']:>9} {result['labels']:>3} lbl"
+        f" preview={'on ' if result['preview'] else 'off'}"
+        f" finish={result['finish']:<6} prepared={'yes' if result['prepared'] else 'no '}"
+        f" n={result['images_labelled']:<4} {result['images_per_s']:7.1f} img/s"
+        f" ({result['images_per_s_with_exports']:6.1f} with exports)"
+        f" cpu {result['cpu_ms_per_image_total']:7.1f} ms/img"
+        f" rss {result['peak_rss_mb']:6.0f} MB | {shown}"
+    )
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A small grid: a couple of minutes on 2 cores.")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/tmp/stableseg-bench"),
+    show_default=True,
+    help="Where the generated folders are kept (reused between runs) and outputs written.",
+)
+@click.option("--workers", type=int, default=None, help="[default: the job's default]")
+@click.option("--batch", type=int, default=8, show_default=True, help="Images per model call.")
+@click.option("--one", "one", default=None, hidden=True)
+def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | None) -> None:
+    if one is not None:
+        click.echo(json.dumps(run_one(json.loads(one))))
+        return
+    formats = ["coco", "png", "labelstudio"]
+    small_n, big_n = (60, 6) if quick else (300, 24)
+    label_counts = (20,) if quick else (5, 20, 150)
+    small = generate_folder(data / f"jpeg512x{small_n}", small_n, 512, 512)
+    big = generate_folder(data / f"jpeg12mp_x{big_n}", big_n, 4000, 3000, seed=1)
+
+    def spec(folder: Path, size: str, labels: int, preview: bool, **extra: Any) -> dict:
+        return {
+            "images": str(folder),
+            "out": str(data / "out"),
+            "size": size,
+            "labels": labels,
+            "formats": formats,
+            "preview": preview,
+            "finish": "device",
+            "prepared": False,
+            "image_size": 512,
+            "batch": batch,
+            "workers": workers,
+            **extra,
+        }
+
+    specs = []
+    for labels in label_counts:
+        for preview in (False, True):
+            specs.append(spec(small, "512x512", labels, preview))
+    for labels in label_counts:
+        for preview in (False, True) if not quick else (True,):
+            specs.append(spec(big, "4000x3000", labels, preview))
+    specs.append(spec(big, "4000x3000", 20, True, prepared=True))
+    specs.append(spec(small, "512x512", 20, True, finish="cpu"))
+    if not quick:
+        specs.append(spec(big, "4000x3000", 20, True, finish="cpu"))
+
+    report: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "runs": [], "memory": {}}
+    for item in specs:
+        result = run_in_subprocess(item)
+        report["runs"].append(result)
+        click.echo(_line(result), err=True)
+
+    memory_side = 256 if quick else 512
+    for count in (100, 1000):
+        folder = generate_folder(
+            data / f"jpeg{memory_side}x{count}", count, memory_side, memory_side, seed=2
+        )
+        result = run_in_subprocess(spec(folder, f"{memory_side}x{memory_side}", 20, True))
+        report["memory"][str(count)] = result
+        click.echo(_line(result), err=True)
+    small_rss = report["memory"]["100"]["peak_rss_mb"]
+    large_rss = report["memory"]["1000"]["peak_rss_mb"]
+    report["memory"]["peak_rss_1000_over_100"] = large_rss / small_rss
+    click.echo(
+        f"peak RSS: 100 images {small_rss:.0f} MB, 1000 images {large_rss:.0f} MB "
+        f"(x{large_rss / small_rss:.3f}) at {memory_side}x{memory_side}, 20 labels, "
+        "every format, previews",
+        err=True,
+    )
+    click.echo(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
