@@ -10,6 +10,8 @@ compute as the real model; no download) and prints JSON:
 
     python bench/bench_segment.py                 # CPU: 256 px, batch 1
     python bench/bench_segment.py --device cuda   # GPU: 512 px, batches 1, 8, 32, fp16
+    python bench/bench_segment.py --device cuda --dtype bf16 --compile
+    python bench/bench_segment.py --tiny --image-size 64   # the tiny model: checks the script
 """
 
 from __future__ import annotations
@@ -135,12 +137,19 @@ def interleaved_seconds(fns: dict[str, Any], device: torch.device, repeats: int)
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--labels", default="cat,dog,person,car,tree", show_default=True)
-def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
+@click.option(
+    "--compile",
+    "compile_unet",
+    is_flag=True,
+    help="torch.compile the UNet (StableSeg.compile) before timing; warm-up calls compile.",
+)
+@click.option("--tiny", is_flag=True, help="The tiny random model instead of SD-1.5's shapes.")
+def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, tiny) -> None:
     import diffusers
 
     from labeler import SegmenterConfig, StableSeg
     from labeler.images import to_model_input
-    from labeler.testing import sd15_components
+    from labeler.testing import sd15_components, tiny_components
 
     diffusers.utils.logging.set_verbosity_error()  # the dtype cast below is deliberate
     device = torch.device(device)
@@ -151,7 +160,10 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
         dtype or ("fp16" if cuda else "fp32")
     ]
     names = labels.split(",")
-    model = StableSeg(**sd15_components(), config=SegmenterConfig(image_size=image_size))
+    if compile_unet and not hasattr(StableSeg, "compile"):
+        raise click.UsageError("this StableSeg has no compile(); --compile needs it")
+    parts = tiny_components(seed=0) if tiny else sd15_components()
+    model = StableSeg(**parts, config=SegmenterConfig(image_size=image_size))
     model.to(device, torch_dtype)
     rng = np.random.default_rng(0)
     label_tokens = int((model.encode_prompts(names)[0].token_class >= 0).sum())
@@ -159,6 +171,8 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "threads": torch.get_num_threads(),
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "compile": compile_unet,
+        "model": "tiny" if tiny else "sd15-shaped random",
         "image_size": image_size,
         "labels": len(names),
         "recording_per_image": recording_bytes(model, label_tokens),
@@ -169,6 +183,8 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels) -> None:
         report["recording_per_image_at_512"] = recording_bytes(at512, label_tokens)
     for batch in sizes:
         seg_model = model.with_config(SegmenterConfig(image_size=image_size, batch_size=batch))
+        if compile_unet:
+            seg_model.compile()  # the warm-up call in peak_bytes compiles
         images = [
             (rng.random((image_size, image_size, 3)) * 255).astype(np.uint8) for _ in range(batch)
         ]
