@@ -224,7 +224,7 @@ def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | No
         report["runs"].append(result)
         click.echo(_line(result), err=True)
 
-    memory_side = 256 if quick else 512
+    memory_side = 512
     for count in (100, 1000):
         folder = generate_folder(
             data / f"jpeg{memory_side}x{count}", count, memory_side, memory_side, seed=2

@@ -17,6 +17,7 @@ rerun labels only the images without a record and assembles the exports again
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -277,7 +278,10 @@ def label_images(
         progress(1)
 
     items = ordered_map(read, pending, workers, ahead=batch_size + workers)
-    with WriterPool(workers, max_pending=batch_size + workers, backlog=stats.writing) as pool:
+    with (
+        contextlib.closing(items),  # on an error: stop the readers now, not when collected
+        WriterPool(workers, max_pending=batch_size + workers, backlog=stats.writing) as pool,
+    ):
         for batch in _batches(items, batch_size, refuse):
             if model is None:
                 model = get_model()
