@@ -134,6 +134,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_waiting": stats.waiting.peak,
         "peak_writing": stats.writing.peak,
         "workers": stats.readers,
+        "load_average_1min": os.getloadavg()[0],  # other processes on the machine show here
     }
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
@@ -164,7 +165,7 @@ def _line(result: dict[str, Any]) -> str:
         f" n={result['images_labelled']:<4} {result['images_per_s']:7.1f} img/s"
         f" ({result['images_per_s_with_exports']:6.1f} with exports)"
         f" cpu {result['cpu_ms_per_image_total']:7.1f} ms/img"
-        f" rss {result['peak_rss_mb']:6.0f} MB | {shown}"
+        f" rss {result['peak_rss_mb']:6.0f} MB load {result['load_average_1min']:.1f} | {shown}"
     )
 
 
