@@ -13,7 +13,8 @@ class whose pixels stay unpainted), ``STABLESEG_WEIGHTS`` (learned map weights, 
 Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
 token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
 ``/data/local-files/?d=...`` from disk, ``STABLESEG_MAX_IMAGE_BYTES`` (50 MB),
-``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download).
+``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download, all in all),
+``STABLESEG_ALLOWED_HOSTS`` (hosts, IPs, CIDRs image URLs may reach besides public addresses).
 
 Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
 
@@ -29,6 +30,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .fetch import parse_allowed_hosts
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -57,6 +60,7 @@ class BackendSettings:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    allowed_hosts: tuple[str, ...] = ()
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     refine_dir: str = DEFAULT_REFINE_DIR
@@ -68,6 +72,7 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"STABLESEG_DTYPE must be one of {DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "allowed_hosts", parse_allowed_hosts(self.allowed_hosts))
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         for name in ("max_image_bytes", "max_pixels", "http_timeout"):
@@ -110,6 +115,7 @@ class BackendSettings:
             or DEFAULT_MAX_PIXELS,
             http_timeout=_number(get("STABLESEG_HTTP_TIMEOUT"), float, "STABLESEG_HTTP_TIMEOUT")
             or DEFAULT_HTTP_TIMEOUT,
+            allowed_hosts=parse_allowed_hosts(get("STABLESEG_ALLOWED_HOSTS")),
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
             refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,
