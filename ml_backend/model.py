@@ -102,7 +102,7 @@ class StableSegBackend(LabelStudioMLBase):
         """
         target = self.require_target()
         ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        loader = ImageLoader(self.settings)  # never /setup's hostname or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         segmenter = None
         step = self._tasks_per_chunk()
@@ -131,7 +131,7 @@ class StableSegBackend(LabelStudioMLBase):
         except LabelConfigError as err:
             return {"status": "error", "project": project_id, "detail": str(err)}
         tasks = payload.get("tasks") or []
-        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        loader = ImageLoader(self.settings)  # never /setup's hostname or token
         return training.start_training(project_id, tasks, target, self.settings, loader)
 
     # ------------------------------------------------------------------ steps

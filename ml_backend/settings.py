@@ -14,7 +14,8 @@ with the defaults of ``pseudo-label``.
 Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
 token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
 ``/data/local-files/?d=...`` from disk, ``STABLESEG_MAX_IMAGE_BYTES`` (50 MB),
-``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download).
+``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download, all in all),
+``STABLESEG_ALLOWED_HOSTS`` (hosts, IPs, CIDRs image URLs may reach besides public addresses).
 
 Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 
 from labeler.config import ModelSpec, SegmenterConfig
 from labeler.options import ModelSettings, settings_from_env
+
+from .fetch import parse_allowed_hosts
 
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -60,6 +63,7 @@ class BackendSettings:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    allowed_hosts: tuple[str, ...] = ()
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     refine_dir: str = DEFAULT_REFINE_DIR
@@ -69,6 +73,7 @@ class BackendSettings:
     refine_image_size: int = 512
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_hosts", parse_allowed_hosts(self.allowed_hosts))
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         for name in ("max_image_bytes", "max_pixels", "http_timeout"):
@@ -106,6 +111,7 @@ class BackendSettings:
             or DEFAULT_MAX_PIXELS,
             http_timeout=_number(get("STABLESEG_HTTP_TIMEOUT"), float, "STABLESEG_HTTP_TIMEOUT")
             or DEFAULT_HTTP_TIMEOUT,
+            allowed_hosts=parse_allowed_hosts(get("STABLESEG_ALLOWED_HOSTS")),
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
             refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,

@@ -22,7 +22,7 @@ from typing import Any
 from labeler.jobs.io import ImageError
 
 from .config import BrushTarget
-from .images import ImageLoader, download
+from .images import ImageLoader
 from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
@@ -60,25 +60,23 @@ def project_settings(settings: BackendSettings, project_id: str | None) -> Backe
 
 
 def fetch_project_tasks(loader: ImageLoader, project_id: str) -> list[dict[str, Any]]:
-    """Every task of the project, through ``GET /api/tasks?project=ID`` (paged)."""
+    """Every task of the project, through ``GET /api/tasks?project=ID`` (paged), from
+    ``LABEL_STUDIO_URL`` only."""
     import json
-
-    from .images import label_studio_auth
 
     if not loader.base_url or not loader.api_key:
         raise ImageError(
             "Start Training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to list the "
             "project's tasks"
         )
-    headers = label_studio_auth(loader.base_url, loader.api_key).header()
     tasks: list[dict[str, Any]] = []
     page = 1
     while True:
-        url = (
-            f"{loader.base_url}/api/tasks?project={int(project_id)}&page={page}"
+        path = (
+            f"/api/tasks?project={int(project_id)}&page={page}"
             f"&page_size={TASK_PAGE_SIZE}&fields=all"
         )
-        body = json.loads(download(url, headers, 100_000_000, loader.settings.http_timeout))
+        body = json.loads(loader.label_studio_bytes(path, 100_000_000))
         batch = body.get("tasks", []) if isinstance(body, dict) else body
         tasks += batch
         total = body.get("total", len(tasks)) if isinstance(body, dict) else len(tasks)

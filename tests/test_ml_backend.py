@@ -34,6 +34,7 @@ from labeler.options import ModelSettings
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.config import LabelConfigError, parse_label_config
+from ml_backend.fetch import GENERIC_ERROR
 from ml_backend.images import ImageLoader, LabelStudioAuth, is_jwt, safe_local_path
 from ml_backend.model import StableSegBackend
 from ml_backend.server import create_app
@@ -107,6 +108,7 @@ def settings(tiny_model_dir: Path, images_root: Path) -> BackendSettings:
         max_pixels=MAX_PIXELS,
         max_image_bytes=MAX_BYTES,
         http_timeout=1.0,
+        allowed_hosts=("127.0.0.1",),  # the `web` server below; loopback is refused by default
     )
 
 
@@ -374,10 +376,10 @@ def test_every_bad_task_gets_no_prediction_and_a_reason_while_the_others_get_the
         109: (_local(""), "empty ?d= path"),
         110: ("/data/upload/1/up.png", "set LABEL_STUDIO_URL"),
         111: ("ftp://example.invalid/a.png", "unsupported image URL scheme"),
-        112: (f"{web}/web/missing.png", "HTTP 404"),
-        113: (f"{web}/web/big.png", "more than the limit"),
-        114: (f"{web}/web/stream.png", "more than the limit"),
-        115: (f"{web}/web/slow.png", "cannot download"),
+        112: (f"{web}/web/missing.png", GENERIC_ERROR),  # the log says HTTP 404
+        113: (f"{web}/web/big.png", GENERIC_ERROR),  # announced as too big
+        114: (f"{web}/web/stream.png", GENERIC_ERROR),  # too big as it arrives
+        115: (f"{web}/web/slow.png", GENERIC_ERROR),  # past the deadline
         116: ("", "no image URL"),
         117: ("s3://bucket/a.png", "set LABEL_STUDIO_URL"),
     }
@@ -400,6 +402,9 @@ def test_every_bad_task_gets_no_prediction_and_a_reason_while_the_others_get_the
     assert "no 'image' field" in reasons[118] and "no 'data'" in reasons[119]
     for task_id in reasons:
         assert f"task {task_id} gets no prediction" in caplog.text
+    for detail in ("HTTP 404", "20001 bytes announced", "more than the limit of 20000 bytes"):
+        assert detail in caplog.text  # the caller gets the generic message, the log the detail
+    assert "took longer than STABLESEG_HTTP_TIMEOUT" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -567,20 +572,8 @@ def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
     assert loader.load(f"{web}/web/pic.png").size == (31, 22)  # plain web: no key sent
     assert len(FakeLabelStudio.seen_auth) == 5
     wrong = ImageLoader(replace(env, api_key="wrong"))
-    with pytest.raises(ImageError, match=r"HTTP 401.*LABEL_STUDIO_API_KEY"):
+    with pytest.raises(ImageError, match=r"refused LABEL_STUDIO_API_KEY \(HTTP 401\)"):
         wrong.load("/data/upload/1/up.png")
-
-
-def test_setup_hostname_and_token_are_used_when_the_environment_has_none(client, web):
-    client.post(
-        "/setup",
-        json={"project": "7.1", "schema": CONFIG, "hostname": web, "access_token": LEGACY_TOKEN},
-    )
-    task = _task(1, "/data/upload/1/up.png")
-    body = client.post(
-        "/predict", json={"tasks": [task], "label_config": CONFIG, "project": "7.1"}
-    ).get_json()
-    assert body["errors"] == [] and body["results"][0]["result"]
 
 
 # ---------------------------------------------------------------------- auth, webhooks, serve
