@@ -12,6 +12,7 @@ from exporters.coco import (
     result_to_coco_annotations,
 )
 from exporters.labelstudio import (
+    brush_prediction,
     brush_results,
     build_import_file,
     decode_brush_result,
@@ -19,6 +20,7 @@ from exporters.labelstudio import (
     import_task,
     mask_to_brush_rle,
     prediction,
+    task_score,
 )
 from exporters.png import (
     classes_json,
@@ -31,6 +33,7 @@ from exporters.png import (
 from exporters.preview import gallery_html, overlay
 
 __all__ = [
+    "brush_prediction",
     "brush_results",
     "build_coco",
     "build_import_file",
@@ -50,5 +53,6 @@ __all__ = [
     "png_to_mask",
     "prediction",
     "result_to_coco_annotations",
+    "task_score",
     "voc_palette",
 ]

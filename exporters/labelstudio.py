@@ -134,6 +134,43 @@ def prediction(
     return {"model_version": str(model_version), "score": float(score), "result": list(results)}
 
 
+def task_score(mask: np.ndarray, labels: Sequence[str], scores: Mapping[str, float]) -> float:
+    """The confidence of a whole mask: the pixel-weighted mean of its labels' scores.
+
+    A label's score is the mean probability over the pixels it wins, so this is the mean, over
+    every painted pixel, of the probability of the label it was given: the share of the painted
+    pixels the model expects to be right. A plain mean over the labels would let a speck of a
+    few pixels weigh as much as the main object. Background (0) and ignore (255) pixels are not
+    painted and do not count; a mask with nothing painted scores 0.0, so such tasks sort first
+    in a review ordered by score.
+
+    Args:
+        mask: (H, W) integer ids, k = ``labels[k - 1]``.
+        labels: the label names.
+        scores: label -> confidence; a label without a score counts as 0.
+    """
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=len(labels) + 1)  # (max id + 1,)
+    areas = counts[1 : len(labels) + 1].astype(np.float64)  # (L,) pixels per label
+    painted = float(areas.sum())
+    if painted == 0:
+        return 0.0
+    per_label = np.array([float(scores.get(name, 0.0)) for name in labels], dtype=np.float64)
+    return float((areas * per_label).sum() / painted)
+
+
+def brush_prediction(
+    mask: np.ndarray,
+    labels: Sequence[str],
+    scores: Mapping[str, float],
+    model_version: str,
+    from_name: str = "tag",
+    to_name: str = "image",
+) -> dict[str, Any]:
+    """The Label Studio prediction of an id mask: its brush results and :func:`task_score`."""
+    results = brush_results(mask, labels, scores, from_name, to_name)
+    return prediction(results, model_version, score=task_score(mask, labels, scores))
+
+
 def import_task(
     image_url: str, prediction: Mapping[str, Any] | None = None, data_key: str = "image"
 ) -> dict[str, Any]:

@@ -128,3 +128,40 @@ def _prompt(label: str, attrs: Mapping[str, str]) -> str:
     if predicted:
         return predicted[0]
     return label
+
+
+# ---------------------------------------------------------------------- free-text prompts
+@dataclass(frozen=True)
+class PromptArea:
+    """A ``<TextArea>`` on the brush target's image where the annotator types what to paint.
+
+    Attributes:
+        name: the TextArea's ``name`` (the ``from_name`` of its results).
+        background_prompt: its ``backgroundPrompt`` attribute: what the phrase is segmented
+            against (None: the backend's setting, else ``"background"``).
+    """
+
+    name: str
+    background_prompt: str | None = None
+
+
+def parse_prompt_areas(label_config: str | None, target: BrushTarget) -> dict[str, PromptArea]:
+    """The TextAreas of the config that point at ``target``'s image, by name ({} for none).
+
+    ``<TextArea name="prompt" toName="image" backgroundPrompt="sky"/>`` beside
+    ``<BrushLabels name="tag" toName="image">`` makes "prompt" a free-text prompt for "tag".
+    """
+    if not label_config:
+        return {}
+    try:
+        root = ElementTree.fromstring(label_config)
+    except ElementTree.ParseError:
+        return {}
+    areas: dict[str, PromptArea] = {}
+    for tag in root.iter("TextArea"):
+        name = (tag.get("name") or "").strip()
+        to_names = [n.strip() for n in (tag.get("toName") or "").split(",")]
+        if name and target.to_name in to_names and name not in areas:
+            background = (tag.get("backgroundPrompt") or "").strip() or None
+            areas[name] = PromptArea(name=name, background_prompt=background)
+    return areas

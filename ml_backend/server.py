@@ -25,7 +25,7 @@ from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 
-from . import cache, training
+from . import cache, free_text, training
 from .config import LabelConfigError
 from .model import StableSegBackend
 from .settings import BackendSettings
@@ -163,8 +163,10 @@ def predict() -> Any:
         access_token=access_token,
     )
     try:
-        outcome = model.predict_tasks(tasks)
-    except LabelConfigError as err:
+        # Free-text prompts (interactive pre-annotations): see ml_backend.free_text.
+        outcome = free_text.predict_phrase(model, tasks, body.get("params"))
+        outcome = outcome or model.predict_tasks(tasks)
+    except (LabelConfigError, free_text.FreeTextError) as err:
         return error(400, str(err))
     except Exception as err:
         logger.exception("/predict failed")

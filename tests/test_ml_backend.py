@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from exporters import brush_results, decode_brush_result, image_url, prediction
+from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
 from labeler.config import ModelSpec
 from labeler.jobs.io import ImageError, open_image
@@ -217,7 +217,9 @@ def _expected(
     for result in model.segment([open_image(path) for path in paths], prompts):
         scores = {label: result.scores[p] for label, p in zip(labels, prompts)}
         regions = brush_results(result.mask, labels, scores, "tag", "image")
-        out.append(prediction(regions, model.model_version))
+        out.append(
+            prediction(regions, model.model_version, task_score(result.mask, labels, scores))
+        )
     return json.loads(json.dumps(out))  # as it comes back through JSON
 
 

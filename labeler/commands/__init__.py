@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "labeler.commands.evaluate:evaluate",
     "refine": "labeler.commands.refine:refine",
     "serve": "labeler.commands.serve:serve",
+    "label-studio": "labeler.commands.label_studio:label_studio",
 }
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     evaluate      mIoU of predicted masks against ground-truth masks
     refine        StableSeg+ / StableSeg++ self-training on an unlabelled pool
     serve         Label Studio ML backend that pre-annotates tasks with brush masks
+    label-studio  predict: pre-annotate a whole Label Studio project from the CLI
 
     Every command that runs a model takes --model (a hub id such as
     runwayml/stable-diffusion-v1-5, or a local diffusers folder) and --device.
