@@ -14,11 +14,12 @@ The labeling config puts a ``<TextArea>`` beside the ``<BrushLabels>`` on the sa
 With the model connected with *Interactive preannotations* on and **Auto-Annotation** on in the
 labeling page, submitting the TextArea makes Label Studio 1.23 post ``/api/ml/ID/
 interactive-annotating`` with ``{"task": ID, "context": {"result": [<the TextArea's result>]}}``
-(its data manager sends the serialized results of the region that finished, which for a
-TextArea is its own result: ``{"from_name": "prompt", "to_name": "image", "type": "textarea",
-"value": {"text": ["Car: red car"]}}``), and Label Studio forwards that to the backend's
-``/predict`` as ``params.context``. The browser does not send which brush label is selected, so
-the label comes from the request, in this order:
+(its data manager sends the serialized results of the region that finished and of the regions
+"connected" to it; for a TextArea, its own result and those of the other per-image
+classifications, which are ignored here: ``{"from_name": "prompt", "to_name": "image", "type":
+"textarea", "value": {"text": ["Car: red car"]}}``), and Label Studio forwards that to the
+backend's ``/predict`` as ``params.context``. The browser does not send which brush label is
+selected, so the label comes from the request, in this order:
 
 1. the text before a first ``:`` when it is one of the labels ("Car: red car" paints "red car"
    as Car);

@@ -389,9 +389,11 @@ def test_label_studio_predict_refuses_a_wrong_key_or_project_with_a_usage_error(
 
 
 # ---------------------------------------------------------------------- free-text prompts
-FREE_TEXT_CONFIG = _brush_config(
-    ["Car", "Sky"],
-    '<TextArea name="prompt" toName="image" editable="true" rows="1" showSubmitButton="true"/>',
+FREE_TEXT_CONFIG = (  # Label Studio accepts our attributes: a label's prompt, backgroundPrompt
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+    '<Label value="Car" prompt="car"/><Label value="Sky"/></BrushLabels>'
+    '<TextArea name="prompt" toName="image" editable="true" rows="1" showSubmitButton="true" '
+    'backgroundPrompt="background" placeholder="Car: red car"/></View>'
 )
 
 
