@@ -242,7 +242,7 @@ def is_training() -> Any:
     project = _project(request.args.get("project"))
     return jsonify(
         {
-            "is_training": project is not None and training.is_training(project),
+            "is_training": project is not None and training.is_training(project, _settings()),
             "backend": "none",
             "model_version": cache.model_version(training.project_settings(_settings(), project)),
         }

@@ -61,12 +61,11 @@ def work_root(settings: BackendSettings) -> Path:
     return Path(settings.refine_dir).expanduser()
 
 
-def is_training(project_id: int) -> bool:
-    """Whether a refine run of this project is in progress in this process."""
-    from labeler.jobs.refine.background import get_background_refine
+def is_training(project_id: int, settings: BackendSettings) -> bool:
+    """Whether a refine run of this project is in progress, in this worker or another one."""
+    from labeler.jobs.refine.background import running_refine
 
-    handle = get_background_refine(project_id)
-    return handle is not None and handle.is_running()
+    return running_refine(work_root(settings)) == str(project_id)
 
 
 def project_settings(settings: BackendSettings, project_id: int | None) -> BackendSettings:
@@ -168,10 +167,14 @@ def start_training(
     from labeler.jobs.refine.background import RefineBusyError, start_background_refine
 
     logger.info("START_TRAINING for project %s", project_id)
-    if is_training(project_id):
-        detail = f"a refine run of project {project_id} is already running"
-        logger.info(detail)
-        return 201, {"status": "already_running", "project": project_id, "detail": detail}
+    already = {
+        "status": "already_running",
+        "project": project_id,
+        "detail": f"a refine run of project {project_id} is already running",
+    }
+    if is_training(project_id, settings):
+        logger.info(already["detail"])
+        return 201, already
     if not (loader.base_url and loader.api_key):
         detail = (
             "Start Training lists the project's tasks through Label Studio: set "
@@ -189,6 +192,8 @@ def start_training(
             on_finish=_log_finish,
         )
     except RefineBusyError as err:
+        if err.project == str(project_id):  # started meanwhile, by another worker
+            return 201, already
         logger.warning("START_TRAINING for project %s refused: %s", project_id, err)
         return 409, {"status": "busy", "project": project_id, "detail": str(err)}
     except Exception as err:  # a trainer that cannot start must not take the webhook down

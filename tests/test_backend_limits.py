@@ -205,23 +205,27 @@ def _serve(
         sys.stderr.write(f"--- serve log (end) ---\n{lss.tail(log)}\n")
         raise
     finally:
-        lss.stop(process)
+        lss.stop(process, timeout=5)  # then SIGKILL: torch processes exit slowly
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, images_root, label_studio) -> Iterator[Served]:
-    """gunicorn, one worker, no basic auth (what most teams run)."""
-    workspace = tmp_path_factory.mktemp("serve-open")
-    yield from _serve(workspace, tiny_model_dir, images_root, label_studio)
+    """gunicorn with two workers of two threads, behind basic auth (one server for these
+    tests: each start costs seconds)."""
+    workspace = tmp_path_factory.mktemp("serve")
+    options = ("--workers", "2", "--threads", "2")
+    yield from _serve(workspace, tiny_model_dir, images_root, label_studio, *options, auth=AUTH)
 
 
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory, tiny_model_dir, images_root, label_studio) -> Iterator[Served]:
-    """gunicorn, two workers, behind basic auth."""
-    workspace = tmp_path_factory.mktemp("serve-two")
-    yield from _serve(
-        workspace, tiny_model_dir, images_root, label_studio, "--workers", "2", auth=AUTH
-    )
+def _post(server: Served, path: str, **kwargs) -> requests.Response:
+    """POST on a fresh connection (so gunicorn may give it to either worker)."""
+    kwargs.setdefault("timeout", 30)
+    kwargs.setdefault("auth", AUTH)
+    return requests.post(f"{server.url}{path}", headers={"Connection": "close"}, **kwargs)
+
+
+def _get(server: Served, path: str) -> requests.Response:
+    return requests.get(f"{server.url}{path}", auth=AUTH, timeout=10)
 
 
 def _raw(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, dict]:
@@ -243,98 +247,66 @@ def _basic(user: str, password: str) -> str:
     return "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-# ---------------------------------------------------------------------- Start Training
-def test_traversal_project_ids_are_refused_and_nothing_is_written(server, tmp_path):
-    escape = "../../../../" + str(tmp_path / "x").lstrip("/")
-    for payload in (
-        {"action": "START_TRAINING", "project": {"id": escape, "label_config": CONFIG}},
-        {"action": "START_TRAINING", "project": {"id": "0", "label_config": CONFIG}},
-        {"action": "START_TRAINING", "project": {"id": -3, "label_config": CONFIG}},
-        {"action": "START_TRAINING", "project": {"id": True, "label_config": CONFIG}},
-    ):
-        response = requests.post(f"{server.url}/webhook", json=payload, timeout=10)
-        assert response.status_code == 400, response.text
-        assert "positive integer" in response.json()["detail"]
-    response = requests.post(
-        f"{server.url}/train", json={"project": f"{escape}.1", "label_config": CONFIG}, timeout=10
-    )
-    assert response.status_code == 400
-    task = {"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}
-    body = {"tasks": [task], "label_config": CONFIG, "project": "../../x.1"}
-    assert requests.post(f"{server.url}/predict", json=body, timeout=10).status_code == 400
-    assert not (tmp_path / "x").exists()
-    assert not server.refine_dir.exists() or not list(server.refine_dir.glob("project-*"))
+TASK = {"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}
 
 
-def test_two_start_trainings_at_once_one_runs_the_other_gets_409(server):
-    """Different projects at the same moment: one run starts, the other is told to wait; the
-    run finishes (loading its model next to the server's, no "meta tensor" failure)."""
-    FakeLabelStudio.hits.clear()
-    replies: dict[int, requests.Response] = {}
+# ---------------------------------------------------------------------- auth and bodies
+def test_auth_comes_before_the_body_and_the_body_limit_before_reading(server):
+    """200 MB announced and never sent: answered at once, so nothing waited to read it."""
+    before = server.rss_kb()
+    started = time.monotonic()
+    status, body = _raw(server.port, _head("/predict", "Content-Length: 200000000"))
+    assert status == 401 and body["detail"] == "basic authentication required"
+    wrong = _head("/predict", "Content-Length: 200000000", _basic(AUTH[0], "no"))
+    assert _raw(server.port, wrong)[0] == 401
+    right = _head("/predict", "Content-Length: 200000000", _basic(*AUTH))
+    status, body = _raw(server.port, right)
+    assert status == 413 and "STABLESEG_MAX_BODY_BYTES" in body["detail"]
+    assert time.monotonic() - started < 5
+    chunk = b"x" * 50_000  # chunked, no length: read up to the limit, then refused
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
+    head = _head("/predict", "Transfer-Encoding: chunked", _basic(*AUTH))
+    status, body = _raw(server.port, head, chunked)
+    assert status == 413 and "STABLESEG_MAX_BODY_BYTES" in body["detail"]
+    assert (server.rss_kb() - before) / 1024 < 50
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 401
+    assert _get(server, "/health").status_code == 200
 
-    def start(project: int) -> None:
-        payload = {"action": "START_TRAINING", "project": {"id": project, "label_config": CONFIG}}
-        replies[project] = requests.post(f"{server.url}/webhook", json=payload, timeout=30)
 
-    threads = [threading.Thread(target=start, args=(p,)) for p in (31, 32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(r.status_code for r in replies.values()) == [201, 409], {
-        p: r.text for p, r in replies.items()
-    }
-    started = next(p for p, r in replies.items() if r.status_code == 201)
-    busy = next(p for p, r in replies.items() if r.status_code == 409)
-    assert replies[started].json()["status"] == "started"
-    assert replies[busy].json()["status"] == "busy"
-    assert f"project {started}" in replies[busy].json()["detail"]
-    again = {"action": "START_TRAINING", "project": {"id": started, "label_config": CONFIG}}
-    response = requests.post(f"{server.url}/webhook", json=again, timeout=30)
-    assert response.status_code == 201 and response.json()["status"] == "already_running"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        status = requests.get(f"{server.url}/is_training?project={started}", timeout=10).json()
-        if not status["is_training"]:
-            break
-        time.sleep(1)
-    runs = list(server.refine_dir.glob(f"project-{started}/run-*"))
-    assert len(runs) == 1 and not list(server.refine_dir.glob(f"project-{busy}"))
-    report = json.loads((runs[0] / "report.json").read_text())
-    assert report.get("finished"), lss.tail(server.log)
-    assert any(path.startswith(f"/api/tasks?project={started}") for path in FakeLabelStudio.hits)
+def test_a_body_that_trickles_is_cut_at_the_deadline(server):
+    started = time.monotonic()  # 11 of 100 bytes, then nothing
+    head = _head("/predict", "Content-Length: 100", _basic(*AUTH))
+    status, body = _raw(server.port, head, b'{"tasks": [')
+    assert status == 408 and "STABLESEG_REQUEST_TIMEOUT" in body["detail"]
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 3
+
+
+def test_multipart_bodies_are_never_parsed(server):
+    files = {"file": ("big.bin", b"\0" * 150_000, "application/octet-stream")}
+    response = _post(server, "/predict", files=files)
+    assert response.status_code == 400 and "JSON object" in response.json()["detail"]
 
 
 # ---------------------------------------------------------------------- bounded work
 def test_two_thousand_labels_get_a_quick_4xx_with_flat_memory(server):
     config = _config_with_labels(2000)
-    task = {"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}
-    requests.get(f"{server.url}/health", timeout=10)
+    _get(server, "/health")
     before = server.rss_kb()
     for _ in range(3):
         started = time.monotonic()
-        response = requests.post(
-            f"{server.url}/predict", json={"tasks": [task], "label_config": config}, timeout=30
-        )
+        response = _post(server, "/predict", json={"tasks": [TASK], "label_config": config})
         assert time.monotonic() - started < 5
         assert response.status_code == 400
         assert "STABLESEG_MAX_LABELS" in response.json()["detail"]
-        response = requests.post(f"{server.url}/setup", json={"schema": config}, timeout=30)
-        assert response.status_code == 400
+        assert _post(server, "/setup", json={"schema": config}).status_code == 400
     grown_mb = (server.rss_kb() - before) / 1024
     assert grown_mb < 50, f"RSS grew by {grown_mb:.0f} MB"
-    # 254 labels are served.
-    response = requests.post(
-        f"{server.url}/setup", json={"schema": _config_with_labels(254)}, timeout=30
-    )
-    assert response.status_code == 200
+    assert _post(server, "/setup", json={"schema": _config_with_labels(254)}).status_code == 200
 
 
 def test_requests_past_a_limit_or_malformed_get_json_4xx(server):
-    task = {"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}
-    url = f"{server.url}/predict"
-    too_many = requests.post(
-        url, json={"tasks": [task] * (MAX_TASKS + 1), "label_config": CONFIG}, timeout=30
+    too_many = _post(
+        server, "/predict", json={"tasks": [TASK] * (MAX_TASKS + 1), "label_config": CONFIG}
     )
     assert too_many.status_code == 413
     assert "STABLESEG_MAX_TASKS" in too_many.json()["detail"]
@@ -343,41 +315,65 @@ def test_requests_past_a_limit_or_malformed_get_json_4xx(server):
         "[1, 2]": "JSON object",
         "not json": "JSON object",
         "[" * 100_000 + "]" * 100_000: "nested too deeply",
-        json.dumps({"tasks": [task], "label_config": 5}): "XML string",
+        json.dumps({"tasks": [TASK], "label_config": 5}): "XML string",
         json.dumps({"tasks": {"id": 1}, "label_config": CONFIG}): "'tasks' must be a list",
-        json.dumps({"tasks": [task], "label_config": CONFIG, "project": "x"}): "project id",
+        json.dumps({"tasks": [TASK], "label_config": CONFIG, "project": "x"}): "project id",
     }
     for raw, expected in cases.items():
-        response = requests.post(url, data=raw, timeout=30)
+        response = _post(server, "/predict", data=raw)
         assert response.status_code == 400, (raw[:40], response.text[:200])
         assert expected in response.json()["detail"], (raw[:40], response.json())
-    assert requests.post(f"{server.url}/webhook", data="[]", timeout=10).status_code == 400
-    response = requests.get(f"{server.url}/no-such-page", timeout=10)
+    assert _post(server, "/webhook", data="[]").status_code == 400
+    response = _get(server, "/no-such-page")
     assert response.status_code == 404 and response.json()["status"] == 404
-    ok = requests.post(url, json={"tasks": [task] * MAX_TASKS, "label_config": CONFIG}, timeout=60)
+    body = {"tasks": [TASK] * MAX_TASKS, "label_config": CONFIG}
+    ok = _post(server, "/predict", json=body, timeout=60)
     assert ok.status_code == 200 and all(r["result"] for r in ok.json()["results"])
 
 
-def test_bodies_over_the_limit_or_too_slow_are_refused_before_they_are_read(server):
+def test_every_prediction_succeeds_whichever_worker_answers(server):
+    """Nothing depends on which worker got /setup: 12 predictions on fresh connections, images
+    from Label Studio's uploads (its URL and key come from the environment only, never from
+    /setup's hostname)."""
+    assert len(server.worker_pids()) == 2
+    setup = {"project": "5.1700000000", "schema": CONFIG, "hostname": "http://198.51.100.9"}
+    assert _post(server, "/setup", json=setup).status_code == 200
+    task = {"id": 51, "data": {"image": "/data/upload/1/0.png"}}
+    body = {"tasks": [task], "label_config": CONFIG, "project": "5.1700000000"}
+    for _ in range(12):
+        response = _post(server, "/predict", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["errors"] == [] and response.json()["results"][0]["result"]
+
+
+def test_fifty_concurrent_predictions_are_all_answered_with_flat_memory(server):
+    body = {"tasks": [TASK], "label_config": CONFIG, "project": "9.1"}
+    with requests.Session() as session:  # kept alive: the next heads go through the worker too
+        for _ in range(4):
+            response = session.post(f"{server.url}/predict", json=body, auth=AUTH, timeout=60)
+            assert response.ok
     before = server.rss_kb()
-    status, body = _raw(server.port, _head("/predict", "Content-Length: 200000000"))
-    assert status == 413 and "STABLESEG_MAX_BODY_BYTES" in body["detail"]
-    chunk = b"x" * 50_000
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
-    status, body = _raw(server.port, _head("/predict", "Transfer-Encoding: chunked"), chunked)
-    assert status == 413 and "STABLESEG_MAX_BODY_BYTES" in body["detail"]
-    assert (server.rss_kb() - before) / 1024 < 50
-    started = time.monotonic()  # 10 of 100 bytes, then nothing: the deadline answers
-    status, body = _raw(server.port, _head("/predict", "Content-Length: 100"), b'{"tasks": [')
-    assert status == 408 and "STABLESEG_REQUEST_TIMEOUT" in body["detail"]
-    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 3
+    statuses: list[int] = []
+
+    def post() -> None:
+        response = requests.post(f"{server.url}/predict", json=body, auth=AUTH, timeout=120)
+        statuses.append(response.status_code if response.json()["results"][0] else -1)
+
+    threads = [threading.Thread(target=post) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+    assert statuses == [200] * 50
+    grown_mb = (server.rss_kb() - before) / 1024
+    assert grown_mb < 100, f"RSS grew by {grown_mb:.0f} MB"
 
 
 # ---------------------------------------------------------------------- slow clients
 def test_health_answers_while_eight_connections_send_their_headers_slowly(server):
     """Eight clients send a request head at one byte a second: /health still answers within
-    2 s (more of them than the worker has threads), and the server closes them when
-    STABLESEG_REQUEST_TIMEOUT has passed without a complete head."""
+    2 s (twice the threads of both workers together), and the server closes them
+    when STABLESEG_REQUEST_TIMEOUT has passed without a complete head."""
     head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 40
     keep_sending = threading.Event()
     keep_sending.set()
@@ -411,7 +407,7 @@ def test_health_answers_while_eight_connections_send_their_headers_slowly(server
         time.sleep(1.0)  # every slow connection is open and has sent its first bytes
         for _ in range(3):
             asked = time.monotonic()
-            assert requests.get(f"{server.url}/health", timeout=2).status_code == 200
+            assert requests.get(f"{server.url}/health", auth=AUTH, timeout=2).status_code == 200
             assert time.monotonic() - asked < 2
             time.sleep(0.3)
         assert time.monotonic() - start < REQUEST_TIMEOUT_S  # they were all held meanwhile
@@ -423,54 +419,61 @@ def test_health_answers_while_eight_connections_send_their_headers_slowly(server
     assert max(closed_after) < REQUEST_TIMEOUT_S + 3
 
 
-# ---------------------------------------------------------------------- several workers, auth
-def test_two_workers_answer_every_prediction(two_workers):
-    """Nothing depends on which worker got /setup: 12 predictions on fresh connections, images
-    from Label Studio's uploads (its URL and key come from the environment only)."""
-    assert len(two_workers.worker_pids()) == 2
-    setup = requests.post(
-        f"{two_workers.url}/setup",
-        json={"project": "5.1700000000", "schema": CONFIG, "hostname": "http://198.51.100.9"},
-        auth=AUTH,
-        timeout=30,
-    )
-    assert setup.status_code == 200
-    task = {"id": 51, "data": {"image": "/data/upload/1/0.png"}}
-    body = {"tasks": [task], "label_config": CONFIG, "project": "5.1700000000"}
-    for _ in range(12):
-        response = requests.post(
-            f"{two_workers.url}/predict",
-            json=body,
-            auth=AUTH,
-            timeout=60,
-            headers={"Connection": "close"},
-        )
-        assert response.status_code == 200, response.text
-        assert response.json()["errors"] == [] and response.json()["results"][0]["result"]
+# ---------------------------------------------------------------------- Start Training
+def test_traversal_project_ids_are_refused_and_nothing_is_written(server, tmp_path):
+    escape = "../../../../" + str(tmp_path / "x").lstrip("/")
+    for project_id in (escape, "0", -3, True, "7/../8"):
+        project = {"id": project_id, "label_config": CONFIG}
+        response = _post(server, "/webhook", json={"action": "START_TRAINING", "project": project})
+        assert response.status_code == 400, response.text
+        assert "positive integer" in response.json()["detail"]
+    response = _post(server, "/train", json={"project": f"{escape}.1", "label_config": CONFIG})
+    assert response.status_code == 400
+    body = {"tasks": [TASK], "label_config": CONFIG, "project": "../../x.1"}
+    assert _post(server, "/predict", json=body).status_code == 400
+    assert not (tmp_path / "x").exists()
+    assert not server.refine_dir.exists() or not list(server.refine_dir.glob("project-*"))
 
 
-def test_auth_comes_before_the_body_and_the_body_limit_before_reading(two_workers):
-    before = two_workers.rss_kb()
-    started = time.monotonic()  # 200 MB announced, none sent: answered without reading
-    status, body = _raw(two_workers.port, _head("/predict", "Content-Length: 200000000"))
-    assert status == 401 and body["detail"] == "basic authentication required"
-    status, _ = _raw(
-        two_workers.port, _head("/predict", "Content-Length: 200000000", _basic(AUTH[0], "no"))
-    )
-    assert status == 401
-    status, body = _raw(
-        two_workers.port, _head("/predict", "Content-Length: 200000000", _basic(*AUTH))
-    )
-    assert status == 413 and "STABLESEG_MAX_BODY_BYTES" in body["detail"]
-    assert time.monotonic() - started < 5
-    chunk = b"x" * 50_000
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
-    head = _head("/predict", "Transfer-Encoding: chunked", _basic(*AUTH))
-    status, body = _raw(two_workers.port, head, chunked)
-    assert status == 413
-    assert (two_workers.rss_kb() - before) / 1024 < 50
-    assert requests.get(f"{two_workers.url}/health", timeout=10).status_code == 401
-    assert requests.get(f"{two_workers.url}/health", auth=AUTH, timeout=10).status_code == 200
+def test_start_training_is_one_run_for_the_whole_backend(server):
+    """Two projects at the same moment: one run starts, the other gets 409 (nothing queued);
+    both workers then see the run (a lock under STABLESEG_REFINE_DIR): the same project answers
+    already_running, another one 409. The run lists its tasks from LABEL_STUDIO_URL, loads its
+    own model next to the workers' (no "meta tensor" failure) and finishes."""
+    FakeLabelStudio.hits.clear()
+
+    def start(project: int) -> requests.Response:
+        payload = {"action": "START_TRAINING", "project": {"id": project, "label_config": CONFIG}}
+        return _post(server, "/webhook", json=payload)
+
+    replies: dict[int, requests.Response] = {}
+    threads = [
+        threading.Thread(target=lambda p=p: replies.__setitem__(p, start(p))) for p in (31, 32)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    codes = {p: (r.status_code, r.json()["status"]) for p, r in replies.items()}
+    assert sorted(codes.values()) == [(201, "started"), (409, "busy")], codes
+    started = next(p for p, code in codes.items() if code[0] == 201)
+    busy = next(p for p, code in codes.items() if code[0] == 409)
+    assert f"project {started}" in replies[busy].json()["detail"]
+    for _ in range(4):
+        again, other = start(started), start(busy)
+        assert again.status_code == 201 and again.json()["status"] == "already_running"
+        assert other.status_code == 409 and f"project {started}" in other.json()["detail"]
+        assert _get(server, f"/is_training?project={started}.1").json()["is_training"] is True
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if not _get(server, f"/is_training?project={started}").json()["is_training"]:
+            break
+        time.sleep(1)
+    runs = list(server.refine_dir.glob(f"project-{started}/run-*"))
+    assert len(runs) == 1 and not list(server.refine_dir.glob(f"project-{busy}"))
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report.get("finished"), lss.tail(server.log)
+    assert any(path.startswith(f"/api/tasks?project={started}") for path in FakeLabelStudio.hits)
 
 
 # ---------------------------------------------------------------------- dev server

@@ -42,6 +42,7 @@ __all__ = [
     "RefineBusyError",
     "get_background_refine",
     "latest_refine_weights",
+    "running_refine",
     "start_background_refine",
 ]
 
@@ -98,7 +99,11 @@ LOCK_FILE = ".refine.lock"
 
 
 class RefineBusyError(RuntimeError):
-    """Another project's refine run is in progress; the message names it."""
+    """A refine run is in progress (``project``: its project id); the message names it."""
+
+    def __init__(self, message: str, project: str) -> None:
+        super().__init__(message)
+        self.project = project
 
 
 def _project_key(project_id: str | int) -> str:
@@ -123,17 +128,42 @@ def _take_run_lock(work_root: Path, key: str) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        running = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another project"
+        running = _read_project(fd)
         os.close(fd)
-        raise RefineBusyError(
-            _busy_message(f"project {running}", " (in another process)")
-        ) from None
+        message = _busy_message(f"project {running or '?'}", " (in another process)")
+        raise RefineBusyError(message, running) from None
     except BaseException:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, key.encode("ascii"), 0)
     return fd
+
+
+def _read_project(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+
+
+def running_refine(work_root: str | os.PathLike[str]) -> str | None:
+    """The project whose refine run is in progress with this work root, in this process or
+    another one (gunicorn's other workers), or None."""
+    with _RUNS_LOCK:
+        running = [run.project_id for run in _RUNS.values() if run.is_running()]
+    if running:
+        return running[0]
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(work_root) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no run has ever started here
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_project(fd) or None
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+    return None
 
 
 def _busy_message(running: str, where: str = "") -> str:
@@ -193,7 +223,7 @@ def start_background_refine(
             return current
         running = [run.project_id for run in _RUNS.values() if run.is_running()]
         if running:
-            raise RefineBusyError(_busy_message(f"project {running[0]}"))
+            raise RefineBusyError(_busy_message(f"project {running[0]}"), running[0])
         lock_fd = _take_run_lock(Path(work_root), key)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         work_dir = Path(work_root) / f"project-{key}" / f"run-{stamp}"
