@@ -31,7 +31,6 @@ ml_backend.worker.HeadBufferingWorker``.
 from __future__ import annotations
 
 import contextlib
-import os
 import selectors
 import time
 from dataclasses import dataclass, field
@@ -40,11 +39,12 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
-from .settings import DEFAULT_REQUEST_TIMEOUT
+from .settings import BackendSettings
 
 HEAD_END = b"\r\n\r\n"
 _RECV_SIZE = 1 << 16
 _DEFAULT_FIELD_SIZE = 8190  # gunicorn's, when limit_request_field_size is 0 (no limit)
+_MAX_FIELDS = 32768  # gunicorn's ceiling of limit_request_fields
 
 
 def supported() -> bool:
@@ -66,14 +66,8 @@ _WORKER_HOOKS = ("enqueue_req", "murder_keepalived", "handle", "finish_request")
 
 
 def request_timeout() -> float:
-    """STABLESEG_REQUEST_TIMEOUT, as the backend's settings read it (the worker starts before
-    the app, so it reads the variable itself)."""
-    text = os.environ.get("STABLESEG_REQUEST_TIMEOUT", "").strip()
-    try:
-        value = float(text) if text else DEFAULT_REQUEST_TIMEOUT
-    except ValueError:
-        value = DEFAULT_REQUEST_TIMEOUT
-    return value if value > 0 else DEFAULT_REQUEST_TIMEOUT
+    """STABLESEG_REQUEST_TIMEOUT from the environment (the worker starts before the app)."""
+    return BackendSettings.from_env().request_timeout
 
 
 @dataclass
@@ -149,7 +143,8 @@ class HeadBufferingWorker(gthread.ThreadWorker):
         """The largest head gunicorn's parser reads before refusing it."""
         field_size = self.cfg.limit_request_field_size or _DEFAULT_FIELD_SIZE
         line = self.cfg.limit_request_line or _DEFAULT_FIELD_SIZE
-        return line + self.cfg.limit_request_fields * (field_size + 2) + 4
+        fields = self.cfg.limit_request_fields or _MAX_FIELDS
+        return line + fields * (field_size + 2) + 4
 
     def _on_readable(self, conn: Any, _sock: Any) -> None:
         head = self._heads.get(conn)
