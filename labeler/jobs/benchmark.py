@@ -50,7 +50,7 @@ PROTOCOLS = {
     "paper": "each image prompted with the classes present in its ground truth (paper, sec. 5)",
     "open": "every class of the dataset in every prompt (open vocabulary)",
 }
-NO_CLASS = "its ground truth holds no scored class (only background or ignored pixels)"
+NO_CLASS = "its ground truth holds no class to prompt it with (only background or ignored pixels)"
 PREVIEW_HEIGHT = 160
 
 Bar = Callable[[int, str], Any]

@@ -5,6 +5,10 @@ outputs and parts) and the result (where the students and weights are). Each ste
 runs in every process (the per-image steps take their share of the pool); its ``finish`` runs
 in process 0 once every process is done (counts, checks). ``scored`` names the mask folders the
 step's record scores against ``--val-gt``.
+
+With per-image labels (``RefineRun.subset``) an image is prompted with its own labels only: its
+cache entry holds those channels and names their global ids, and every step maps channels and
+mask ids back to the global ids (``labeler.subsets.LabelSubset``) before writing a mask.
 """
 
 from __future__ import annotations
