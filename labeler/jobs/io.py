@@ -195,14 +195,15 @@ class RunMismatchError(ValueError):
 def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     """Human-readable differences between two JSON values (nested dicts by dotted key)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        if len(old) > 8 or len(new) > 8:  # a pool of images: counts, not a listing
+        if len(old) > 8 or len(new) > 8:  # e.g. a pool of images: counts, not a listing
             added, removed = set(new) - set(old), set(old) - set(new)
             changed = [k for k in set(old) & set(new) if old[k] != new[k]]
-            if added or removed or changed:
+            if not (added or removed or changed):
+                return []
+            if len(added) + len(removed) + len(changed) > 3:
                 return [
                     f"{key}: {len(added)} added, {len(removed)} removed, {len(changed)} changed"
                 ]
-            return []
         found = []
         for name in sorted(set(old) | set(new)):
             found += _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)
