@@ -30,7 +30,7 @@ from exporters.png import (
     png_to_mask,
     voc_palette,
 )
-from exporters.preview import gallery_html, overlay
+from exporters.preview import comparison_strip, gallery_html, overlay
 
 __all__ = [
     "brush_prediction",
@@ -40,6 +40,7 @@ __all__ = [
     "classes_json",
     "coco_annotations",
     "coco_image",
+    "comparison_strip",
     "decode_brush_result",
     "encode_rle",
     "gallery_html",

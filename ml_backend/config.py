@@ -4,6 +4,12 @@
 children, pointing at ``<Image name="image" value="$image"/>``. The model sees each label's
 prompt: its ``prompt`` attribute, else the first of its ``predicted_values``, else the label
 itself (its ``alias`` when it has one, as Label Studio stores the alias in results).
+
+Prompts follow the one label rule (:func:`labeler.labels.validate_labels`: NFC, single spaces,
+no invisible characters, unique ignoring case); label values stay exactly as the config spells
+them, since results must name them so. A project has at most ``max_labels`` labels
+(``STABLESEG_MAX_LABELS``, 254 by default): the count is checked while the labels are read,
+before any of them reaches the model.
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from xml.etree import ElementTree
+
+from labeler.labels import validate_labels
+from labeler.result import MAX_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +56,18 @@ class BrushTarget:
     prompts: tuple[str, ...]
 
 
-def parse_label_config(label_config: str | None) -> BrushTarget:
+def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> BrushTarget:
     """Find the first BrushLabels control on an Image and its labels' prompts.
 
     Raises:
-        LabelConfigError: empty or malformed XML, no BrushLabels on an Image, no labels, or two
-            labels with the same prompt.
+        LabelConfigError: not a string, empty or malformed XML, no BrushLabels on an Image, no
+            labels, more than ``max_labels`` labels, two labels with the same prompt, or a
+            prompt the label rule refuses.
     """
+    if label_config is not None and not isinstance(label_config, str):
+        raise LabelConfigError(
+            f"the labeling config must be an XML string, got {type(label_config).__name__}"
+        )
     if not label_config or not label_config.strip():
         raise LabelConfigError(
             "the project has no labeling config; set one with a <BrushLabels> on an <Image>, "
@@ -95,6 +110,12 @@ def parse_label_config(label_config: str | None) -> BrushTarget:
     for tag in brush.iter("Label"):
         label = (tag.get("alias") or tag.get("value") or "").strip()
         if label and label not in labels:
+            if len(labels) == max_labels:
+                raise LabelConfigError(
+                    f'<BrushLabels name="{from_name}"> has more than {max_labels} labels, the '
+                    "limit of this backend (STABLESEG_MAX_LABELS; at most "
+                    f"{MAX_LABELS}, what a mask holds); split the classes over projects"
+                )
             labels.append(label)
             prompts.append(_prompt(label, tag.attrib))
     if not labels:
@@ -111,6 +132,11 @@ def parse_label_config(label_config: str | None) -> BrushTarget:
                 'of them a prompt of its own, e.g. <Label value="..." prompt="..."/>'
             )
         seen[key] = label
+    where = [f"the prompt of label {label!r}" for label in labels]
+    try:
+        prompts = validate_labels(prompts, where, max_labels=max_labels)
+    except ValueError as err:
+        raise LabelConfigError(f"labeling config: {err}") from None
     return BrushTarget(
         from_name=from_name,
         to_name=image.get("name", ""),

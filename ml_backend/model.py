@@ -72,7 +72,7 @@ class StableSegBackend(LabelStudioMLBase):
         self.target: BrushTarget | None = None
         self.config_error: str | None = None
         try:
-            self.target = parse_label_config(label_config)
+            self.target = parse_label_config(label_config, self.settings.max_labels)
         except LabelConfigError as err:
             self.config_error = str(err)
 
@@ -124,15 +124,15 @@ class StableSegBackend(LabelStudioMLBase):
             logger.warning("task %s gets no prediction: %s", error.task, error.reason)
         return outcome
 
-    def start_training(self, project_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """``START_TRAINING``: run ``refine`` on the project's images (one run a project)."""
+    def start_training(self, project_id: int) -> tuple[int, dict[str, Any]]:
+        """``START_TRAINING``: run ``refine`` on the project's images, listed through Label
+        Studio (one run at a time); the HTTP status and the reply."""
         try:
             target = self.require_target()
         except LabelConfigError as err:
-            return {"status": "error", "project": project_id, "detail": str(err)}
-        tasks = payload.get("tasks") or []
+            return 400, {"status": "error", "project": project_id, "detail": str(err)}
         loader = ImageLoader(self.settings)  # never /setup's hostname or token
-        return training.start_training(project_id, tasks, target, self.settings, loader)
+        return training.start_training(project_id, target, self.settings, loader)
 
     # ------------------------------------------------------------------ steps
     def _tasks_per_chunk(self) -> int:

@@ -415,7 +415,8 @@ def test_every_help_works(command):
 
 
 @pytest.mark.parametrize(
-    "command", [["pseudo-label"], ["refine"], ["serve"], ["label-studio", "predict"]]
+    "command",
+    [["pseudo-label"], ["refine"], ["serve"], ["benchmark"], ["label-studio", "predict"]],
 )
 def test_every_command_that_runs_stableseg_lists_every_segmenter_option(command):
     result = CliRunner().invoke(cli.main, [*command, "--help"], terminal_width=200)

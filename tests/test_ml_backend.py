@@ -20,6 +20,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -125,6 +126,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         "/web/pic.png": _png(22, 31, seed=8),
     }
     seen_auth: ClassVar[list[str | None]] = []  # shared by the handler threads on purpose
+    project_tasks: ClassVar[dict[str, list[dict]]] = {}  # GET /api/tasks?project=ID
 
     def log_message(self, *args) -> None:
         pass
@@ -147,10 +149,15 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         auth = self.headers.get("Authorization")
         path = self.path
-        if path.startswith(("/data/", "/tasks/")):
+        if path.startswith(("/data/", "/tasks/", "/api/")):
             self.seen_auth.append(auth)
             if auth not in (f"Token {LEGACY_TOKEN}", f"Bearer {ACCESS_TOKEN}"):
                 return self._send(401, b"unauthorised", "text/plain")
+        if path.startswith("/api/tasks?"):
+            project = parse_qs(urlsplit(path).query)["project"][0]
+            tasks = self.project_tasks.get(project, [])
+            body = {"tasks": tasks, "total": len(tasks)}
+            return self._send(200, json.dumps(body).encode(), "application/json")
         if path.startswith("/data/local-files/?d="):
             return self._send(200, self.files["/data/upload/1/up.png"])
         if path.startswith("/tasks/5/presign/?fileuri="):
@@ -606,26 +613,29 @@ def test_webhooks_are_acknowledged(client):
     assert client.post("/webhook", json={"project": {}}).status_code == 400
 
 
-def test_start_training_without_tasks_or_label_studio_says_so(client):
+def test_start_training_without_label_studio_says_so(client):
     payload = {"action": "START_TRAINING", "project": {"id": 4, "label_config": CONFIG}}
     response = client.post("/webhook", json=payload)
-    assert response.status_code == 201
+    assert response.status_code == 503
     body = response.get_json()
     assert body["status"] == "error" and "LABEL_STUDIO_URL" in body["detail"]
+    assert "LABEL_STUDIO_API_KEY" in body["detail"]
     bad_config = {"action": "START_TRAINING", "project": {"id": 4, "label_config": "<View/>"}}
-    assert client.post("/webhook", json=bad_config).get_json()["status"] == "error"
+    response = client.post("/webhook", json=bad_config)
+    assert response.status_code == 400 and "BrushLabels" in response.get_json()["detail"]
 
 
 def test_start_training_refines_once_per_project_and_predictions_use_the_weights(
-    settings, tmp_path
+    settings, tmp_path, web
 ):
-    """The older /train call with tasks: a real refine run (tiny model, resnet18, one epoch)."""
-    from dataclasses import replace
-
+    """The older /train call: a real refine run (tiny model, resnet18, one epoch) on the tasks
+    Label Studio lists for the project; the tasks in the request are ignored."""
     from labeler.jobs.refine.background import get_background_refine
 
     refine = replace(
         settings,
+        label_studio_url=web,
+        api_key=LEGACY_TOKEN,
         refine_dir=str(tmp_path / "runs"),
         refine_encoder="resnet18",
         refine_encoder_weights=None,
@@ -638,11 +648,13 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
         {"id": i, "data": {"image": image_url("/data/local-files/?d=imgs", name)}}
         for i, name in enumerate(names)
     ]
+    FakeLabelStudio.project_tasks["21"] = tasks
     setup = client.post("/setup", json={"schema": CONFIG, "project": "21.1700000000"})
     before = setup.get_json()["model_version"]
-    body = {"annotations": tasks, "project": "21.1700000000", "label_config": CONFIG}
-    first = client.post("/train", json=body).get_json()
-    assert first["status"] == "started", first
+    sent = [_task(99, "http://198.51.100.7/not-fetched.png")]  # ignored: tasks come from LS
+    body = {"annotations": sent, "project": "21.1700000000", "label_config": CONFIG}
+    first = client.post("/train", json=body)
+    assert first.status_code == 201 and first.get_json()["status"] == "started", first.get_json()
     again = client.post("/train", json=body).get_json()
     assert again["status"] in ("already_running", "started")
     assert client.get("/is_training?project=21.1").get_json()["is_training"] in (True, False)
@@ -651,6 +663,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     assert handle.status == "finished", handle.error
     assert client.get("/is_training?project=21.1").get_json()["is_training"] is False
     assert handle.weights_path is not None and handle.weights_path.exists()
+    assert len(list((handle.work_dir / "pool").glob("*.png"))) == len(tasks)
 
     # The project's next /predict and /setup carry the learned weights: a new model_version.
     after = client.post("/setup", json={"schema": CONFIG, "project": "21.1700000000"})

@@ -12,6 +12,7 @@ import click
 
 # command name -> "module:function" of its click command
 COMMANDS = {
+    "benchmark": "labeler.commands.benchmark:benchmark",
     "pseudo-label": "labeler.commands.pseudo_label:pseudo_label",
     "evaluate": "labeler.commands.evaluate:evaluate",
     "refine": "labeler.commands.refine:refine",
@@ -43,6 +44,7 @@ def main() -> None:
     """StableSeg Labeler: zero-shot segmentation masks from Stable Diffusion attention.
 
     \b
+    benchmark     mIoU on a dataset by the paper's protocol; the paper's tables
     pseudo-label  label a folder of images -> COCO JSON, PNG masks, Label Studio import file
     evaluate      mIoU of predicted masks against ground-truth masks
     refine        StableSeg+ / StableSeg++ self-training on an unlabelled pool
@@ -50,5 +52,6 @@ def main() -> None:
     label-studio  predict: pre-annotate a whole Label Studio project from the CLI
 
     Every command that runs a model takes --model (a hub id such as
-    runwayml/stable-diffusion-v1-5, or a local diffusers folder) and --device.
+    stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder)
+    and --device.
     """

@@ -171,7 +171,9 @@ def connect(url: str, api_key: str, timeout: float) -> LabelStudio:
         raise LabelStudioUsageError(f"LABEL_STUDIO_API_KEY: {_api_detail(err)}") from None
 
 
-def project_target(client: LabelStudio, project: int, options: PredictOptions) -> BrushTarget:
+def project_target(
+    client: LabelStudio, project: int, options: PredictOptions, max_labels: int
+) -> BrushTarget:
     """The project's BrushLabels target, parsed exactly as the backend parses it."""
     from ml_backend.config import LabelConfigError, parse_label_config
 
@@ -181,7 +183,7 @@ def project_target(client: LabelStudio, project: int, options: PredictOptions) -
         f"reading project {project}",
     )
     try:
-        return parse_label_config(found.label_config)
+        return parse_label_config(found.label_config, max_labels)
     except LabelConfigError as err:
         raise LabelStudioUsageError(f"project {project}: {err}") from None
 
@@ -424,10 +426,10 @@ def run_predict(
     from ml_backend.images import ImageLoader
 
     started = time.monotonic()
-    client = connect(options.url, options.api_key, options.timeout)
-    target = project_target(client, options.project, options)
-    total = _task_count(client, options)
     settings = backend_settings(options)
+    client = connect(options.url, options.api_key, options.timeout)
+    target = project_target(client, options.project, options, settings.max_labels)
+    total = _task_count(client, options)
     segmenter = cache.get_segmenter(settings)
     version = segmenter.model_version
     summary = PredictSummary(project=options.project, model_version=version, total=total)

@@ -6,8 +6,10 @@ common size, bilinear to the image, normalised), so stage 1 only caches the per-
 StableSeg++ regenerates pseudo-masks with new weights without running the UNet again.
 
 The self maps in the cache were computed with the CA map of the uniform weights; with learned
-weights the real segmenter seeds SAR with its own CA map, so the regenerated masks approximate
-(closely) what ``StableSeg`` with the same weights gives.
+weights the real segmenter seeds SAR with its own CA map, so masks rebuilt from the cache with
+learned weights only approximate what ``StableSeg`` with those weights gives. The refine job
+therefore runs StableSeg again for StableSeg++ by default (``--plusplus-masks exact``) and uses
+:func:`mask_from_maps` to count how many pixels the cache shortcut would have changed.
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ def probs_from_maps(
     probs = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)
     probs = probs[0]  # (C, H, W)
     return normalise(probs, dim=0).numpy().astype(np.float32)
+
+
+def mask_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    weights: tuple[Mapping[str, float], Mapping[str, float]],
+    common_size: tuple[int, int],
+    out_size: tuple[int, int],
+    background_threshold: float | None = None,
+    self_only: bool = False,
+    background_channel: bool = False,
+) -> np.ndarray:
+    """(H, W) uint8 StableSeg mask at ``out_size`` = (width, height) from cached layer maps and
+    (cross, self) layer weights: the segmenter's argmax with its background rule, no CRF."""
+    cross, selfs = weights
+    probs = probs_from_maps(layer_maps, cross, selfs, common_size, out_size, self_only)
+    mask = probs_to_mask(torch.from_numpy(probs), background_threshold, background_channel)
+    return mask.numpy().astype(np.uint8)
 
 
 def with_background(probs: np.ndarray, background_threshold: float) -> np.ndarray:
