@@ -86,7 +86,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """mIoU of the model's own masks, per class, binding; with ``thresholds`` (and no
     background prompt) also the mIoU each background threshold would give."""
-    results = list(model.iter_segment(list(images), labels))
+    results = list(model.iter_segment(list(images), labels, return_probs=True))
     summary = mean_iou([result.mask for result in results], gts, labels)
     probs = [result.probs for result in results]  # (C, H, W) each
     row: dict[str, Any] = {

@@ -27,16 +27,19 @@ class SegmentationResult:
         mask: (H, W) integer array: 0 = background / unlabeled, k = ``labels[k - 1]``,
             255 = ignore. uint8 for up to 254 labels; beyond that uint16, where 255 is a label
             (the segmenter never writes ignore; the exporters take at most 254 labels).
-        probs: (C, H, W) float32 array, one map per label (sums to 1 over C at each pixel).
+        probs: (C, H, W) float32 array, one map per label (sums to 1 over C at each pixel; with
+            a background prompt, the labels' share only), or None: ``StableSeg.segment`` returns
+            it only when asked (``return_probs=True``).
         labels: the label names, in the order given to ``segment``.
         scores: per-label confidence: the mean probability of that label over the pixels
-            it wins (0.0 for a label that wins no pixel).
+            it wins (0.0 for a label that wins no pixel); the rule is
+            :class:`labeler.scores.LabelScores`.
         layer_maps: only when asked for: attention layer name -> (C, h, w) float16 class map
             at the layer's own size (the StableSeg++ cache).
     """
 
     mask: np.ndarray
-    probs: np.ndarray
+    probs: np.ndarray | None
     labels: list[str]
     scores: dict[str, float] = field(default_factory=dict)
     layer_maps: dict[str, np.ndarray] | None = None

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-_EPS = 1e-8
+EPS = 1e-8
+"""Floor of a denominator (a pixel whose scores are all 0 stays all 0)."""
 
 
 def class_maps_from_tokens(
@@ -40,7 +41,7 @@ def class_maps_from_tokens(
     maps = token_maps.view(batch, num_prompts, -1, height, width)  # (B, P, T, h, w)
     # Every label lives in exactly one prompt, so summing over prompts concatenates the labels.
     class_maps = torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
-    return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=_EPS)
+    return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=EPS)
 
 
 def resize_labels(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -109,7 +110,7 @@ def weighted_sum(
 def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Scores -> a distribution over labels along ``dim`` (non-negative scores)."""
     scores = scores.clamp(min=0)
-    return scores / scores.sum(dim=dim, keepdim=True).clamp(min=_EPS)
+    return scores / scores.sum(dim=dim, keepdim=True).clamp(min=EPS)
 
 
 def probs_to_mask(
@@ -121,9 +122,26 @@ def probs_to_mask(
     ``background_channel`` the last channel is the background prompt's: pixels it wins are 0.
     """
     best, index = probs.max(dim=0)
+    return best_to_mask(best, index, probs.shape[0], background_threshold, background_channel)
+
+
+def best_to_mask(
+    best: torch.Tensor,
+    index: torch.Tensor,
+    num_channels: int,
+    background_threshold: float | None,
+    background_channel: bool = False,
+) -> torch.Tensor:
+    """The background rules of :func:`probs_to_mask`, from the per-pixel maximum.
+
+    Args:
+        best: (...) the best normalised probability of each pixel.
+        index: (...) its channel (0-based).
+        num_channels: C (with ``background_channel``, the last one is the background prompt's).
+    """
     mask = index + 1
     if background_channel:
-        mask = torch.where(index == probs.shape[0] - 1, torch.zeros_like(mask), mask)
+        mask = torch.where(index == num_channels - 1, torch.zeros_like(mask), mask)
     if background_threshold is not None:
         mask = torch.where(best < background_threshold, torch.zeros_like(mask), mask)
     return mask

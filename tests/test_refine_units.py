@@ -76,7 +76,7 @@ def test_probs_from_cached_maps_reproduce_stableseg(tiny_model) -> None:
     """Stage 1 caches only the layer maps: rebuilding from them gives StableSeg's own output."""
     image, _ = _scene(37, 50)
     labels = ["cat", "dog", "traffic light"]
-    result = tiny_model.segment([image], labels, return_layer_maps=True)[0]
+    result = tiny_model.segment([image], labels, return_probs=True, return_layer_maps=True)[0]
     plan = tiny_model.plan()
     cached, info = maps_from_bytes(maps_to_bytes(result.layer_maps, labels, (50, 37)))
     assert info["labels"] == labels and info["image_size"] == (50, 37)

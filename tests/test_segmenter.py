@@ -33,7 +33,8 @@ def test_from_pretrained_loads_the_diffusers_folder(tiny_model, tiny_model_dir, 
 
 
 def test_segment_returns_masks_at_the_original_size(tiny_model):
-    results = tiny_model.segment([_image(40, 56), _image(33, 17, seed=1)], LABELS)
+    images = [_image(40, 56), _image(33, 17, seed=1)]
+    results = tiny_model.segment(images, LABELS, return_probs=True)
     assert [r.mask.shape for r in results] == [(40, 56), (33, 17)]
     for result in results:
         assert isinstance(result, SegmentationResult)
@@ -52,9 +53,9 @@ def test_segment_returns_masks_at_the_original_size(tiny_model):
 
 def test_segment_is_deterministic_and_batch_independent(tiny_model):
     images = [_image(seed=s) for s in range(3)]
-    together = tiny_model.segment(images, LABELS)
-    again = tiny_model.segment(images, LABELS)
-    alone = [tiny_model.segment(image, LABELS)[0] for image in images]
+    together = tiny_model.segment(images, LABELS, return_probs=True)
+    again = tiny_model.segment(images, LABELS, return_probs=True)
+    alone = [tiny_model.segment(image, LABELS, return_probs=True)[0] for image in images]
     for a, b, c in zip(together, again, alone):
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_array_equal(a.probs, b.probs)
@@ -112,7 +113,7 @@ def test_more_labels_than_one_prompt_holds():
     ]
     prompts, embeddings = model.encode_prompts(labels)
     assert prompts.num_prompts >= 2 and embeddings.shape[0] == prompts.num_prompts
-    result = model.segment(_image(), labels)[0]
+    result = model.segment(_image(), labels, return_probs=True)[0]
     assert result.probs.shape[0] == len(labels)
     np.testing.assert_allclose(result.probs.sum(axis=0), 1.0, atol=1e-5)
     assert result.mask.max() <= len(labels) and result.mask.min() >= 1
@@ -122,7 +123,7 @@ def test_many_labels_use_a_wider_mask_dtype():
     parts = tiny_components(seed=0)
     model = StableSeg(**parts, config=SegmenterConfig(image_size=32))
     labels = [f"x{i}" for i in range(300)]
-    result = model.segment(_image(8, 8), labels)[0]
+    result = model.segment(_image(8, 8), labels, return_probs=True)[0]
     assert result.mask.dtype == np.uint16 and result.probs.shape == (300, 8, 8)
 
 
@@ -186,16 +187,16 @@ def test_configuration_choices_change_the_plan(tiny_model):
 
 def test_without_sar_and_self_only_give_different_maps(tiny_model):
     image = _image()
-    full = tiny_model.segment(image, LABELS)[0].probs
+    full = tiny_model.segment(image, LABELS, return_probs=True)[0].probs
     plain = tiny_model.with_config(tiny_model.config.replace(use_sar=False))
     self_only = tiny_model.with_config(tiny_model.config.replace(self_only=True))
-    assert not np.allclose(full, plain.segment(image, LABELS)[0].probs)
-    assert not np.allclose(full, self_only.segment(image, LABELS)[0].probs)
+    assert not np.allclose(full, plain.segment(image, LABELS, return_probs=True)[0].probs)
+    assert not np.allclose(full, self_only.segment(image, LABELS, return_probs=True)[0].probs)
 
 
 def test_layer_maps_and_learned_weights(tiny_model, tmp_path):
     image = _image()
-    result = tiny_model.segment(image, LABELS, return_layer_maps=True)[0]
+    result = tiny_model.segment(image, LABELS, return_probs=True, return_layer_maps=True)[0]
     layers = tiny_model.attention_layers()
     assert set(result.layer_maps) == {layer.name for layer in layers}
     for layer in layers:
@@ -210,7 +211,8 @@ def test_layer_maps_and_learned_weights(tiny_model, tmp_path):
     weights = load_map_weights(path)
     assert weights == pytest.approx(uniform)
     weighted = tiny_model.with_config(tiny_model.config.replace(map_weights=weights))
-    np.testing.assert_allclose(weighted.segment(image, LABELS)[0].probs, result.probs, atol=1e-6)
+    weighted_probs = weighted.segment(image, LABELS, return_probs=True)[0].probs
+    np.testing.assert_allclose(weighted_probs, result.probs, atol=1e-6)
     assert weighted.model_version != tiny_model.model_version
 
     # A single cross-attention layer alone: the map is that layer's CAPM, nothing else.
@@ -237,7 +239,7 @@ def test_background_prompt_is_one_more_class_whose_pixels_are_background(tiny_mo
     config = tiny_model.config.replace(background_prompt="background")
     model = tiny_model.with_config(config)
     assert model.prompt_labels(LABELS) == [*LABELS, "background"]
-    result = model.segment(_image(), LABELS, return_layer_maps=True)[0]
+    result = model.segment(_image(), LABELS, return_probs=True, return_layer_maps=True)[0]
     assert result.probs.shape[0] == len(LABELS)  # the labels' share only
     assert next(iter(result.layer_maps.values())).shape[0] == len(LABELS) + 1
     background = 1.0 - result.probs.sum(axis=0)  # (H, W) what the background prompt holds

@@ -60,7 +60,9 @@ class Segmenter(Protocol):
 
     model_version: str
 
-    def segment(self, images: Any, labels: Sequence[str]) -> list[Any]: ...
+    def segment(
+        self, images: Any, labels: Sequence[str], *, return_probs: bool = False
+    ) -> list[Any]: ...
 
 
 __all__ = ["NoImagesError", "PseudoLabelOptions", "RunMismatchError", "Summary", "run"]
@@ -215,7 +217,7 @@ def _segment_batch(
 ) -> list[Any]:
     """Segment with every label, or (labels_from_gt) with each image's own labels."""
     if options.labels_from_gt is None:
-        return model.segment(images, options.labels)
+        return model.segment(images, options.labels, return_probs=options.crf)
     from labeler.result import SegmentationResult
 
     results = []
@@ -223,13 +225,15 @@ def _segment_batch(
         ids = _gt_labels(options, relative)
         width, height = image.size
         mask = np.zeros((height, width), np.uint8)
-        probs = np.zeros((len(options.labels), height, width), np.float32)
+        probs = np.zeros((len(options.labels), height, width), np.float32) if options.crf else None
         scores = dict.fromkeys(options.labels, 0.0)
         if ids:
-            sub = model.segment([image], [options.labels[i - 1] for i in ids])[0]
+            subset = [options.labels[i - 1] for i in ids]
+            sub = model.segment([image], subset, return_probs=options.crf)[0]
             lookup = np.array([0, *ids], dtype=np.uint8)
             mask = np.where(sub.mask == 255, 255, lookup[np.minimum(sub.mask, len(ids))])
-            probs[[i - 1 for i in ids]] = sub.probs
+            if probs is not None:
+                probs[[i - 1 for i in ids]] = sub.probs
             scores.update(sub.scores)
         results.append(SegmentationResult(mask.astype(np.uint8), probs, options.labels, scores))
     return results
@@ -237,6 +241,7 @@ def _segment_batch(
 
 def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
     from labeler.crf import dense_crf
+    from labeler.scores import label_scores
 
     if not result.probs.any():  # no label to refine (--labels-from-gt, background-only image)
         return result
@@ -244,10 +249,7 @@ def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
     mask = (probs.argmax(axis=0) + 1).astype(result.mask.dtype)
     if threshold is not None:
         mask[probs.max(axis=0) < threshold] = 0
-    scores = {}
-    for k, label in enumerate(result.labels, start=1):
-        won = mask == k
-        scores[label] = float(probs[k - 1][won].mean()) if won.any() else 0.0
+    scores = label_scores(mask, probs, result.labels)
     result.mask, result.probs, result.scores = mask, probs, scores
     return result
 
@@ -436,10 +438,12 @@ class _StudentAdapter:
             digest.update(path.read_bytes())
         self.model_version = f"student-{digest.hexdigest()[:12]}"
 
-    def segment(self, images: Any, labels: Sequence[str]) -> list[Any]:
+    def segment(
+        self, images: Any, labels: Sequence[str], *, return_probs: bool = False
+    ) -> list[Any]:
         from labeler.train.student import student_segment
 
-        return student_segment(self.student, images, labels)
+        return student_segment(self.student, images, labels)  # probs always (full-size logits)
 
 
 def run(
