@@ -8,10 +8,11 @@ before the call is reported (``VmHWM``; where the mark cannot be reset, a 2 ms s
 A 1x1 image with the same labels is the baseline: what the model's own pass costs at
 ``--image-size``; the difference is what the image's size adds (upsampling, mask, scores).
 
-    python bench/bench_segment_memory.py                        # SD-1.5-sized random weights, 512 px
-    python bench/bench_segment_memory.py --model tiny --image-size 128   # fast: tiny model
-    # the code before a change, from a tree of that commit:
-    git archive COMMIT | tar -x -C /tmp/before && python bench/bench_segment_memory.py --src /tmp/before
+    python bench/bench_segment_memory.py            # SD-1.5-sized random weights, 512 px
+    python bench/bench_segment_memory.py --model tiny --image-size 128      # fast: tiny model
+    # the code of another commit, from a tree of it:
+    git archive COMMIT | tar -x -C /tmp/before
+    python bench/bench_segment_memory.py --src /tmp/before --limit-gb 8
 
 Prints one JSON line per case and a summary JSON at the end. ``--limit-gb`` caps each
 subprocess's address space, so a case that would need more memory fails instead of exhausting

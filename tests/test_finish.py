@@ -40,7 +40,8 @@ def reference_finish(
     for k, label in enumerate(labels, start=1):
         won = mask == k
         confidences[label] = float(probs[k - 1][won].mean()) if bool(won.any()) else 0.0
-    return mask.cpu().numpy().astype(mask_dtype(len(labels))), probs.cpu().numpy().astype(np.float32), confidences
+    mask_array = mask.cpu().numpy().astype(mask_dtype(len(labels)))
+    return mask_array, probs.cpu().numpy().astype(np.float32), confidences
 
 
 def near_tie(ref_probs_full: np.ndarray, threshold: float | None) -> np.ndarray:
