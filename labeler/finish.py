@@ -9,17 +9,18 @@ receives one small integer mask and the C confidences per image, and full-size p
 only when asked for.
 
 The upsampling reproduces ``F.interpolate(P[None], size=(H, W), mode="bilinear",
-align_corners=False)``: the columns come from that very kernel (the band's source rows at full
-width), and each output row's two source rows and weights are those the kernel computes for the
-full output height (in float32 with the multiply-add fused, as PyTorch's compiled kernels do).
-The final blend of the two rows is bit-identical to the kernel's on the CPUs measured, and
-otherwise within a unit in the last place.
+align_corners=False)``. An image that fits one band goes through that very call. Otherwise the
+columns of a band come from it (the band's source rows at full width), and each output row's two
+source rows and weights are those the kernel computes for the full output height (in float32
+with the multiply-add fused, as PyTorch's compiled kernels do); the blend of the two rows is
+bit-identical to the kernel's in most cases measured on a CPU, and within a few units in the
+last place otherwise.
 
-The mask takes the argmax of the clamped scores, the best normalised probability is the best
-clamped score over their sum (equal, bit for bit, to the maximum of the normalised
-probabilities: division by the same positive number keeps the order), so the C channels are only
-divided when the probabilities are asked for. The two can differ only where two labels' scores
-are within a rounding step of each other.
+The mask is the argmax of the clamped scores; the best normalised probability is the best
+clamped score over their sum (bit for bit the maximum of the normalised probabilities: division
+by the same positive number keeps the order), so the C channels are divided only when the
+probabilities are asked for. The mask can differ from the argmax of the normalised probabilities
+only where two labels' scores are within a rounding step of each other.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ def bilinear_rows(
         (C, stop - start, W) float32, equal to ``F.interpolate(scores[None], (H, W), "bilinear",
         align_corners=False)[0, :, start:stop]`` up to the rounding of the final blend.
     """
+    height = len(weights.first)
+    if start == 0 and stop == height:  # the whole image fits one band: the kernel itself
+        return F.interpolate(
+            scores[None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[0]  # (C, H, W)
     first, second = weights.first[start:stop], weights.second[start:stop]  # (rows,) host
     low, high = int(first[0]), int(second[-1]) + 1  # the source rows this band reads
     # Columns by the kernel itself, rows kept as they are (equal in and out heights copy rows).
