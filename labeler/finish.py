@@ -153,10 +153,12 @@ def bilinear_rows(
 
 
 def _to_device(weights: RowWeights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.from_numpy(weights.first_weight).to(device),
-        torch.from_numpy(weights.second_weight).to(device),
-    )
+    """The row weights on ``device``; to CUDA from pinned memory without waiting for the GPU."""
+    first = torch.from_numpy(weights.first_weight)
+    second = torch.from_numpy(weights.second_weight)
+    if device.type == "cuda":
+        first, second = first.pin_memory(), second.pin_memory()
+    return first.to(device, non_blocking=True), second.to(device, non_blocking=True)
 
 
 PIXEL_BYTES = 48
@@ -196,7 +198,10 @@ def finish_scores(
     num_channels, num_labels = scores.shape[0], len(labels)
     weights = row_weights(scores.shape[-2], height)
     device_weights = _to_device(weights, device)
-    dtype = torch.uint8 if mask_dtype(num_labels) == np.uint8 else torch.uint16
+    host_dtype = mask_dtype(num_labels)
+    # uint16 masks are built as int16 (every device has it) and read back as uint16: the same
+    # bits, ids up to 65535.
+    dtype = torch.uint8 if host_dtype == np.uint8 else torch.int16
     mask = torch.empty((height, width), dtype=dtype, device=device)  # (H, W)
     confidences = LabelScores(labels, device)
     probs_out = np.empty((num_labels, height, width), np.float32) if return_probs else None
@@ -216,4 +221,5 @@ def finish_scores(
         if probs_out is not None:
             label_probs = band[:num_labels].div_(total)  # (C, r, W) the labels' share
             probs_out[:, start:stop] = label_probs.cpu().numpy()
-    return FinishedImage(mask=mask.cpu().numpy(), scores=confidences.result(), probs=probs_out)
+    host_mask = mask.cpu().numpy().view(host_dtype)  # (H, W) the one copy to the host
+    return FinishedImage(mask=host_mask, scores=confidences.result(), probs=probs_out)

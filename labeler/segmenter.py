@@ -335,16 +335,16 @@ class StableSeg:
         ca_map = capm.argmax(dim=1)  # (B, S, S)
 
         sizes = {layer.name: layer.size for layer in plan.layers}
-        for name, query in queries.items():
+        for name in list(queries):
             size = sizes[name]
             labels = resize_labels(ca_map, size).flatten(1)  # (B, h*w)
             labels = labels.repeat_interleave(num_prompts, dim=0)  # (B*P, h*w)
+            # Each layer's Q and K are let go as soon as its map is made.
             probs = self_attention_class_probs(
-                query, keys[name], labels, num_classes, scales[name]
+                queries.pop(name), keys.pop(name), labels, num_classes, scales[name]
             )  # (B*P, C, h*w)
             probs = probs.view(batch, num_prompts, num_classes, *size).mean(dim=1)
             layer_maps[name] = probs  # (B, C, h, w)
-        del queries, keys
 
         sapm = weighted_sum(layer_maps, plan.self_, plan.common_size)
         if sapm is None:

@@ -247,3 +247,20 @@ def test_label_scores_rule():
     assert winners.result() == label_scores(mask, probs, labels)
     with pytest.raises(ValueError, match="probs"):
         label_scores(mask, probs[:2], labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("labels", [5, 300])
+def test_finish_on_cuda_matches_the_cpu(labels):
+    """The banded finish on the GPU (pinned row weights, device masks, uint16 past 254 labels)
+    gives the CPU's masks and confidences."""
+    torch.manual_seed(0)
+    names = [f"x{i}" for i in range(labels)]
+    scores = torch.rand(labels, 64, 64)  # (C, S, S)
+    for size in [(1, 1), (777, 1001), (1001, 7)]:
+        cpu = finish_scores(scores, size, names, 0.01, False, return_probs=True)
+        gpu = finish_scores(scores.cuda(), size, names, 0.01, False, return_probs=True)
+        assert gpu.mask.dtype == cpu.mask.dtype
+        assert (gpu.mask != cpu.mask).mean() < 1e-4
+        assert gpu.scores == pytest.approx(cpu.scores, rel=1e-4, abs=1e-6)
+        np.testing.assert_allclose(gpu.probs, cpu.probs, rtol=0, atol=1e-5)
