@@ -65,7 +65,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_case(model_kind: str, image_size: int, size: tuple[int, int], labels: int) -> dict:
+def run_case(
+    model_kind: str, image_size: int, size: tuple[int, int], labels: int, limit_gb: float | None
+) -> dict:
     """One case, in this process (the subprocess side)."""
     import numpy as np
     import torch
@@ -80,6 +82,7 @@ def run_case(model_kind: str, image_size: int, size: tuple[int, int], labels: in
     rng = np.random.default_rng(0)
     image = (rng.random((*size, 3)) * 255).astype(np.uint8)
     model.segment(np.zeros((1, 1, 3), np.uint8), names)  # warm-up: weights touched, prompts cached
+    _limit_address_space(limit_gb)  # room for the measured call only
 
     rss_before = _status_kb("VmRSS")
     exact = _reset_peak()
@@ -138,13 +141,15 @@ def _limit_address_space(limit_gb: float | None) -> None:
 @click.option("--labels", "label_counts", default="5,20,150", show_default=True)
 @click.option("--sizes", default="1x1,12MP", show_default=True, help="Comma list of 1x1, 12MP.")
 @click.option("--src", type=click.Path(exists=True, file_okay=False), default=str(ROOT))
-@click.option("--limit-gb", type=float, default=None, help="Address-space growth cap per case.")
+@click.option(
+    "--limit-gb", type=float, default=None, help="Address-space growth cap of the measured call."
+)
 @click.option("--case", hidden=True, default=None)
 def main(model_kind, image_size, label_counts, sizes, src, limit_gb, case) -> None:
     if case is not None:  # the subprocess side
         size_name, labels = case.split(":")
-        _limit_address_space(limit_gb)
-        click.echo(json.dumps(run_case(model_kind, image_size, SIZES[size_name], int(labels))))
+        row = run_case(model_kind, image_size, SIZES[size_name], int(labels), limit_gb)
+        click.echo(json.dumps(row))
         return
     env = {**os.environ, "PYTHONPATH": src}
     rows = []
