@@ -106,7 +106,8 @@ def segment_subsets(
     Images that share a subset go through one ``segmenter.segment`` call (batched by its
     ``batch_size``); an image with a subset of its own gets a call of its own. A result's ids
     and channels are the prompted ones: map them back with its subset's :meth:`to_global` /
-    :meth:`channel_table`. ``kwargs`` go to ``segment`` (``return_layer_maps``).
+    :meth:`channel_table`. ``kwargs`` go to ``segment`` (``return_probs``,
+    ``return_layer_maps``).
     """
     if len(images) != len(subsets):
         raise ValueError(f"{len(images)} images but {len(subsets)} label subsets")

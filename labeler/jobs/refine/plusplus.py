@@ -126,7 +126,7 @@ def exact_pseudo(run: RefineRun) -> dict[str, Any]:
         chunk = todo[start : start + chunk_size]
         images = [open_image(item.path) for item in chunk]  # readable: stage 1 cached them
         subsets = [run.subset(item) for item in chunk]
-        results = segment_subsets(segmenter, images, subsets, run.labels)
+        results = segment_subsets(segmenter, images, subsets, run.labels, return_probs=True)
         for item, image, subset, result in zip(chunk, images, subsets, results, strict=True):
             write_mask(run.out("plusplus/stableseg", item), subset.to_global(result.mask))
             rgb = working_rgb(image, run.options.pseudo.max_side)  # (h, w, 3)
