@@ -44,12 +44,18 @@ def class_maps_from_tokens(
     return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=EPS)
 
 
-def resize_labels(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (B, H, W) integer map to (B, h, w)."""
-    if tuple(label_map.shape[-2:]) == tuple(size):
-        return label_map
-    resized = F.interpolate(label_map[:, None].float(), size=size, mode="nearest")
-    return resized[:, 0].long()
+def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The CA map at a layer's grid size: (B, C, S, S) class probabilities -> (B, h, w) labels.
+
+    At the common size it is the argmax of the CAPM. A coarser layer takes the argmax of the CAPM
+    averaged over each of its cells (area pooling), so every cell is labelled by what covers it:
+    a nearest-neighbour resize would read one pixel per cell (the top-left one with PyTorch's
+    legacy ``nearest``, about 28 image pixels off-centre at 8 x 8 for a 512 px image) and lose
+    small objects that miss it.
+    """
+    if tuple(capm.shape[-2:]) == tuple(size):
+        return capm.argmax(dim=1)
+    return F.adaptive_avg_pool2d(capm.float(), size).argmax(dim=1)  # (B, h, w)
 
 
 def self_attention_class_probs(

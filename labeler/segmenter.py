@@ -20,8 +20,8 @@ from .images import to_model_input, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult
 from .sar import (
+    ca_labels_at,
     class_maps_from_tokens,
-    resize_labels,
     self_attention_class_probs,
     weighted_sum,
 )
@@ -332,19 +332,24 @@ class StableSeg:
                 token_maps, prompts.token_class, num_classes, num_prompts
             )  # (B, C, h, w)
         capm = weighted_sum(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
-        ca_map = capm.argmax(dim=1)  # (B, S, S)
 
         sizes = {layer.name: layer.size for layer in plan.layers}
         for name in list(queries):
             size = sizes[name]
-            labels = resize_labels(ca_map, size).flatten(1)  # (B, h*w)
-            labels = labels.repeat_interleave(num_prompts, dim=0)  # (B*P, h*w)
-            # Each layer's Q and K are let go as soon as its map is made.
-            probs = self_attention_class_probs(
-                queries.pop(name), keys.pop(name), labels, num_classes, scales[name]
-            )  # (B*P, C, h*w)
-            probs = probs.view(batch, num_prompts, num_classes, *size).mean(dim=1)
-            layer_maps[name] = probs  # (B, C, h, w)
+            labels = ca_labels_at(capm, size).flatten(1)  # (B, h*w)
+            # Each layer's Q and K are let go as soon as its map is made; the prompt rows of an
+            # image are refined one at a time and averaged, so memory grows with the labels,
+            # not with labels x prompts (labels past one text context make more prompts).
+            query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
+            key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
+            total = sum(
+                self_attention_class_probs(
+                    query[:, prompt], key[:, prompt], labels, num_classes, scales[name]
+                )  # (B, C, h*w)
+                for prompt in range(num_prompts)
+            )
+            del query, key
+            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
 
         sapm = weighted_sum(layer_maps, plan.self_, plan.common_size)
         if sapm is None:
