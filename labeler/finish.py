@@ -20,7 +20,9 @@ The mask is the argmax of the clamped scores; the best normalised probability is
 clamped score over their sum (bit for bit the maximum of the normalised probabilities: division
 by the same positive number keeps the order), so the C channels are divided only when the
 probabilities are asked for. The mask can differ from the argmax of the normalised probabilities
-only where two labels' scores are within a rounding step of each other.
+only where two labels' scores are within a rounding step of each other. The background rules are
+:mod:`labeler.background`'s; a threshold reads the labels' evidence, upsampled band by band in the
+same way.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .background import winner_to_mask
 from .result import mask_dtype
-from .sar import EPS, best_to_mask
+from .sar import EPS
 from .scores import LabelScores
 
 BAND_BYTES = 64 * 2**20
@@ -49,11 +52,15 @@ class FinishedImage:
         mask: (H, W) uint8 (uint16 past ``MAX_LABELS`` labels): 0 background, k = k-th label.
         scores: label -> confidence (mean probability over the label's pixels).
         probs: (C, H, W) float32 normalised probabilities of the labels, only when asked for.
+        background: (H, W) float32 background prompt's probability (asked for, with a prompt).
+        evidence: (H, W) float32 winning label's evidence (asked for, with a threshold).
     """
 
     mask: np.ndarray
     scores: dict[str, float]
     probs: np.ndarray | None = None
+    background: np.ndarray | None = None
+    evidence: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,7 @@ def finish_scores(
     background_channel: bool,
     return_probs: bool = False,
     band_bytes: int = BAND_BYTES,
+    evidence: torch.Tensor | None = None,
 ) -> FinishedImage:
     """Steps 7-8 for one image: upsample, normalise, mask and confidences, band by band.
 
@@ -187,12 +195,17 @@ def finish_scores(
             device; C' = len(labels), plus 1 when the last channel is a background prompt's.
         size: (H, W) of the image.
         labels: the label names (mask id k = ``labels[k - 1]``).
-        background_threshold: pixels whose best normalised probability is below it become 0.
+        background_threshold: pixels whose winning label's evidence is below it become 0.
         background_channel: the last channel is the background prompt's; pixels it wins are 0.
         return_probs: also return the (C, H, W) float32 probabilities of the labels (with a
-            background channel: the labels' share only).
+            background channel: the labels' share only, and the prompt's own probability),
+            and with a threshold the winning label's evidence.
         band_bytes: budget of one band (see :func:`band_rows`).
+        evidence: (C, S, S) the labels' evidence (:func:`labeler.background.label_evidence`),
+            needed with a threshold.
     """
+    if background_threshold is not None and evidence is None:
+        raise ValueError("finish_scores: a background threshold needs the labels' evidence")
     height, width = size
     device = scores.device
     num_channels, num_labels = scores.shape[0], len(labels)
@@ -205,7 +218,15 @@ def finish_scores(
     mask = torch.empty((height, width), dtype=dtype, device=device)  # (H, W)
     confidences = LabelScores(labels, device)
     probs_out = np.empty((num_labels, height, width), np.float32) if return_probs else None
-    rows = band_rows(num_channels, width, band_bytes)
+    prompt_out = (
+        np.empty((height, width), np.float32) if return_probs and background_channel else None
+    )
+    threshold = background_threshold
+    evidence_out = (
+        np.empty((height, width), np.float32) if return_probs and threshold is not None else None
+    )
+    read = num_channels + (num_labels if threshold is not None else 0)
+    rows = band_rows(read, width, band_bytes)
     for start in range(0, height, rows):
         stop = min(start + rows, height)
         band = bilinear_rows(scores, weights, width, start, stop, device_weights)  # (C', r, W)
@@ -213,13 +234,29 @@ def finish_scores(
         total = band.sum(dim=0).clamp_(min=EPS)  # (r, W)
         peak, index = band.max(dim=0)  # (r, W) each
         best = peak.div_(total)  # (r, W) the best normalised probability
-        band_mask = best_to_mask(
-            best, index, num_channels, background_threshold, background_channel
+        winner = None
+        if threshold is not None:
+            assert evidence is not None
+            rows_evidence = bilinear_rows(evidence, weights, width, start, stop, device_weights)
+            winner = rows_evidence.gather(0, index.clamp(max=num_labels - 1)[None])[0]  # (r, W)
+            del rows_evidence
+        band_mask = winner_to_mask(
+            index, num_channels, background_channel, winner, threshold
         )  # (r, W)
         confidences.add_winners(band_mask, best)
         mask[start:stop] = band_mask
+        if evidence_out is not None:
+            evidence_out[start:stop] = winner.cpu().numpy()
+        if prompt_out is not None:
+            prompt_out[start:stop] = band[num_labels].div(total).cpu().numpy()
         if probs_out is not None:
             label_probs = band[:num_labels].div_(total)  # (C, r, W) the labels' share
             probs_out[:, start:stop] = label_probs.cpu().numpy()
     host_mask = mask.cpu().numpy().view(host_dtype)  # (H, W) the one copy to the host
-    return FinishedImage(mask=host_mask, scores=confidences.result(), probs=probs_out)
+    return FinishedImage(
+        mask=host_mask,
+        scores=confidences.result(),
+        probs=probs_out,
+        background=prompt_out,
+        evidence=evidence_out,
+    )

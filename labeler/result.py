@@ -19,6 +19,14 @@ def mask_dtype(num_labels: int) -> type[np.unsignedinteger]:
     return np.uint8 if num_labels <= MAX_LABELS else np.uint16
 
 
+SHARE_SUFFIX = "#share"
+
+
+def share_key(layer: str) -> str:
+    """The ``layer_maps`` key of a cross-attention layer's label share (see below)."""
+    return layer + SHARE_SUFFIX
+
+
 @dataclass
 class SegmentationResult:
     """Masks and probabilities for one image, at the image's original size.
@@ -35,7 +43,13 @@ class SegmentationResult:
             it wins (0.0 for a label that wins no pixel); the rule is
             :class:`labeler.scores.LabelScores`.
         layer_maps: only when asked for: attention layer name -> (C, h, w) float16 class map
-            at the layer's own size (the StableSeg++ cache).
+            at the layer's own size (the StableSeg++ cache); for each cross-attention layer also
+            :func:`share_key` -> (1, h, w), the share of its attention the labels got before
+            renormalisation (class map x share = the labels' attention).
+        background: with ``return_probs`` and a background prompt: (H, W) float32, the
+            background prompt's probability (``background + probs.sum(0) == 1``).
+        evidence: with ``return_probs`` and a background threshold: (H, W) float32, the
+            winning label's evidence (:mod:`labeler.background`).
     """
 
     mask: np.ndarray
@@ -43,6 +57,8 @@ class SegmentationResult:
     labels: list[str]
     scores: dict[str, float] = field(default_factory=dict)
     layer_maps: dict[str, np.ndarray] | None = None
+    background: np.ndarray | None = None
+    evidence: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:

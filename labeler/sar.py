@@ -15,10 +15,10 @@ EPS = 1e-8
 """Floor of a denominator (a pixel whose scores are all 0 stays all 0)."""
 
 
-def class_maps_from_tokens(
+def label_attention_from_tokens(
     token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
 ) -> torch.Tensor:
-    """Cross-attention probability map (CAPM) of one layer.
+    """The cross-attention each label gets at one layer, before renormalisation over labels.
 
     Args:
         token_maps: (B*P, T, h, w) probabilities of the label tokens (rows image-major: image i,
@@ -28,8 +28,8 @@ def class_maps_from_tokens(
         num_prompts: P.
 
     Returns:
-        (B, C, h, w): for each label the mean of its tokens' maps, renormalised over labels so
-        each pixel holds a distribution over the C labels.
+        (B, C, h, w): for each label the mean of its tokens' maps (a share of the softmax over
+        the prompt's tokens; the rest went to other tokens, BOS and padding among them).
     """
     rows, _, height, width = token_maps.shape
     batch = rows // num_prompts
@@ -40,8 +40,17 @@ def class_maps_from_tokens(
     average = onehot / counts  # (P, T, C)
     maps = token_maps.view(batch, num_prompts, -1, height, width)  # (B, P, T, h, w)
     # Every label lives in exactly one prompt, so summing over prompts concatenates the labels.
-    class_maps = torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
-    return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=EPS)
+    return torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
+
+
+def class_maps_from_tokens(
+    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
+) -> torch.Tensor:
+    """Cross-attention probability map (CAPM) of one layer: (B, C, h, w), each label's
+    attention (:func:`label_attention_from_tokens`) renormalised over labels so each pixel
+    holds a distribution over the C labels."""
+    attention = label_attention_from_tokens(token_maps, token_class, num_classes, num_prompts)
+    return attention / attention.sum(dim=1, keepdim=True).clamp(min=EPS)
 
 
 def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -117,37 +126,3 @@ def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Scores -> a distribution over labels along ``dim`` (non-negative scores)."""
     scores = scores.clamp(min=0)
     return scores / scores.sum(dim=dim, keepdim=True).clamp(min=EPS)
-
-
-def probs_to_mask(
-    probs: torch.Tensor, background_threshold: float | None, background_channel: bool = False
-) -> torch.Tensor:
-    """(C, H, W) probabilities -> (H, W) labels: k = k-th label (1-based), 0 = background.
-
-    With a threshold, pixels whose best probability is below it become background. With
-    ``background_channel`` the last channel is the background prompt's: pixels it wins are 0.
-    """
-    best, index = probs.max(dim=0)
-    return best_to_mask(best, index, probs.shape[0], background_threshold, background_channel)
-
-
-def best_to_mask(
-    best: torch.Tensor,
-    index: torch.Tensor,
-    num_channels: int,
-    background_threshold: float | None,
-    background_channel: bool = False,
-) -> torch.Tensor:
-    """The background rules of :func:`probs_to_mask`, from the per-pixel maximum.
-
-    Args:
-        best: (...) the best normalised probability of each pixel.
-        index: (...) its channel (0-based).
-        num_channels: C (with ``background_channel``, the last one is the background prompt's).
-    """
-    mask = index + 1
-    if background_channel:
-        mask = torch.where(index == num_channels - 1, torch.zeros_like(mask), mask)
-    if background_threshold is not None:
-        mask = torch.where(best < background_threshold, torch.zeros_like(mask), mask)
-    return mask

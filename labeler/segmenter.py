@@ -14,14 +14,16 @@ import numpy as np
 import torch
 
 from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attention_layers
+from .background import label_evidence
 from .config import SegmenterConfig, SizeSelection, select_sizes
 from .finish import BAND_BYTES, finish_scores
 from .images import to_model_input, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
-from .result import SegmentationResult
+from .result import SegmentationResult, share_key
 from .sar import (
+    EPS,
     ca_labels_at,
-    class_maps_from_tokens,
+    label_attention_from_tokens,
     self_attention_class_probs,
     weighted_sum,
 )
@@ -63,6 +65,8 @@ class _Pass:
 
     final: torch.Tensor  # (B, C, S, S) un-normalised scores
     layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
+    evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
+    shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
 
 
 class StableSeg:
@@ -327,11 +331,21 @@ class StableSeg:
             scales = dict(store.scales)
 
         layer_maps: dict[str, torch.Tensor] = {}
+        attention: dict[str, torch.Tensor] = {}
+        shares: dict[str, torch.Tensor] = {}
         for name, token_maps in cross.items():
-            layer_maps[name] = class_maps_from_tokens(
+            attention[name] = label_attention_from_tokens(
                 token_maps, prompts.token_class, num_classes, num_prompts
-            )  # (B, C, h, w)
+            )  # (B, C, h, w) before renormalisation
+            shares[name] = attention[name].sum(dim=1, keepdim=True)  # (B, 1, h, w)
+            layer_maps[name] = attention[name] / shares[name].clamp(min=EPS)  # CAPM of the layer
         capm = weighted_sum(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
+        evidence = None
+        if self.config.background_threshold is not None:
+            num_labels = num_classes - (self.config.background_prompt is not None)
+            labels_attention = weighted_sum(attention, plan.cross, plan.common_size)
+            evidence = label_evidence(labels_attention[:, :num_labels])  # (B, labels, S, S)
+        del attention
 
         sizes = {layer.name: layer.size for layer in plan.layers}
         for name in list(queries):
@@ -358,16 +372,22 @@ class StableSeg:
             final = sapm
         else:
             final = capm + sapm
-        return _Pass(final=final, layer_maps=layer_maps)
+        return _Pass(final=final, layer_maps=layer_maps, evidence=evidence, shares=shares)
 
     @torch.inference_mode()
     def _finish(
-        self, scores: torch.Tensor, rgb: np.ndarray, labels: list[str], return_probs: bool = False
+        self,
+        scores: torch.Tensor,
+        rgb: np.ndarray,
+        labels: list[str],
+        return_probs: bool = False,
+        evidence: torch.Tensor | None = None,
     ) -> SegmentationResult:
         """Steps 7-8 for one image: upsample to its size, normalise, mask, confidences.
 
         Done in row bands on the model's device (:mod:`labeler.finish`): full-size
-        probabilities exist only when ``return_probs`` asks for them.
+        probabilities exist only when ``return_probs`` asks for them. ``evidence`` (labels, S, S)
+        is the labels' evidence for the background threshold (:mod:`labeler.background`).
         """
         finished = finish_scores(
             scores,
@@ -377,9 +397,15 @@ class StableSeg:
             background_channel=self.config.background_prompt is not None,
             return_probs=return_probs,
             band_bytes=self.band_bytes,
+            evidence=evidence,
         )
         return SegmentationResult(
-            mask=finished.mask, probs=finished.probs, labels=list(labels), scores=finished.scores
+            mask=finished.mask,
+            probs=finished.probs,
+            labels=list(labels),
+            scores=finished.scores,
+            background=finished.background,
+            evidence=finished.evidence,
         )
 
     def segment(
@@ -441,11 +467,14 @@ class StableSeg:
             latents = self.encode_images(pixels)
             result = self._attention_pass(latents, prompts, plan)
             for i, rgb in enumerate(chunk):
-                out = self._finish(result.final[i], rgb, labels, return_probs)
+                evidence = None if result.evidence is None else result.evidence[i]
+                out = self._finish(result.final[i], rgb, labels, return_probs, evidence)
                 if return_layer_maps:
                     out.layer_maps = {
                         name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
                     }
+                    for name, share in (result.shares or {}).items():
+                        out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
                 yield out
 
 

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from labeler import SegmenterConfig, StableSeg
+from labeler.background import probs_to_mask
 from labeler.finish import band_rows, bilinear_rows, finish_scores, row_weights
 from labeler.images import to_model_input
 from labeler.result import mask_dtype
-from labeler.sar import normalise, probs_to_mask
+from labeler.sar import normalise
 from labeler.scores import LabelScores, label_scores
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -25,15 +26,21 @@ def reference_finish(
     labels: list[str],
     background_threshold: float | None,
     background_channel: bool,
+    evidence: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """``StableSeg._finish`` as it was before the banded finish: full-size probabilities,
-    per-label loop. Returns (mask, probs, scores)."""
+    """``StableSeg._finish`` as it was before the banded finish: full-size probabilities (and
+    evidence), per-label loop. Returns (mask, probs, scores)."""
     height, width = size
     probs = F.interpolate(
         scores[None].float(), size=(height, width), mode="bilinear", align_corners=False
     )[0]  # (C, H, W)
     probs = normalise(probs, dim=0)
-    mask = probs_to_mask(probs, background_threshold, background_channel)  # (H, W)
+    full_evidence = None
+    if evidence is not None:
+        full_evidence = F.interpolate(
+            evidence[None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[0]  # (labels, H, W)
+    mask = probs_to_mask(probs, background_channel, full_evidence, background_threshold)
     if background_channel:
         probs = probs[: len(labels)]
     confidences = {}
@@ -44,37 +51,56 @@ def reference_finish(
     return mask_array, probs.cpu().numpy().astype(np.float32), confidences
 
 
-def near_tie(ref_probs_full: np.ndarray, threshold: float | None) -> np.ndarray:
-    """(H, W) pixels whose two best probabilities, or best and threshold, are within 1e-5."""
+def near_tie(
+    ref_probs_full: np.ndarray, threshold: float | None, evidence_full: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W) pixels whose two best probabilities, or a label's evidence and the threshold,
+    are within 1e-5."""
     top = np.sort(ref_probs_full, axis=0)
     close = top[-1] - top[-2] < 1e-5 if len(top) > 1 else np.zeros(top.shape[1:], bool)
-    if threshold is not None:
-        close |= np.abs(top[-1] - threshold) < 1e-5
+    if threshold is not None and evidence_full is not None:
+        close |= (np.abs(evidence_full - threshold) < 1e-5).any(axis=0)
     return close
 
 
-def _full_probs(scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def _full_probs(scores: torch.Tensor, size: tuple[int, int], normalised: bool = True) -> np.ndarray:
     up = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-    return normalise(up, dim=0).numpy()
+    return (normalise(up, dim=0) if normalised else up).numpy()
 
 
-def check_against_reference(scores, size, labels, threshold, background_channel, band_bytes):
+def check_against_reference(
+    scores, size, labels, threshold, background_channel, band_bytes, evidence=None
+):
     """Banded finish vs the reference on the same scores: masks equal except at near-ties,
     probabilities and confidences equal up to rounding. Returns the differing-pixel count."""
     ref_mask, ref_probs, ref_scores = reference_finish(
-        scores, size, labels, threshold, background_channel
+        scores, size, labels, threshold, background_channel, evidence
     )
     out = finish_scores(
-        scores, size, labels, threshold, background_channel, True, band_bytes=band_bytes
+        scores,
+        size,
+        labels,
+        threshold,
+        background_channel,
+        True,
+        band_bytes=band_bytes,
+        evidence=evidence,
     )
     assert out.mask.dtype == ref_mask.dtype and out.mask.shape == ref_mask.shape
     differ = out.mask != ref_mask
     if differ.any():
-        assert near_tie(_full_probs(scores, size), threshold)[differ].all()
+        full_evidence = None if evidence is None else _full_probs(evidence, size, normalised=False)
+        assert near_tie(_full_probs(scores, size), threshold, full_evidence)[differ].all()
     np.testing.assert_allclose(out.probs, ref_probs, rtol=0, atol=1e-6)
     assert out.scores == pytest.approx(ref_scores, rel=1e-5, abs=1e-7)
     plain = finish_scores(
-        scores, size, labels, threshold, background_channel, band_bytes=band_bytes
+        scores,
+        size,
+        labels,
+        threshold,
+        background_channel,
+        band_bytes=band_bytes,
+        evidence=evidence,
     )
     assert plain.probs is None
     np.testing.assert_array_equal(plain.mask, out.mask)  # return_probs changes nothing else
@@ -141,8 +167,11 @@ def test_finish_matches_the_reference_on_synthetic_scores(size, threshold, backg
     scores = torch.rand(channels, 16, 16) - 0.2  # some negative scores
     scores[:, 0, 0] = 0.0  # a pixel with no score at all
     scores[1, 3] = scores[2, 3]  # an exact tie along a row
+    evidence = torch.rand(len(labels), 16, 16) if threshold is not None else None
     band_bytes = 4 * channels * size[1] * 3  # about 3 rows a band
-    check_against_reference(scores, size, labels, threshold, background_channel, band_bytes)
+    check_against_reference(
+        scores, size, labels, threshold, background_channel, band_bytes, evidence
+    )
 
 
 def test_a_label_with_no_pixel_scores_zero():
@@ -182,8 +211,8 @@ def demo_scores():
         model = StableSeg.from_pretrained(DEMO / "model", device="cpu", config=config)
         prompts = model._prompts(model.prompt_labels(labels))
         latents = model.encode_images(to_model_input(rgbs, config.image_size))
-        final = model._attention_pass(latents, prompts, model.plan()).final  # (B, C', S, S)
-        out[name] = (model, final, rgbs, labels)
+        result = model._attention_pass(latents, prompts, model.plan())
+        out[name] = (model, result.final, result.evidence, rgbs, labels)  # final (B, C', S, S)
         model.close()
     return out
 
@@ -192,22 +221,25 @@ def demo_scores():
 def test_demo_scenes_match_the_reference(demo_scores, config):
     """On the demo scenes (64 x 64) and the first of them at odd sizes, through the
     segmenter's own finish step, with bands of a few rows."""
-    model, final, rgbs, labels = demo_scores[config]
+    model, final, evidence, rgbs, labels = demo_scores[config]
     threshold = model.config.background_threshold
     background = model.config.background_prompt is not None
     channels = final.shape[1]
-    cases = [(final[i], rgb.shape[:2]) for i, rgb in enumerate(rgbs)]
-    cases += [(final[i], size) for i, size in enumerate(ODD_SIZES)]
+    cases = [(i, rgb.shape[:2]) for i, rgb in enumerate(rgbs)]
+    cases += list(enumerate(ODD_SIZES))
     differing = 0
-    for scores, size in cases:
+    for i, size in cases:
         budget = 4 * channels * size[1] * 5  # 5-row bands
-        differing += check_against_reference(scores, size, labels, threshold, background, budget)
+        ev = None if evidence is None else evidence[i]
+        differing += check_against_reference(
+            final[i], size, labels, threshold, background, budget, ev
+        )
     assert differing <= 5  # near-ties only (measured: 0)
 
 
 def test_segment_uses_the_banded_finish(demo_scores):
     """segment() end to end: masks and scores as the reference finish of the same scores."""
-    model, final, rgbs, labels = demo_scores["background prompt"]
+    model, final, _, rgbs, labels = demo_scores["background prompt"]
     model.band_bytes = 4 * final.shape[1] * 64 * 3
     results = model.segment(rgbs[:4], labels, return_probs=True)
     for result, scores, rgb in zip(results, final, rgbs, strict=False):
@@ -258,8 +290,9 @@ def test_finish_on_cuda_matches_the_cpu(labels):
     names = [f"x{i}" for i in range(labels)]
     scores = torch.rand(labels, 64, 64)  # (C, S, S)
     for size in [(1, 1), (777, 1001), (1001, 7)]:
-        cpu = finish_scores(scores, size, names, 0.01, False, return_probs=True)
-        gpu = finish_scores(scores.cuda(), size, names, 0.01, False, return_probs=True)
+        evidence = torch.rand(labels, 64, 64)
+        cpu = finish_scores(scores, size, names, 0.01, False, True, evidence=evidence)
+        gpu = finish_scores(scores.cuda(), size, names, 0.01, False, True, evidence=evidence.cuda())
         assert gpu.mask.dtype == cpu.mask.dtype
         assert (gpu.mask != cpu.mask).mean() < 1e-4
         assert gpu.scores == pytest.approx(cpu.scores, rel=1e-4, abs=1e-6)

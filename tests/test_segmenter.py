@@ -7,6 +7,7 @@ from PIL import Image
 
 from labeler import SegmentationResult, SegmenterConfig, StableSeg
 from labeler.attention import record_attention
+from labeler.result import share_key
 from labeler.testing import tiny_components
 from labeler.weights import load_map_weights, map_weights_to_bytes
 
@@ -164,12 +165,18 @@ def test_bad_input_is_a_value_error_naming_it(tiny_model, images, labels, messag
         tiny_model.segment(images, labels)
 
 
-def test_background_threshold_leaves_uncertain_pixels_unlabeled(tiny_model):
+def test_background_threshold_leaves_pixels_of_weak_evidence_unlabeled(tiny_model):
+    """A pixel is background where its label's cross-attention is below the threshold times
+    that label's strongest in the image (labeler.background)."""
     strict = tiny_model.with_config(tiny_model.config.replace(background_threshold=0.99))
-    result = strict.segment(_image(), LABELS)[0]
-    assert (result.mask == 0).all()  # no random-model pixel is 99% sure
+    result = strict.segment(_image(), LABELS, return_probs=True)[0]
+    np.testing.assert_array_equal(result.mask == 0, result.evidence < 0.99)
+    assert (result.mask == 0).mean() > 0.5  # most pixels are far from their label's peak
+    assert result.evidence.max() <= 1.0 + 1e-6
     loose = tiny_model.with_config(tiny_model.config.replace(background_threshold=0.01))
     assert (loose.segment(_image(), LABELS)[0].mask > 0).all()
+    plain = tiny_model.segment(_image(), LABELS)[0].mask
+    np.testing.assert_array_equal(result.mask[result.mask > 0], plain[result.mask > 0])
 
 
 def test_configuration_choices_change_the_plan(tiny_model):
@@ -198,7 +205,8 @@ def test_layer_maps_and_learned_weights(tiny_model, tmp_path):
     image = _image()
     result = tiny_model.segment(image, LABELS, return_probs=True, return_layer_maps=True)[0]
     layers = tiny_model.attention_layers()
-    assert set(result.layer_maps) == {layer.name for layer in layers}
+    shares = {share_key(layer.name) for layer in layers if layer.kind == "cross"}
+    assert set(result.layer_maps) == {layer.name for layer in layers} | shares
     for layer in layers:
         assert result.layer_maps[layer.name].shape == (3, *layer.size)
         assert result.layer_maps[layer.name].dtype == np.float16

@@ -227,6 +227,7 @@ def _segment_batch(
         mask = np.zeros((height, width), np.uint8)
         probs = np.zeros((len(options.labels), height, width), np.float32) if options.crf else None
         scores = dict.fromkeys(options.labels, 0.0)
+        background = evidence = None
         if ids:
             subset = [options.labels[i - 1] for i in ids]
             sub = model.segment([image], subset, return_probs=options.crf)[0]
@@ -235,23 +236,24 @@ def _segment_batch(
             if probs is not None:
                 probs[[i - 1 for i in ids]] = sub.probs
             scores.update(sub.scores)
-        results.append(SegmentationResult(mask.astype(np.uint8), probs, options.labels, scores))
+            background, evidence = sub.background, sub.evidence
+        results.append(
+            SegmentationResult(
+                mask.astype(np.uint8),
+                probs,
+                options.labels,
+                scores,
+                background=background,
+                evidence=evidence,
+            )
+        )
     return results
 
 
 def _apply_crf(result: Any, rgb: np.ndarray, threshold: float | None) -> Any:
-    from labeler.crf import dense_crf
-    from labeler.scores import label_scores
+    from labeler.crf import crf_segmentation
 
-    if not result.probs.any():  # no label to refine (--labels-from-gt, background-only image)
-        return result
-    probs = dense_crf(rgb, result.probs)  # (C, H, W)
-    mask = (probs.argmax(axis=0) + 1).astype(result.mask.dtype)
-    if threshold is not None:
-        mask[probs.max(axis=0) < threshold] = 0
-    scores = label_scores(mask, probs, result.labels)
-    result.mask, result.probs, result.scores = mask, probs, scores
-    return result
+    return crf_segmentation(result, rgb, threshold)
 
 
 PREVIEW_MIN_SIDE = 256

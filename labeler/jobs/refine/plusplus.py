@@ -79,29 +79,30 @@ def fit(run: RefineRun) -> dict[str, Any]:
     }
 
 
-def full_probs(result: Any, background_prompt: bool) -> np.ndarray:
+def full_probs(result: Any) -> np.ndarray:
     """(C[+1], H, W) probabilities of a segmentation result, the background prompt's channel
-    last when there is one (the segmenter returns the labels' share; background is the rest)."""
-    probs = result.probs  # (C, H, W), or (C + 1, H, W) with the background channel
-    if background_prompt and probs.shape[0] == len(result.labels):
-        background = np.clip(1.0 - probs.sum(axis=0, keepdims=True), 0.0, None)  # (1, H, W)
-        probs = np.concatenate([probs, background])
+    last when there is one (the segmenter returns it beside the labels' share)."""
+    probs = result.probs  # (C, H, W)
+    if result.background is not None:
+        probs = np.concatenate([probs, result.background[None]])  # (C + 1, H, W)
     return probs.astype(np.float32)
 
 
-def resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(C, H, W) -> (C, size[1], size[0]) bilinear, renormalised over C."""
+def resize_maps(maps: np.ndarray, size: tuple[int, int], renormalise: bool) -> np.ndarray:
+    """(C, H, W) -> (C, size[1], size[0]) bilinear, renormalised over C when asked."""
     import torch
     import torch.nn.functional as F
 
     from labeler.sar import normalise
 
-    if (probs.shape[2], probs.shape[1]) == tuple(size):
-        return probs
+    if (maps.shape[2], maps.shape[1]) == tuple(size):
+        return maps
     scaled = F.interpolate(
-        torch.from_numpy(probs)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False
+        torch.from_numpy(maps)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False
     )[0]  # (C, h, w)
-    return normalise(scaled, dim=0).numpy().astype(np.float32)
+    if renormalise:
+        scaled = normalise(scaled, dim=0)
+    return scaled.numpy().astype(np.float32)
 
 
 def exact_pseudo(run: RefineRun) -> dict[str, Any]:
@@ -130,14 +131,18 @@ def exact_pseudo(run: RefineRun) -> dict[str, Any]:
         for item, image, subset, result in zip(chunk, images, subsets, results, strict=True):
             write_mask(run.out("plusplus/stableseg", item), subset.to_global(result.mask))
             rgb = working_rgb(image, run.options.pseudo.max_side)  # (h, w, 3)
-            probs = full_probs(result, background_prompt)  # (C[+1], H, W)
-            probs = resize_probs(probs, (rgb.shape[1], rgb.shape[0]))  # (C[+1], h, w)
+            size = (rgb.shape[1], rgb.shape[0])
+            probs = resize_maps(full_probs(result), size, renormalise=True)  # (C[+1], h, w)
+            evidence = None
+            if result.evidence is not None:
+                evidence = resize_maps(result.evidence[None], size, renormalise=False)[0]
             mask = pseudo_mask(
                 rgb,
                 probs,
                 run.options.pseudo,
                 config.background_threshold,
                 background_channel=background_prompt,
+                evidence=evidence,
             )
             write_mask(run.out("plusplus/pseudo", item), subset.to_global(mask))
         bar.update(len(chunk))
@@ -177,6 +182,7 @@ def cache_disagreement(run: RefineRun) -> dict[str, Any]:
             weights,
             tuple(plan["common_size"]),
             (exact.shape[1], exact.shape[0]),
+            len(subset),
             segmenter.background_threshold,
             plan["self_only"],
             background_channel=segmenter.background_prompt is not None,

@@ -197,6 +197,7 @@ def pseudo(run: RefineRun, stage: str) -> dict[str, Any]:
             (cross, selfs),
             tuple(plan["common_size"]),
             run.options.pseudo,
+            len(subset),
             segmenter.background_threshold,
             plan["self_only"],
             background_channel=segmenter.background_prompt is not None,
