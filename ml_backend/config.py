@@ -123,20 +123,17 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
             f'<BrushLabels name="{from_name}"> has no <Label> children; add the classes to '
             'predict, for example <Label value="Car"/>'
         )
-    seen: dict[str, str] = {}
-    for label, prompt in zip(labels, prompts, strict=True):
-        key = prompt.lower()
-        if key in seen:
-            raise LabelConfigError(
-                f"labels {seen[key]!r} and {label!r} have the same prompt {prompt!r}; give one "
-                'of them a prompt of its own, e.g. <Label value="..." prompt="..."/>'
-            )
-        seen[key] = label
     where = [f"the prompt of label {label!r}" for label in labels]
     try:
         prompts = validate_labels(prompts, where, max_labels=max_labels)
     except ValueError as err:
-        raise LabelConfigError(f"labeling config: {err}") from None
+        hint = ""
+        if str(err).startswith("duplicate"):
+            hint = (
+                ": two labels have the same prompt; give one of them a prompt of its own, e.g. "
+                '<Label value="..." prompt="..."/>'
+            )
+        raise LabelConfigError(f"labeling config: {err}{hint}") from None
     return BrushTarget(
         from_name=from_name,
         to_name=image.get("name", ""),

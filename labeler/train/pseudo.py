@@ -112,6 +112,12 @@ class CachedFinal:
     probs: np.ndarray
     evidence: np.ndarray | None = None
 
+    def mask(self, background_channel: bool, threshold: float | None) -> np.ndarray:
+        """(H, W) uint8 the segmenter's mask of these maps (no CRF)."""
+        evidence = None if self.evidence is None else torch.from_numpy(self.evidence)
+        mask = probs_to_mask(torch.from_numpy(self.probs), background_channel, evidence, threshold)
+        return mask.numpy().astype(np.uint8)
+
     def winner_evidence(self, num_labels: int) -> np.ndarray | None:
         """(H, W) the evidence of each pixel's best label, or None."""
         if self.evidence is None:
@@ -154,11 +160,7 @@ def mask_from_maps(
     final = final_from_maps(
         layer_maps, weights, common_size, out_size, num_labels, background_threshold, self_only
     )
-    evidence = None if final.evidence is None else torch.from_numpy(final.evidence)
-    mask = probs_to_mask(
-        torch.from_numpy(final.probs), background_channel, evidence, background_threshold
-    )
-    return mask.numpy().astype(np.uint8)
+    return final.mask(background_channel, background_threshold)
 
 
 def pseudo_mask(
@@ -217,10 +219,7 @@ def masks_from_cache(
     final = final_from_maps(
         layer_maps, weights, common_size, size, num_labels, background_threshold, self_only
     )
-    evidence = None if final.evidence is None else torch.from_numpy(final.evidence)
-    raw = probs_to_mask(
-        torch.from_numpy(final.probs), background_channel, evidence, background_threshold
-    )
+    raw = final.mask(background_channel, background_threshold)
     pseudo = pseudo_mask(
         rgb,
         final.probs,
@@ -229,4 +228,4 @@ def masks_from_cache(
         background_channel,
         final.winner_evidence(num_labels),
     )
-    return raw.numpy().astype(np.uint8), pseudo
+    return raw, pseudo
