@@ -47,6 +47,8 @@ class StandInResult:
     labels: list[str]
     scores: dict[str, float]
     probs: np.ndarray | None = None  # (C, H, W) float32 when asked
+    background: np.ndarray | None = None  # no background prompt
+    evidence: np.ndarray | None = None  # no background threshold
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class StandInSegmenter:
         return mask.copy(), confidences
 
     def segment(
-        self, images: Any, labels: Sequence[str], return_probs: bool = False
+        self, images: Any, labels: Sequence[str], *, return_probs: bool = False
     ) -> list[StandInResult]:
         images = images if isinstance(images, (list, tuple)) else [images]
         labels = list(labels)

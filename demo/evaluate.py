@@ -6,7 +6,7 @@ prints a JSON table. The segmenter settings come from ``<model>/stableseg.json``
 ``demo.train``). Background is predicted with ``SegmenterConfig.background_prompt``: the word
 "background" is prompted after the labels as one more class and the pixels it wins become 0.
 ``--sweep`` also reports the other cross-attention sizes and the alternative rule,
-``background_threshold`` (pixels whose best label probability is below it become 0), at
+``background_threshold`` (pixels whose best label's evidence is below it become 0), at
 several thresholds. Colour binding (the share of objects, in scenes with two or more, whose
 pixels mostly go to their own colour word) is reported alongside.
 """
@@ -44,15 +44,19 @@ def mean_iou(
     return score.summary()
 
 
-def threshold_masks(probs: Sequence[np.ndarray], threshold: float) -> list[np.ndarray]:
-    """(C, H, W) label probabilities -> (H, W) masks, pixels below ``threshold`` -> 0.
+def threshold_masks(
+    probs: Sequence[np.ndarray], evidence: Sequence[np.ndarray], threshold: float
+) -> list[np.ndarray]:
+    """(C, H, W) label probabilities and (H, W) winning-label evidence -> (H, W) masks, pixels
+    whose evidence is below ``threshold`` -> 0.
 
-    The rule of ``SegmenterConfig.background_threshold``, so one pass scores many thresholds.
+    The rule of ``SegmenterConfig.background_threshold`` (:mod:`labeler.background`), so one
+    pass scores many thresholds.
     """
     masks = []
-    for prob in probs:
+    for prob, winner in zip(probs, evidence, strict=True):
         mask = (prob.argmax(axis=0) + 1).astype(np.uint8)  # (H, W)
-        mask[prob.max(axis=0) < threshold] = 0
+        mask[winner < threshold] = 0
         masks.append(mask)
     return masks
 
@@ -86,7 +90,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """mIoU of the model's own masks, per class, binding; with ``thresholds`` (and no
     background prompt) also the mIoU each background threshold would give."""
-    results = list(model.iter_segment(list(images), labels))
+    sweeping = bool(thresholds) and model.config.background_prompt is None
+    if sweeping and model.config.background_threshold is None:
+        # A threshold of 0 leaves every mask as it is and makes the pass return the evidence.
+        model = model.with_config(model.config.replace(background_threshold=0.0))
+    results = list(model.iter_segment(list(images), labels, return_probs=True))
     summary = mean_iou([result.mask for result in results], gts, labels)
     probs = [result.probs for result in results]  # (C, H, W) each
     row: dict[str, Any] = {
@@ -94,9 +102,10 @@ def evaluate_model(
         "per_class": summary["per_class"],
         "binding": binding_accuracy(probs, gts),
     }
-    if thresholds and model.config.background_prompt is None:
+    if sweeping:
+        evidence = [result.evidence for result in results]  # (H, W) each
         row["by_threshold"] = {
-            str(thr): mean_iou(threshold_masks(probs, thr), gts, labels)["mIoU"]
+            str(thr): mean_iou(threshold_masks(probs, evidence, thr), gts, labels)["mIoU"]
             for thr in thresholds
         }
     return row

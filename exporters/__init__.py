@@ -13,6 +13,7 @@ from exporters.coco import (
     result_to_coco_annotations,
 )
 from exporters.labelstudio import (
+    brush_prediction,
     brush_prediction_json,
     brush_results,
     build_import_file,
@@ -21,6 +22,7 @@ from exporters.labelstudio import (
     import_task,
     mask_to_brush_rle,
     prediction,
+    task_score,
 )
 from exporters.mask_ids import id_counts, present_ids
 from exporters.png import (
@@ -31,9 +33,17 @@ from exporters.png import (
     png_to_mask,
     voc_palette,
 )
-from exporters.preview import gallery_figure, gallery_head, gallery_html, gallery_tail, overlay
+from exporters.preview import (
+    comparison_strip,
+    gallery_figure,
+    gallery_head,
+    gallery_html,
+    gallery_tail,
+    overlay,
+)
 
 __all__ = [
+    "brush_prediction",
     "brush_prediction_json",
     "brush_results",
     "build_coco",
@@ -41,6 +51,7 @@ __all__ = [
     "classes_json",
     "coco_annotations",
     "coco_image",
+    "comparison_strip",
     "decode_brush_result",
     "encode_rle",
     "gallery_figure",
@@ -60,5 +71,6 @@ __all__ = [
     "prediction",
     "present_ids",
     "result_to_coco_annotations",
+    "task_score",
     "voc_palette",
 ]

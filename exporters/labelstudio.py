@@ -159,17 +159,24 @@ def byte_list_json(values: np.ndarray) -> str:
 def brush_prediction_json(
     mask: np.ndarray,
     labels: Sequence[str],
-    scores: Mapping[str, float] | None,
+    scores: Mapping[str, float],
     model_version: str,
     from_name: str = "tag",
     to_name: str = "image",
     *,
     label_ids: Sequence[int] | None = None,
+    counts: np.ndarray | None = None,
 ) -> str:
-    """The JSON text of ``prediction(brush_results(...), model_version)``.
+    """The JSON text of :func:`brush_prediction` of the mask.
 
-    Equal to ``json.dumps(..., ensure_ascii=False)`` of that prediction, written faster: the
+    Equal to ``json.dumps(brush_prediction(...), ensure_ascii=False)``, written faster: the
     RLE byte lists, most of the text, are rendered by :func:`byte_list_json`.
+
+    Args:
+        label_ids: the label ids present, when the caller knows them (see
+            :func:`brush_results`).
+        counts: the pixels of each id (:func:`exporters.id_counts` of the mask), when the
+            caller has them: the task score needs them.
     """
     results = _brush_results(mask, labels, scores, from_name, to_name, label_ids)
     texts = []
@@ -179,10 +186,12 @@ def brush_prediction_json(
         text = json.dumps(result, ensure_ascii=False)
         # '"rle": []' occurs once: quotes inside string values are escaped.
         texts.append(text.replace('"rle": []', f'"rle": {byte_list_json(rle)}', 1))
-    head = prediction(results, model_version)
+    if counts is None:
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=len(labels) + 1)
+    score = _score_of_areas(counts, labels, scores)
     return (
-        f'{{"model_version": {json.dumps(head["model_version"], ensure_ascii=False)}, '
-        f'"score": {json.dumps(head["score"])}, "result": [{", ".join(texts)}]}}'
+        f'{{"model_version": {json.dumps(str(model_version), ensure_ascii=False)}, '
+        f'"score": {json.dumps(score)}, "result": [{", ".join(texts)}]}}'
     )
 
 
@@ -214,6 +223,52 @@ def prediction(
         result_scores = [float(r["score"]) for r in results if "score" in r]
         score = float(np.mean(result_scores)) if result_scores else 0.0
     return {"model_version": str(model_version), "score": float(score), "result": list(results)}
+
+
+def task_score(mask: np.ndarray, labels: Sequence[str], scores: Mapping[str, float]) -> float:
+    """The confidence of a whole mask: the pixel-weighted mean of its labels' scores.
+
+    A label's score is the mean probability over the pixels it wins, so this is the mean, over
+    every painted pixel, of the probability of the label it was given: the share of the painted
+    pixels the model expects to be right. A plain mean over the labels would let a speck of a
+    few pixels weigh as much as the main object. Background (0) and ignore (255) pixels are not
+    painted and do not count; a mask with nothing painted scores 0.0, so such tasks sort first
+    in a review ordered by score.
+
+    Args:
+        mask: (H, W) integer ids, k = ``labels[k - 1]``.
+        labels: the label names.
+        scores: label -> confidence; a label without a score counts as 0.
+    """
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=len(labels) + 1)  # (max id + 1,)
+    return _score_of_areas(counts, labels, scores)
+
+
+def _score_of_areas(
+    counts: np.ndarray, labels: Sequence[str], scores: Mapping[str, float]
+) -> float:
+    """:func:`task_score` from the pixel count of each id ((at least L + 1,) array)."""
+    areas = np.zeros(len(labels), dtype=np.float64)  # (L,) pixels per label
+    known = np.asarray(counts[1 : len(labels) + 1], dtype=np.float64)
+    areas[: known.size] = known
+    painted = float(areas.sum())
+    if painted == 0:
+        return 0.0
+    per_label = np.array([float(scores.get(name, 0.0)) for name in labels], dtype=np.float64)
+    return float((areas * per_label).sum() / painted)
+
+
+def brush_prediction(
+    mask: np.ndarray,
+    labels: Sequence[str],
+    scores: Mapping[str, float],
+    model_version: str,
+    from_name: str = "tag",
+    to_name: str = "image",
+) -> dict[str, Any]:
+    """The Label Studio prediction of an id mask: its brush results and :func:`task_score`."""
+    results = brush_results(mask, labels, scores, from_name, to_name)
+    return prediction(results, model_version, score=task_score(mask, labels, scores))
 
 
 def import_task(

@@ -116,6 +116,58 @@ def overlay(
     return result
 
 
+STRIP_GAP = 4
+STRIP_TITLES = ("image", "ground truth", "prediction")
+
+
+def comparison_strip(
+    rows: Sequence[tuple[Image.Image, np.ndarray, np.ndarray]],
+    labels: Sequence[str],
+    height: int = 160,
+) -> Image.Image:
+    """A picture of ``image | ground truth | prediction`` rows, one row per image.
+
+    Args:
+        rows: (RGB image, (H, W) ground-truth ids, (H, W) predicted ids) per image, the masks at
+            the image's size, ids as in :func:`overlay` (0 background, k = ``labels[k - 1]``,
+            255 ignore, shown in the VOC ignore colour).
+        labels: the class names of the ids.
+        height: every row is scaled to this height (masks nearest, images bilinear).
+
+    Returns:
+        One RGB image with a title line, rows separated by a gap of white.
+    """
+    if not rows:
+        raise ValueError("comparison_strip: no rows")
+    if height < 8:
+        raise ValueError(f"comparison_strip: height must be >= 8, got {height}")
+    font = ImageFont.load_default()
+    pictures = []
+    for image, gt, pred in rows:
+        width = max(1, round(image.width * height / image.height))
+        size = (width, height)
+        scaled = image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        masks = [
+            np.asarray(Image.fromarray(np.asarray(m, np.uint8)).resize(size, Image.NEAREST))
+            for m in (gt, pred)
+        ]
+        pictures.append([scaled, *(overlay(scaled, m, labels) for m in masks)])
+    title_height = 16
+    column_width = max(picture[0].width for picture in pictures)
+    total_width = 3 * column_width + 4 * STRIP_GAP
+    total_height = title_height + len(pictures) * (height + STRIP_GAP) + STRIP_GAP
+    strip = Image.new("RGB", (total_width, total_height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for column, title in enumerate(STRIP_TITLES):
+        left = STRIP_GAP + column * (column_width + STRIP_GAP)
+        draw.text((left, 2), title, font=font, fill=(0, 0, 0))
+    for row, picture in enumerate(pictures):
+        top = title_height + row * (height + STRIP_GAP)
+        for column, part in enumerate(picture):
+            strip.paste(part, (STRIP_GAP + column * (column_width + STRIP_GAP), top))
+    return strip
+
+
 _GALLERY_STYLE = """
 body { font-family: sans-serif; margin: 1em; background: #fafafa; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 12px; }

@@ -1,8 +1,14 @@
 """Attention processors that record what StableSeg reads from one UNet pass.
 
-Recording processors are installed through the UNet's public ``set_attn_processor`` hook by
-:func:`record_attention`, only on the layers that are needed, and the original processors are put
-back on exit (also when the pass raises). Nothing of the model's ``forward`` is patched.
+Recording processors are installed through the UNet's public ``set_attn_processor`` hook, only on
+the layers that are needed; nothing of the model's ``forward`` is patched. Two ways:
+
+* :class:`AttentionRecorder` (what the segmenter uses): installed once per UNet and kept, so a
+  run pays for the installation once and a compiled UNet is not retraced every batch. Each pass
+  switches on the layers it reads; between passes every recording processor is a plain attention
+  processor. :meth:`AttentionRecorder.restore` puts the UNet's own processors back.
+* :func:`record_attention`: a context manager that installs processors for one block and
+  restores the originals on exit (also when the pass raises).
 
 * A cross-attention layer keeps the probabilities of the label tokens only, averaged over heads:
   ``softmax(Q K^T * scale)`` is computed explicitly over the text context (77 tokens), which is
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +105,8 @@ class AttentionStore:
     scales: dict[str, float] = field(default_factory=dict)
 
     def clear(self) -> None:
+        """Forget the last pass (its tensors and token index)."""
+        self.token_index = None
         self.cross.clear()
         self.queries.clear()
         self.keys.clear()
@@ -108,12 +118,14 @@ class RecordingAttnProcessor:
 
     It computes what diffusers' default ``AttnProcessor2_0`` computes for the UNet's
     transformer blocks (optional spatial/group norm, norm_cross, q/k norms, residual and
-    output rescale), plus the recording.
+    output rescale), plus the recording. While ``active`` is False it records nothing and
+    computes exactly what ``AttnProcessor2_0`` computes, for any input size.
     """
 
-    def __init__(self, store: AttentionStore, layer: LayerInfo) -> None:
+    def __init__(self, store: AttentionStore, layer: LayerInfo, active: bool = True) -> None:
         self.store = store
         self.layer = layer
+        self.active = active
 
     def __call__(
         self,
@@ -159,6 +171,12 @@ class RecordingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if not self.active:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            return self._output(attn, hidden_states, query, residual, input_ndim, batch, head_dim)
+
         expected = self.layer.size[0] * self.layer.size[1]
         if num_tokens != expected:
             raise RuntimeError(
@@ -176,11 +194,23 @@ class RecordingAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
+        return self._output(attn, hidden_states, query, residual, input_ndim, batch, head_dim)
 
+    @staticmethod
+    def _output(
+        attn: Any,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        residual: torch.Tensor,
+        input_ndim: int,
+        batch: int,
+        head_dim: int,
+    ) -> torch.Tensor:
+        """Heads joined, output projection, back to the input's layout, residual, rescale."""
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -234,3 +264,155 @@ def record_attention(
         yield store
     finally:
         unet.set_attn_processor(dict(original))
+
+
+class AttentionRecorder:
+    """Recording processors installed once on a UNet and reused pass after pass.
+
+    One recorder per UNet (:func:`recorder_for`): segmenters that share a UNet (``with_config``
+    views) share it. Each layer that some pass has needed keeps a recording processor; a pass
+    switches on the layers it reads (:meth:`recording`) and the others compute plain attention.
+    So the processors are installed again only when a pass needs a layer not yet recorded (the
+    union grows, e.g. once for the StableSeg++ cache), never per batch.
+
+    :meth:`restore` gives the UNet its previous processors back; the next pass installs the
+    recording ones again. A pass that raises leaves the processors installed but switched off
+    and the store empty, so the UNet computes what it computed before.
+    """
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self._unet = weakref.ref(unet)
+        self.store = AttentionStore()
+        self.installs = 0
+        """How many times processors were installed (``set_attn_processor`` calls)."""
+        self.users = 0
+        """Segmenters holding this recorder (see :meth:`attach`)."""
+        self._processors: dict[str, RecordingAttnProcessor] = {}  # layer name -> ours
+        self._originals: dict[str, Any] = {}  # layer name -> the processor ours replaced
+        self._modules: dict[str, Any] = {}  # layer name -> its Attention module
+        self._lock = threading.RLock()
+
+    def _unet_or_raise(self) -> torch.nn.Module:
+        unet = self._unet()
+        if unet is None:
+            raise RuntimeError("the UNet of this AttentionRecorder no longer exists")
+        return unet
+
+    def _module(self, unet: torch.nn.Module, name: str) -> Any:
+        if name not in self._modules:
+            self._modules[name] = unet.get_submodule(name)
+        return self._modules[name]
+
+    def installed(self) -> list[str]:
+        """Names of the layers that carry one of this recorder's processors now."""
+        unet = self._unet()
+        if unet is None:
+            return []
+        return [
+            name
+            for name, proc in self._processors.items()
+            if self._module(unet, name).processor is proc
+        ]
+
+    def install(self, layers: Sequence[LayerInfo]) -> bool:
+        """Make sure every layer of ``layers`` carries a recording processor.
+
+        Returns True when processors had to be installed (one ``set_attn_processor`` call for
+        the union of the layers recorded so far and ``layers``), False when all were in place.
+        """
+        with self._lock:
+            return self._install(self._unet_or_raise(), layers)
+
+    def _install(self, unet: torch.nn.Module, layers: Sequence[LayerInfo]) -> bool:
+        current_names = set(self.installed())
+        needed = {layer.name: layer for layer in layers}
+        if set(needed) <= current_names:
+            return False
+        processors = dict(unet.attn_processors)  # "<layer>.processor" -> processor
+        for name in needed:
+            if f"{name}.processor" not in processors:
+                raise KeyError(f"{name!r} is not an attention layer of this UNet")
+        keep = {name: self._processors[name] for name in current_names}
+        for name, layer in needed.items():
+            if name in keep:
+                continue
+            previous = processors[f"{name}.processor"]
+            if not isinstance(previous, RecordingAttnProcessor):
+                self._originals[name] = previous
+            keep[name] = RecordingAttnProcessor(self.store, layer, active=False)
+        for name, proc in keep.items():
+            processors[f"{name}.processor"] = proc
+        unet.set_attn_processor(processors)
+        self._processors = keep
+        self.installs += 1
+        return True
+
+    def restore(self) -> None:
+        """Put back the processors the recording ones replaced (where they are still ours)."""
+        unet = self._unet()
+        with self._lock:
+            if unet is not None:
+                processors = dict(unet.attn_processors)
+                changed = False
+                for name, proc in self._processors.items():
+                    key = f"{name}.processor"
+                    if processors.get(key) is proc and name in self._originals:
+                        processors[key] = self._originals[name]
+                        changed = True
+                if changed:
+                    unet.set_attn_processor(processors)
+            self._processors.clear()
+            self._originals.clear()
+            self.store.clear()
+
+    @contextmanager
+    def recording(
+        self, layers: Sequence[LayerInfo], token_index: torch.Tensor | None
+    ) -> Iterator[AttentionStore]:
+        """One recorded pass: ``layers`` switched on for the block, the store filled by it.
+
+        Read what you need from the store inside the block: on exit the processors are switched
+        off and the store is emptied, whether the block succeeds or raises. Passes are
+        serialised (one store per UNet).
+        """
+        with self._lock:
+            self._install(self._unet_or_raise(), layers)
+            wanted = {layer.name: layer for layer in layers}
+            for name, proc in self._processors.items():
+                layer = wanted.get(name)
+                if layer is not None and proc.layer != layer:
+                    proc.layer = layer  # another image size; equal layers keep their object
+                proc.active = layer is not None
+            self.store.clear()
+            self.store.token_index = token_index
+            try:
+                yield self.store
+            finally:
+                for proc in self._processors.values():
+                    proc.active = False
+                self.store.clear()
+
+    def attach(self) -> None:
+        """A segmenter starts using this recorder."""
+        self.users += 1
+
+    def detach(self) -> None:
+        """A segmenter stops using it; the last one out restores the UNet's processors."""
+        self.users = max(0, self.users - 1)
+        if self.users == 0:
+            self.restore()
+
+
+_RECORDERS: weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder] = (
+    weakref.WeakKeyDictionary()
+)
+_RECORDERS_LOCK = threading.Lock()
+
+
+def recorder_for(unet: torch.nn.Module, create: bool = True) -> AttentionRecorder | None:
+    """The :class:`AttentionRecorder` of this UNet (made on first use unless ``create=False``)."""
+    with _RECORDERS_LOCK:
+        recorder = _RECORDERS.get(unet)
+        if recorder is None and create:
+            recorder = _RECORDERS[unet] = AttentionRecorder(unet)
+        return recorder

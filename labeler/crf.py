@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .result import IGNORE, mask_dtype
+from .result import IGNORE, SegmentationResult, mask_dtype
 
 PROB_FLOOR = 1e-5  # probabilities are clipped to this before taking -log
 
@@ -135,3 +135,45 @@ def crf_mask(
     if uncertain_threshold is not None:
         mask[refined.max(axis=0) < uncertain_threshold] = IGNORE
     return mask
+
+
+def crf_segmentation(
+    result: SegmentationResult,
+    rgb: np.ndarray,
+    background_threshold: float | None = None,
+    config: CRFConfig | None = None,
+) -> SegmentationResult:
+    """A segmentation result refined by DenseCRF over its image, background rules kept.
+
+    ``result`` must carry its probabilities (``segment(..., return_probs=True)``): with a
+    background prompt or threshold, CRF runs on the (1 + C) distribution of
+    :func:`labeler.background.background_first`, so background is a class it refines like the
+    labels; without, on the labels' probabilities. The confidences follow the refined maps.
+    """
+    from .background import background_first
+    from .scores import label_scores
+
+    if result.probs is None:
+        raise ValueError("crf_segmentation needs the result's probabilities (return_probs=True)")
+    if not result.probs.any():  # no label to refine (an image prompted with no label)
+        return result
+    dtype = result.mask.dtype
+    if result.background is not None or background_threshold is not None:
+        extended = background_first(
+            result.probs, result.background, result.evidence, background_threshold
+        )  # (1 + C, H, W)
+        refined = dense_crf(rgb, extended, config)
+        mask = refined.argmax(axis=0).astype(dtype)  # 0 background, k label k
+        probs, background = refined[1:], refined[0]
+    else:
+        probs = dense_crf(rgb, result.probs, config)  # (C, H, W)
+        mask = (probs.argmax(axis=0) + 1).astype(dtype)
+        background = None
+    return SegmentationResult(
+        mask=mask,
+        probs=probs,
+        labels=list(result.labels),
+        scores=label_scores(mask, probs, result.labels),
+        background=background,
+        evidence=result.evidence,
+    )

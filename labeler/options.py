@@ -236,7 +236,8 @@ SETTINGS: tuple[Setting, ...] = (
         "segmenter",
         "background_threshold",
         _threshold,
-        "Pixels whose best label probability is below this are background (0). "
+        "Pixels where their label's cross-attention is below this fraction of the label's "
+        "strongest in the image are background (0): the same meaning for any number of labels. "
         "[default: every pixel gets a label]",
         metavar="0..1",
     ),

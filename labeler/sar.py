@@ -11,13 +11,14 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-_EPS = 1e-8
+EPS = 1e-8
+"""Floor of a denominator (a pixel whose scores are all 0 stays all 0)."""
 
 
-def class_maps_from_tokens(
+def label_attention_from_tokens(
     token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
 ) -> torch.Tensor:
-    """Cross-attention probability map (CAPM) of one layer.
+    """The cross-attention each label gets at one layer, before renormalisation over labels.
 
     Args:
         token_maps: (B*P, T, h, w) probabilities of the label tokens (rows image-major: image i,
@@ -27,8 +28,8 @@ def class_maps_from_tokens(
         num_prompts: P.
 
     Returns:
-        (B, C, h, w): for each label the mean of its tokens' maps, renormalised over labels so
-        each pixel holds a distribution over the C labels.
+        (B, C, h, w): for each label the mean of its tokens' maps (a share of the softmax over
+        the prompt's tokens; the rest went to other tokens, BOS and padding among them).
     """
     rows, _, height, width = token_maps.shape
     batch = rows // num_prompts
@@ -39,16 +40,31 @@ def class_maps_from_tokens(
     average = onehot / counts  # (P, T, C)
     maps = token_maps.view(batch, num_prompts, -1, height, width)  # (B, P, T, h, w)
     # Every label lives in exactly one prompt, so summing over prompts concatenates the labels.
-    class_maps = torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
-    return class_maps / class_maps.sum(dim=1, keepdim=True).clamp(min=_EPS)
+    return torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
 
 
-def resize_labels(label_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (B, H, W) integer map to (B, h, w)."""
-    if tuple(label_map.shape[-2:]) == tuple(size):
-        return label_map
-    resized = F.interpolate(label_map[:, None].float(), size=size, mode="nearest")
-    return resized[:, 0].long()
+def class_maps_from_tokens(
+    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
+) -> torch.Tensor:
+    """Cross-attention probability map (CAPM) of one layer: (B, C, h, w), each label's
+    attention (:func:`label_attention_from_tokens`) renormalised over labels so each pixel
+    holds a distribution over the C labels."""
+    attention = label_attention_from_tokens(token_maps, token_class, num_classes, num_prompts)
+    return attention / attention.sum(dim=1, keepdim=True).clamp(min=EPS)
+
+
+def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The CA map at a layer's grid size: (B, C, S, S) class probabilities -> (B, h, w) labels.
+
+    At the common size it is the argmax of the CAPM. A coarser layer takes the argmax of the CAPM
+    averaged over each of its cells (area pooling), so every cell is labelled by what covers it:
+    a nearest-neighbour resize would read one pixel per cell (the top-left one with PyTorch's
+    legacy ``nearest``, about 28 image pixels off-centre at 8 x 8 for a 512 px image) and lose
+    small objects that miss it.
+    """
+    if tuple(capm.shape[-2:]) == tuple(size):
+        return capm.argmax(dim=1)
+    return F.adaptive_avg_pool2d(capm.float(), size).argmax(dim=1)  # (B, h, w)
 
 
 def self_attention_class_probs(
@@ -109,21 +125,4 @@ def weighted_sum(
 def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Scores -> a distribution over labels along ``dim`` (non-negative scores)."""
     scores = scores.clamp(min=0)
-    return scores / scores.sum(dim=dim, keepdim=True).clamp(min=_EPS)
-
-
-def probs_to_mask(
-    probs: torch.Tensor, background_threshold: float | None, background_channel: bool = False
-) -> torch.Tensor:
-    """(C, H, W) probabilities -> (H, W) labels: k = k-th label (1-based), 0 = background.
-
-    With a threshold, pixels whose best probability is below it become background. With
-    ``background_channel`` the last channel is the background prompt's: pixels it wins are 0.
-    """
-    best, index = probs.max(dim=0)
-    mask = index + 1
-    if background_channel:
-        mask = torch.where(index == probs.shape[0] - 1, torch.zeros_like(mask), mask)
-    if background_threshold is not None:
-        mask = torch.where(best < background_threshold, torch.zeros_like(mask), mask)
-    return mask
+    return scores / scores.sum(dim=dim, keepdim=True).clamp(min=EPS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -11,18 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .attention import AttentionStore, LayerInfo, record_attention, unet_attention_layers
+from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attention_layers
+from .background import label_evidence
 from .config import SegmenterConfig, SizeSelection, select_sizes
+from .finish import BAND_BYTES, finish_scores
 from .images import to_model_input, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
-from .result import SegmentationResult
+from .result import SegmentationResult, share_key
 from .sar import (
-    class_maps_from_tokens,
-    normalise,
-    probs_to_mask,
-    resize_labels,
+    EPS,
+    ca_labels_at,
+    label_attention_from_tokens,
     self_attention_class_probs,
     weighted_sum,
 )
@@ -48,12 +49,24 @@ class MapPlan:
     common_size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class _Prompts:
+    """A label list's prompts, their text embeddings and token maps on the model's device."""
+
+    batch: PromptBatch
+    embeddings: torch.Tensor  # (P, L, D)
+    token_index: torch.Tensor  # (P, T)
+    token_class: torch.Tensor  # (P, T)
+
+
 @dataclass
 class _Pass:
     """Per-batch maps before upsampling to image size (all at ``common_size``)."""
 
     final: torch.Tensor  # (B, C, S, S) un-normalised scores
     layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
+    evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
+    shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
 
 
 class StableSeg:
@@ -61,7 +74,15 @@ class StableSeg:
 
     Build it from a diffusers-format Stable Diffusion with :meth:`from_pretrained`, or from
     components. ``segment(images, labels)`` returns one :class:`SegmentationResult` per image.
+
+    The recording attention processors are installed on the UNet at the first pass and kept
+    (shared by every segmenter on the same UNet); :meth:`close` (or leaving a ``with`` block)
+    gives the UNet its own processors back, as does the last segmenter on a UNet when it is
+    garbage collected. :meth:`compile` compiles the UNet with ``torch.compile``.
     """
+
+    band_bytes: int = BAND_BYTES
+    """Budget of one row band of the finish step (C x rows x W float32)."""
 
     def __init__(
         self,
@@ -83,7 +104,8 @@ class StableSeg:
                 f"image_size {self.config.image_size} is not a multiple of the VAE's "
                 f"downsampling factor {self.vae_scale_factor}"
             )
-        self._embedding_cache: dict[tuple[str, ...], tuple[PromptBatch, torch.Tensor]] = {}
+        self._embedding_cache: dict[tuple[str, ...], _Prompts] = {}
+        self._release: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -147,10 +169,53 @@ class StableSeg:
         return next(self.unet.parameters()).dtype
 
     def with_config(self, config: SegmenterConfig) -> StableSeg:
-        """A segmenter sharing these weights with another configuration."""
+        """A segmenter sharing these weights (and the UNet's recording processors) with another
+        configuration."""
         other = StableSeg(self.unet, self.vae, self.text_encoder, self.tokenizer, config)
         other.source = self.source
+        other.band_bytes = self.band_bytes
         return other
+
+    # ------------------------------------------------------------------ recording, compile
+    def _recorder(self) -> AttentionRecorder:
+        """The UNet's recorder, with this segmenter counted among its users."""
+        recorder = recorder_for(self.unet)
+        assert recorder is not None
+        if self._release is None or not self._release.alive:
+            recorder.attach()
+            self._release = weakref.finalize(self, recorder.detach)
+            self._release.atexit = False
+        return recorder
+
+    def close(self) -> None:
+        """Give the UNet its own attention processors back.
+
+        The segmenter stays usable (its next pass installs the recording processors again), and
+        so do the others sharing the UNet.
+        """
+        if self._release is not None:
+            self._release()  # this segmenter no longer counts as a user
+        recorder = recorder_for(self.unet, create=False)
+        if recorder is not None:
+            recorder.restore()
+
+    def __enter__(self) -> StableSeg:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def compile(self, mode: str | None = None, **options: Any) -> StableSeg:
+        """Compile the UNet with ``torch.compile`` (in place); returns self.
+
+        A runtime option: masks do not change (up to floating-point rounding). The recording
+        processors are installed first, so the traced graph contains them and is reused batch
+        after batch; every segmenter sharing the UNet runs the compiled one. ``mode`` and
+        ``options`` (``backend``, ``dynamic``, ``fullgraph``, ...) go to ``torch.compile``.
+        """
+        self._recorder().install(self.plan().layers)
+        self.unet.compile(mode=mode, **options)
+        return self
 
     @property
     def model_version(self) -> str:
@@ -218,16 +283,27 @@ class StableSeg:
     @torch.inference_mode()
     def encode_prompts(self, labels: Sequence[str]) -> tuple[PromptBatch, torch.Tensor]:
         """Step 1: prompts and their text embeddings (P, L, D), cached per label list."""
+        prompts = self._prompts(labels)
+        return prompts.batch, prompts.embeddings
+
+    @torch.inference_mode()
+    def _prompts(self, labels: Sequence[str]) -> _Prompts:
         key = (*labels, "\x00", self.config.prompt_template, self.config.label_separator)
         if key not in self._embedding_cache:
-            prompts = build_prompts(
+            batch = build_prompts(
                 self.tokenizer, labels, self.config.prompt_template, self.config.label_separator
             )
-            ids = prompts.input_ids.to(self.device)
+            ids = batch.input_ids.to(self.device)
             embeddings = self.text_encoder(ids)[0]  # (P, L, D)
             if len(self._embedding_cache) > 32:
                 self._embedding_cache.clear()
-            self._embedding_cache[key] = (prompts, embeddings)
+            # The token maps go to the device once per label list, not once per batch.
+            self._embedding_cache[key] = _Prompts(
+                batch,
+                embeddings,
+                batch.token_index.to(self.device),
+                batch.token_class.to(self.device),
+            )
         return self._embedding_cache[key]
 
     @torch.inference_mode()
@@ -241,39 +317,53 @@ class StableSeg:
         return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.inference_mode()
-    def _attention_pass(
-        self, latents: torch.Tensor, prompts: PromptBatch, embeddings: torch.Tensor, plan: MapPlan
-    ) -> _Pass:
+    def _attention_pass(self, latents: torch.Tensor, prompts: _Prompts, plan: MapPlan) -> _Pass:
         """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores."""
-        batch, num_prompts = latents.shape[0], prompts.num_prompts
-        num_classes = len(prompts.spans)
+        batch, num_prompts = latents.shape[0], prompts.batch.num_prompts
+        num_classes = len(prompts.batch.spans)
         rows = latents.repeat_interleave(num_prompts, dim=0)  # (B*P, c, h, w)
-        context = embeddings.repeat(batch, 1, 1)  # (B*P, L, D)
+        context = prompts.embeddings.repeat(batch, 1, 1)  # (B*P, L, D)
         timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
-        store = AttentionStore(token_index=prompts.token_index.to(self.device).repeat(batch, 1))
-        with record_attention(self.unet, plan.layers, store):
+        token_index = prompts.token_index.repeat(batch, 1)  # (B*P, T)
+        with self._recorder().recording(plan.layers, token_index) as store:
             self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+            cross, queries, keys = dict(store.cross), dict(store.queries), dict(store.keys)
+            scales = dict(store.scales)
 
-        token_class = prompts.token_class.to(self.device)
         layer_maps: dict[str, torch.Tensor] = {}
-        for name, token_maps in store.cross.items():
-            layer_maps[name] = class_maps_from_tokens(
-                token_maps, token_class, num_classes, num_prompts
-            )  # (B, C, h, w)
+        attention: dict[str, torch.Tensor] = {}
+        shares: dict[str, torch.Tensor] = {}
+        for name, token_maps in cross.items():
+            attention[name] = label_attention_from_tokens(
+                token_maps, prompts.token_class, num_classes, num_prompts
+            )  # (B, C, h, w) before renormalisation
+            shares[name] = attention[name].sum(dim=1, keepdim=True)  # (B, 1, h, w)
+            layer_maps[name] = attention[name] / shares[name].clamp(min=EPS)  # CAPM of the layer
         capm = weighted_sum(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
-        ca_map = capm.argmax(dim=1)  # (B, S, S)
+        evidence = None
+        if self.config.background_threshold is not None:
+            num_labels = num_classes - (self.config.background_prompt is not None)
+            labels_attention = weighted_sum(attention, plan.cross, plan.common_size)
+            evidence = label_evidence(labels_attention[:, :num_labels])  # (B, labels, S, S)
+        del attention
 
         sizes = {layer.name: layer.size for layer in plan.layers}
-        for name, query in store.queries.items():
+        for name in list(queries):
             size = sizes[name]
-            labels = resize_labels(ca_map, size).flatten(1)  # (B, h*w)
-            labels = labels.repeat_interleave(num_prompts, dim=0)  # (B*P, h*w)
-            probs = self_attention_class_probs(
-                query, store.keys[name], labels, num_classes, store.scales[name]
-            )  # (B*P, C, h*w)
-            probs = probs.view(batch, num_prompts, num_classes, *size).mean(dim=1)
-            layer_maps[name] = probs  # (B, C, h, w)
-        store.clear()
+            labels = ca_labels_at(capm, size).flatten(1)  # (B, h*w)
+            # Each layer's Q and K are let go as soon as its map is made; the prompt rows of an
+            # image are refined one at a time and averaged, so memory grows with the labels,
+            # not with labels x prompts (labels past one text context make more prompts).
+            query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
+            key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
+            total = sum(
+                self_attention_class_probs(
+                    query[:, prompt], key[:, prompt], labels, num_classes, scales[name]
+                )  # (B, C, h*w)
+                for prompt in range(num_prompts)
+            )
+            del query, key
+            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
 
         sapm = weighted_sum(layer_maps, plan.self_, plan.common_size)
         if sapm is None:
@@ -282,37 +372,48 @@ class StableSeg:
             final = sapm
         else:
             final = capm + sapm
-        return _Pass(final=final, layer_maps=layer_maps)
+        return _Pass(final=final, layer_maps=layer_maps, evidence=evidence, shares=shares)
 
+    @torch.inference_mode()
     def _finish(
-        self, scores: torch.Tensor, rgb: np.ndarray, labels: list[str]
+        self,
+        scores: torch.Tensor,
+        rgb: np.ndarray,
+        labels: list[str],
+        return_probs: bool = False,
+        evidence: torch.Tensor | None = None,
     ) -> SegmentationResult:
-        """Step 7-8 for one image: upsample to its size, normalise, mask, confidences."""
-        height, width = rgb.shape[:2]
-        probs = F.interpolate(
-            scores[None].float(), size=(height, width), mode="bilinear", align_corners=False
-        )[0]  # (C, H, W)
-        probs = normalise(probs, dim=0)
-        has_background = self.config.background_prompt is not None
-        mask = probs_to_mask(probs, self.config.background_threshold, has_background)  # (H, W)
-        if has_background:
-            probs = probs[: len(labels)]  # the labels' share; the rest is background
-        confidences = {}
-        for k, label in enumerate(labels, start=1):
-            won = mask == k
-            confidences[label] = float(probs[k - 1][won].mean()) if bool(won.any()) else 0.0
-        dtype = np.uint8 if len(labels) <= 254 else np.uint16
+        """Steps 7-8 for one image: upsample to its size, normalise, mask, confidences.
+
+        Done in row bands on the model's device (:mod:`labeler.finish`): full-size
+        probabilities exist only when ``return_probs`` asks for them. ``evidence`` (labels, S, S)
+        is the labels' evidence for the background threshold (:mod:`labeler.background`).
+        """
+        finished = finish_scores(
+            scores,
+            size=rgb.shape[:2],
+            labels=labels,
+            background_threshold=self.config.background_threshold,
+            background_channel=self.config.background_prompt is not None,
+            return_probs=return_probs,
+            band_bytes=self.band_bytes,
+            evidence=evidence,
+        )
         return SegmentationResult(
-            mask=mask.cpu().numpy().astype(dtype),
-            probs=probs.cpu().numpy().astype(np.float32),
+            mask=finished.mask,
+            probs=finished.probs,
             labels=list(labels),
-            scores=confidences,
+            scores=finished.scores,
+            background=finished.background,
+            evidence=finished.evidence,
         )
 
     def segment(
         self,
         images: Any,
         labels: Sequence[str],
+        *,
+        return_probs: bool = False,
         return_layer_maps: bool = False,
     ) -> list[SegmentationResult]:
         """Segment images into the given labels.
@@ -320,6 +421,9 @@ class StableSeg:
         Args:
             images: a PIL image or numpy array, or a list of them (any mode, any size).
             labels: label names; mask value k means ``labels[k - 1]``, 0 means background.
+            return_probs: also return ``result.probs``, the (C, H, W) float32 probabilities at
+                the image's size (C x H x W x 4 bytes: 7 GB for 150 labels at 12 MP; ask only
+                when needed, e.g. for DenseCRF). Otherwise ``result.probs`` is None.
             return_layer_maps: also return every attention layer's class map at its own size
                 (``result.layer_maps``: layer -> (C, h, w) float16), for the StableSeg++ cache.
                 With ``config.background_prompt`` the maps have one more, last, channel.
@@ -327,7 +431,11 @@ class StableSeg:
         Returns:
             One :class:`SegmentationResult` per image, in order, at each image's original size.
         """
-        return list(self.iter_segment(images, labels, return_layer_maps))
+        return list(
+            self.iter_segment(
+                images, labels, return_probs=return_probs, return_layer_maps=return_layer_maps
+            )
+        )
 
     def prompt_labels(self, labels: Sequence[str]) -> list[str]:
         """The classes the prompt names: the labels, then the background prompt if any."""
@@ -337,7 +445,12 @@ class StableSeg:
         return validate_labels([*labels, self.config.background_prompt], max_labels=None)
 
     def iter_segment(
-        self, images: Any, labels: Sequence[str], return_layer_maps: bool = False
+        self,
+        images: Any,
+        labels: Sequence[str],
+        *,
+        return_probs: bool = False,
+        return_layer_maps: bool = False,
     ) -> Iterator[SegmentationResult]:
         """Like :meth:`segment`, yielding results batch by batch."""
         labels = validate_labels(labels, max_labels=None)
@@ -346,21 +459,23 @@ class StableSeg:
             images = [images]
         rgbs = [to_rgb_array(image, index=i) for i, image in enumerate(images)]
         plan = self.plan(all_layers=return_layer_maps)
-        prompts, embeddings = self.encode_prompts(prompted)
+        prompts = self._prompts(prompted)
         size = self.config.batch_size
         for start in range(0, len(rgbs), size):
             chunk = rgbs[start : start + size]
             pixels = to_model_input(chunk, self.config.image_size)
             latents = self.encode_images(pixels)
-            with torch.inference_mode():
-                result = self._attention_pass(latents, prompts, embeddings, plan)
-                for i, rgb in enumerate(chunk):
-                    out = self._finish(result.final[i], rgb, labels)
-                    if return_layer_maps:
-                        out.layer_maps = {
-                            name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
-                        }
-                    yield out
+            result = self._attention_pass(latents, prompts, plan)
+            for i, rgb in enumerate(chunk):
+                evidence = None if result.evidence is None else result.evidence[i]
+                out = self._finish(result.final[i], rgb, labels, return_probs, evidence)
+                if return_layer_maps:
+                    out.layer_maps = {
+                        name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
+                    }
+                    for name, share in (result.shares or {}).items():
+                        out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
+                yield out
 
 
 def _uniform(

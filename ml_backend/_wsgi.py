@@ -1,11 +1,12 @@
 """WSGI entry point, after Label Studio's ML backend convention.
 
-``gunicorn ml_backend._wsgi:app`` (what ``python cli.py serve`` runs), or
-``python -m ml_backend._wsgi --port 9090`` for the development server. Settings come from the
-environment (see :mod:`ml_backend.settings`); ``STABLESEG_WARM_UP`` says when the model loads:
-``background`` (default: a thread starts loading it as the server starts), ``sync`` (before
-serving; what gunicorn's ``--preload`` wants, so forked workers share the weights) or ``off``
-(on the first prediction).
+``gunicorn --worker-class ml_backend.worker.HeadBufferingWorker ml_backend._wsgi:app`` (what
+``python cli.py serve`` runs), or ``python -m ml_backend._wsgi --port 9090`` for the development
+server (loopback only without basic auth, never the debugger: :mod:`ml_backend.serving`).
+Settings come from the environment (see :mod:`ml_backend.settings`); ``STABLESEG_WARM_UP``
+says when the model loads: ``background`` (default: a thread starts loading it as the server
+starts), ``sync`` (before serving; what gunicorn's ``--preload`` wants, so forked workers share
+the weights) or ``off`` (on the first prediction).
 """
 
 from __future__ import annotations
@@ -46,4 +47,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=9090)
     args = parser.parse_args()
-    app.run(host=args.host, port=args.port, threaded=True)
+    from ml_backend.serving import check_dev_server, run_dev_server
+
+    try:
+        check_dev_server(args.host, bool(BackendSettings.from_env().basic_auth_user))
+    except ValueError as err:
+        parser.error(str(err))
+    run_dev_server(app, args.host, args.port)

@@ -123,7 +123,11 @@ def _dtype_name(dtype: Any) -> str:
 def _version(settings: BackendSettings, config: SegmenterConfig, dtype: Any) -> str:
     from labeler import StableSeg
 
-    return StableSeg.version_for(settings.model.source, config, dtype)
+    # A local folder is loaded from its resolved path (labeler.jobs.models.resolve_source), and
+    # the loaded model's version names that path: /setup and /versions must name it too.
+    source = Path(os.path.expanduser(settings.model.source))
+    key = str(source.resolve()) if source.is_dir() else settings.model.source
+    return StableSeg.version_for(key, config, dtype)
 
 
 def model_version(settings: BackendSettings) -> str:

@@ -4,6 +4,12 @@
 children, pointing at ``<Image name="image" value="$image"/>``. The model sees each label's
 prompt: its ``prompt`` attribute, else the first of its ``predicted_values``, else the label
 itself (its ``alias`` when it has one, as Label Studio stores the alias in results).
+
+Prompts follow the one label rule (:func:`labeler.labels.validate_labels`: NFC, single spaces,
+no invisible characters, unique ignoring case); label values stay exactly as the config spells
+them, since results must name them so. A project has at most ``max_labels`` labels
+(``STABLESEG_MAX_LABELS``, 254 by default): the count is checked while the labels are read,
+before any of them reaches the model.
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from xml.etree import ElementTree
+
+from labeler.labels import validate_labels
+from labeler.result import MAX_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +56,18 @@ class BrushTarget:
     prompts: tuple[str, ...]
 
 
-def parse_label_config(label_config: str | None) -> BrushTarget:
+def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> BrushTarget:
     """Find the first BrushLabels control on an Image and its labels' prompts.
 
     Raises:
-        LabelConfigError: empty or malformed XML, no BrushLabels on an Image, no labels, or two
-            labels with the same prompt.
+        LabelConfigError: not a string, empty or malformed XML, no BrushLabels on an Image, no
+            labels, more than ``max_labels`` labels, two labels with the same prompt, or a
+            prompt the label rule refuses.
     """
+    if label_config is not None and not isinstance(label_config, str):
+        raise LabelConfigError(
+            f"the labeling config must be an XML string, got {type(label_config).__name__}"
+        )
     if not label_config or not label_config.strip():
         raise LabelConfigError(
             "the project has no labeling config; set one with a <BrushLabels> on an <Image>, "
@@ -95,6 +110,12 @@ def parse_label_config(label_config: str | None) -> BrushTarget:
     for tag in brush.iter("Label"):
         label = (tag.get("alias") or tag.get("value") or "").strip()
         if label and label not in labels:
+            if len(labels) == max_labels:
+                raise LabelConfigError(
+                    f'<BrushLabels name="{from_name}"> has more than {max_labels} labels, the '
+                    "limit of this backend (STABLESEG_MAX_LABELS; at most "
+                    f"{MAX_LABELS}, what a mask holds); split the classes over projects"
+                )
             labels.append(label)
             prompts.append(_prompt(label, tag.attrib))
     if not labels:
@@ -102,15 +123,17 @@ def parse_label_config(label_config: str | None) -> BrushTarget:
             f'<BrushLabels name="{from_name}"> has no <Label> children; add the classes to '
             'predict, for example <Label value="Car"/>'
         )
-    seen: dict[str, str] = {}
-    for label, prompt in zip(labels, prompts, strict=True):
-        key = prompt.lower()
-        if key in seen:
-            raise LabelConfigError(
-                f"labels {seen[key]!r} and {label!r} have the same prompt {prompt!r}; give one "
-                'of them a prompt of its own, e.g. <Label value="..." prompt="..."/>'
+    where = [f"the prompt of label {label!r}" for label in labels]
+    try:
+        prompts = validate_labels(prompts, where, max_labels=max_labels)
+    except ValueError as err:
+        hint = ""
+        if str(err).startswith("duplicate"):
+            hint = (
+                ": two labels have the same prompt; give one of them a prompt of its own, e.g. "
+                '<Label value="..." prompt="..."/>'
             )
-        seen[key] = label
+        raise LabelConfigError(f"labeling config: {err}{hint}") from None
     return BrushTarget(
         from_name=from_name,
         to_name=image.get("name", ""),
@@ -128,3 +151,40 @@ def _prompt(label: str, attrs: Mapping[str, str]) -> str:
     if predicted:
         return predicted[0]
     return label
+
+
+# ---------------------------------------------------------------------- free-text prompts
+@dataclass(frozen=True)
+class PromptArea:
+    """A ``<TextArea>`` on the brush target's image where the annotator types what to paint.
+
+    Attributes:
+        name: the TextArea's ``name`` (the ``from_name`` of its results).
+        background_prompt: its ``backgroundPrompt`` attribute: what the phrase is segmented
+            against (None: the backend's setting, else ``"background"``).
+    """
+
+    name: str
+    background_prompt: str | None = None
+
+
+def parse_prompt_areas(label_config: str | None, target: BrushTarget) -> dict[str, PromptArea]:
+    """The TextAreas of the config that point at ``target``'s image, by name ({} for none).
+
+    ``<TextArea name="prompt" toName="image" backgroundPrompt="sky"/>`` beside
+    ``<BrushLabels name="tag" toName="image">`` makes "prompt" a free-text prompt for "tag".
+    """
+    if not label_config:
+        return {}
+    try:
+        root = ElementTree.fromstring(label_config)
+    except ElementTree.ParseError:
+        return {}
+    areas: dict[str, PromptArea] = {}
+    for tag in root.iter("TextArea"):
+        name = (tag.get("name") or "").strip()
+        to_names = [n.strip() for n in (tag.get("toName") or "").split(",")]
+        if name and target.to_name in to_names and name not in areas:
+            background = (tag.get("backgroundPrompt") or "").strip() or None
+            areas[name] = PromptArea(name=name, background_prompt=background)
+    return areas

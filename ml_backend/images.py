@@ -5,10 +5,16 @@
 * ``/data/local-files/?d=PATH``: read from ``LOCAL_FILES_DOCUMENT_ROOT/PATH`` when that root is
   set (any path leaving the root is refused, symlinks included), else through the server.
 * ``s3://``, ``gs://``, ``azure-blob://``: through the server's ``/tasks/ID/presign/`` resolver.
-* ``http(s)://``: downloaded with a byte cap and a time limit (authenticated only when it points
-  at the Label Studio server itself).
+* ``http(s)://``: downloaded by :func:`ml_backend.fetch.fetch` (public addresses,
+  ``LABEL_STUDIO_URL``'s origin and ``STABLESEG_ALLOWED_HOSTS`` only; a byte cap and a deadline),
+  authenticated only when it points at ``LABEL_STUDIO_URL``'s origin.
 
-Every failure is an :class:`ImageError` whose message says what to fix.
+The key goes to ``LABEL_STUDIO_URL``'s origin and nowhere else: not to a ``hostname`` sent to
+``/setup`` or in a request body (those are never used), not along a redirect to another origin.
+
+Every failure is an :class:`ImageError`. Local-file and configuration errors say what to fix;
+anything that went over the network says only "image URL refused or unreachable" (whoever
+sends the URL must not learn how a third party answered); the log has the detail.
 """
 
 from __future__ import annotations
@@ -18,8 +24,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -29,14 +33,13 @@ from PIL import Image
 
 from labeler.jobs.io import ImageError, open_image
 
+from .fetch import FetchError, FetchPolicy, fetch, redact
 from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-_CHUNK = 1 << 16
 _REFRESH_MARGIN_S = 30.0
-_USER_AGENT = "stableseg-labeler-ml-backend"
 
 
 def is_jwt(token: str) -> bool:
@@ -85,12 +88,19 @@ class LabelStudioAuth:
         with self._lock:
             if self._access is None or time.time() > self._expires - _REFRESH_MARGIN_S:
                 url = urljoin(self.base_url.rstrip("/") + "/", "api/token/refresh/")
-                try:
+                try:  # no redirects: the refresh token goes to LABEL_STUDIO_URL only
                     response = requests.post(
-                        url, json={"refresh": self.api_key}, timeout=self.timeout
+                        url,
+                        json={"refresh": self.api_key},
+                        timeout=self.timeout,
+                        allow_redirects=False,
                     )
                 except requests.RequestException as err:
-                    raise ImageError(f"cannot reach Label Studio at {url}: {err}") from None
+                    logger.warning("token refresh at %s failed: %s", url, err)
+                    raise ImageError(
+                        "cannot reach Label Studio at LABEL_STUDIO_URL to refresh "
+                        "LABEL_STUDIO_API_KEY"
+                    ) from None
                 if response.status_code != 200:
                     raise ImageError(
                         f"Label Studio refused LABEL_STUDIO_API_KEY at {url} (HTTP "
@@ -145,78 +155,19 @@ def safe_local_path(root: str | Path, relative: str) -> Path:
     return real
 
 
-def download(url: str, headers: dict[str, str], max_bytes: int, timeout: float) -> bytes:
-    """GET ``url`` with at most ``max_bytes`` of body and ``timeout`` seconds in all."""
-    deadline = time.monotonic() + timeout
-    shown = _without_query(url)
-    try:
-        with _stream(url, headers, timeout) as response:
-            if response.status_code != 200:
-                hint = ""
-                if response.status_code in (401, 403):
-                    hint = " (check LABEL_STUDIO_API_KEY)"
-                raise ImageError(f"HTTP {response.status_code} for {shown}{hint}")
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise ImageError(
-                    f"{shown} is {int(length)} bytes, more than the limit of {max_bytes} "
-                    "(STABLESEG_MAX_IMAGE_BYTES)"
-                )
-            body = bytearray()
-            for chunk in response.iter_content(_CHUNK):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise ImageError(
-                        f"{shown} is more than the limit of {max_bytes} bytes "
-                        "(STABLESEG_MAX_IMAGE_BYTES)"
-                    )
-                if time.monotonic() > deadline:
-                    raise ImageError(
-                        f"{shown} took longer than {timeout:g} s (STABLESEG_HTTP_TIMEOUT)"
-                    )
-            return bytes(body)
-    except requests.RequestException as err:
-        raise ImageError(f"cannot download {shown}: {err.__class__.__name__}: {err}") from None
-
-
-@contextmanager
-def _stream(url: str, headers: dict[str, str], timeout: float) -> Iterator[requests.Response]:
-    response = requests.get(
-        url,
-        headers={"User-Agent": _USER_AGENT, **headers},
-        stream=True,
-        timeout=(min(timeout, 10.0), timeout),
-    )
-    try:
-        yield response
-    finally:
-        response.close()
-
-
-def _without_query(url: str) -> str:
-    """The URL without its query string (pre-signed URLs carry credentials there)."""
-    parts = urlsplit(url)
-    if "local-files" in parts.path:
-        return url
-    return parts._replace(query="", fragment="").geturl()
-
-
 class ImageLoader:
     """Loads task images for one request.
 
-    ``hostname`` and ``access_token`` are what Label Studio sent to ``/setup``; the
-    ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` settings win over them.
+    The Label Studio server and key are ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` only:
+    a ``hostname`` or ``access_token`` that arrives in ``/setup`` or a request body comes from
+    whoever can reach the backend and is never used for a URL or a credential.
     """
 
-    def __init__(
-        self,
-        settings: BackendSettings,
-        hostname: str | None = None,
-        access_token: str | None = None,
-    ) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
-        self.base_url = (settings.label_studio_url or hostname or "").rstrip("/") or None
-        self.api_key = settings.api_key or access_token or None
+        self.base_url = (settings.label_studio_url or "").rstrip("/") or None
+        self.api_key = settings.api_key or None
+        self.policy = FetchPolicy.from_settings(settings)
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
         """The decoded, EXIF-transposed image behind a task's URL."""
@@ -228,10 +179,15 @@ class ImageLoader:
         if scheme in CLOUD_SCHEMES:
             return self._from_server(self._presign_path(url, task_id), url)
         if scheme in ("http", "https"):
-            if self._is_server(parts.netloc) and parts.path.startswith("/data/"):
+            if self.policy.is_label_studio(url) and parts.path.startswith("/data/"):
                 return self._from_data_path(parts.path, parts.query, url)
-            data = download(url, {}, self.settings.max_image_bytes, self.settings.http_timeout)
-            return open_image(data, self.settings.max_pixels)
+            data = fetch(
+                url,
+                self.policy,
+                max_bytes=self.settings.max_image_bytes,
+                timeout=self.settings.http_timeout,
+            )
+            return self._decode(data, url)
         if scheme:
             raise ImageError(
                 f"unsupported image URL scheme {scheme!r} in {url!r}; use http(s), "
@@ -243,6 +199,33 @@ class ImageLoader:
         if path.startswith("/data/"):
             return self._from_data_path(path, parts.query, url)
         raise ImageError(f"cannot resolve image URL {url!r}: not a Label Studio data path")
+
+    def label_studio_bytes(self, path_and_query: str, max_bytes: int) -> bytes:
+        """GET ``LABEL_STUDIO_URL + path_and_query`` with the key (the only authenticated call).
+
+        Raises:
+            ImageError: LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY unset, or refused by Label
+                Studio (these name the variable); FetchError (generic) for anything else.
+        """
+        if not self.base_url or not self.api_key:
+            missing = "LABEL_STUDIO_URL" if not self.base_url else "LABEL_STUDIO_API_KEY"
+            raise ImageError(f"set {missing} so the backend can fetch from Label Studio")
+        headers = label_studio_auth(self.base_url, self.api_key).header()
+        try:
+            return fetch(
+                self.base_url + path_and_query,
+                self.policy,
+                max_bytes=max_bytes,
+                timeout=self.settings.http_timeout,
+                auth=headers,
+            )
+        except FetchError as err:
+            if err.status in (401, 403) and self.policy.is_label_studio(err.url):
+                raise ImageError(
+                    f"Label Studio at LABEL_STUDIO_URL refused LABEL_STUDIO_API_KEY (HTTP "
+                    f"{err.status}): check the key"
+                ) from None
+            raise
 
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:
@@ -267,16 +250,20 @@ class ImageLoader:
             raise ImageError(
                 f"{original!r} is served by Label Studio, which needs LABEL_STUDIO_API_KEY"
             )
-        headers = label_studio_auth(self.base_url, self.api_key).header()
-        url = self.base_url + path_and_query
-        data = download(url, headers, self.settings.max_image_bytes, self.settings.http_timeout)
-        return open_image(data, self.settings.max_pixels)
+        data = self.label_studio_bytes(path_and_query, self.settings.max_image_bytes)
+        return self._decode(data, self.base_url + path_and_query)
+
+    def _decode(self, data: bytes, url: str) -> Image.Image:
+        """The image in downloaded bytes; a failure is as generic as a failed download (what a
+        third party serves is not echoed to whoever sent the URL)."""
+        try:
+            return open_image(data, self.settings.max_pixels)
+        except ImageError as err:
+            logger.warning("image URL %s is not a usable image: %s", redact(url), err)
+            raise FetchError(f"not a usable image: {err}", url) from None
 
     def _presign_path(self, uri: str, task_id: int | None) -> str:
         if task_id is None:
             raise ImageError(f"cloud storage URI {uri!r} needs the task id to be resolved")
         encoded = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"/tasks/{int(task_id)}/presign/?fileuri={encoded}"
-
-    def _is_server(self, netloc: str) -> bool:
-        return bool(self.base_url) and urlsplit(self.base_url).netloc.lower() == netloc.lower()

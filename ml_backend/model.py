@@ -72,7 +72,7 @@ class StableSegBackend(LabelStudioMLBase):
         self.target: BrushTarget | None = None
         self.config_error: str | None = None
         try:
-            self.target = parse_label_config(label_config)
+            self.target = parse_label_config(label_config, self.settings.max_labels)
         except LabelConfigError as err:
             self.config_error = str(err)
 
@@ -102,7 +102,7 @@ class StableSegBackend(LabelStudioMLBase):
         """
         target = self.require_target()
         ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
+        loader = ImageLoader(self.settings)  # never /setup's hostname or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         segmenter = None
         step = self._tasks_per_chunk()
@@ -124,15 +124,15 @@ class StableSegBackend(LabelStudioMLBase):
             logger.warning("task %s gets no prediction: %s", error.task, error.reason)
         return outcome
 
-    def start_training(self, project_id: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """``START_TRAINING``: run ``refine`` on the project's images (one run a project)."""
+    def start_training(self, project_id: int) -> tuple[int, dict[str, Any]]:
+        """``START_TRAINING``: run ``refine`` on the project's images, listed through Label
+        Studio (one run at a time); the HTTP status and the reply."""
         try:
             target = self.require_target()
         except LabelConfigError as err:
-            return {"status": "error", "project": project_id, "detail": str(err)}
-        tasks = payload.get("tasks") or []
-        loader = ImageLoader(self.settings, self.hostname or None, self.access_token or None)
-        return training.start_training(project_id, tasks, target, self.settings, loader)
+            return 400, {"status": "error", "project": project_id, "detail": str(err)}
+        loader = ImageLoader(self.settings)  # never /setup's hostname or token
+        return training.start_training(project_id, target, self.settings, loader)
 
     # ------------------------------------------------------------------ steps
     def _tasks_per_chunk(self) -> int:
@@ -150,17 +150,8 @@ class StableSegBackend(LabelStudioMLBase):
         """Task index -> decoded image, for the tasks whose image can be used."""
         images: dict[int, Image.Image] = {}
         for index in indices:
-            task = tasks[index]
             try:
-                if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-                    raise ImageError("task has no 'data' object")
-                if target.data_key not in task["data"]:
-                    raise ImageError(
-                        f"task data has no {target.data_key!r} field (the <Image> tag reads "
-                        f"${target.data_key}); its fields are {sorted(task['data'])}"
-                    )
-                task_id = ids[index] if isinstance(ids[index], int) else None
-                images[index] = loader.load(task["data"][target.data_key], task_id)
+                images[index] = load_task_image(tasks[index], ids[index], target, loader)
             except ImageError as err:
                 errors.append(TaskError(ids[index], str(err)))
         return images
@@ -173,34 +164,72 @@ class StableSegBackend(LabelStudioMLBase):
         target: BrushTarget,
         errors: list[TaskError],
     ) -> dict[int, Any]:
-        """Task index -> SegmentationResult: one ``segment`` call, image by image if it fails."""
-        order = sorted(images)
-        prompts = list(target.prompts)
-        with cache.GPU_LOCK:
-            try:
-                results = segmenter.segment([images[i] for i in order], prompts)
-                return dict(zip(order, results, strict=True))
-            except (ValueError, TypeError) as err:
-                logger.warning("batch failed (%s); segmenting the images one by one", err)
-            found = {}
-            for index in order:
-                try:
-                    found[index] = segmenter.segment([images[index]], prompts)[0]
-                except (ValueError, TypeError) as err:
-                    errors.append(TaskError(ids[index], f"segmentation failed: {err}"))
-            return found
+        """Task index -> SegmentationResult (see :func:`segment_images`)."""
+        return segment_images(segmenter, images, ids, target, errors)
 
     def _prediction(self, result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-        from exporters import brush_results, prediction
+        return build_prediction(result, target, version)
 
-        labels = list(target.labels)
-        scores = {
-            label: result.scores[prompt]
-            for label, prompt in zip(labels, target.prompts, strict=True)
-            if prompt in result.scores
-        }
-        regions = brush_results(result.mask, labels, scores, target.from_name, target.to_name)
-        return prediction(regions, version)
+
+# ---------------------------------------------------------------------- shared with the CLI
+# ``stableseg label-studio predict`` segments and encodes with these, so its predictions are the
+# backend's, byte for byte, for the same settings.
+def load_task_image(
+    task: Any, task_id: Any, target: BrushTarget, loader: ImageLoader
+) -> Image.Image:
+    """The decoded image of one task, read from its ``$`` field by ``loader``.
+
+    Raises:
+        ImageError: no data, no such field, or an image that cannot be read (see ImageLoader).
+    """
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise ImageError("task has no 'data' object")
+    if target.data_key not in task["data"]:
+        raise ImageError(
+            f"task data has no {target.data_key!r} field (the <Image> tag reads "
+            f"${target.data_key}); its fields are {sorted(task['data'])}"
+        )
+    number = task_id if isinstance(task_id, int) else None
+    return loader.load(task["data"][target.data_key], number)
+
+
+def segment_images(
+    segmenter: Any,
+    images: dict[int, Image.Image],
+    ids: list[Any],
+    target: BrushTarget,
+    errors: list[TaskError],
+) -> dict[int, Any]:
+    """Task index -> SegmentationResult: one ``segment`` call, image by image if it fails."""
+    order = sorted(images)
+    prompts = list(target.prompts)
+    with cache.GPU_LOCK:
+        try:
+            results = segmenter.segment([images[i] for i in order], prompts)
+            return dict(zip(order, results, strict=True))
+        except (ValueError, TypeError) as err:
+            logger.warning("batch failed (%s); segmenting the images one by one", err)
+        found = {}
+        for index in order:
+            try:
+                found[index] = segmenter.segment([images[index]], prompts)[0]
+            except (ValueError, TypeError) as err:
+                errors.append(TaskError(ids[index], f"segmentation failed: {err}"))
+        return found
+
+
+def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
+    """The Label Studio prediction of one SegmentationResult: brush results under the labels'
+    values, each with its label's score, and the task score (``exporters.task_score``)."""
+    from exporters import brush_prediction
+
+    labels = list(target.labels)
+    scores = {
+        label: result.scores[prompt]
+        for label, prompt in zip(labels, target.prompts, strict=True)
+        if prompt in result.scores
+    }
+    return brush_prediction(result.mask, labels, scores, version, target.from_name, target.to_name)
 
 
 def _task_id(task: Any, index: int) -> Any:

@@ -12,46 +12,55 @@ replaces those views:
   and so does the older ``/train`` (Label Studio posts there while its webhook flag is off);
 * ``/health``, ``/versions`` and ``/is_training`` report the StableSeg model.
 
-HTTP basic auth (``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``) guards every route when set.
+Every request first meets :class:`ml_backend.guard.RequestGuard` (basic auth when
+``BASIC_AUTH_USER`` is set, then the body's size limit and deadline), before Flask or
+label-studio-ml touch it; label-studio-ml's hooks that log every request's headers and body are
+removed (they would write the basic-auth header to the log). The views then check the body's
+types and the limits of :mod:`ml_backend.limits` before any model work; every error, unexpected
+ones included, is a JSON ``{"status": ..., "detail": ...}``, never an HTML page.
+
+Nothing depends on state one worker keeps between requests: ``/setup`` only checks the config
+and answers the version, and the Label Studio server and key come from ``LABEL_STUDIO_URL`` and
+``LABEL_STUDIO_API_KEY`` alone (never from the ``hostname`` and ``access_token`` that ``/setup``
+carries), so any number of gunicorn workers answer alike.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 
-from . import cache, training
-from .config import LabelConfigError
+from . import cache, free_text, limits, training
+from .guard import RequestGuard
+from .limits import RequestError, json_error
 from .model import StableSegBackend
 from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
 _SETTINGS_KEY = "STABLESEG_SETTINGS"
-_MAX_PROJECTS = 256
-# project uid -> (hostname, access_token) that Label Studio sent to /setup, for /predict
-_setup_context: OrderedDict[str, tuple[str, str]] = OrderedDict()
-_context_lock = threading.Lock()
 
 
 def create_app(settings: BackendSettings | None = None, warm_up: bool = False) -> Flask:
     """The backend's WSGI app. ``warm_up`` loads the model in a background thread right away.
 
     The app object is label-studio-ml's module-level Flask app, so a later call reconfigures
-    the same app (its settings are replaced, its routes registered once).
+    the same app (its settings are replaced, its routes and guard installed once). Flask's debug
+    mode stays off whatever ``FLASK_DEBUG`` says.
     """
     from label_studio_ml.api import init_app
 
     settings = settings or BackendSettings.from_env()
     app = init_app(model_class=StableSegBackend)
     app.config[_SETTINGS_KEY] = settings
+    app.debug = False
     if not app.config.get("STABLESEG_ROUTES"):
         _install_routes(app)
+        _install_guard(app)
         app.config["STABLESEG_ROUTES"] = True
     if warm_up:
         threading.Thread(target=_warm_up, args=(settings,), name="warm-up", daemon=True).start()
@@ -75,7 +84,19 @@ def _install_routes(app: Flask) -> None:
         raise RuntimeError(f"label-studio-ml has no endpoints {missing}; expected release 1.0.9")
     app.view_functions.update(replaced)
     app.add_url_rule("/versions", "stableseg_versions", versions, methods=["GET"])
-    app.before_request(check_basic_auth)
+    app.register_error_handler(RequestError, lambda err: err.response())
+    app.register_error_handler(HTTPException, _http_error)
+    # label-studio-ml answers these with text pages; every other exception too gets JSON.
+    for kind in (Exception, AssertionError, IndexError, FileNotFoundError):
+        app.register_error_handler(kind, _internal_error)
+
+
+def _install_guard(app: Flask) -> None:
+    """Auth and body limits in front of everything; label-studio-ml's logging hooks removed."""
+    for hooks in (app.before_request_funcs, app.after_request_funcs):
+        for key, funcs in hooks.items():
+            hooks[key] = [f for f in funcs if f.__module__ != "label_studio_ml.api"]
+    app.wsgi_app = RequestGuard(app.wsgi_app, lambda: app.config[_SETTINGS_KEY])
 
 
 def _settings() -> BackendSettings:
@@ -94,49 +115,48 @@ def error(status: int, detail: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"status": status, "detail": detail, **extra}), status
 
 
-def _json_body() -> dict[str, Any] | None:
-    body = request.get_json(silent=True)
-    return body if isinstance(body, dict) else None
+def _http_error(err: HTTPException) -> Response:
+    return json_error(err.code or 500, err.description or err.name)
 
 
-# ---------------------------------------------------------------------- auth
-def check_basic_auth() -> Response | None:
-    """Refuse any request without the configured basic-auth user and password."""
-    settings = _settings()
-    if not settings.basic_auth_user:
-        return None
-    auth = request.authorization
-    user_ok = auth is not None and hmac.compare_digest(
-        (auth.username or "").encode(), settings.basic_auth_user.encode()
-    )
-    pass_ok = auth is not None and hmac.compare_digest(
-        (auth.password or "").encode(), (settings.basic_auth_pass or "").encode()
-    )
-    if user_ok and pass_ok:
-        return None
-    response = jsonify({"status": 401, "detail": "basic authentication required"})
-    response.status_code = 401
-    response.headers["WWW-Authenticate"] = 'Basic realm="stableseg-ml-backend"'
-    return response
+def _internal_error(err: Exception) -> Response:
+    logger.error("%s %s failed", request.method, request.path, exc_info=err)
+    return json_error(500, f"internal error ({type(err).__name__}); the backend's log has details")
+
+
+def _body() -> dict[str, Any]:
+    """The request body as a JSON object (the guard has already bounded its size)."""
+    return limits.json_object(request.get_data(cache=True))
+
+
+def _project(value: Any) -> int | None:
+    """The project id of a request, None when absent (400 when malformed)."""
+    return None if value in (None, "") else _project_id(value)
+
+
+def _project_id(value: Any) -> int:
+    """The project id a request must carry (400 when missing or malformed)."""
+    try:
+        return training.parse_project_id(value)
+    except ValueError as err:
+        raise RequestError(400, str(err)) from None
+
+
+def _model(label_config: Any, settings: BackendSettings) -> StableSegBackend:
+    """The backend model for a labeling config; 400 (logged) when it cannot be served."""
+    model = StableSegBackend(label_config=label_config, settings=settings)
+    if model.config_error:
+        logger.error("%s: %s", request.path, model.config_error)
+        raise RequestError(400, model.config_error)
+    return model
 
 
 # ---------------------------------------------------------------------- views
 def setup() -> Any:
     """Label Studio connects a project: check its config, answer the model version."""
-    body = _json_body() or {}
-    project_id = str(body.get("project") or "").split(".")[0]
-    settings = training.project_settings(_settings(), project_id)
-    model = StableSegBackend(label_config=body.get("schema"), settings=settings)
-    if model.config_error:
-        logger.error("/setup for project %s: %s", body.get("project"), model.config_error)
-        return error(400, model.config_error)
-    project = str(body.get("project") or "")
-    if project:
-        with _context_lock:
-            _setup_context[project] = (body.get("hostname") or "", body.get("access_token") or "")
-            _setup_context.move_to_end(project)
-            while len(_setup_context) > _MAX_PROJECTS:
-                _setup_context.popitem(last=False)
+    body = _body()
+    project = _project(body.get("project"))
+    model = _model(body.get("schema"), training.project_settings(_settings(), project))
     try:
         version = model.model_version
     except ValueError as err:  # e.g. an unreadable STABLESEG_WEIGHTS
@@ -147,24 +167,16 @@ def setup() -> Any:
 
 def predict() -> Any:
     """Predictions for the tasks of one request, all images in UNet batches."""
-    body = _json_body()
-    if body is None:
-        return error(400, "the request body must be a JSON object with 'tasks'")
-    tasks = body.get("tasks")
-    if not isinstance(tasks, list):
-        return error(400, f"'tasks' must be a list of tasks, got {type(tasks).__name__}")
-    project = str(body.get("project") or "")
-    with _context_lock:
-        hostname, access_token = _setup_context.get(project, ("", ""))
-    model = StableSegBackend(
-        label_config=body.get("label_config"),
-        settings=training.project_settings(_settings(), project.split(".")[0]),
-        hostname=hostname,
-        access_token=access_token,
-    )
+    body = _body()
+    tasks = limits.field(body, "tasks", list, required=True)
+    limits.check_tasks(tasks, _settings())
+    project = _project(body.get("project"))
+    model = _model(body.get("label_config"), training.project_settings(_settings(), project))
     try:
-        outcome = model.predict_tasks(tasks)
-    except LabelConfigError as err:
+        # Free-text prompts (interactive pre-annotations): see ml_backend.free_text.
+        outcome = free_text.predict_phrase(model, tasks, body.get("params"))
+        outcome = outcome or model.predict_tasks(tasks)
+    except free_text.FreeTextError as err:
         return error(400, str(err))
     except Exception as err:
         logger.exception("/predict failed")
@@ -178,51 +190,34 @@ def predict() -> Any:
     )
 
 
-def _context(project_id: str) -> dict[str, str]:
-    """hostname and access_token that /setup recorded for this project (keys are 'ID.TIME')."""
-    with _context_lock:
-        for key in reversed(_setup_context):
-            if key.split(".")[0] == project_id:
-                hostname, access_token = _setup_context[key]
-                return {"hostname": hostname, "access_token": access_token}
-    return {}
-
-
 def webhook() -> Any:
     """Acknowledge every Label Studio event; ``START_TRAINING`` starts the refine trainer."""
-    body = _json_body()
-    if body is None or not body.get("action"):
+    body = _body()
+    action = body.get("action")
+    if not isinstance(action, str) or not action:
         return error(400, "a webhook body must be a JSON object with an 'action'")
-    action = str(body["action"])
-    project = body.get("project") if isinstance(body.get("project"), dict) else {}
     if action != "START_TRAINING":
         logger.info("webhook %s acknowledged", action)
         return jsonify({"status": "ok", "action": action, "detail": "acknowledged"}), 201
-    project_id = str(project.get("id", ""))
-    if not project_id:
-        return error(400, "START_TRAINING needs the project: {'project': {'id': ...}}")
-    model = StableSegBackend(
-        label_config=project.get("label_config"), settings=_settings(), **_context(project_id)
-    )
-    status = model.start_training(project_id, body)
-    return jsonify({"action": action, **status}), 201
+    project = limits.field(body, "project", dict, required=True)
+    project_id = _project_id(project.get("id"))
+    return _start_training(action, project_id, project.get("label_config"))
 
 
 def train() -> Any:
-    """Label Studio's older Start Training call: the same route as ``START_TRAINING``."""
-    body = _json_body()
-    if body is None:
-        return error(400, "the request body must be a JSON object")
-    project_id = str(body.get("project") or "").split(".")[0]
-    if not project_id:
-        return error(400, "/train needs the project: {'project': 'ID.TIMESTAMP', ...}")
-    annotations = body.get("annotations")
-    tasks = annotations if isinstance(annotations, list) else []
-    model = StableSegBackend(
-        label_config=body.get("label_config"), settings=_settings(), **_context(project_id)
-    )
-    status = model.start_training(project_id, {"tasks": tasks})
-    return jsonify({"action": "START_TRAINING", "job": None, **status}), 201
+    """Label Studio's older Start Training call: the same route as ``START_TRAINING``.
+
+    Its ``annotations`` are ignored: the run lists the project's tasks through Label Studio.
+    """
+    body = _body()
+    project_id = _project_id(body.get("project"))
+    return _start_training("START_TRAINING", project_id, body.get("label_config"), job=None)
+
+
+def _start_training(action: str, project_id: int, label_config: Any, **extra: Any) -> Any:
+    model = _model(label_config, _settings())
+    status_code, status = model.start_training(project_id)
+    return jsonify({"action": action, **extra, **status}), status_code
 
 
 def health() -> Any:
@@ -248,10 +243,10 @@ def versions() -> Any:
 
 
 def is_training() -> Any:
-    project = (request.args.get("project") or "").split(".")[0]
+    project = _project(request.args.get("project"))
     return jsonify(
         {
-            "is_training": training.is_training(project),
+            "is_training": project is not None and training.is_training(project, _settings()),
             "backend": "none",
             "model_version": cache.model_version(training.project_settings(_settings(), project)),
         }

@@ -14,9 +14,16 @@ with the defaults of ``pseudo-label``.
 Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
 token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
 ``/data/local-files/?d=...`` from disk, ``STABLESEG_MAX_IMAGE_BYTES`` (50 MB),
-``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download).
+``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download, all in all),
+``STABLESEG_ALLOWED_HOSTS`` (hosts, IPs, CIDRs image URLs may reach besides public addresses).
 
 Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
+
+Limits on one request (each refused with a 4xx JSON error naming the limit and its variable;
+see :mod:`ml_backend.limits`): ``STABLESEG_MAX_BODY_BYTES`` (8 MB of request body),
+``STABLESEG_MAX_LABELS`` (254 labels a project, the most a mask holds; may only be lowered),
+``STABLESEG_MAX_TASKS`` (32 tasks a ``/predict``), ``STABLESEG_REQUEST_TIMEOUT`` (30 s for a
+client to send a request's head, and again for its body).
 
 Training (Start Training in Label Studio runs ``refine`` on the project's images, with the same
 model and segmenter settings as the predictions): ``STABLESEG_REFINE_DIR`` (where runs go;
@@ -34,11 +41,17 @@ from dataclasses import dataclass, field
 
 from labeler.config import ModelSpec, SegmenterConfig
 from labeler.options import ModelSettings, settings_from_env
+from labeler.result import MAX_LABELS
+
+from .fetch import parse_allowed_hosts
 
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_REFINE_DIR = os.path.join("~", ".cache", "stableseg", "refine")
+DEFAULT_MAX_BODY_BYTES = 8_000_000
+DEFAULT_MAX_TASKS = 32
+DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 def _default_stableseg() -> ModelSettings:
@@ -60,6 +73,7 @@ class BackendSettings:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    allowed_hosts: tuple[str, ...] = ()
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     refine_dir: str = DEFAULT_REFINE_DIR
@@ -67,13 +81,26 @@ class BackendSettings:
     refine_encoder_weights: str | None = "imagenet"
     refine_epochs: int = 20
     refine_image_size: int = 512
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_labels: int = MAX_LABELS
+    max_tasks: int = DEFAULT_MAX_TASKS
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_hosts", parse_allowed_hosts(self.allowed_hosts))
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         for name in ("max_image_bytes", "max_pixels", "http_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, variable in _LIMIT_VARIABLES.items():
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{variable} must be positive, got {getattr(self, name)}")
+        if self.max_labels > MAX_LABELS:
+            raise ValueError(
+                f"STABLESEG_MAX_LABELS is {self.max_labels}; it may only lower the limit of "
+                f"{MAX_LABELS} labels (the most an 8-bit mask holds next to background and ignore)"
+            )
 
     @property
     def model(self) -> ModelSpec:
@@ -106,6 +133,7 @@ class BackendSettings:
             or DEFAULT_MAX_PIXELS,
             http_timeout=_number(get("STABLESEG_HTTP_TIMEOUT"), float, "STABLESEG_HTTP_TIMEOUT")
             or DEFAULT_HTTP_TIMEOUT,
+            allowed_hosts=parse_allowed_hosts(get("STABLESEG_ALLOWED_HOSTS")),
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
             refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,
@@ -117,7 +145,26 @@ class BackendSettings:
                 get("STABLESEG_REFINE_IMAGE_SIZE"), int, "STABLESEG_REFINE_IMAGE_SIZE"
             )
             or 512,
+            max_body_bytes=_number(get("STABLESEG_MAX_BODY_BYTES"), int, "STABLESEG_MAX_BODY_BYTES")
+            or DEFAULT_MAX_BODY_BYTES,
+            max_labels=_number(get("STABLESEG_MAX_LABELS"), int, "STABLESEG_MAX_LABELS")
+            or MAX_LABELS,
+            max_tasks=_number(get("STABLESEG_MAX_TASKS"), int, "STABLESEG_MAX_TASKS")
+            or DEFAULT_MAX_TASKS,
+            request_timeout=_number(
+                get("STABLESEG_REQUEST_TIMEOUT"), float, "STABLESEG_REQUEST_TIMEOUT"
+            )
+            or DEFAULT_REQUEST_TIMEOUT,
         )
+
+
+_LIMIT_VARIABLES = {
+    "max_body_bytes": "STABLESEG_MAX_BODY_BYTES",
+    "max_labels": "STABLESEG_MAX_LABELS",
+    "max_tasks": "STABLESEG_MAX_TASKS",
+    "request_timeout": "STABLESEG_REQUEST_TIMEOUT",
+}
+"""The request limits (see :mod:`ml_backend.limits`) and the variables that set them."""
 
 
 def _encoder_weights(value: str | None) -> str | None:

@@ -239,3 +239,101 @@ def _personal_token(venv: Path, env: dict[str, str]) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"configuring Label Studio's tokens failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["pat"]
+
+
+def installed_or_skip() -> Path:
+    """The Label Studio environment, or a loud skip where it cannot be installed (a failure
+    instead with STABLESEG_REQUIRE_LABEL_STUDIO=1)."""
+    import pytest
+
+    try:
+        return ensure_installed()
+    except LabelStudioUnavailable as err:
+        message = (
+            "\n" + "!" * 78 + "\nLABEL STUDIO INTEGRATION TEST SKIPPED: Label Studio could not be "
+            f"installed into {venv_dir()}:\n{err}\n" + "!" * 78
+        )
+        logger.error(message)
+        sys.stderr.write(message + "\n")
+        if os.environ.get("STABLESEG_REQUIRE_LABEL_STUDIO"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def stop_group(pgid: int, timeout: float = 30) -> None:
+    """SIGTERM every process of a process group, then SIGKILL what is left after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+class TokenClient:
+    """Label Studio's API with a personal access token, the way scripts use it: the token is
+    exchanged at /api/token/refresh/ for an access token (5 minutes), sent as ``Bearer``."""
+
+    def __init__(self, url: str, personal_token: str) -> None:
+        self.url = url.rstrip("/")
+        self.personal_token = personal_token
+        self._access = ""
+        self._expires = 0.0
+
+    def headers(self) -> dict[str, str]:
+        if time.monotonic() > self._expires:
+            response = requests.post(
+                f"{self.url}/api/token/refresh/", json={"refresh": self.personal_token}, timeout=30
+            )
+            response.raise_for_status()
+            self._access = response.json()["access"]
+            self._expires = time.monotonic() + 120
+        return {"Authorization": f"Bearer {self._access}"}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = requests.request(
+            method,
+            self.url + path,
+            headers=self.headers(),
+            timeout=kwargs.pop("timeout", 120),
+            **kwargs,
+        )
+        if response.status_code >= 400:
+            raise AssertionError(
+                f"{method} {path} -> HTTP {response.status_code}: {response.text[:2000]}"
+            )
+        return response.json() if response.content else None
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def tasks(self, project: int, **params: Any) -> list[dict[str, Any]]:
+        """Every task of a project, page by page (``params`` go to /api/tasks)."""
+        found: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            listing = self.get(
+                "/api/tasks",
+                params={"project": project, "page": page, "page_size": 100, **params},
+            )
+            found += listing["tasks"]
+            if not listing["tasks"] or len(found) >= listing["total"]:
+                return found
+            page += 1
+
+
+def mint_personal_token(venv: Path, data_dir: Path) -> str:
+    """A personal access token for :data:`USER` of the server keeping its data in ``data_dir``
+    (minted inside Label Studio's Django, so it works beside a token the user already has)."""
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir)}
+    env.pop("SECRET_KEY", None)  # the server's own key is in data_dir
+    return _personal_token(venv, env)

@@ -1,7 +1,8 @@
 """Compact digests of a ``pseudo-label`` output folder, to compare runs with a golden file.
 
 ``tests/golden/pseudo_label_demo.json`` was written by this module from the output of the
-job as it was before the pipelined rewrite (main at 376c6f6), run on the demo scenes::
+job as it was before the pipelined rewrite (main at 7701d5f, the core of issue 13 included;
+first written at 376c6f6, before that core changed the masks), run on the demo scenes::
 
     python cli.py pseudo-label demo/scenes/images --labels-file demo/scenes/colours.txt \\
         --model demo/model --image-size 64 --background-prompt background \\
@@ -10,9 +11,10 @@ job as it was before the pipelined rewrite (main at 376c6f6), run on the demo sc
 
 What is kept: each mask's pixels (a digest of its shape and ids, not of the PNG bytes, whose
 compression level may change), each record, every COCO image and annotation and every Label
-Studio task (digests of everything but the scores, and the scores themselves, compared to 1e-5
-like the backend's golden file), the label files, and the preview gallery page. Preview images
+Studio task (digests of everything but the scores, and the scores themselves, compared to 2e-6:
+records round them to 6 decimals), the label files, and the preview gallery page. Preview images
 are represented by their sizes only: they are JPEGs, whose bytes depend on the JPEG library.
+The model version is left out: it names the model folder by its absolute path.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ def mask_digest(path: Path) -> str:
 
 
 def _without_scores(value: Any) -> Any:
+    """The value without its scores, and without its model version (see the module)."""
     if isinstance(value, dict):
-        return {k: _without_scores(v) for k, v in value.items() if k != "score"}
+        return {
+            k: _without_scores(v) for k, v in value.items() if k not in ("score", "model_version")
+        }
     if isinstance(value, list):
         return [_without_scores(v) for v in value]
     return value
@@ -76,7 +81,7 @@ def digest_run(out: Path) -> dict[str, Any]:
     for path in sorted((out / "records").rglob("*.json")):
         record = json.loads(path.read_text())
         key = path.relative_to(out / "records").as_posix()
-        records[key] = _json_digest({k: v for k, v in record.items() if k != "scores"})
+        records[key] = _json_digest(_without_scores(record) | {"scores": None})
         record_scores[key] = record["scores"]
     digest: dict[str, Any] = {
         "masks": masks,

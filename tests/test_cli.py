@@ -414,9 +414,12 @@ def test_every_help_works(command):
     assert "Usage:" in result.output and "--help" in result.output
 
 
-@pytest.mark.parametrize("command", ["pseudo-label", "refine", "serve"])
+@pytest.mark.parametrize(
+    "command",
+    [["pseudo-label"], ["refine"], ["serve"], ["benchmark"], ["label-studio", "predict"]],
+)
 def test_every_command_that_runs_stableseg_lists_every_segmenter_option(command):
-    result = CliRunner().invoke(cli.main, [command, "--help"], terminal_width=200)
+    result = CliRunner().invoke(cli.main, [*command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     missing = [s.option for s in SETTINGS if s.option not in result.output]
     assert missing == []

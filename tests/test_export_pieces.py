@@ -10,14 +10,14 @@ import pytest
 from pycocotools import mask as mask_api
 
 from exporters import (
+    brush_prediction,
     brush_prediction_json,
-    brush_results,
     gallery_figure,
     gallery_head,
     gallery_html,
     gallery_tail,
+    id_counts,
     mask_annotations,
-    prediction,
     present_ids,
 )
 from exporters.labelstudio import byte_list_json
@@ -80,11 +80,11 @@ def test_byte_lists_and_predictions_render_as_json_dumps():
     labels = ['d"og "rle": []', "ünï", "x", "a\\b"]
     for mask in _masks():
         mask = np.where(mask == 255, 255, np.minimum(mask, 4)).astype(np.uint8)
-        for scores in (None, {"x": 0.25, "ünï": 1.0}):
-            expected = json.dumps(
-                prediction(brush_results(mask, labels, scores), 'v"1'), ensure_ascii=False
-            )
+        for scores in ({}, {"x": 0.25, "ünï": 1.0, labels[0]: 0.5}):
+            expected = json.dumps(brush_prediction(mask, labels, scores, 'v"1'), ensure_ascii=False)
             assert brush_prediction_json(mask, labels, scores, 'v"1') == expected
+            counted = brush_prediction_json(mask, labels, scores, 'v"1', counts=id_counts(mask))
+            assert counted == expected
 
 
 def test_gallery_in_pieces_is_the_whole_page():

@@ -18,6 +18,10 @@ def test_half_precision_on_cuda_matches_fp32(dtype):
     rng = np.random.default_rng(0)
     images = [(rng.random((48, 40, 3)) * 255).astype(np.uint8) for _ in range(4)]
     labels = ["cat", "dog", "traffic light"]
-    for full, low in zip(reference.segment(images, labels), half.segment(images, labels)):
+    together = zip(
+        reference.segment(images, labels, return_probs=True),
+        half.segment(images, labels, return_probs=True),
+    )
+    for full, low in together:
         np.testing.assert_allclose(low.probs, full.probs, atol=0.02)
         assert (low.mask == full.mask).mean() > 0.97

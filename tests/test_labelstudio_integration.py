@@ -63,18 +63,7 @@ CLI_TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def ls_venv() -> Path:
-    try:
-        return lss.ensure_installed()
-    except lss.LabelStudioUnavailable as err:
-        message = (
-            "\n" + "!" * 78 + "\nLABEL STUDIO INTEGRATION TEST SKIPPED: Label Studio could not be "
-            f"installed into {lss.venv_dir()}:\n{err}\n" + "!" * 78
-        )
-        logger.error(message)
-        sys.stderr.write(message + "\n")
-        if os.environ.get("STABLESEG_REQUIRE_LABEL_STUDIO"):
-            pytest.fail(message)
-        pytest.skip(message)
+    return lss.installed_or_skip()
 
 
 @pytest.fixture(scope="module")

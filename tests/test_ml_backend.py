@@ -20,13 +20,14 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from exporters import brush_results, decode_brush_result, image_url, prediction
+from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
 from labeler.config import ModelSpec
 from labeler.jobs.io import ImageError, open_image
@@ -34,6 +35,7 @@ from labeler.options import ModelSettings
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.config import LabelConfigError, parse_label_config
+from ml_backend.fetch import GENERIC_ERROR
 from ml_backend.images import ImageLoader, LabelStudioAuth, is_jwt, safe_local_path
 from ml_backend.model import StableSegBackend
 from ml_backend.server import create_app
@@ -107,6 +109,7 @@ def settings(tiny_model_dir: Path, images_root: Path) -> BackendSettings:
         max_pixels=MAX_PIXELS,
         max_image_bytes=MAX_BYTES,
         http_timeout=1.0,
+        allowed_hosts=("127.0.0.1",),  # the `web` server below; loopback is refused by default
     )
 
 
@@ -123,6 +126,7 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
         "/web/pic.png": _png(22, 31, seed=8),
     }
     seen_auth: ClassVar[list[str | None]] = []  # shared by the handler threads on purpose
+    project_tasks: ClassVar[dict[str, list[dict]]] = {}  # GET /api/tasks?project=ID
 
     def log_message(self, *args) -> None:
         pass
@@ -145,10 +149,15 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         auth = self.headers.get("Authorization")
         path = self.path
-        if path.startswith(("/data/", "/tasks/")):
+        if path.startswith(("/data/", "/tasks/", "/api/")):
             self.seen_auth.append(auth)
             if auth not in (f"Token {LEGACY_TOKEN}", f"Bearer {ACCESS_TOKEN}"):
                 return self._send(401, b"unauthorised", "text/plain")
+        if path.startswith("/api/tasks?"):
+            project = parse_qs(urlsplit(path).query)["project"][0]
+            tasks = self.project_tasks.get(project, [])
+            body = {"tasks": tasks, "total": len(tasks)}
+            return self._send(200, json.dumps(body).encode(), "application/json")
         if path.startswith("/data/local-files/?d="):
             return self._send(200, self.files["/data/upload/1/up.png"])
         if path.startswith("/tasks/5/presign/?fileuri="):
@@ -215,7 +224,9 @@ def _expected(
     for result in model.segment([open_image(path) for path in paths], prompts):
         scores = {label: result.scores[p] for label, p in zip(labels, prompts)}
         regions = brush_results(result.mask, labels, scores, "tag", "image")
-        out.append(prediction(regions, model.model_version))
+        out.append(
+            prediction(regions, model.model_version, task_score(result.mask, labels, scores))
+        )
     return json.loads(json.dumps(out))  # as it comes back through JSON
 
 
@@ -374,10 +385,10 @@ def test_every_bad_task_gets_no_prediction_and_a_reason_while_the_others_get_the
         109: (_local(""), "empty ?d= path"),
         110: ("/data/upload/1/up.png", "set LABEL_STUDIO_URL"),
         111: ("ftp://example.invalid/a.png", "unsupported image URL scheme"),
-        112: (f"{web}/web/missing.png", "HTTP 404"),
-        113: (f"{web}/web/big.png", "more than the limit"),
-        114: (f"{web}/web/stream.png", "more than the limit"),
-        115: (f"{web}/web/slow.png", "cannot download"),
+        112: (f"{web}/web/missing.png", GENERIC_ERROR),  # the log says HTTP 404
+        113: (f"{web}/web/big.png", GENERIC_ERROR),  # announced as too big
+        114: (f"{web}/web/stream.png", GENERIC_ERROR),  # too big as it arrives
+        115: (f"{web}/web/slow.png", GENERIC_ERROR),  # past the deadline
         116: ("", "no image URL"),
         117: ("s3://bucket/a.png", "set LABEL_STUDIO_URL"),
     }
@@ -400,6 +411,9 @@ def test_every_bad_task_gets_no_prediction_and_a_reason_while_the_others_get_the
     assert "no 'image' field" in reasons[118] and "no 'data'" in reasons[119]
     for task_id in reasons:
         assert f"task {task_id} gets no prediction" in caplog.text
+    for detail in ("HTTP 404", "20001 bytes announced", "more than the limit of 20000 bytes"):
+        assert detail in caplog.text  # the caller gets the generic message, the log the detail
+    assert "took longer than STABLESEG_HTTP_TIMEOUT" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -567,20 +581,8 @@ def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
     assert loader.load(f"{web}/web/pic.png").size == (31, 22)  # plain web: no key sent
     assert len(FakeLabelStudio.seen_auth) == 5
     wrong = ImageLoader(replace(env, api_key="wrong"))
-    with pytest.raises(ImageError, match=r"HTTP 401.*LABEL_STUDIO_API_KEY"):
+    with pytest.raises(ImageError, match=r"refused LABEL_STUDIO_API_KEY \(HTTP 401\)"):
         wrong.load("/data/upload/1/up.png")
-
-
-def test_setup_hostname_and_token_are_used_when_the_environment_has_none(client, web):
-    client.post(
-        "/setup",
-        json={"project": "7.1", "schema": CONFIG, "hostname": web, "access_token": LEGACY_TOKEN},
-    )
-    task = _task(1, "/data/upload/1/up.png")
-    body = client.post(
-        "/predict", json={"tasks": [task], "label_config": CONFIG, "project": "7.1"}
-    ).get_json()
-    assert body["errors"] == [] and body["results"][0]["result"]
 
 
 # ---------------------------------------------------------------------- auth, webhooks, serve
@@ -611,26 +613,29 @@ def test_webhooks_are_acknowledged(client):
     assert client.post("/webhook", json={"project": {}}).status_code == 400
 
 
-def test_start_training_without_tasks_or_label_studio_says_so(client):
+def test_start_training_without_label_studio_says_so(client):
     payload = {"action": "START_TRAINING", "project": {"id": 4, "label_config": CONFIG}}
     response = client.post("/webhook", json=payload)
-    assert response.status_code == 201
+    assert response.status_code == 503
     body = response.get_json()
     assert body["status"] == "error" and "LABEL_STUDIO_URL" in body["detail"]
+    assert "LABEL_STUDIO_API_KEY" in body["detail"]
     bad_config = {"action": "START_TRAINING", "project": {"id": 4, "label_config": "<View/>"}}
-    assert client.post("/webhook", json=bad_config).get_json()["status"] == "error"
+    response = client.post("/webhook", json=bad_config)
+    assert response.status_code == 400 and "BrushLabels" in response.get_json()["detail"]
 
 
 def test_start_training_refines_once_per_project_and_predictions_use_the_weights(
-    settings, tmp_path
+    settings, tmp_path, web
 ):
-    """The older /train call with tasks: a real refine run (tiny model, resnet18, one epoch)."""
-    from dataclasses import replace
-
+    """The older /train call: a real refine run (tiny model, resnet18, one epoch) on the tasks
+    Label Studio lists for the project; the tasks in the request are ignored."""
     from labeler.jobs.refine.background import get_background_refine
 
     refine = replace(
         settings,
+        label_studio_url=web,
+        api_key=LEGACY_TOKEN,
         refine_dir=str(tmp_path / "runs"),
         refine_encoder="resnet18",
         refine_encoder_weights=None,
@@ -643,11 +648,13 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
         {"id": i, "data": {"image": image_url("/data/local-files/?d=imgs", name)}}
         for i, name in enumerate(names)
     ]
+    FakeLabelStudio.project_tasks["21"] = tasks
     setup = client.post("/setup", json={"schema": CONFIG, "project": "21.1700000000"})
     before = setup.get_json()["model_version"]
-    body = {"annotations": tasks, "project": "21.1700000000", "label_config": CONFIG}
-    first = client.post("/train", json=body).get_json()
-    assert first["status"] == "started", first
+    sent = [_task(99, "http://198.51.100.7/not-fetched.png")]  # ignored: tasks come from LS
+    body = {"annotations": sent, "project": "21.1700000000", "label_config": CONFIG}
+    first = client.post("/train", json=body)
+    assert first.status_code == 201 and first.get_json()["status"] == "started", first.get_json()
     again = client.post("/train", json=body).get_json()
     assert again["status"] in ("already_running", "started")
     assert client.get("/is_training?project=21.1").get_json()["is_training"] in (True, False)
@@ -656,6 +663,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     assert handle.status == "finished", handle.error
     assert client.get("/is_training?project=21.1").get_json()["is_training"] is False
     assert handle.weights_path is not None and handle.weights_path.exists()
+    assert len(list((handle.work_dir / "pool").glob("*.png"))) == len(tasks)
 
     # The project's next /predict and /setup carry the learned weights: a new model_version.
     after = client.post("/setup", json={"schema": CONFIG, "project": "21.1700000000"})

@@ -287,9 +287,9 @@ def test_prepared_images_come_from_reduced_decodes_and_masks_keep_the_original_s
     seen = []
 
     class Recording(StandInSegmenter):
-        def segment(self, images, labels, return_probs=False):
+        def segment(self, images, labels, *, return_probs=False):
             seen.extend(images)
-            return super().segment(images, labels, return_probs)
+            return super().segment(images, labels, return_probs=return_probs)
 
     model = Recording(image_size=64, finish="cpu", prepared=True)
     options = PseudoLabelOptions(
@@ -321,7 +321,7 @@ def test_streamed_exports_equal_the_documents_built_in_memory(tmp_path):
     """coco.json and labelstudio.json byte for byte as json.dumps of build_coco and
     build_import_file over every mask, with labels that need escaping."""
     from exporters import (
-        brush_results,
+        brush_prediction,
         build_coco,
         build_import_file,
         coco_annotations,
@@ -329,7 +329,6 @@ def test_streamed_exports_equal_the_documents_built_in_memory(tmp_path):
         image_url,
         import_task,
         png_to_mask,
-        prediction,
     )
 
     images = tmp_path / "images"
@@ -358,9 +357,8 @@ def test_streamed_exports_equal_the_documents_built_in_memory(tmp_path):
         annotations += coco_annotations(
             mask, image_id, len(annotations) + 1, len(labels), scores=scores
         )
-        results = brush_results(mask, labels, record["scores"])
-        url = image_url(options.image_root_url, record["file"])
-        tasks.append(import_task(url, prediction(results, record["model_version"])))
+        pred = brush_prediction(mask, labels, record["scores"], record["model_version"])
+        tasks.append(import_task(image_url(options.image_root_url, record["file"]), pred))
     coco = build_coco(coco_images, annotations, labels)
     expected_coco = json.dumps(coco, ensure_ascii=False) + "\n"
     assert (out / "coco.json").read_text() == expected_coco

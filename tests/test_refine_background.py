@@ -46,9 +46,7 @@ def test_background_run_on_paths_and_images(tmp_path, tiny_model_dir) -> None:
 
 def test_a_failing_run_reports_why(tmp_path, tiny_model_dir) -> None:
     missing = [Path(tmp_path / "gone.png"), Path(tmp_path / "also-gone.png")]
-    run = start_background_refine(
-        "broken", missing, fast_options(tiny_model_dir), tmp_path / "runs"
-    )
+    run = start_background_refine("9", missing, fast_options(tiny_model_dir), tmp_path / "runs")
     assert run.wait(timeout=300)
     assert run.status == "failed" and "readable image" in run.error
     assert run.weights_path is None and run.model_version is None

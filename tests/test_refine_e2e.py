@@ -17,6 +17,7 @@ from cli import main
 from exporters.png import png_to_mask
 from labeler import SegmenterConfig, StableSeg, load_map_weights
 from labeler.jobs.refine import RefineMismatchError, run_refine
+from labeler.result import share_key
 from labeler.train.cache import maps_from_bytes
 from labeler.train.student import load_student, student_segment
 
@@ -83,9 +84,11 @@ def test_the_cache_holds_every_attention_layer(finished, tiny_model) -> None:
     work = finished[0]
     maps, info = maps_from_bytes((work / "cache" / "scene00.safetensors").read_bytes())
     layers = {layer.name: layer for layer in tiny_model.attention_layers()}
-    assert set(maps) == set(layers)
+    shares = {share_key(name): layer for name, layer in layers.items() if layer.kind == "cross"}
+    assert set(maps) == set(layers) | set(shares)
     for name, layer_map in maps.items():
-        assert layer_map.shape == (len(LABELS), *layers[name].size)
+        channels = 1 if name in shares else len(LABELS)  # a cross layer's label share: one map
+        assert layer_map.shape == (channels, *{**layers, **shares}[name].size)
         assert layer_map.dtype == np.float16
     assert info["labels"] == list(LABELS)
 
@@ -118,9 +121,9 @@ def test_stableseg_loads_the_learned_weights(finished, tiny_model_dir) -> None:
     with Image.open(images / "scene02.png") as image:
         result = segmenter.segment(image.copy(), list(LABELS))[0]
     assert set(np.unique(result.mask)) <= {1, 2}
-    cached = _mask(work / "plusplus" / "stableseg" / "scene02.png")
-    # From the cache the self maps keep the uniform CA seed: close to, not always equal to, this.
-    assert (cached == result.mask).mean() > 0.5
+    # StableSeg++ masks come from StableSeg run with the learned weights (--plusplus-masks exact).
+    exact = _mask(work / "plusplus" / "stableseg" / "scene02.png")
+    np.testing.assert_array_equal(exact, result.mask)
 
 
 def test_report_schema(finished) -> None:
@@ -157,7 +160,9 @@ def test_a_finished_run_returns_at_once(finished) -> None:
 
 def test_background_threshold_makes_background_a_class(tmp_path, tiny_model_dir) -> None:
     images, _ = make_pool(tmp_path, count=4, seed=1)
-    segmenter = SegmenterConfig(image_size=64, batch_size=4, background_threshold=0.52)
+    # The random model's evidence (each label's attention over its peak) sits around 0.9: a
+    # threshold at its median makes about half of every image background.
+    segmenter = SegmenterConfig(image_size=64, batch_size=4, background_threshold=0.91)
     options = fast_options(tiny_model_dir, stages=("plus",), segmenter=segmenter)
     result = run_refine(images, tmp_path / "W", options)
     assert set(result.report["stages"]) == {"stableseg", "plus"}

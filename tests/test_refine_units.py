@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from labeler import SegmentationResult
+from labeler.result import share_key
 from labeler.train.cache import maps_from_bytes, maps_to_bytes
 from labeler.train.config import PseudoConfig, StudentConfig
 from labeler.train.data import PseudoMaskDataset, augment, work_size
@@ -19,7 +20,7 @@ from labeler.train.model import (
     build_student,
     student_metadata,
 )
-from labeler.train.pseudo import probs_from_maps, pseudo_mask, with_background
+from labeler.train.pseudo import mask_from_maps, probs_from_maps, pseudo_mask
 from labeler.train.student import load_student, student_segment
 
 from .refine_helpers import one_thread  # noqa: F401
@@ -76,11 +77,15 @@ def test_probs_from_cached_maps_reproduce_stableseg(tiny_model) -> None:
     """Stage 1 caches only the layer maps: rebuilding from them gives StableSeg's own output."""
     image, _ = _scene(37, 50)
     labels = ["cat", "dog", "traffic light"]
-    result = tiny_model.segment([image], labels, return_layer_maps=True)[0]
+    result = tiny_model.segment([image], labels, return_probs=True, return_layer_maps=True)[0]
     plan = tiny_model.plan()
     cached, info = maps_from_bytes(maps_to_bytes(result.layer_maps, labels, (50, 37)))
     assert info["labels"] == labels and info["image_size"] == (50, 37)
-    assert set(cached) == {layer.name for layer in tiny_model.attention_layers()}
+    layers = {layer.name for layer in tiny_model.attention_layers()}
+    shares = {
+        share_key(layer.name) for layer in tiny_model.attention_layers() if layer.kind == "cross"
+    }
+    assert set(cached) == layers | shares
     assert all(m.dtype == np.float16 for m in cached.values())
     probs = probs_from_maps(cached, plan.cross, plan.self_, plan.common_size, (50, 37))
     assert probs.shape == result.probs.shape
@@ -89,13 +94,31 @@ def test_probs_from_cached_maps_reproduce_stableseg(tiny_model) -> None:
     assert agree > 0.99
 
 
-def test_background_channel_follows_the_segmenter_rule() -> None:
-    probs = np.array([[[0.5, 0.3]], [[0.5, 0.7]]], dtype=np.float32)  # (C=2, 1, 2)
-    probs = np.concatenate([probs, np.array([[[0.2, 0.1]]], dtype=np.float32)])[:2]
-    extended = with_background(probs, 0.6)  # (3, 1, 2)
-    np.testing.assert_allclose(extended.sum(axis=0), 1.0, rtol=1e-6)
-    # Pixel 0: best label 0.5 < 0.6 -> background; pixel 1: 0.7 >= 0.6 -> label 2.
-    np.testing.assert_array_equal(extended.argmax(axis=0)[0], [0, 2])
+def test_cached_maps_give_the_segmenters_threshold_masks(tiny_model_dir) -> None:
+    """The cache carries each cross layer's label share, so the background threshold (on the
+    labels' evidence) rebuilt from the cache gives the segmenter's own mask."""
+    from labeler import SegmenterConfig, StableSeg
+
+    image, _ = _scene(37, 50)
+    labels = ["cat", "dog"]
+    probe = SegmenterConfig(image_size=64, background_threshold=0.0)
+    model = StableSeg.from_pretrained(tiny_model_dir, device="cpu", config=probe)
+    threshold = float(np.median(model.segment([image], labels, return_probs=True)[0].evidence))
+    model = model.with_config(probe.replace(background_threshold=threshold))
+    result = model.segment([image], labels, return_layer_maps=True)[0]
+    cached, _ = maps_from_bytes(maps_to_bytes(result.layer_maps, labels, (50, 37)))
+    plan = model.plan()
+    mask = mask_from_maps(
+        cached,
+        (plan.cross, plan.self_),
+        plan.common_size,
+        (50, 37),
+        2,
+        background_threshold=threshold,
+    )
+    assert 0 in mask and (mask > 0).any()  # the threshold makes background, not everything
+    assert (mask == result.mask).mean() > 0.99  # fp16 cache
+    model.close()
 
 
 def test_pseudo_mask_ids_and_uncertain_pixels_without_crf() -> None:
@@ -110,8 +133,12 @@ def test_pseudo_mask_ids_and_uncertain_pixels_without_crf() -> None:
     np.testing.assert_array_equal(mask[~confident], 255)
     np.testing.assert_array_equal(mask[confident], probs.argmax(axis=0)[confident] + 1)
     assert PseudoConfig(crf=False).threshold is None and PseudoConfig().threshold == 0.6
-    with_bg = pseudo_mask(image, probs, PseudoConfig(crf=False), background_threshold=0.9)
-    assert set(np.unique(with_bg)) == {0, 1, 2}  # 0 where neither label reaches 0.9
+    evidence = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)  # winner's evidence
+    with_bg = pseudo_mask(
+        image, probs, PseudoConfig(crf=False), background_threshold=0.5, evidence=evidence
+    )
+    np.testing.assert_array_equal(with_bg == 0, evidence < 0.5)  # the evidence decides
+    np.testing.assert_array_equal(with_bg[evidence >= 0.5], mask_all(probs)[evidence >= 0.5])
 
 
 def test_crf_moves_a_background_boundary_to_the_image_edge() -> None:
@@ -123,15 +150,18 @@ def test_crf_moves_a_background_boundary_to_the_image_edge() -> None:
     image[:, edge:] = 220
     image = np.clip(image + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
     columns = np.arange(width)
-    # Label 1 becomes confident (>= 0.6, the background threshold) about 12 px too early.
+    # Label 1's evidence reaches the background threshold (0.6) about 12 px too early.
     rise = 1 / (1 + np.exp(-(columns - (edge - 10)) / 2.0))  # (W,)
     label = np.broadcast_to(0.5 + 0.4 * rise, (height, width))  # (H, W)
-    probs = np.stack([label, 1 - label]).astype(np.float32)  # (2, H, W)
+    probs = np.stack([label, 1 - label]).astype(np.float32)  # (2, H, W): label 1 always wins
+    evidence = np.ascontiguousarray(label)  # (H, W) the winner's evidence
     truth = np.where(columns >= edge, 1, 0)[None].repeat(height, axis=0)  # (H, W)
 
-    before = pseudo_mask(image, probs, PseudoConfig(crf=False), background_threshold=0.6)
+    before = pseudo_mask(
+        image, probs, PseudoConfig(crf=False), background_threshold=0.6, evidence=evidence
+    )
     config = PseudoConfig(crf=True, uncertain_threshold=0.0)
-    after = pseudo_mask(image, probs, config, background_threshold=0.6)
+    after = pseudo_mask(image, probs, config, background_threshold=0.6, evidence=evidence)
     assert (before == truth).mean() < 0.85  # the label leaks into the background
     assert (after == truth).mean() > 0.97
     first_label = (after == 1).argmax(axis=1)  # (H,) first label column per row
@@ -249,6 +279,13 @@ def test_pseudo_mask_with_a_background_prompt_channel() -> None:
     config = PseudoConfig(crf=False, uncertain_threshold=None)
     mask = pseudo_mask(rgb, probs, config, background_channel=True)
     np.testing.assert_array_equal(mask, [[1, 2, 0], [1, 2, 0]])
-    # With a threshold too, a label below it becomes background as well.
-    mask = pseudo_mask(rgb, probs, config, background_threshold=0.6, background_channel=True)
+    # With a threshold too, a label whose evidence is below it becomes background as well.
+    evidence = np.array([[0.9, 0.4, 0.9], [0.9, 0.4, 0.9]], np.float32)
+    mask = pseudo_mask(
+        rgb, probs, config, background_threshold=0.6, background_channel=True, evidence=evidence
+    )
     np.testing.assert_array_equal(mask, [[1, 0, 0], [1, 0, 0]])
+
+
+def mask_all(probs: np.ndarray) -> np.ndarray:
+    return (probs.argmax(axis=0) + 1).astype(np.uint8)

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from labeler.attention import AttentionStore, LayerInfo, RecordingAttnProcessor
-from labeler.sar import class_maps_from_tokens, self_attention_class_probs
+from labeler.sar import ca_labels_at, class_maps_from_tokens, self_attention_class_probs
 
 
 def _heads(x: torch.Tensor, heads: int) -> np.ndarray:
@@ -121,3 +122,55 @@ def test_planted_regions_are_recovered_from_a_noisy_ca_map(flip_fraction):
     noisy_accuracy = (noisy == truth).mean()
     assert noisy_accuracy < 0.9
     assert (recovered == truth).mean() > 0.98
+
+
+def test_the_ca_map_of_a_coarse_layer_labels_each_cell_by_what_covers_it():
+    """Area pooling, not a nearest read of one pixel per cell: a small object in a cell's middle
+    (away from its top-left pixel) still labels the cell when it covers most of it."""
+    capm = torch.zeros(1, 2, 64, 64)
+    capm[0, 0] = 1.0  # background label everywhere ...
+    capm[0, 0, 9:15, 9:15], capm[0, 1, 9:15, 9:15] = 0.0, 1.0  # ... but a 6x6 object in cell (1, 1)
+    coarse = ca_labels_at(capm, (8, 8))
+    assert coarse[0, 1, 1] == 1  # 36 of the cell's 64 pixels
+    assert int(coarse.sum()) == 1
+    nearest = F.interpolate(capm.argmax(1, keepdim=True).float(), size=(8, 8), mode="nearest")
+    assert nearest.sum() == 0  # what the legacy nearest resize read: the cell's top-left pixel
+    torch.testing.assert_close(ca_labels_at(capm, (64, 64)), capm.argmax(dim=1))
+
+
+def test_many_prompts_refine_one_prompt_at_a_time_with_the_same_result(tiny_parts):
+    """Labels past one text context make several prompts; SAR averages the prompt rows' maps
+    one at a time (memory linear in the labels) and gives what averaging them together gave."""
+    from labeler import SegmenterConfig, StableSeg
+
+    model = StableSeg(**tiny_parts, config=SegmenterConfig(image_size=64))
+    labels = [f"w{i}" for i in range(90)]  # more than one CLIP context
+    prompts = model._prompts(labels)
+    assert prompts.batch.num_prompts > 1
+    plan = model.plan()
+    latents = model.encode_images(torch.zeros(2, 3, 64, 64))
+    result = model._attention_pass(latents, prompts, plan)
+
+    with model._recorder().recording(plan.layers, prompts.token_index.repeat(2, 1)) as store:
+        rows = latents.repeat_interleave(prompts.batch.num_prompts, dim=0)
+        context = prompts.embeddings.repeat(2, 1, 1)
+        timestep = torch.full((rows.shape[0],), model.config.timestep)
+        model.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+        queries, keys, scales = dict(store.queries), dict(store.keys), dict(store.scales)
+    capm = result.layer_maps  # the cross maps are recomputed identically; take the pass's
+    cross = {n: m for n, m in capm.items() if n not in queries}
+    from labeler.sar import weighted_sum
+
+    common = weighted_sum(cross, plan.cross, plan.common_size)
+    sizes = {layer.name: layer.size for layer in plan.layers}
+    for name, query in queries.items():
+        labels_at = ca_labels_at(common, sizes[name]).flatten(1)
+        together = self_attention_class_probs(
+            query,
+            keys[name],
+            labels_at.repeat_interleave(prompts.batch.num_prompts, dim=0),
+            len(labels),
+            scales[name],
+        )  # (B*P, C, N): every prompt row at once, as before
+        expected = together.view(2, prompts.batch.num_prompts, len(labels), -1).mean(dim=1)
+        torch.testing.assert_close(result.layer_maps[name].flatten(2), expected)

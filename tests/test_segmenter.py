@@ -7,6 +7,7 @@ from PIL import Image
 
 from labeler import SegmentationResult, SegmenterConfig, StableSeg
 from labeler.attention import record_attention
+from labeler.result import share_key
 from labeler.testing import tiny_components
 from labeler.weights import load_map_weights, map_weights_to_bytes
 
@@ -33,7 +34,8 @@ def test_from_pretrained_loads_the_diffusers_folder(tiny_model, tiny_model_dir, 
 
 
 def test_segment_returns_masks_at_the_original_size(tiny_model):
-    results = tiny_model.segment([_image(40, 56), _image(33, 17, seed=1)], LABELS)
+    images = [_image(40, 56), _image(33, 17, seed=1)]
+    results = tiny_model.segment(images, LABELS, return_probs=True)
     assert [r.mask.shape for r in results] == [(40, 56), (33, 17)]
     for result in results:
         assert isinstance(result, SegmentationResult)
@@ -52,9 +54,9 @@ def test_segment_returns_masks_at_the_original_size(tiny_model):
 
 def test_segment_is_deterministic_and_batch_independent(tiny_model):
     images = [_image(seed=s) for s in range(3)]
-    together = tiny_model.segment(images, LABELS)
-    again = tiny_model.segment(images, LABELS)
-    alone = [tiny_model.segment(image, LABELS)[0] for image in images]
+    together = tiny_model.segment(images, LABELS, return_probs=True)
+    again = tiny_model.segment(images, LABELS, return_probs=True)
+    alone = [tiny_model.segment(image, LABELS, return_probs=True)[0] for image in images]
     for a, b, c in zip(together, again, alone):
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_array_equal(a.probs, b.probs)
@@ -112,7 +114,7 @@ def test_more_labels_than_one_prompt_holds():
     ]
     prompts, embeddings = model.encode_prompts(labels)
     assert prompts.num_prompts >= 2 and embeddings.shape[0] == prompts.num_prompts
-    result = model.segment(_image(), labels)[0]
+    result = model.segment(_image(), labels, return_probs=True)[0]
     assert result.probs.shape[0] == len(labels)
     np.testing.assert_allclose(result.probs.sum(axis=0), 1.0, atol=1e-5)
     assert result.mask.max() <= len(labels) and result.mask.min() >= 1
@@ -122,7 +124,7 @@ def test_many_labels_use_a_wider_mask_dtype():
     parts = tiny_components(seed=0)
     model = StableSeg(**parts, config=SegmenterConfig(image_size=32))
     labels = [f"x{i}" for i in range(300)]
-    result = model.segment(_image(8, 8), labels)[0]
+    result = model.segment(_image(8, 8), labels, return_probs=True)[0]
     assert result.mask.dtype == np.uint16 and result.probs.shape == (300, 8, 8)
 
 
@@ -163,12 +165,18 @@ def test_bad_input_is_a_value_error_naming_it(tiny_model, images, labels, messag
         tiny_model.segment(images, labels)
 
 
-def test_background_threshold_leaves_uncertain_pixels_unlabeled(tiny_model):
+def test_background_threshold_leaves_pixels_of_weak_evidence_unlabeled(tiny_model):
+    """A pixel is background where its label's cross-attention is below the threshold times
+    that label's strongest in the image (labeler.background)."""
     strict = tiny_model.with_config(tiny_model.config.replace(background_threshold=0.99))
-    result = strict.segment(_image(), LABELS)[0]
-    assert (result.mask == 0).all()  # no random-model pixel is 99% sure
+    result = strict.segment(_image(), LABELS, return_probs=True)[0]
+    np.testing.assert_array_equal(result.mask == 0, result.evidence < 0.99)
+    assert (result.mask == 0).mean() > 0.5  # most pixels are far from their label's peak
+    assert result.evidence.max() <= 1.0 + 1e-6
     loose = tiny_model.with_config(tiny_model.config.replace(background_threshold=0.01))
     assert (loose.segment(_image(), LABELS)[0].mask > 0).all()
+    plain = tiny_model.segment(_image(), LABELS)[0].mask
+    np.testing.assert_array_equal(result.mask[result.mask > 0], plain[result.mask > 0])
 
 
 def test_configuration_choices_change_the_plan(tiny_model):
@@ -186,18 +194,19 @@ def test_configuration_choices_change_the_plan(tiny_model):
 
 def test_without_sar_and_self_only_give_different_maps(tiny_model):
     image = _image()
-    full = tiny_model.segment(image, LABELS)[0].probs
+    full = tiny_model.segment(image, LABELS, return_probs=True)[0].probs
     plain = tiny_model.with_config(tiny_model.config.replace(use_sar=False))
     self_only = tiny_model.with_config(tiny_model.config.replace(self_only=True))
-    assert not np.allclose(full, plain.segment(image, LABELS)[0].probs)
-    assert not np.allclose(full, self_only.segment(image, LABELS)[0].probs)
+    assert not np.allclose(full, plain.segment(image, LABELS, return_probs=True)[0].probs)
+    assert not np.allclose(full, self_only.segment(image, LABELS, return_probs=True)[0].probs)
 
 
 def test_layer_maps_and_learned_weights(tiny_model, tmp_path):
     image = _image()
-    result = tiny_model.segment(image, LABELS, return_layer_maps=True)[0]
+    result = tiny_model.segment(image, LABELS, return_probs=True, return_layer_maps=True)[0]
     layers = tiny_model.attention_layers()
-    assert set(result.layer_maps) == {layer.name for layer in layers}
+    shares = {share_key(layer.name) for layer in layers if layer.kind == "cross"}
+    assert set(result.layer_maps) == {layer.name for layer in layers} | shares
     for layer in layers:
         assert result.layer_maps[layer.name].shape == (3, *layer.size)
         assert result.layer_maps[layer.name].dtype == np.float16
@@ -210,7 +219,8 @@ def test_layer_maps_and_learned_weights(tiny_model, tmp_path):
     weights = load_map_weights(path)
     assert weights == pytest.approx(uniform)
     weighted = tiny_model.with_config(tiny_model.config.replace(map_weights=weights))
-    np.testing.assert_allclose(weighted.segment(image, LABELS)[0].probs, result.probs, atol=1e-6)
+    weighted_probs = weighted.segment(image, LABELS, return_probs=True)[0].probs
+    np.testing.assert_allclose(weighted_probs, result.probs, atol=1e-6)
     assert weighted.model_version != tiny_model.model_version
 
     # A single cross-attention layer alone: the map is that layer's CAPM, nothing else.
@@ -237,7 +247,7 @@ def test_background_prompt_is_one_more_class_whose_pixels_are_background(tiny_mo
     config = tiny_model.config.replace(background_prompt="background")
     model = tiny_model.with_config(config)
     assert model.prompt_labels(LABELS) == [*LABELS, "background"]
-    result = model.segment(_image(), LABELS, return_layer_maps=True)[0]
+    result = model.segment(_image(), LABELS, return_probs=True, return_layer_maps=True)[0]
     assert result.probs.shape[0] == len(LABELS)  # the labels' share only
     assert next(iter(result.layer_maps.values())).shape[0] == len(LABELS) + 1
     background = 1.0 - result.probs.sum(axis=0)  # (H, W) what the background prompt holds

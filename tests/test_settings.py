@@ -321,3 +321,10 @@ def test_model_settings_are_what_the_commands_receive():
     assert settings.segmenter == SegmenterConfig(image_size=128, self_only=True, timestep=3)
     bad = CliRunner().invoke(probe, ["--no-sar", "--self-only"])
     assert bad.exit_code == 2 and "self_only=True needs use_sar=True" in bad.output
+
+
+def test_the_readme_settings_table_lists_every_setting():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [s.option for s in SETTINGS if f"`{s.option}`" not in text]
+    missing += [s.env for s in SETTINGS if f"`{s.env}`" not in text]
+    assert missing == []

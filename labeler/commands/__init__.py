@@ -12,10 +12,12 @@ import click
 
 # command name -> "module:function" of its click command
 COMMANDS = {
+    "benchmark": "labeler.commands.benchmark:benchmark",
     "pseudo-label": "labeler.commands.pseudo_label:pseudo_label",
     "evaluate": "labeler.commands.evaluate:evaluate",
     "refine": "labeler.commands.refine:refine",
     "serve": "labeler.commands.serve:serve",
+    "label-studio": "labeler.commands.label_studio:label_studio",
 }
 
 
@@ -42,11 +44,14 @@ def main() -> None:
     """StableSeg Labeler: zero-shot segmentation masks from Stable Diffusion attention.
 
     \b
+    benchmark     mIoU on a dataset by the paper's protocol; the paper's tables
     pseudo-label  label a folder of images -> COCO JSON, PNG masks, Label Studio import file
     evaluate      mIoU of predicted masks against ground-truth masks
     refine        StableSeg+ / StableSeg++ self-training on an unlabelled pool
     serve         Label Studio ML backend that pre-annotates tasks with brush masks
+    label-studio  predict: pre-annotate a whole Label Studio project from the CLI
 
     Every command that runs a model takes --model (a hub id such as
-    runwayml/stable-diffusion-v1-5, or a local diffusers folder) and --device.
+    stable-diffusion-v1-5/stable-diffusion-v1-5, or a local diffusers folder)
+    and --device.
     """

@@ -118,6 +118,30 @@ def _stages(value: str) -> tuple[str, ...]:
     "to report mIoU after each stage; never used for training. Given to a rerun of a "
     "finished run, it scores that run without training anything again.",
 )
+@click.option(
+    "--labels-from-gt",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Prompt each image with the labels present in its ground-truth mask "
+    "DIR/<relative path without extension>.png (0 background, k = k-th label, 255 ignore), "
+    "as the paper's Table 5 does; ids stay those of --labels. Images without a mask, or "
+    "with no label in it, are skipped and listed in the report.",
+)
+@click.option(
+    "--image-labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='Per-image labels from a JSON-lines file: {"image": "<path relative to '
+    'IMAGES_DIR>", "labels": ["cat", ...]} per line, names from --labels. Images not '
+    "listed are skipped.",
+)
+@click.option(
+    "--plusplus-masks",
+    type=click.Choice(["exact", "cache"]),
+    default="exact",
+    show_default=True,
+    help="StableSeg++ pseudo-masks: exact runs StableSeg with the learned weights (one more "
+    "UNet pass per image); cache rebuilds them from the stage-1 cache (no UNet, but SAR keeps "
+    "the uniform weights' seed). The report counts the pixels the two disagree on (exact).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def refine(
     images_dir: Path,
@@ -139,6 +163,9 @@ def refine(
     seed: int,
     workers: int,
     val_gt: Path | None,
+    labels_from_gt: Path | None,
+    image_labels: Path | None,
+    plusplus_masks: str,
     verbose: bool,
 ) -> None:
     """Improve the pseudo-labels of IMAGES_DIR without any human annotation.
@@ -155,19 +182,34 @@ def refine(
     W/report.json and W/report.png: times, loss curves, weights, mIoU.
 
     \b
+    --labels-from-gt DIR or --image-labels FILE prompt each image with its
+    own labels (the paper's per-image setting); the masks, the cache, the
+    weight fit and the scores keep the ids of --labels.
+
+    \b
     Rerunning the same command resumes; a finished run returns at once.
     Several GPUs: accelerate launch cli.py refine ... (or torchrun).
     """
     names = parse_labels(labels, labels_file)
     chosen = _stages(stages)
+    if labels_from_gt is not None and image_labels is not None:
+        raise click.UsageError("give at most one of --labels-from-gt and --image-labels")
     setup_logging(verbose)
     from labeler.jobs.models import resolve_source
     from labeler.jobs.refine import RefineMismatchError, RefineOptions, run_refine
+    from labeler.jobs.refine.files import labels_from_gt as gt_labels
+    from labeler.jobs.refine.files import labels_from_jsonl, pool_from_folder
     from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
     from labeler.train.model import EncoderWeightsUnavailable
 
     try:
         resolve_source(settings.model.source)
+        pool = pool_from_folder(images_dir)
+        per_image = None
+        if labels_from_gt is not None:
+            per_image = gt_labels(pool, labels_from_gt, names)
+        elif image_labels is not None:
+            per_image = labels_from_jsonl(pool, images_dir, image_labels, names)
         options = RefineOptions(
             labels=tuple(names),
             model=settings.model,
@@ -188,11 +230,13 @@ def refine(
             ),
             map_fit=MapFitConfig(steps=map_steps, seed=seed),
             val_gt=val_gt,
+            image_labels=per_image,
+            plusplus_masks=plusplus_masks,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     try:
-        result = run_refine(images_dir, work_dir, options)
+        result = run_refine(pool, work_dir, options)
     except RefineMismatchError as err:
         raise click.UsageError(str(err)) from None
     except (ValueError, OSError, ImportError, EncoderWeightsUnavailable) as err:
@@ -209,6 +253,15 @@ def refine(
         seconds = entry.get("seconds")
         took = f"{seconds:.1f}s" if seconds is not None else "-"
         click.echo(f"  {stage:10s} {score:12s} {took:>9s}", err=True)
+    pseudo = (report["stages"].get("plusplus") or {}).get("pseudo") or {}
+    differ = pseudo.get("cache_disagreement")
+    if differ is not None:
+        click.echo(
+            f"  plusplus masks exact; the cache shortcut differs on {differ['differing_pixels']} "
+            f"of {differ['pixels']} pixels ({100 * differ['fraction']:.2f}%, "
+            f"{differ['images_differing']} images)",
+            err=True,
+        )
     click.echo(f"  report     {result.work_dir / 'report.json'}", err=True)
     for stage, folder in result.students.items():
         click.echo(f"  {stage + ' student':18s} {folder}", err=True)

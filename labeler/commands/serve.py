@@ -1,5 +1,11 @@
 """``python cli.py serve``: the Label Studio ML backend, served by gunicorn.
 
+gunicorn runs the backend's own worker class (:mod:`ml_backend.worker`: gthread whose threads
+only take requests whose head has fully arrived, so slow clients cannot starve ``/health``).
+Listening beyond loopback without basic auth prints a warning that says what is exposed; the
+development server (``--dev-server``) refuses it and never runs Werkzeug's debugger
+(:mod:`ml_backend.serving`).
+
 Only click is imported at module level, so ``python cli.py --help`` stays fast; torch, Flask
 and the backend load inside the command.
 """
@@ -15,7 +21,11 @@ from .common import segmenter_options
 
 @click.command(context_settings={"show_default": True})
 @segmenter_options(environment=True)
-@click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    help="Address to listen on (0.0.0.0 for all: set basic auth then).",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=9090)
 @click.option(
     "--basic-auth-user", envvar="BASIC_AUTH_USER", default=None, help="Require basic auth."
@@ -36,7 +46,8 @@ from .common import segmenter_options
 @click.option(
     "--dev-server",
     is_flag=True,
-    help="Use Flask's development server instead of gunicorn.",
+    help="Use Flask's development server instead of gunicorn (loopback only without basic "
+    "auth; never the debugger).",
 )
 @click.option(
     "--log-level",
@@ -84,8 +95,21 @@ def serve(
         "LOG_LEVEL": log_level.upper(),
     }
     env.update({name: str(value) for name, value in extra.items() if value is not None})
+    from ml_backend.serving import check_dev_server, exposure_warning
+
+    use_dev_server = dev_server or not _has_gunicorn()
+    basic_auth = bool(env.get("BASIC_AUTH_USER"))
+    if use_dev_server:
+        try:
+            check_dev_server(host, basic_auth)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+    else:
+        warning = exposure_warning(host, basic_auth)
+        if warning:
+            click.echo(warning, err=True)
     _check_settings(env)
-    if dev_server or not _has_gunicorn():
+    if use_dev_server:
         _run_dev_server(env, host, port)
     else:
         _exec_gunicorn(env, host, port, workers, threads, model.device)
@@ -134,8 +158,19 @@ def _exec_gunicorn(
     import os
     import sys
 
+    from ml_backend import worker
+
     preload = not _uses_cuda(device)
     env["STABLESEG_WARM_UP"] = "sync" if preload else "background"
+    worker_class = "ml_backend.worker.HeadBufferingWorker"
+    if not worker.supported():
+        worker_class = "gthread"
+        click.echo(
+            "WARNING: this gunicorn's gthread worker lacks what ml_backend.worker builds on "
+            "(gunicorn 27): using plain gthread, where clients that send their request slowly "
+            "can hold every thread; install gunicorn>=27",
+            err=True,
+        )
     args = [
         sys.executable,
         "-m",
@@ -145,7 +180,7 @@ def _exec_gunicorn(
         "--workers",
         str(workers),
         "--worker-class",
-        "gthread",
+        worker_class,
         "--threads",
         str(threads),
         "--timeout",
@@ -176,8 +211,9 @@ def _run_dev_server(env: dict[str, str], host: str, port: int) -> None:
         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
     )
     from ml_backend.server import create_app
+    from ml_backend.serving import run_dev_server
     from ml_backend.settings import BackendSettings
 
     app = create_app(BackendSettings.from_env(), warm_up=True)
     click.echo(f"serving {env['STABLESEG_MODEL']} on http://{host}:{port} (dev server)", err=True)
-    app.run(host=host, port=port, threaded=True)
+    run_dev_server(app, host, port)

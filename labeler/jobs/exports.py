@@ -93,6 +93,7 @@ def make_pieces(
     model_version: str,
     formats: Iterable[str],
     clock: StageClock | None = None,
+    counts: np.ndarray | None = None,
 ) -> Pieces:
     """The export pieces of one image's mask.
 
@@ -105,6 +106,7 @@ def make_pieces(
         model_version: the prediction's model version.
         formats: the exports asked for ("coco", "labelstudio"; others are ignored).
         clock: adds the CPU time of each format's pieces to its stage.
+        counts: the pixels of each id of ``mask`` (:func:`exporters.id_counts`), if known.
     """
     from exporters import brush_prediction_json, mask_annotations
 
@@ -119,7 +121,7 @@ def make_pieces(
     if "labelstudio" in formats:
         with clock.measure("labelstudio"):
             labelstudio = brush_prediction_json(
-                mask, labels, scores, model_version, label_ids=label_ids
+                mask, labels, scores, model_version, label_ids=label_ids, counts=counts
             )
     return Pieces((int(mask.shape[0]), int(mask.shape[1])), coco, labelstudio)
 
@@ -129,12 +131,12 @@ def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict)
     that asks for a format the first run did not), and stored for the next assembly."""
     from PIL import Image
 
-    from exporters import png_to_mask
-    from exporters.mask_ids import present_ids
+    from exporters import id_counts, png_to_mask
 
     with Image.open(mask_path(options.out_dir, relative)) as png:
         mask = png_to_mask(png)
-    present = [int(i) for i in present_ids(mask) if 1 <= i <= len(options.labels)]
+    counts = id_counts(mask)
+    present = [i for i in range(1, len(options.labels) + 1) if i < counts.size and counts[i]]
     pieces = make_pieces(
         mask,
         present,
@@ -142,6 +144,7 @@ def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict)
         record["scores"],
         record["model_version"],
         options.formats,
+        counts=counts,
     )
     atomic_write_text(pieces_path(options.out_dir, relative), pieces.text())
     return pieces

@@ -46,33 +46,23 @@ class WritePlan:
 def apply_crf(
     labelled: Labelled, rgb: np.ndarray, labels: Sequence[str], threshold: float | None
 ) -> Labelled:
-    """DenseCRF over the prompted labels' probabilities; the mask is their argmax (below
-    ``threshold``: background), the scores the mean refined probability over each label's
-    pixels."""
-    from labeler.crf import dense_crf
+    """DenseCRF over the segmenter's result (:func:`labeler.crf.crf_segmentation`: the
+    background prompt's channel and the threshold's background are refined like the labels),
+    mapped back to the run's ids; the scores follow the refined maps."""
+    from labeler.crf import crf_segmentation
 
-    if labelled.probs is None or not labelled.probs.any():  # nothing to refine
+    if labelled.result is None:  # nothing was prompted: nothing to refine
         return labelled
-    probs = dense_crf(rgb, labelled.probs)  # (K, H, W)
-    best = probs.argmax(axis=0)  # (H, W) channel index
-    ids = np.asarray(labelled.prob_ids, dtype=labelled.mask.dtype)
-    mask = ids[best]  # (H, W) the run's ids
-    winning = np.take_along_axis(probs, best[None], axis=0)[0]  # (H, W)
-    if threshold is not None:
-        mask[winning < threshold] = 0
-    size = max(len(labels), int(ids.max())) + 1
-    flat = mask.reshape(-1)
-    totals = np.bincount(flat, weights=winning.reshape(-1), minlength=size)
-    counts = np.bincount(flat, minlength=size)
-    scores = {
-        label: float(totals[k] / counts[k]) if counts[k] else 0.0
-        for k, label in enumerate(labels, start=1)
-    }
-    return Labelled(mask, scores, probs, labelled.prob_ids)
+    refined = crf_segmentation(labelled.result, rgb, threshold)
+    scores = dict.fromkeys(labels, 0.0)
+    scores.update(refined.scores)
+    mask = labelled.globalise(refined.mask)
+    return Labelled(mask, scores, None, labelled.prompted_ids)
 
 
-def _present(mask: np.ndarray, num_labels: int) -> list[int]:
-    """The label ids in ``mask``, checked: ids other than 0..num_labels and 255 are a bug."""
+def _present(mask: np.ndarray, num_labels: int) -> tuple[list[int], np.ndarray]:
+    """The label ids in ``mask`` and the pixels of each id, checked: ids other than
+    0..num_labels and 255 are a bug."""
     from exporters.mask_ids import id_counts
     from labeler.result import IGNORE
 
@@ -81,7 +71,7 @@ def _present(mask: np.ndarray, num_labels: int) -> list[int]:
     bad = [int(i) for i in ids if i > num_labels and i != IGNORE]
     if bad:
         raise ValueError(f"mask ids {bad} are outside 0..{num_labels} and not {IGNORE}")
-    return [int(i) for i in ids if 1 <= i <= num_labels]
+    return [int(i) for i in ids if 1 <= i <= num_labels], counts
 
 
 def _shrink(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -119,14 +109,17 @@ def write_image(plan: WritePlan, item: ImageItem, labelled: Labelled, clock: Sta
         with clock.measure("crf"):
             assert item.rgb is not None
             labelled = apply_crf(labelled, item.rgb, labels, plan.background_threshold)
+        item.rgb = None
     mask = labelled.mask
     with clock.measure("mask ids"):
-        present = _present(mask, len(labels))
+        present, counts = _present(mask, len(labels))
     scores = {k: round(float(v), SCORE_DIGITS) for k, v in labelled.scores.items()}
     with clock.measure("png"):
         png = image_bytes(mask_to_png(mask), "PNG", **PNG_OPTIONS)
         atomic_write_bytes(mask_path(out, relative), png)
-    pieces = make_pieces(mask, present, labels, scores, plan.model_version, plan.formats, clock)
+    pieces = make_pieces(
+        mask, present, labels, scores, plan.model_version, plan.formats, clock, counts
+    )
     if plan.preview:
         with clock.measure("preview"):
             data = preview_bytes(item.preview, mask, labels)

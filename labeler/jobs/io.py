@@ -18,6 +18,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; larger images are skipped with a reason
 
 
+def _process_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux).
+
+    Elsewhere it is read the only portable way, by setting it and putting it back, once at
+    import: a thread creating a file in between could get a wrong mode.
+    """
+    with (
+        contextlib.suppress(OSError, ValueError, IndexError),
+        open("/proc/self/status", encoding="ascii", errors="replace") as status,
+    ):
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()
+"""The mode of every file :func:`atomic_write_bytes` writes: what ``open()`` would give under
+the umask the process started with (0o644 under the usual 022), not the 0o600 of a temporary
+file, so other users and containers can read the outputs when the umask lets them."""
+
+
 class ImageError(Exception):
     """An image that cannot be used; the message says why (for skipped.jsonl and logs)."""
 
@@ -125,11 +149,16 @@ def open_image(
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets :data:`FILE_MODE` (the umask's, as a plain ``open()`` would), set on the
+    temporary file before the rename, so the path never shows another mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -147,13 +176,15 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
 
     For files written piece by piece (exports assembled in constant memory): the handle is a
     temporary file in the same folder, named like :func:`atomic_write_bytes`' so
-    :func:`remove_stale_temporaries` cleans up after a kill; it is flushed, fsynced and
-    renamed over ``path`` when the block ends, and removed when the block raises.
+    :func:`remove_stale_temporaries` cleans up after a kill, with :data:`FILE_MODE`; it is
+    flushed, fsynced and renamed over ``path`` when the block ends, and removed when the block
+    raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             yield handle
             handle.flush()
@@ -248,14 +279,15 @@ class RunMismatchError(ValueError):
 def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     """Human-readable differences between two JSON values (nested dicts by dotted key)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        if len(old) > 8 or len(new) > 8:  # a pool of images: counts, not a listing
+        if len(old) > 8 or len(new) > 8:  # e.g. a pool of images: counts, not a listing
             added, removed = set(new) - set(old), set(old) - set(new)
             changed = [k for k in set(old) & set(new) if old[k] != new[k]]
-            if added or removed or changed:
+            if not (added or removed or changed):
+                return []
+            if len(added) + len(removed) + len(changed) > 3:
                 return [
                     f"{key}: {len(added)} added, {len(removed)} removed, {len(changed)} changed"
                 ]
-            return []
         found = []
         for name in sorted(set(old) | set(new)):
             found += _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)

@@ -7,13 +7,12 @@ and their masks are mapped back to the run's global ids. An image without ground
 already refused by the reading stage: it is skipped alone, never its batch.
 
 Full-resolution probabilities are asked of the segmenter only when the job needs them
-(``--crf``); segmenters that return them anyway (before ``return_probs`` existed) have them
-dropped here, so no writer holds them.
+(``--crf``); the writers then refine the segmenter's own result over its prompted labels
+(:func:`labeler.crf.crf_segmentation`) and map it to the run's ids.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,31 +29,28 @@ class Labelled:
     Attributes:
         mask: (H, W) ids over the run's labels (0 background, k = k-th label, 255 ignore).
         scores: every label of the run -> confidence (0.0 for labels it was not prompted with).
-        probs: (K, H, W) float32 probabilities of the prompted labels, only when asked for.
-        prob_ids: (K,) the run's id of each channel of ``probs``.
+        result: for ``--crf``: the segmenter's result over its prompted labels, with its
+            probabilities (None when nothing was prompted).
+        prompted_ids: the run's id of each label ``result`` is over.
     """
 
     mask: np.ndarray
     scores: dict[str, float]
-    probs: np.ndarray | None = None
-    prob_ids: list[int] = field(default_factory=list)
+    result: Any = None
+    prompted_ids: list[int] = field(default_factory=list)
 
-
-def _accepts_return_probs(model: Any) -> bool:
-    """Whether ``model.segment`` takes ``return_probs`` (older segmenters always return them)."""
-    try:
-        parameters = inspect.signature(model.segment).parameters
-    except (TypeError, ValueError):
-        return False
-    return "return_probs" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
-
-
-def _segment(model: Any, images: list[Any], labels: Sequence[str], want_probs: bool) -> list[Any]:
-    if want_probs and _accepts_return_probs(model):
-        return model.segment(images, labels, return_probs=True)
-    return model.segment(images, labels)
+    def globalise(self, local_mask: np.ndarray) -> np.ndarray:
+        """A mask over the prompted labels (0 background, k = k-th prompted label) -> over
+        the run's labels."""
+        mask = np.asarray(local_mask)
+        if mask.dtype != np.uint8 or int(mask.max(initial=0)) > len(self.prompted_ids):
+            raise ValueError(
+                f"the segmenter returned a {mask.dtype} mask with ids above "
+                f"{len(self.prompted_ids)}, the number of labels it was given"
+            )
+        table = np.zeros(256, dtype=np.uint8)  # the segmenter's id -> the run's id
+        table[1 : len(self.prompted_ids) + 1] = self.prompted_ids
+        return table[mask]
 
 
 def segment_batch(
@@ -67,11 +63,11 @@ def segment_batch(
     """Segment a batch: every image with every label, or each with its ground truth's labels.
 
     Args:
-        model: has ``segment(images, labels[, return_probs])``.
+        model: has ``segment(images, labels, *, return_probs)``.
         inputs: what ``segment`` takes for each image (full-size array or prepared image).
         gt_ids: per image, None (prompt every label) or the 1-based ids to prompt with.
         labels: the run's labels.
-        want_probs: keep the probabilities (for CRF).
+        want_probs: keep the segmenter's result with its probabilities (for CRF).
     """
     labels = list(labels)
     results: list[Labelled | None] = [None] * len(inputs)
@@ -86,9 +82,16 @@ def segment_batch(
                 results[index] = Labelled(mask, dict.fromkeys(labels, 0.0))
             continue
         prompted = labels if ids is None else [labels[i - 1] for i in ids]
-        outputs = _segment(model, [inputs[i] for i in members], prompted, want_probs)
+        prompted_ids = list(range(1, len(labels) + 1)) if ids is None else list(ids)
+        outputs = model.segment([inputs[i] for i in members], prompted, return_probs=want_probs)
         for index, output in zip(members, outputs, strict=True):
-            results[index] = _globalise(output, ids, labels, want_probs)
+            labelled = Labelled(output.mask, dict.fromkeys(labels, 0.0), None, prompted_ids)
+            labelled.scores.update(output.scores)
+            if ids is not None:
+                labelled.mask = labelled.globalise(output.mask)
+            if want_probs:
+                labelled.result = output
+            results[index] = labelled
     return [result for result in results if result is not None]
 
 
@@ -98,23 +101,3 @@ def _size(model_input: Any) -> tuple[int, int]:
         return model_input.size  # PreparedImage
     height, width = np.asarray(model_input).shape[:2]
     return width, height
-
-
-def _globalise(
-    output: Any, ids: tuple[int, ...] | None, labels: list[str], want_probs: bool
-) -> Labelled:
-    """A segmenter's result over ``ids`` (or every label) -> a result over the run's labels."""
-    probs = np.asarray(output.probs) if want_probs and output.probs is not None else None
-    if ids is None:
-        return Labelled(output.mask, dict(output.scores), probs, list(range(1, len(labels) + 1)))
-    mask = np.asarray(output.mask)
-    if mask.dtype != np.uint8 or int(mask.max(initial=0)) > len(ids):
-        raise ValueError(
-            f"the segmenter returned a {mask.dtype} mask with ids above {len(ids)}, "
-            f"the number of labels it was given"
-        )
-    table = np.zeros(256, dtype=np.uint8)  # the segmenter's id -> the run's id
-    table[1 : len(ids) + 1] = ids
-    scores = dict.fromkeys(labels, 0.0)
-    scores.update(output.scores)
-    return Labelled(table[mask], scores, probs, list(ids))

@@ -60,14 +60,16 @@ RUN_FORMAT = "stableseg-pseudo-label/2"
 class Segmenter(Protocol):
     """What the job needs of a model: StableSeg, or a trained student.
 
-    ``segment`` may also take ``return_probs`` (asked only for ``--crf``). A segmenter that
-    sets ``accepts_prepared_images = True`` is given :class:`labeler.images.PreparedImage`
-    items made at ``config.image_size`` by the reading threads instead of full-size arrays.
+    ``return_probs`` is asked only for ``--crf``. A segmenter that sets
+    ``accepts_prepared_images = True`` is given :class:`labeler.images.PreparedImage` items
+    made at ``config.image_size`` by the reading threads instead of full-size arrays.
     """
 
     model_version: str
 
-    def segment(self, images: Any, labels: Sequence[str]) -> list[Any]: ...
+    def segment(
+        self, images: Any, labels: Sequence[str], *, return_probs: bool = False
+    ) -> list[Any]: ...
 
 
 __all__ = [

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..result import IGNORE
+from ..result import BACKGROUND, IGNORE
 from .config import MapFitConfig
 from .data import resize_mask
 
@@ -66,18 +66,31 @@ def stack_maps(
 
 
 def targets_at(
-    mask: np.ndarray, size: tuple[int, int], background_index: int | None = None
+    mask: np.ndarray,
+    size: tuple[int, int],
+    background_index: int | None = None,
+    label_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """(S, S) int64 fitting targets from an (H, W) id mask: label k -> k - 1; 255 -> -1.
+    """(S, S) int64 fitting targets from an (H, W) id mask: the channel of each pixel's label.
 
     The attention maps see the image squashed to a square, so the mask is resized (nearest)
-    to the common size the same way. Background (0) maps to ``background_index``, the channel
-    of a background prompt, when there is one; otherwise it has no map and is left out (-1).
+    to the common size the same way. ``label_ids`` are the mask ids of the maps' label channels
+    in channel order (an image prompted with its own labels); None means every label, id k in
+    channel k - 1. A label without a channel (not prompted in this image) and 255 map to -1
+    (left out). Background (0) maps to ``background_index``, the channel of a background
+    prompt, when there is one; otherwise it has no map and is left out (-1).
     """
+    from ..subsets import LabelSubset
+
     small = resize_mask(mask, (size[1], size[0])).astype(np.int64)  # (S, S)
-    background = -1 if background_index is None else background_index
-    targets = np.where(small == 0, background, small - 1)
-    return np.where(small == IGNORE, -1, targets)
+    if label_ids is None:
+        table = np.full(IGNORE + 1, -1, dtype=np.int64)  # mask id -> channel
+        table[1:IGNORE] = np.arange(IGNORE - 1)
+    else:
+        table = LabelSubset(tuple(label_ids)).channel_table()
+    table[BACKGROUND] = -1 if background_index is None else background_index
+    table[IGNORE] = -1
+    return table[small]
 
 
 def sample_pixels(
@@ -113,22 +126,42 @@ class PixelSampler:
         self.features: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def add(self, layer_maps: Mapping[str, np.ndarray], student_mask: np.ndarray) -> None:
-        """Sample one image: its cached layer maps and the student's (H, W) predicted ids."""
-        targets = targets_at(student_mask, self.common_size, self.background_index)  # (S, S)
+    def add(
+        self,
+        layer_maps: Mapping[str, np.ndarray],
+        student_mask: np.ndarray,
+        label_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Sample one image: its cached layer maps and the student's (H, W) predicted ids.
+
+        ``label_ids``: the mask ids of the maps' label channels, for an image prompted with its
+        own labels (its background prompt's map, if any, is the channel after them); pixels the
+        student gives another label are left out. None: the maps hold every label.
+        """
+        background = self.background_index
+        if label_ids is not None and background is not None:
+            background = len(label_ids)
+        targets = targets_at(student_mask, self.common_size, background, label_ids)  # (S, S)
         stacked = stack_maps(layer_maps, self.names, self.common_size)  # (L, C, S, S)
         features, labels = sample_pixels(stacked, targets, self.count, self.rng)
         self.features.append(features)  # (n, L, C)
         self.labels.append(labels)  # (n,)
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L, C) features and (N,) labels of every image added."""
+        """(N, L, C) features and (N,) labels of every image added.
+
+        Images prompted with different label sets have different channel counts; the features
+        are padded with zero channels to the largest. A zero channel adds nothing to a pixel's
+        normalised scores and is never a target, so the fit is the same as without padding.
+        """
         if not sum(len(labels) for labels in self.labels):
             raise ValueError(
                 "the StableSeg+ student predicted only background (or nothing): no pixel to fit "
                 "the map weights on"
             )
-        return torch.cat(self.features), torch.cat(self.labels)
+        channels = max(f.shape[2] for f in self.features)
+        padded = [F.pad(f, (0, channels - f.shape[2])) for f in self.features]  # (n, L, C)
+        return torch.cat(padded), torch.cat(self.labels)
 
 
 def weights_summary(

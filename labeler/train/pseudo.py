@@ -6,22 +6,30 @@ common size, bilinear to the image, normalised), so stage 1 only caches the per-
 StableSeg++ regenerates pseudo-masks with new weights without running the UNet again.
 
 The self maps in the cache were computed with the CA map of the uniform weights; with learned
-weights the real segmenter seeds SAR with its own CA map, so the regenerated masks approximate
-(closely) what ``StableSeg`` with the same weights gives.
+weights the real segmenter seeds SAR with its own CA map, so masks rebuilt from the cache with
+learned weights only approximate what ``StableSeg`` with those weights gives. The refine job
+therefore runs StableSeg again for StableSeg++ by default (``--plusplus-masks exact``) and uses
+:func:`mask_from_maps` to count how many pixels the cache shortcut would have changed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..background import background_first, label_evidence, probs_to_mask
 from ..crf import dense_crf
-from ..result import IGNORE, MAX_LABELS
-from ..sar import normalise, probs_to_mask, weighted_sum
+from ..result import IGNORE, MAX_LABELS, share_key
+from ..sar import normalise, weighted_sum
 from .config import PseudoConfig
+
+
+def _tensors(layer_maps: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.asarray(m)).float()[None] for name, m in layer_maps.items()}
 
 
 def scores_from_maps(
@@ -32,7 +40,7 @@ def scores_from_maps(
     self_only: bool = False,
 ) -> torch.Tensor:
     """(C, S, S) un-normalised final scores at the common size from layer -> (C, h, w) maps."""
-    maps = {name: torch.from_numpy(np.asarray(m)).float()[None] for name, m in layer_maps.items()}
+    maps = _tensors(layer_maps)
     capm = weighted_sum(maps, cross_weights, common_size)  # (1, C, S, S)
     if capm is None:
         raise ValueError("no cross-attention map has weight in these layer maps")
@@ -46,6 +54,38 @@ def scores_from_maps(
     return final[0]
 
 
+def evidence_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    cross_weights: Mapping[str, float],
+    common_size: tuple[int, int],
+    num_labels: int,
+) -> torch.Tensor:
+    """(labels, S, S) the labels' evidence (:mod:`labeler.background`) from cached maps: each
+    cross layer's class map times its label share is the attention the labels got."""
+    attention = {}
+    for name, weight in cross_weights.items():
+        if not weight:
+            continue
+        if share_key(name) not in layer_maps:
+            raise ValueError(
+                f"the cache has no label share for {name}: it was written by an older version; "
+                "start a new work dir"
+            )
+        class_map = torch.from_numpy(np.asarray(layer_maps[name])).float()  # (C, h, w)
+        share = torch.from_numpy(np.asarray(layer_maps[share_key(name)])).float()  # (1, h, w)
+        attention[name] = (class_map * share)[None]  # (1, C, h, w)
+    total = weighted_sum(attention, cross_weights, common_size)  # (1, C, S, S)
+    if total is None:
+        raise ValueError("no cross-attention map has weight in these layer maps")
+    return label_evidence(total[:, :num_labels])[0]
+
+
+def _upsample(maps: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """(C, S, S) -> (C, H, W) bilinear, ``out_size`` = (width, height)."""
+    width, height = out_size
+    return F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
 def probs_from_maps(
     layer_maps: Mapping[str, np.ndarray],
     cross_weights: Mapping[str, float],
@@ -56,21 +96,71 @@ def probs_from_maps(
 ) -> np.ndarray:
     """(C, H, W) float32 probabilities at ``out_size`` = (width, height), as StableSeg's."""
     scores = scores_from_maps(layer_maps, cross_weights, self_weights, common_size, self_only)
-    width, height = out_size
-    probs = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)
-    probs = probs[0]  # (C, H, W)
-    return normalise(probs, dim=0).numpy().astype(np.float32)
+    return normalise(_upsample(scores, out_size), dim=0).numpy().astype(np.float32)
 
 
-def with_background(probs: np.ndarray, background_threshold: float) -> np.ndarray:
-    """(C, H, W) -> (1 + C, H, W) with a constant background score, renormalised.
+@dataclass
+class CachedFinal:
+    """StableSeg's final map rebuilt from cached layer maps at an output size.
 
-    Its argmax is 0 exactly where every label's probability is below the threshold, the
-    segmenter's background rule, so CRF can move background boundaries like any other class.
+    Attributes:
+        probs: (C', H, W) float32 normalised over every prompted class (the background
+            prompt's channel last when there is one).
+        evidence: (labels, H, W) float32 every label's evidence, with a background threshold.
     """
-    background = np.full((1, *probs.shape[1:]), background_threshold, dtype=np.float32)
-    extended = np.concatenate([background, probs.astype(np.float32)])  # (1 + C, H, W)
-    return extended / extended.sum(axis=0, keepdims=True)
+
+    probs: np.ndarray
+    evidence: np.ndarray | None = None
+
+    def mask(self, background_channel: bool, threshold: float | None) -> np.ndarray:
+        """(H, W) uint8 the segmenter's mask of these maps (no CRF)."""
+        evidence = None if self.evidence is None else torch.from_numpy(self.evidence)
+        mask = probs_to_mask(torch.from_numpy(self.probs), background_channel, evidence, threshold)
+        return mask.numpy().astype(np.uint8)
+
+    def winner_evidence(self, num_labels: int) -> np.ndarray | None:
+        """(H, W) the evidence of each pixel's best label, or None."""
+        if self.evidence is None:
+            return None
+        best = self.probs[:num_labels].argmax(axis=0)  # (H, W)
+        return np.take_along_axis(self.evidence, best[None], axis=0)[0]
+
+
+def final_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    weights: tuple[Mapping[str, float], Mapping[str, float]],
+    common_size: tuple[int, int],
+    out_size: tuple[int, int],
+    num_labels: int,
+    background_threshold: float | None = None,
+    self_only: bool = False,
+) -> CachedFinal:
+    """The final probabilities (and with a threshold the labels' evidence) at ``out_size``."""
+    cross, selfs = weights
+    probs = probs_from_maps(layer_maps, cross, selfs, common_size, out_size, self_only)
+    evidence = None
+    if background_threshold is not None:
+        small = evidence_from_maps(layer_maps, cross, common_size, num_labels)  # (labels, S, S)
+        evidence = _upsample(small, out_size).numpy().astype(np.float32)
+    return CachedFinal(probs, evidence)
+
+
+def mask_from_maps(
+    layer_maps: Mapping[str, np.ndarray],
+    weights: tuple[Mapping[str, float], Mapping[str, float]],
+    common_size: tuple[int, int],
+    out_size: tuple[int, int],
+    num_labels: int,
+    background_threshold: float | None = None,
+    self_only: bool = False,
+    background_channel: bool = False,
+) -> np.ndarray:
+    """(H, W) uint8 StableSeg mask at ``out_size`` = (width, height) from cached layer maps and
+    (cross, self) layer weights: the segmenter's argmax with its background rules, no CRF."""
+    final = final_from_maps(
+        layer_maps, weights, common_size, out_size, num_labels, background_threshold, self_only
+    )
+    return final.mask(background_channel, background_threshold)
 
 
 def pseudo_mask(
@@ -79,28 +169,25 @@ def pseudo_mask(
     config: PseudoConfig,
     background_threshold: float | None = None,
     background_channel: bool = False,
+    evidence: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(H, W) uint8 training mask from (C, H, W) probabilities over an (H, W, 3) image.
+    """(H, W) uint8 training mask from (C', H, W) probabilities over an (H, W, 3) image.
 
-    Ids follow the project's convention: k = ``labels[k - 1]``, 0 = background (with a
-    background threshold, or ``background_channel``: the last channel is the background
-    prompt's), 255 = uncertain (best refined probability below ``config.threshold``), left out
-    of training.
+    Ids follow the project's convention: k = ``labels[k - 1]``, 0 = background (by the rules of
+    :mod:`labeler.background`: ``background_channel`` says the last channel is the background
+    prompt's; a threshold needs ``evidence``, the (H, W) evidence of each pixel's best label),
+    255 = uncertain (best refined probability below ``config.threshold``), left out of training.
+    CRF sees background as a class (:func:`labeler.background.background_first`).
     """
-    if probs.shape[0] > MAX_LABELS:
-        raise ValueError(f"at most {MAX_LABELS} labels fit a uint8 mask, got {probs.shape[0]}")
-    if background_channel:
-        background = probs[-1:]  # (1, H, W)
-        if background_threshold is not None:
-            labels_best = probs[:-1].max(axis=0, keepdims=True)
-            background = np.where(labels_best < background_threshold, 1.0, background)
-        class_probs = np.concatenate([background, probs[:-1]]).astype(np.float32)
-        class_probs /= class_probs.sum(axis=0, keepdims=True)
+    labels = probs[:-1] if background_channel else probs  # (C, H, W)
+    if labels.shape[0] > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels fit a uint8 mask, got {labels.shape[0]}")
+    if background_channel or background_threshold is not None:
+        prompt = probs[-1] if background_channel else None
+        class_probs = background_first(labels, prompt, evidence, background_threshold)
         first_id = 0
-    elif background_threshold is None:
-        class_probs, first_id = probs, 1
     else:
-        class_probs, first_id = with_background(probs, background_threshold), 0
+        class_probs, first_id = probs, 1
     if config.crf:
         class_probs = dense_crf(rgb, class_probs, config.crf_config)  # (K, H, W)
     mask = (class_probs.argmax(axis=0) + first_id).astype(np.uint8)  # (H, W)
@@ -116,6 +203,7 @@ def masks_from_cache(
     weights: tuple[Mapping[str, float], Mapping[str, float]],
     common_size: tuple[int, int],
     config: PseudoConfig,
+    num_labels: int,
     background_threshold: float | None = None,
     self_only: bool = False,
     background_channel: bool = False,
@@ -124,12 +212,20 @@ def masks_from_cache(
 
     Returns:
         (StableSeg mask, training pseudo-mask), both (H, W) uint8 at the size of ``rgb``
-        (H, W, 3): the first is the segmenter's argmax (with its background rule), the second
+        (H, W, 3): the first is the segmenter's argmax (with its background rules), the second
         :func:`pseudo_mask` of the same probabilities (CRF, 255 = uncertain).
     """
     size = (rgb.shape[1], rgb.shape[0])
-    cross, selfs = weights
-    probs = probs_from_maps(layer_maps, cross, selfs, common_size, size, self_only)  # (C, H, W)
-    raw = probs_to_mask(torch.from_numpy(probs), background_threshold, background_channel)
-    pseudo = pseudo_mask(rgb, probs, config, background_threshold, background_channel)
-    return raw.numpy().astype(np.uint8), pseudo
+    final = final_from_maps(
+        layer_maps, weights, common_size, size, num_labels, background_threshold, self_only
+    )
+    raw = final.mask(background_channel, background_threshold)
+    pseudo = pseudo_mask(
+        rgb,
+        final.probs,
+        config,
+        background_threshold,
+        background_channel,
+        final.winner_evidence(num_labels),
+    )
+    return raw, pseudo

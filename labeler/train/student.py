@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..images import to_rgb_array
 from ..prompts import validate_labels
 from ..result import SegmentationResult, mask_dtype
+from ..scores import label_scores
 from .data import resize_rgb, to_tensor
 from .model import STUDENT_FORMAT, STUDENT_META_FILE, require_smp, unwrap
 
@@ -162,10 +163,7 @@ def student_segment(
         logits = predict_logits(student.model, rgb, size, student.device)[channels]  # (1+C, H, W)
         mask = logits_to_mask(logits, student.background)  # (H, W)
         probs = logits[1:].softmax(dim=0)  # (C, H, W)
-        scores = {}
-        for k, name in enumerate(labels, start=1):
-            won = mask == k
-            scores[name] = float(probs[k - 1][won].mean()) if bool(won.any()) else 0.0
+        scores = label_scores(mask, probs, labels)
         results.append(
             SegmentationResult(
                 mask=mask.cpu().numpy().astype(mask_dtype(len(labels))),

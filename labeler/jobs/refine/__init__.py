@@ -1,8 +1,10 @@
 """The refine job: StableSeg pseudo-masks -> StableSeg+ -> StableSeg++ on an unlabelled pool.
 
 ``options`` (what a run is asked to do), ``steps`` (the table of steps: work, outputs, scoring),
-``run`` (the driver, resumable and distributed), ``report`` (report.json), ``files`` (the pool,
-masks, ``run.json``), ``background`` (runs in a thread, for Label Studio's Start Training).
+``plusplus`` (the StableSeg++ steps: the weight fit and its exact pseudo-masks), ``run`` (the
+driver, resumable and distributed), ``report`` (report.json), ``files`` (the pool, per-image
+labels, masks, ``run.json``), ``background`` (runs in a thread, for Label Studio's Start
+Training).
 """
 
 from __future__ import annotations

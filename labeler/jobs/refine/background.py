@@ -1,8 +1,16 @@
-"""Refine runs in a background thread, one per project at a time (Label Studio's
-START_TRAINING webhook starts them)."""
+"""Refine runs in a background thread, one at a time (Label Studio's START_TRAINING webhook
+starts them).
+
+One run at a time per work root: a run holds an exclusive lock on ``<work_root>/.refine.lock``
+(``flock``) while it runs, so a second run, for another project, from this process or another
+one sharing the folder (gunicorn workers), is refused with :class:`RefineBusyError` instead of
+loading a second Stable Diffusion next to the first. Project ids are positive integers: they
+name the run's folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,10 +32,17 @@ from .steps import WEIGHTS
 
 log = logging.getLogger(__name__)
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: one run at a time per process only
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "BackgroundRefine",
+    "RefineBusyError",
     "get_background_refine",
     "latest_refine_weights",
+    "running_refine",
     "start_background_refine",
 ]
 
@@ -80,6 +95,82 @@ class BackgroundRefine:
 
 _RUNS: dict[str, BackgroundRefine] = {}
 _RUNS_LOCK = threading.Lock()
+LOCK_FILE = ".refine.lock"
+
+
+class RefineBusyError(RuntimeError):
+    """A refine run is in progress (``project``: its project id); the message names it."""
+
+    def __init__(self, message: str, project: str) -> None:
+        super().__init__(message)
+        self.project = project
+
+
+def _project_key(project_id: str | int) -> str:
+    """The project id as the folder name part ``project-<id>``: a positive integer."""
+    key = str(project_id)
+    if not (key.isascii() and key.isdigit() and not key.startswith("0")):
+        raise ValueError(f"project id must be a positive integer, got {str(project_id)[:40]!r}")
+    return key
+
+
+def _take_run_lock(work_root: Path, key: str) -> int | None:
+    """Lock ``work_root/.refine.lock`` for a run of project ``key``; the descriptor to close
+    when the run ends (None where ``flock`` does not exist).
+
+    Raises:
+        RefineBusyError: a run (of another process sharing the folder) holds it.
+    """
+    if fcntl is None:
+        return None
+    work_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        running = _read_project(fd)
+        os.close(fd)
+        message = _busy_message(f"project {running or '?'}", " (in another process)")
+        raise RefineBusyError(message, running) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, key.encode("ascii"), 0)
+    return fd
+
+
+def _read_project(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+
+
+def running_refine(work_root: str | os.PathLike[str]) -> str | None:
+    """The project whose refine run is in progress with this work root, in this process or
+    another one (gunicorn's other workers), or None."""
+    with _RUNS_LOCK:
+        running = [run.project_id for run in _RUNS.values() if run.is_running()]
+    if running:
+        return running[0]
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(work_root) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no run has ever started here
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_project(fd) or None
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+    return None
+
+
+def _busy_message(running: str, where: str = "") -> str:
+    return (
+        f"a refine run of {running} is in progress{where}; this backend runs one at a time. "
+        "Start Training again when it has finished."
+    )
 
 
 def _materialise(images: Sequence[Any], work_dir: Path) -> list[PoolItem]:
@@ -107,13 +198,17 @@ def start_background_refine(
 ) -> BackgroundRefine:
     """Start ``refine`` on a project's images in a background thread and return at once.
 
-    One run at a time per project: while one is running, that run is returned and nothing new
-    starts. Each new run gets its own folder ``<work_root>/project-<id>/run-<UTC time>``;
-    :func:`latest_refine_weights` finds the newest finished one after a restart. The run loads
-    its own Stable Diffusion (the backend's copy is not shared: recording attention changes the
-    UNet's processors while a pass runs).
+    One run at a time: while this project's run is running, that run is returned and nothing
+    new starts; while another project's run is running (in this process, or in another one
+    with the same ``work_root``), :class:`RefineBusyError` is raised. Each new run gets its own
+    folder ``<work_root>/project-<id>/run-<UTC time>``; :func:`latest_refine_weights` finds the
+    newest finished one after a restart. The run loads its own Stable Diffusion (the backend's
+    copy is not shared: recording attention changes the UNet's processors while a pass runs),
+    through :func:`labeler.jobs.models.load_stableseg`, whose lock makes loads in one process
+    safe while the backend loads its own copy.
 
     Args:
+        project_id: a positive integer (``ValueError`` otherwise).
         images: local paths and/or already downloaded PIL images (at least 2 readable), or a
             function returning them, called in the worker thread (so slow downloads do not
             hold up the caller).
@@ -121,11 +216,15 @@ def start_background_refine(
             turned off.
         on_finish: called in the worker thread with the run when it ends (either way).
     """
-    key = str(project_id)
+    key = _project_key(project_id)
     with _RUNS_LOCK:
         current = _RUNS.get(key)
         if current is not None and current.is_running():
             return current
+        running = [run.project_id for run in _RUNS.values() if run.is_running()]
+        if running:
+            raise RefineBusyError(_busy_message(f"project {running[0]}"), running[0])
+        lock_fd = _take_run_lock(Path(work_root), key)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         work_dir = Path(work_root) / f"project-{key}" / f"run-{stamp}"
         run_options = replace(options, progress=False)
@@ -139,12 +238,21 @@ def start_background_refine(
             except Exception as err:  # reported through the handle, not raised in a thread
                 log.exception("background refine of project %s failed", key)
                 handle.status, handle.error = "failed", f"{type(err).__name__}: {err}"
+            finally:
+                if lock_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(lock_fd)  # releases the flock: the next run may start
             if on_finish is not None:
                 on_finish(handle)
 
         handle.thread = threading.Thread(target=work, name=f"refine-{key}", daemon=True)
+        try:
+            handle.thread.start()
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
         _RUNS[key] = handle
-        handle.thread.start()
         return handle
 
 
@@ -156,7 +264,8 @@ def get_background_refine(project_id: str | int) -> BackgroundRefine | None:
 
 def latest_refine_weights(work_root: str | os.PathLike[str], project_id: str | int) -> Path | None:
     """weights.safetensors of the newest finished run of the project on disk, or None."""
-    runs = sorted((Path(work_root) / f"project-{project_id}").glob("run-*"), reverse=True)
+    key = _project_key(project_id)
+    runs = sorted((Path(work_root) / f"project-{key}").glob("run-*"), reverse=True)
     for folder in runs:
         report_file = folder / "report.json"
         report = json.loads(report_file.read_text()) if report_file.exists() else None

@@ -3,7 +3,9 @@ the trainer's own configurations."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,47 @@ FIRST_STAGE = "stableseg"
 """StableSeg's pseudo-masks and the attention-map cache: every run starts with it."""
 STAGES = ("plus", "plusplus")
 """The self-training stages a run may add, in order (StableSeg++ needs StableSeg+)."""
+PLUSPLUS_MASKS = ("exact", "cache")
+"""How StableSeg++ makes its pseudo-masks: ``exact`` runs StableSeg with the learned weights
+(the UNet again, in batches); ``cache`` rebuilds them from the stage-1 cache (no UNet pass, but
+the cached self-attention maps were seeded by the uniform weights' CA map)."""
+
+
+@dataclass(frozen=True)
+class ImageLabels:
+    """Per-image labels: each pool image is prompted with its own labels only.
+
+    Attributes:
+        source: where they came from, for messages and the report (``--labels-from-gt DIR``).
+        ids: pool image key -> the 1-based ids (into ``RefineOptions.labels``) it is prompted
+            with, ascending. An image without an entry, or with no id, is skipped in stage 1.
+    """
+
+    source: str
+    ids: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        clean = {}
+        for key, ids in self.ids.items():
+            values = tuple(sorted({int(i) for i in ids}))
+            if any(i < 1 for i in values):
+                raise ValueError(f"{self.source}: image {key} has label ids {list(ids)} below 1")
+            clean[str(key)] = values
+        object.__setattr__(self, "ids", clean)
+
+    def digest(self) -> str:
+        """A short hash of the whole mapping (run.json compares it; the mapping is in
+        ``W/image_labels.json``)."""
+        blob = json.dumps({k: list(v) for k, v in sorted(self.ids.items())})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def settings(self) -> dict[str, Any]:
+        return {"source": self.source, "images": len(self.ids), "sha256": self.digest()}
+
+    def to_json(self) -> str:
+        """The mapping as JSON text, one image a line, sorted by key."""
+        lines = [f"{json.dumps(k)}: {json.dumps(list(v))}" for k, v in sorted(self.ids.items())]
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 @dataclass(frozen=True)
@@ -30,6 +73,9 @@ class RefineOptions:
             empty (or ``("stableseg",)``) for that first stage alone.
         segmenter, pseudo, student, map_fit: the parts' own configurations.
         val_gt: ground-truth mask folder, for mIoU in the report only.
+        image_labels: per-image labels (``--labels-from-gt`` / ``--image-labels``); None: every
+            image is prompted with every label.
+        plusplus_masks: one of :data:`PLUSPLUS_MASKS`.
         progress: show progress bars (process 0 only).
     """
 
@@ -41,6 +87,8 @@ class RefineOptions:
     student: StudentConfig = field(default_factory=StudentConfig)
     map_fit: MapFitConfig = field(default_factory=MapFitConfig)
     val_gt: Path | None = None
+    image_labels: ImageLabels | None = None
+    plusplus_masks: str = "exact"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -52,6 +100,20 @@ class RefineOptions:
                 f"({FIRST_STAGE}, the pseudo-masks and cache, always runs first)"
             )
         object.__setattr__(self, "stages", tuple(s for s in STAGES if s in self.stages))
+        if self.plusplus_masks not in PLUSPLUS_MASKS:
+            raise ValueError(
+                f"plusplus_masks must be one of {', '.join(PLUSPLUS_MASKS)}, "
+                f"got {self.plusplus_masks!r}"
+            )
+        if self.image_labels is not None:
+            chosen = self.image_labels.ids.items()
+            too_high = [(k, v) for k, v in chosen if v and v[-1] > len(self.labels)]
+            if too_high:
+                key, ids = too_high[0]
+                raise ValueError(
+                    f"{self.image_labels.source}: image {key} has label id {ids[-1]} but there "
+                    f"are {len(self.labels)} labels"
+                )
 
     @property
     def background(self) -> bool:
@@ -73,6 +135,8 @@ class RefineOptions:
                         k: v for k, v in asdict(self.student).items() if k != "num_workers"
                     },
                     "map_fit": asdict(self.map_fit),
+                    "image_labels": self.image_labels.settings() if self.image_labels else None,
+                    "plusplus_masks": self.plusplus_masks,
                 }
             )
         )

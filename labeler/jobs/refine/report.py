@@ -36,7 +36,9 @@ def assemble_report(
     ``stages.stableseg`` = {ran, seconds, images, skipped, mIoU, metrics, outputs};
     ``stages.plus`` = {ran, seconds, pseudo, train, predict, mIoU, outputs};
     ``stages.plusplus`` = the same plus ``fit`` (loss curve, initial/final loss, pixels),
-    ``weights`` and ``initial_weights`` (layer -> weight); ``mIoU`` = the headline numbers
+    ``weights`` and ``initial_weights`` (layer -> weight), and in ``pseudo`` the version of its
+    masks (``masks``: exact or cache) and, for exact ones, ``cache_disagreement`` (pixels, per
+    image and in total, where the cache shortcut's masks differ); ``mIoU`` = the headline numbers
     {stableseg: StableSeg masks, plus / plusplus: the students' predictions} (None without
     ``--val-gt``). Every ``metrics`` entry is ``labeler.metrics.summarize`` plus ``images``.
     """

@@ -5,6 +5,7 @@ so, and a per-image step skips images whose output already exists; which step wr
 the table in :mod:`labeler.jobs.refine.steps`):
 
     run.json                      settings and pool of the run (a rerun must match them)
+    image_labels.json             per-image labels (--labels-from-gt / --image-labels): key -> ids
     plan.json                     the segmenter's layers, uniform weights and common size
     state.json                    finished steps with their times, losses and metrics
     cache/<key>.safetensors       every attention layer's class map, fp16 (stage 1)
@@ -14,7 +15,8 @@ the table in :mod:`labeler.jobs.refine.steps`):
     plus/student/                 DeepLabV3+ (smp save_pretrained + stableseg_student.json)
     plus/pred/<key>.png           the student's predictions on the pool
     plusplus/weights.safetensors  learned per-layer weights (+ weights.json)
-    plusplus/stableseg/<key>.png  StableSeg masks with the learned weights (from the cache)
+    plusplus/stableseg/<key>.png  StableSeg masks with the learned weights (StableSeg run again;
+                                  from the cache with --plusplus-masks cache)
     plusplus/pseudo, checkpoint.pt, student/, pred/   as for plus
     report.json, report.png       what ran, times, loss curves, weights, mIoU (--val-gt)
 
@@ -36,8 +38,16 @@ from typing import Any
 
 import torch
 
+from labeler.subsets import LabelSubset
+
 from ..distributed import Distributed
-from ..io import atomic_write_bytes, atomic_write_json, read_json, remove_stale_temporaries
+from ..io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    remove_stale_temporaries,
+)
 from .files import PoolItem, check_work_dir, pool_from_folder, read_mask
 from .options import STAGES, RefineOptions
 from .steps import BY_NAME, PLAN_FILE, WEIGHTS, Step, stage_outputs, steps_of
@@ -45,6 +55,7 @@ from .steps import BY_NAME, PLAN_FILE, WEIGHTS, Step, stage_outputs, steps_of
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+IMAGE_LABELS_FILE = "image_labels.json"
 
 
 @dataclass
@@ -115,6 +126,18 @@ class RefineRun:
         return tqdm(
             total=total, desc=desc, file=sys.stderr, disable=not show, leave=leave, unit=unit
         )
+
+    def subset(self, item: PoolItem) -> LabelSubset | str:
+        """The labels ``item`` is prompted with, or why it has none (it is then skipped)."""
+        chosen = self.options.image_labels
+        if chosen is None:
+            return LabelSubset.every(len(self.labels))
+        ids = chosen.ids.get(item.key)
+        if ids is None:
+            return f"no labels for it in {chosen.source}"
+        if not ids:
+            return f"{chosen.source} gives it none of the labels"
+        return LabelSubset(ids)
 
     def done(self, step: str) -> bool:
         return step in self.state["steps"]
@@ -274,6 +297,8 @@ def run_refine(
         if dist.is_main:
             work.mkdir(parents=True, exist_ok=True)
             atomic_write_json(work / "run.json", record, indent=2)
+            if options.image_labels is not None:
+                atomic_write_text(work / IMAGE_LABELS_FILE, options.image_labels.to_json())
         dist.barrier()
         run = RefineRun(pool, work, options, dist, on_event)
         run.rescore()  # --val-gt given to a rerun: score what already ran (process 0 only)

@@ -5,6 +5,10 @@ outputs and parts) and the result (where the students and weights are). Each ste
 runs in every process (the per-image steps take their share of the pool); its ``finish`` runs
 in process 0 once every process is done (counts, checks). ``scored`` names the mask folders the
 step's record scores against ``--val-gt``.
+
+With per-image labels (``RefineRun.subset``) an image is prompted with its own labels only: its
+cache entry holds those channels and names their global ids, and every step maps channels and
+mask ids back to the global ids (``labeler.subsets.LabelSubset``) before writing a mask.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labeler.subsets import LabelSubset, segment_subsets
+
 from ..io import ImageError, atomic_write_bytes, atomic_write_json, atomic_write_text, open_image
 from .files import load_pair, load_rgb, read_mask, write_mask
 from .options import FIRST_STAGE
+from .plusplus import fit, plusplus_pseudo, plusplus_pseudo_finish
 
 if TYPE_CHECKING:
     from .run import RefineRun
@@ -67,8 +74,19 @@ class Step:
 
 
 # ---------------------------------------------------------------------------- stage 1
+def skip(run: RefineRun, item: Any, reason: str) -> None:
+    """Leave a pool image out of the run, saying why (``W/cache/<key>.skip``, the report)."""
+    log.warning("skipping %s: %s", item.path, reason)
+    atomic_write_text(run.out(CACHE, item, ".skip"), reason)
+
+
 def stableseg(run: RefineRun) -> dict[str, Any]:
-    """StableSeg masks of every pool image, and every attention layer's class map (the cache)."""
+    """StableSeg masks of every pool image, and every attention layer's class map (the cache).
+
+    With per-image labels each image is prompted with its own labels (images sharing a label
+    set share a batch); its cache entry holds maps for those labels only, and names their
+    global ids (``label_ids`` in the header). Its mask is written in global ids.
+    """
     from labeler.train.cache import maps_to_bytes
 
     from ..models import load_stableseg
@@ -93,20 +111,32 @@ def stableseg(run: RefineRun) -> dict[str, Any]:
     bar = run.bar(len(todo), "stage 1/3 StableSeg + attention cache")
     chunk_size = 2 * run.options.segmenter.batch_size
     for start in range(0, len(todo), chunk_size):
-        images, good = [], []
+        images, good, subsets = [], [], []
         for item in todo[start : start + chunk_size]:
+            subset = run.subset(item)
+            if isinstance(subset, str):
+                skip(run, item, subset)
+                continue
             try:
                 images.append(open_image(item.path))
-                good.append(item)
             except ImageError as err:
-                log.warning("skipping %s: %s", item.path, err)
-                atomic_write_text(run.out(CACHE, item, ".skip"), str(err))
+                skip(run, item, str(err))
+                continue
+            good.append(item)
+            subsets.append(subset)
         if good:
             assert segmenter is not None
-            results = segmenter.iter_segment(images, run.labels, return_layer_maps=True)
-            for item, image, result in zip(good, images, results, strict=True):
-                write_mask(run.out("stableseg/masks", item), result.mask)
-                data = maps_to_bytes(result.layer_maps or {}, run.labels, image.size)
+            results = segment_subsets(
+                segmenter, images, subsets, run.labels, return_layer_maps=True
+            )
+            for item, image, subset, result in zip(good, images, subsets, results, strict=True):
+                write_mask(run.out("stableseg/masks", item), subset.to_global(result.mask))
+                data = maps_to_bytes(
+                    result.layer_maps or {},
+                    subset.names(run.labels),
+                    image.size,
+                    extra={"label_ids": list(subset.ids)},
+                )
                 atomic_write_bytes(run.out(CACHE, item, ".safetensors"), data)
                 run.out(CACHE, item, ".skip").unlink(missing_ok=True)
         bar.update(len(todo[start : start + chunk_size]))
@@ -125,6 +155,16 @@ def stableseg_finish(run: RefineRun, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- both stages
+def cached(run: RefineRun, item: Any) -> tuple[dict[str, np.ndarray], LabelSubset]:
+    """One image's cached layer maps (layer -> (C, h, w)) and the labels its channels hold."""
+    from labeler.train.cache import maps_from_bytes
+
+    path = run.out(CACHE, item, ".safetensors")
+    maps, info = maps_from_bytes(path.read_bytes(), where=str(path))
+    ids = info["extra"].get("label_ids")
+    return maps, LabelSubset(tuple(ids)) if ids else LabelSubset.every(len(run.labels))
+
+
 def weights_for(run: RefineRun, stage: str) -> tuple[dict[str, float], dict[str, float]]:
     """(cross, self) layer weights: the uniform plan (plus) or the learned ones (plusplus)."""
     plan = run.plan()
@@ -141,7 +181,6 @@ def weights_for(run: RefineRun, stage: str) -> tuple[dict[str, float], dict[str,
 
 def pseudo(run: RefineRun, stage: str) -> dict[str, Any]:
     """Pseudo-masks from the cached maps with the stage's weights, through CRF."""
-    from labeler.train.cache import maps_from_bytes
     from labeler.train.pseudo import masks_from_cache
 
     plan = run.plan()
@@ -150,7 +189,7 @@ def pseudo(run: RefineRun, stage: str) -> dict[str, Any]:
     bar = run.bar(len(todo), f"{stage}: {'CRF ' * run.options.pseudo.crf}pseudo-masks")
     segmenter = run.options.segmenter
     for item in todo:
-        maps, _ = maps_from_bytes(run.out(CACHE, item, ".safetensors").read_bytes())
+        maps, subset = cached(run, item)
         rgb = load_rgb(item.path, run.options.pseudo.max_side)
         raw, mask = masks_from_cache(
             maps,
@@ -158,13 +197,14 @@ def pseudo(run: RefineRun, stage: str) -> dict[str, Any]:
             (cross, selfs),
             tuple(plan["common_size"]),
             run.options.pseudo,
+            len(subset),
             segmenter.background_threshold,
             plan["self_only"],
             background_channel=segmenter.background_prompt is not None,
         )
         if stage == "plusplus":
-            write_mask(run.out("plusplus/stableseg", item), raw)
-        write_mask(run.out(f"{stage}/pseudo", item), mask)
+            write_mask(run.out("plusplus/stableseg", item), subset.to_global(raw))
+        write_mask(run.out(f"{stage}/pseudo", item), subset.to_global(mask))
         bar.update(1)
     bar.close()
     return {}
@@ -257,71 +297,18 @@ def predict(run: RefineRun, stage: str) -> dict[str, Any]:
     return {}
 
 
-# ---------------------------------------------------------------------------- StableSeg++
-def fit(run: RefineRun) -> dict[str, Any]:
-    """One weight per attention map, fitted so StableSeg matches the StableSeg+ predictions."""
-    from labeler.train.cache import maps_from_bytes
-    from labeler.train.mapweights import PixelSampler, fit_map_weights, weights_summary
-    from labeler.weights import map_weights_to_bytes
-
-    if not run.dist.is_main:
-        return {}
-    plan, config = run.plan(), run.options.map_fit
-    initial = {**plan["cross"]}
-    if any(plan["self"].values()):  # SAR on: its layers are weighted too
-        initial.update(plan["self"])
-    # With a background prompt its map is the last channel, and background pixels are fitted.
-    background = len(run.labels) if run.options.segmenter.background_prompt else None
-    sampler = PixelSampler(
-        list(initial), tuple(plan["common_size"]), config, len(run.usable), background
-    )
-    bar = run.bar(len(run.usable), "plusplus: sampling cached maps")
-    for item in run.usable:
-        maps, _ = maps_from_bytes(run.out(CACHE, item, ".safetensors").read_bytes())
-        sampler.add(maps, read_mask(run.out("plus/pred", item)))
-        bar.update(1)
-    bar.close()
-    features, labels = sampler.samples()
-    bar = run.bar(config.steps, "plusplus: fitting map weights", "step")
-    fit = fit_map_weights(
-        features, labels, sampler.names, initial, config, lambda s, v: bar.update()
-    )
-    bar.close()
-    segmenter = run.options.segmenter
-    metadata = {
-        "labels": run.labels,
-        "model": run.options.model.source,
-        "segmenter": {
-            "image_size": segmenter.image_size,
-            "timestep": segmenter.timestep,
-            "background_threshold": segmenter.background_threshold,
-            "background_prompt": segmenter.background_prompt,
-        },
-        "initial_loss": fit.initial_loss,
-        "final_loss": fit.final_loss,
-    }
-    atomic_write_bytes(run.work / WEIGHTS, map_weights_to_bytes(fit.weights, metadata))
-    summary = weights_summary(fit, plan["cross"], plan["self"], metadata)
-    atomic_write_json(run.work / "plusplus" / "weights.json", summary, indent=2)
-    return {
-        "steps": config.steps,
-        "pixels": fit.pixels,
-        "loss": fit.loss,
-        "initial_loss": fit.initial_loss,
-        "final_loss": fit.final_loss,
-        "weights": fit.weights,
-        "initial_weights": fit.initial,
-    }
-
-
 # ---------------------------------------------------------------------------- the table
 def _stage_steps(stage: str) -> list[Step]:
     """The pseudo-mask, training and prediction steps every self-training stage has."""
+    if stage == "plusplus":
+        work, finish = plusplus_pseudo, plusplus_pseudo_finish
+    else:
+        work, finish = partial(pseudo, stage=stage), partial(pseudo_finish, stage=stage)
     return [
         Step(
             f"{stage}.pseudo",
-            partial(pseudo, stage=stage),
-            partial(pseudo_finish, stage=stage),
+            work,
+            finish,
             outputs={
                 **({"stableseg_masks": "plusplus/stableseg"} if stage == "plusplus" else {}),
                 "pseudo_masks": f"{stage}/pseudo",

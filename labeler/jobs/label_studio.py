@@ -1,0 +1,603 @@
+"""Whole-project predictions for Label Studio: ``stableseg label-studio predict``.
+
+Label Studio's own *Retrieve Predictions* sends every selected task to the backend in one
+request and gives up after 100 s. This job lists the project's tasks a page at a time, labels
+them in full batches and uploads the predictions in small import requests, so no request grows
+with the project and a run of any length can be interrupted and resumed.
+
+The predictions are the backend's, byte for byte, for the same settings: the labels come from
+the project's labeling config through :func:`ml_backend.config.parse_label_config`, images are
+read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else through
+``--url`` with the key; the same allow-list), masks come from
+:func:`ml_backend.model.segment_images` and are encoded by
+:func:`ml_backend.model.build_prediction`, with the model version of the backend's model cache.
+
+The stages are separate functions over iterators (task stream -> images -> segment -> results
+-> upload), so the loop can later be swapped for the pipeline of ``labeler.jobs``:
+
+* :func:`list_tasks`: the project's tasks, page by page, in id order;
+* :func:`decode_ahead`: each task's image, decoded in a small bounded thread pool ahead of the
+  model;
+* :func:`segment_batches`: ``batch_size`` images per ``segment`` call;
+* :func:`encode`: each result as a Label Studio prediction;
+* :class:`Uploader`: predictions to Label Studio, a few tasks per request, with retries.
+
+Resuming: a task that already holds a prediction of this model version is skipped. An upload
+either stores a whole batch or none of it, and before a batch is sent again after a timeout or
+a server error, the tasks it did store are taken out of it: no task is predicted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from labeler.jobs.io import ImageError, write_jsonl
+from labeler.options import ModelSettings
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
+    from PIL import Image
+
+    from ml_backend.config import BrushTarget
+    from ml_backend.images import ImageLoader
+    from ml_backend.settings import BackendSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TASK_FIELDS = "id,data,predictions_model_versions"
+"""What a task listing asks for: no predictions' results (they hold whole brush RLEs)."""
+ORDER_BY_ID = json.dumps({"ordering": ["tasks:id"]})
+MAX_BACKOFF_S = 30.0
+
+
+class LabelStudioUsageError(ValueError):
+    """A wrong URL, key, project or labeling config: the message says what to change."""
+
+
+class LabelStudioUnavailable(RuntimeError):
+    """Label Studio could not be reached or kept failing after the retries."""
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Settings of one ``label-studio predict`` run.
+
+    Attributes:
+        url: Label Studio's address (also where images under ``/data/`` are fetched from).
+        project: the project's id.
+        api_key: a personal access token (JWT) or a legacy token.
+        settings: the model and segmenter, as ``serve`` takes them.
+        page_size: tasks per listing request.
+        upload_batch: tasks per upload request.
+        max_upload_bytes: an upload request is sent early when its JSON would grow past this.
+        decode_workers: threads reading and decoding images ahead of the model.
+        timeout: seconds for one request to Label Studio.
+        retries: attempts after the first for a request that timed out or met a server error
+            (5xx, 429), waiting 1, 2, 4, ... up to 30 s in between.
+        failed_log: JSON-lines file listing the tasks that failed, and why.
+    """
+
+    url: str
+    project: int
+    api_key: str
+    settings: ModelSettings
+    page_size: int = 100
+    upload_batch: int = 16
+    max_upload_bytes: int = 8_000_000
+    decode_workers: int = 4
+    timeout: float = 60.0
+    retries: int = 5
+    failed_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "upload_batch", "max_upload_bytes", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout <= 0 or self.retries < 0:
+            raise ValueError(
+                f"timeout must be > 0 and retries >= 0, got {self.timeout} and {self.retries}"
+            )
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as listed: its id, data and the model versions of its predictions."""
+
+    id: int
+    data: dict[str, Any]
+    versions: frozenset[str] = frozenset()
+
+
+@dataclass
+class Item:
+    """One task on its way through the stages; ``error`` set means it stops here."""
+
+    task: Task
+    image: Image.Image | None = None
+    result: Any = None
+    prediction: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A task left without a prediction, and why."""
+
+    task: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "reason": self.reason}
+
+
+@dataclass
+class PredictSummary:
+    """What a run did. ``exit_code``: 0 when every task has its prediction, 3 when some failed."""
+
+    project: int
+    model_version: str
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    upload_requests: int = 0
+    seconds: float = 0.0
+    failed_log: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+
+# ---------------------------------------------------------------------- connecting
+def connect(url: str, api_key: str, timeout: float) -> LabelStudio:
+    """A label-studio-sdk client (a personal access token is exchanged for access tokens)."""
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
+    except ApiError as err:  # an expired personal access token is refused here
+        raise LabelStudioUsageError(f"LABEL_STUDIO_API_KEY: {_api_detail(err)}") from None
+
+
+def project_target(
+    client: LabelStudio, project: int, options: PredictOptions, max_labels: int
+) -> BrushTarget:
+    """The project's BrushLabels target, parsed exactly as the backend parses it."""
+    from ml_backend.config import LabelConfigError, parse_label_config
+
+    found = _call(
+        lambda: client.projects.get(id=project, request_options=_request(options)),
+        options,
+        f"reading project {project}",
+    )
+    try:
+        return parse_label_config(found.label_config, max_labels)
+    except LabelConfigError as err:
+        raise LabelStudioUsageError(f"project {project}: {err}") from None
+
+
+def backend_settings(options: PredictOptions) -> BackendSettings:
+    """The backend's settings for this run: its environment, with ``--url``, the key and the
+    model options of the command line (so images are read exactly as the backend reads them)."""
+    from ml_backend.settings import BackendSettings
+
+    return replace(
+        BackendSettings.from_env(),
+        stableseg=options.settings,
+        label_studio_url=options.url.rstrip("/"),
+        api_key=options.api_key,
+    )
+
+
+# ---------------------------------------------------------------------- stages
+def list_tasks(client: LabelStudio, options: PredictOptions) -> Iterator[Task]:
+    """Every task of the project, a page of ``page_size`` at a time, in id order.
+
+    Pages are numbered: adding predictions does not move tasks between pages, since the order
+    is by id. Each page is one small request, retried like every other.
+    """
+    page = 1
+    seen = 0
+    while True:
+        listing = _call(
+            lambda page=page: _task_page(client, options, page),
+            options,
+            f"listing page {page} of project {options.project}'s tasks",
+        )
+        if listing is None:
+            return
+        tasks = listing.tasks or []
+        for task in tasks:
+            yield Task(int(task.id), dict(task.data or {}), _versions(task))
+        seen += len(tasks)
+        if not tasks or seen >= int(listing.total or 0):
+            return
+        page += 1
+
+
+def decode_ahead(
+    tasks: Iterable[Task], target: BrushTarget, loader: ImageLoader, workers: int
+) -> Iterator[Item]:
+    """Each task with its decoded image (or the reason it has none), in order.
+
+    ``workers`` threads read ahead of the consumer; at most ``2 * workers`` images wait in
+    memory at a time.
+    """
+    from ml_backend.model import load_task_image
+
+    def load(task: Task) -> Item:
+        try:
+            image = load_task_image({"data": task.data}, task.id, target, loader)
+            return Item(task, image=image)
+        except ImageError as err:
+            return Item(task, error=str(err))
+
+    pending: deque[Future[Item]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        for task in tasks:
+            pending.append(pool.submit(load, task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def segment_batches(
+    items: Iterable[Item], segmenter: Any, target: BrushTarget, batch_size: int
+) -> Iterator[Item]:
+    """The items with their SegmentationResult: ``batch_size`` images per ``segment`` call
+    (the backend's :func:`~ml_backend.model.segment_images`: image by image if a batch fails).
+    Items that failed before pass through."""
+    batch: list[Item] = []
+
+    def run() -> list[Item]:
+        from ml_backend.model import TaskError, segment_images
+
+        errors: list[TaskError] = []
+        images = {index: item.image for index, item in enumerate(batch)}
+        ids = [item.task.id for item in batch]
+        results = segment_images(segmenter, images, ids, target, errors)
+        reasons = {error.task: error.reason for error in errors}
+        for index, item in enumerate(batch):
+            item.image = None
+            if index in results:
+                item.result = results[index]
+            else:
+                item.error = reasons.get(item.task.id, "segmentation failed")
+        done = list(batch)
+        batch.clear()
+        return done
+
+    for item in items:
+        if item.error is not None:
+            yield item
+            continue
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from run()
+    if batch:
+        yield from run()
+
+
+def encode(items: Iterable[Item], target: BrushTarget, model_version: str) -> Iterator[Item]:
+    """Each segmented item with its Label Studio prediction (the backend's encoding)."""
+    from ml_backend.model import build_prediction
+
+    for item in items:
+        if item.error is None:
+            item.prediction = build_prediction(item.result, target, model_version)
+            item.result = None
+        yield item
+
+
+class Uploader:
+    """Predictions to Label Studio in small import requests.
+
+    A request holds at most ``upload_batch`` tasks and about ``max_upload_bytes`` of JSON.
+    Timeouts, dropped connections and server errors are retried with growing waits; before a
+    batch is sent again, the tasks it already stored are taken out of it (a request can fail
+    on the client after the server stored it). A batch Label Studio refuses (4xx) is sent one
+    prediction at a time, so one bad prediction fails alone, with Label Studio's reason.
+    """
+
+    def __init__(
+        self,
+        client: LabelStudio,
+        options: PredictOptions,
+        model_version: str,
+        on_done: Callable[[int], None],
+        on_failed: Callable[[Failure], None],
+    ) -> None:
+        self.client = client
+        self.options = options
+        self.model_version = model_version
+        self.on_done = on_done
+        self.on_failed = on_failed
+        self.requests = 0
+        self._batch: list[dict[str, Any]] = []
+        self._bytes = 0
+
+    def add(self, task_id: int, prediction: dict[str, Any]) -> None:
+        """Queue one task's prediction; sends the batch when it is full."""
+        body = {"task": task_id, **prediction}
+        size = len(json.dumps(body))
+        if self._batch and self._bytes + size > self.options.max_upload_bytes:
+            self.flush()
+        self._batch.append(body)
+        self._bytes += size
+        if len(self._batch) >= self.options.upload_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is queued."""
+        batch, self._batch, self._bytes = self._batch, [], 0
+        if batch:
+            self._send(batch)
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        from label_studio_sdk.core.api_error import ApiError
+
+        delay = 1.0
+        for attempt in range(self.options.retries + 1):
+            if attempt:
+                stored = self._stored([body["task"] for body in batch])
+                for task_id in stored:
+                    self.on_done(task_id)
+                batch = [body for body in batch if body["task"] not in stored]
+                if not batch:
+                    return
+            try:
+                self.requests += 1
+                self.client.projects.import_predictions(
+                    id=self.options.project,
+                    request=batch,
+                    request_options=_request(self.options),
+                )
+            except Exception as err:
+                if _transient(err):
+                    if attempt >= self.options.retries:
+                        raise LabelStudioUnavailable(
+                            f"uploading predictions to {self.options.url} failed "
+                            f"{attempt + 1} times; last: {err}"
+                        ) from None
+                    log.warning("upload of %d predictions failed (%s); retrying", len(batch), err)
+                    time.sleep(delay)
+                    delay = min(2 * delay, MAX_BACKOFF_S)
+                    continue
+                if not isinstance(err, ApiError):
+                    raise
+                if err.status_code in (401, 403, 404):  # the key or the project, not the data
+                    raise _failure(err, self.options, "uploading predictions") from None
+                if batch[1:]:  # find the prediction Label Studio refuses
+                    for body in batch:
+                        self._send([body])
+                    return
+                self.on_failed(Failure(batch[0]["task"], f"upload refused: {_api_detail(err)}"))
+                return
+            for body in batch:
+                self.on_done(body["task"])
+            return
+
+    def _stored(self, task_ids: list[int]) -> set[int]:
+        """The tasks among ``task_ids`` that hold a prediction of this model version."""
+        query = json.dumps({"selectedItems": {"all": False, "included": task_ids}})
+        listing = _call(
+            lambda: (
+                self.client.tasks.list(
+                    project=self.options.project,
+                    page_size=len(task_ids),
+                    include="id,predictions_model_versions",
+                    query=query,
+                    request_options=_request(self.options),
+                ).response
+            ),
+            self.options,
+            "checking which predictions were stored",
+        )
+        return {
+            int(task.id) for task in listing.tasks or [] if self.model_version in _versions(task)
+        }
+
+
+# ---------------------------------------------------------------------- the run
+def run_predict(
+    options: PredictOptions, progress: Callable[[int, int], Any] | None = None
+) -> PredictSummary:
+    """Pre-annotate every task of the project that has no prediction of this model version.
+
+    Raises:
+        LabelStudioUsageError: a wrong URL, key, project or labeling config.
+        LabelStudioUnavailable: Label Studio unreachable, or failing past the retries.
+        ValueError: the model cannot be loaded (see ``labeler.jobs.models.load_stableseg``).
+    """
+    from ml_backend import cache
+    from ml_backend.images import ImageLoader
+
+    started = time.monotonic()
+    settings = backend_settings(options)
+    client = connect(options.url, options.api_key, options.timeout)
+    target = project_target(client, options.project, options, settings.max_labels)
+    total = _task_count(client, options)
+    segmenter = cache.get_segmenter(settings)
+    version = segmenter.model_version
+    summary = PredictSummary(project=options.project, model_version=version, total=total)
+    bar = progress(total, 0) if progress is not None else None
+    log.info(
+        "project %d: %d tasks, labels %s, model version %s",
+        options.project,
+        total,
+        ", ".join(target.labels),
+        version,
+    )
+
+    def done(_task_id: int) -> None:
+        summary.done += 1
+        _tick(bar)
+
+    def failed(failure: Failure) -> None:
+        log.warning("task %d gets no prediction: %s", failure.task, failure.reason)
+        summary.failed.append(failure)
+        _tick(bar)
+
+    def unpredicted(tasks: Iterable[Task]) -> Iterator[Task]:
+        for task in tasks:
+            if version in task.versions:
+                summary.skipped += 1
+                _tick(bar)
+            else:
+                yield task
+
+    uploader = Uploader(client, options, version, done, failed)
+    tasks = unpredicted(list_tasks(client, options))
+    items = decode_ahead(tasks, target, ImageLoader(settings), options.decode_workers)
+    items = segment_batches(items, segmenter, target, options.settings.segmenter.batch_size)
+    try:
+        for item in encode(items, target, version):
+            if item.error is not None:
+                failed(Failure(item.task.id, item.error))
+            else:
+                assert item.prediction is not None
+                uploader.add(item.task.id, item.prediction)
+        uploader.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        summary.upload_requests = uploader.requests
+        summary.seconds = time.monotonic() - started
+    summary.failed_log = _write_failures(options.failed_log, summary.failed)
+    return summary
+
+
+# ---------------------------------------------------------------------- helpers
+def _task_page(client: LabelStudio, options: PredictOptions, page: int) -> Any:
+    """One page of the listing (its ``tasks`` and ``total``); None past the last page."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return client.tasks.list(
+            project=options.project,
+            page=page,
+            page_size=options.page_size,
+            include=TASK_FIELDS,
+            resolve_uri=False,
+            query=ORDER_BY_ID,
+            request_options=_request(options),
+        ).response
+    except ApiError as err:
+        if err.status_code == 404 and page > 1:  # "Invalid page": the project shrank
+            return None
+        raise
+
+
+def _task_count(client: LabelStudio, options: PredictOptions) -> int:
+    listing = _call(
+        lambda: (
+            client.tasks.list(
+                project=options.project,
+                page=1,
+                page_size=1,
+                include="id",
+                request_options=_request(options),
+            ).response
+        ),
+        options,
+        f"counting project {options.project}'s tasks",
+    )
+    return int(listing.total or 0)
+
+
+def _versions(task: Any) -> frozenset[str]:
+    """The model versions of a listed task's predictions (Label Studio joins them with ',')."""
+    joined = getattr(task, "predictions_model_versions", None) or ""
+    if isinstance(joined, list):
+        return frozenset(str(v) for v in joined)
+    return frozenset(v.strip() for v in str(joined).split(",") if v.strip())
+
+
+def _request(options: PredictOptions) -> dict[str, Any]:
+    """Per-request SDK options: our timeout; retries are ours (the SDK's are off: it would
+    resend an upload after a server error, storing its predictions twice)."""
+    return {"timeout_in_seconds": options.timeout, "max_retries": 0}
+
+
+def _transient(err: BaseException) -> bool:
+    """A timeout, a dropped connection, or a server-side error worth another try."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(err, ApiError):
+        return err.status_code is not None and (
+            err.status_code >= 500 or err.status_code in (408, 429)
+        )
+    return isinstance(err, (httpx.TimeoutException, httpx.TransportError))
+
+
+def _call(call: Callable[[], T], options: PredictOptions, what: str) -> T:
+    """``call()``, retried on transient failures; other failures as our errors."""
+    delay = 1.0
+    for attempt in range(options.retries + 1):
+        try:
+            return call()
+        except Exception as err:
+            if not _transient(err):
+                raise _failure(err, options, what) from None
+            if attempt >= options.retries:
+                raise LabelStudioUnavailable(
+                    f"{what} at {options.url} failed {attempt + 1} times; last: {err}"
+                ) from None
+            log.warning("%s failed (%s); retrying in %.0f s", what, err, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+    raise AssertionError("unreachable")
+
+
+def _failure(err: Exception, options: PredictOptions, what: str) -> Exception:
+    """The error to raise for a failure that another try will not mend."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if not isinstance(err, ApiError):
+        return err
+    if err.status_code in (401, 403):
+        return LabelStudioUsageError(
+            f"Label Studio at {options.url} refused LABEL_STUDIO_API_KEY ({what}: HTTP "
+            f"{err.status_code} {_api_detail(err)}); use a personal access token from Account & "
+            "Settings, or a legacy token where they are enabled"
+        )
+    if err.status_code == 404:
+        return LabelStudioUsageError(
+            f"{what}: Label Studio at {options.url} has no project {options.project} "
+            f"(HTTP 404 {_api_detail(err)})"
+        )
+    return LabelStudioUnavailable(f"{what}: HTTP {err.status_code} {_api_detail(err)}")
+
+
+def _api_detail(err: Any) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("validation_errors") or body)[:500]
+    return str(body or err)[:500]
+
+
+def _tick(bar: Any) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _write_failures(path: Path | None, failures: list[Failure]) -> Path | None:
+    """The failures as JSON lines (an old file is emptied when nothing failed)."""
+    if path is None or (not failures and not path.exists()):
+        return None
+    write_jsonl(path, [failure.to_dict() for failure in failures])
+    return path

@@ -1,0 +1,159 @@
+"""Sweeps over segmenter settings: the ablation grids of the paper's Tables 2, 3 and 4.
+
+A sweep is one or more axes, each written ``key=v1,v2,...``:
+
+    cross=16,32,64      cross-attention map sides (Table 3's rows); a value is one side, a list
+                        joined by ``+`` (``8+16``), ``<=32`` (every side up to 32) or ``all``
+    self=16,32,64       self-attention sides used by SAR (Table 3's columns), same notation
+    timestep=1,50,100   the UNet timestep (Table 4)
+    sar=on,off,self-only  SAR on, off (cross-attention alone), or the final map from SAR alone
+                        (Table 2)
+
+Every combination of the axes' values is one point: the base :class:`SegmenterConfig` with
+those fields changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import SegmenterConfig, parse_sizes
+
+
+def _sizes(field: str) -> Callable[[str], dict[str, Any]]:
+    def parse(text: str) -> dict[str, Any]:
+        return {field: parse_sizes(text.replace("+", ","))}
+
+    return parse
+
+
+def _timestep(text: str) -> dict[str, Any]:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return {"timestep": value}
+
+
+SAR_MODES = {
+    "on": {"use_sar": True, "self_only": False},
+    "off": {"use_sar": False, "self_only": False},
+    "self-only": {"use_sar": True, "self_only": True},
+}
+
+
+def _sar(text: str) -> dict[str, Any]:
+    key = text.strip().lower()
+    if key not in SAR_MODES:
+        raise ValueError(f"choose from {', '.join(SAR_MODES)}")
+    return dict(SAR_MODES[key])
+
+
+@dataclass(frozen=True)
+class SweepKey:
+    """One sweepable setting: its name, what a value sets, and the paper's table it makes."""
+
+    name: str
+    parse: Callable[[str], dict[str, Any]]
+    help: str
+
+
+SWEEP_KEYS: dict[str, SweepKey] = {
+    key.name: key
+    for key in (
+        SweepKey("cross", _sizes("cross_sizes"), "cross-attention sides (Table 3 rows)"),
+        SweepKey("self", _sizes("self_sizes"), "self-attention sides for SAR (Table 3 columns)"),
+        SweepKey("timestep", _timestep, "UNet timestep (Table 4)"),
+        SweepKey("sar", _sar, "on, off or self-only (Table 2)"),
+    )
+}
+SIZE_KEYS = ("cross", "self")
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One axis: a key and its values as written, with the config changes of each value."""
+
+    key: str
+    values: tuple[str, ...]
+    changes: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One combination: key -> value as written, and the segmenter configuration it makes."""
+
+    values: Mapping[str, str]
+    config: SegmenterConfig
+
+    def label(self) -> str:
+        """``cross=16 self=32`` (empty for a run without a sweep)."""
+        return " ".join(f"{key}={value}" for key, value in self.values.items())
+
+
+def parse_axis(text: str) -> SweepAxis:
+    """``key=v1,v2`` -> a :class:`SweepAxis`; ``ValueError`` names the bad part."""
+    key, sep, rest = text.partition("=")
+    key = key.strip().lower()
+    if not sep or not key:
+        raise ValueError(f"sweep {text!r}: write key=v1,v2 (keys: {', '.join(SWEEP_KEYS)})")
+    if key not in SWEEP_KEYS:
+        keys = ", ".join(SWEEP_KEYS)
+        raise ValueError(f"sweep {text!r}: unknown key {key!r}; choose from {keys}")
+    # "<=16,<=32" splits into "<=16" and "<=32"; a list inside one value is joined by "+".
+    values = tuple(v.strip() for v in rest.split(",") if v.strip())
+    if not values:
+        raise ValueError(f"sweep {text!r}: no values after '='")
+    if len({v.lower() for v in values}) != len(values):
+        raise ValueError(f"sweep {text!r}: a value is repeated")
+    changes = []
+    for value in values:
+        try:
+            changes.append(SWEEP_KEYS[key].parse(value))
+        except ValueError as err:
+            raise ValueError(f"sweep {key}={value!r}: {err}") from None
+    return SweepAxis(key, values, tuple(changes))
+
+
+def parse_sweep(items: Sequence[str]) -> list[SweepAxis]:
+    """Axes from ``--sweep`` items; an item may hold several space-separated axes."""
+    axes: list[SweepAxis] = []
+    for item in items:
+        for part in item.split():
+            axis = parse_axis(part)
+            if any(other.key == axis.key for other in axes):
+                raise ValueError(f"sweep key {axis.key!r} is given twice")
+            axes.append(axis)
+    return axes
+
+
+def sweep_points(base: SegmenterConfig, axes: Sequence[SweepAxis]) -> list[SweepPoint]:
+    """Every combination of the axes' values (first axis slowest), as configurations.
+
+    No axes: the base configuration alone. Raises ``ValueError`` for a combination the
+    configuration refuses, and for size axes with learned map weights (which replace the size
+    selection, so the sweep would measure one configuration several times).
+    """
+    if base.map_weights is not None:
+        sized = [axis.key for axis in axes if axis.key in SIZE_KEYS]
+        if sized:
+            raise ValueError(
+                f"sweep {', '.join(sized)}: learned map weights (--weights) replace the size "
+                "selection, so these values would all measure the same thing"
+            )
+    points = []
+    for combination in itertools.product(*(range(len(axis.values)) for axis in axes)):
+        values: dict[str, str] = {}
+        changes: dict[str, Any] = {}
+        for axis, index in zip(axes, combination, strict=True):
+            values[axis.key] = axis.values[index]
+            changes.update(axis.changes[index])
+        try:
+            config = base.replace(**changes)
+        except ValueError as err:
+            shown = " ".join(f"{k}={v}" for k, v in values.items())
+            raise ValueError(f"sweep point {shown}: {err}") from None
+        points.append(SweepPoint(values, config))
+    return points
