@@ -338,7 +338,7 @@ def label_images(
 def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dict[str, str]:
     """Rebuild every export from the stored masks and records of ``images``. Returns paths."""
     from exporters import (
-        brush_results,
+        brush_prediction,
         build_coco,
         build_import_file,
         classes_json,
@@ -349,7 +349,6 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         import_task,
         labelmap_text,
         png_to_mask,
-        prediction,
     )
 
     out = options.out_dir
@@ -392,9 +391,9 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                 mask, image_id, len(annotations) + 1, len(labels), scores=per_label
             )
         if want_ls:
-            results = brush_results(mask, labels, scores)
             task = import_task(
-                image_url(root_url, record["file"]), prediction(results, record["model_version"])
+                image_url(root_url, record["file"]),
+                brush_prediction(mask, labels, scores, record["model_version"]),
             )
             tasks.append(task)
     if want_coco:
