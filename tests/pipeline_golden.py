@@ -1,7 +1,7 @@
 """Compact digests of a ``pseudo-label`` output folder, to compare runs with a golden file.
 
 ``tests/golden/pseudo_label_demo.json`` was written by this module from the output of the
-job as it was before the pipelined rewrite (main at 7701d5f, the core of issue 13 included;
+job as it was before the pipelined rewrite (main at de55641, the core of issue 13 included;
 first written at 376c6f6, before that core changed the masks), run on the demo scenes::
 
     python cli.py pseudo-label demo/scenes/images --labels-file demo/scenes/colours.txt \\
