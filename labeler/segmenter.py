@@ -17,7 +17,7 @@ from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attentio
 from .background import label_evidence
 from .config import SegmenterConfig, SizeSelection, select_sizes
 from .finish import BAND_BYTES, finish_scores
-from .images import to_model_input, to_rgb_array
+from .images import PreparedImage, resize_for_model, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (
@@ -378,7 +378,7 @@ class StableSeg:
     def _finish(
         self,
         scores: torch.Tensor,
-        rgb: np.ndarray,
+        shape: tuple[int, int],
         labels: list[str],
         return_probs: bool = False,
         evidence: torch.Tensor | None = None,
@@ -391,7 +391,7 @@ class StableSeg:
         """
         finished = finish_scores(
             scores,
-            size=rgb.shape[:2],
+            size=shape,
             labels=labels,
             background_threshold=self.config.background_threshold,
             background_channel=self.config.background_prompt is not None,
@@ -457,18 +457,17 @@ class StableSeg:
         prompted = self.prompt_labels(labels)
         if not isinstance(images, (list, tuple)):
             images = [images]
-        rgbs = [to_rgb_array(image, index=i) for i, image in enumerate(images)]
         plan = self.plan(all_layers=return_layer_maps)
         prompts = self._prompts(prompted)
         size = self.config.batch_size
-        for start in range(0, len(rgbs), size):
-            chunk = rgbs[start : start + size]
-            pixels = to_model_input(chunk, self.config.image_size)
+        for start in range(0, len(images), size):
+            chunk = images[start : start + size]
+            pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
             latents = self.encode_images(pixels)
             result = self._attention_pass(latents, prompts, plan)
-            for i, rgb in enumerate(chunk):
+            for i, shape in enumerate(shapes):
                 evidence = None if result.evidence is None else result.evidence[i]
-                out = self._finish(result.final[i], rgb, labels, return_probs, evidence)
+                out = self._finish(result.final[i], shape, labels, return_probs, evidence)
                 if return_layer_maps:
                     out.layer_maps = {
                         name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
@@ -476,6 +475,39 @@ class StableSeg:
                     for name, share in (result.shares or {}).items():
                         out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
                 yield out
+
+    accepts_prepared_images = True
+    """``segment`` takes :class:`labeler.images.PreparedImage` items too: pixels already at the
+    model's size (resized by the caller, e.g. in reading threads) and the mask's size."""
+
+    def _model_input(
+        self, images: Sequence[Any], first_index: int
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Step 2's input for a batch: (B, 3, S, S) in [-1, 1] and each mask's (H, W).
+
+        A :class:`PreparedImage` brings its (S, S, 3) pixels and size; anything else is an image
+        (PIL or array, any mode) resized here by the same rule (:func:`resize_for_model`).
+        """
+        side = self.config.image_size
+        batch, shapes = [], []
+        for offset, image in enumerate(images):
+            index = first_index + offset
+            if isinstance(image, PreparedImage):
+                pixels = np.asarray(image.pixels)
+                if pixels.shape != (side, side, 3) or pixels.dtype != np.uint8:
+                    raise ValueError(
+                        f"prepared image {index} must be ({side}, {side}, 3) uint8 at the "
+                        f"model's image_size, got {pixels.shape} {pixels.dtype}"
+                    )
+                width, height = image.size
+                shapes.append((int(height), int(width)))
+            else:
+                rgb = to_rgb_array(image, index=index)
+                pixels = resize_for_model(rgb, side)
+                shapes.append(rgb.shape[:2])
+            batch.append(pixels)
+        tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        return tensor.float().div_(127.5).sub_(1.0), shapes
 
 
 def _uniform(

@@ -258,3 +258,24 @@ def test_background_prompt_is_one_more_class_whose_pixels_are_background(tiny_mo
     assert model.model_version != tiny_model.model_version
     with pytest.raises(ValueError, match="duplicate label 'background'"):
         model.segment(_image(), ["cat", "background"])
+
+
+def test_prepared_images_give_the_masks_of_the_full_images(tiny_model):
+    """A caller that resizes for the model itself (the pipeline's reading threads) gets the
+    same masks, at the original size, as one that hands over the full image."""
+    from labeler.images import PreparedImage, resize_for_model, to_rgb_array
+
+    images = [_image(40, 56), _image(33, 17, seed=1)]
+    side = tiny_model.config.image_size
+    prepared = [
+        PreparedImage(resize_for_model(to_rgb_array(image), side), (image.shape[1], image.shape[0]))
+        for image in images
+    ]
+    expected = tiny_model.segment(images, LABELS)
+    got = tiny_model.segment(prepared, LABELS)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.scores == b.scores
+    wrong = PreparedImage(np.zeros((side + 8, side, 3), np.uint8), (10, 10))
+    with pytest.raises(ValueError, match="prepared image 0 must be"):
+        tiny_model.segment(wrong, LABELS)
