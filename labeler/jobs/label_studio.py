@@ -32,14 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labeler.jobs.io import ImageError, write_jsonl
+from labeler.jobs.pipeline import ordered_map
 from labeler.options import ModelSettings
 
 if TYPE_CHECKING:
@@ -244,14 +243,7 @@ def decode_ahead(
         except ImageError as err:
             return Item(task, error=str(err))
 
-    pending: deque[Future[Item]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        for task in tasks:
-            pending.append(pool.submit(load, task))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from ordered_map(load, tasks, workers, ahead=2 * workers)
 
 
 def segment_batches(
