@@ -14,7 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
     PORT=9090 \
     WORKERS=1 \
     THREADS=4 \
-    MODEL_DIR=runwayml/stable-diffusion-v1-5 \
+    MODEL_DIR=stable-diffusion-v1-5/stable-diffusion-v1-5 \
     HF_HOME=/data/hf-cache \
     LOG_LEVEL=INFO
 
@@ -24,11 +24,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md cli.py ./
+COPY pyproject.toml README.md ./
 COPY labeler ./labeler
 COPY exporters ./exporters
-COPY jobs ./jobs
-COPY commands ./commands
 COPY ml_backend ./ml_backend
 RUN pip install .
 
@@ -36,5 +34,6 @@ EXPOSE 9090
 VOLUME ["/data"]
 
 # --model comes from MODEL_DIR, the device from STABLESEG_DEVICE (default: CUDA when present),
-# basic auth from BASIC_AUTH_USER / BASIC_AUTH_PASS; see docs/label-studio.md for the rest.
-CMD ["sh", "-c", "exec python cli.py serve --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" --threads \"$THREADS\" --log-level \"$LOG_LEVEL\""]
+# basic auth from BASIC_AUTH_USER / BASIC_AUTH_PASS; every other setting from its STABLESEG_*
+# variable (see the README's Settings, Label Studio and Security sections).
+CMD ["sh", "-c", "exec stableseg serve --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" --threads \"$THREADS\" --log-level \"$LOG_LEVEL\""]
