@@ -30,13 +30,14 @@ LABELS = "cat,dog,person,car,tree,sky,road,grass,building,water"
 
 def save_model(folder: Path, tiny: bool, dtype: str) -> Path:
     """Random components written in diffusers layout (``model_index.json`` and subfolders)."""
-    import torch
     from diffusers import DDPMScheduler
 
     from labeler.testing import sd15_components, tiny_components
 
     parts = tiny_components(seed=0) if tiny else sd15_components(seed=0)
-    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32)
+    from labeler.config import torch_dtype
+
+    save_dtype = torch_dtype(dtype)
     for name in ("unet", "vae", "text_encoder"):
         parts[name].to(save_dtype).save_pretrained(folder / name)
     parts["tokenizer"].save_pretrained(folder / "tokenizer")

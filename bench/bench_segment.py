@@ -156,9 +156,9 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, 
     cuda = device.type == "cuda"
     image_size = image_size or (512 if cuda else 256)
     sizes = [int(b) for b in (batch_sizes or ("1,8,32" if cuda else "1")).split(",")]
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        dtype or ("fp16" if cuda else "fp32")
-    ]
+    from labeler.config import torch_dtype as dtype_of
+
+    torch_dtype = dtype_of(dtype or ("fp16" if cuda else "fp32"))
     names = labels.split(",")
     if compile_unet and not hasattr(StableSeg, "compile"):
         raise click.UsageError("this StableSeg has no compile(); --compile needs it")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labeler.result import IGNORE
 from labeler.subsets import LabelSubset, segment_subsets
 
 from ..io import ImageError, atomic_write_bytes, atomic_write_json, atomic_write_text, open_image
@@ -214,7 +215,7 @@ def pseudo_finish(run: RefineRun, record: dict[str, Any], stage: str) -> None:
     ignored = total = 0
     for item in run.usable:
         mask = read_mask(run.out(f"{stage}/pseudo", item))
-        ignored += int((mask == 255).sum())
+        ignored += int((mask == IGNORE).sum())
         total += mask.size
     record["ignored_fraction"] = ignored / max(total, 1)
 
