@@ -141,16 +141,15 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recipe]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _decode(prediction: dict, labels: list[str]) -> np.ndarray:
-    """A prediction's brush results -> one (H, W) id mask (0 = unpainted)."""
-    mask: np.ndarray | None = None
+def _decode(prediction: dict, labels: list[str], shape: tuple[int, int]) -> np.ndarray:
+    """A prediction's brush results -> one (H, W) id mask (0 = unpainted; a prediction with no
+    region, an image where nothing was found, is all 0)."""
+    mask = np.zeros(shape, np.uint8)
     for region in prediction["result"]:
         painted = decode_brush_result(region)
-        if mask is None:
-            mask = np.zeros(painted.shape, np.uint8)
+        assert painted.shape == shape
         assert not (painted & (mask > 0)).any(), "brush regions overlap"
         mask[painted] = labels.index(region["value"]["brushlabels"][0]) + 1
-    assert mask is not None, "a prediction without regions"
     return mask
 
 
@@ -231,7 +230,12 @@ def test_the_recipe_pre_annotates_every_demo_scene(recipe: Recipe, tmp_path: Pat
             assert 0.0 < prediction["score"] <= 1.0, task["id"]
         else:  # nothing painted: the least confident task of all
             assert prediction["score"] == 0.0, task["id"]
-    masks = {Path(t["storage_filename"]).name: _decode(t["predictions"][0], COLOURS) for t in tasks}
+    masks = {}
+    for task in tasks:
+        name = Path(task["storage_filename"]).name
+        with Image.open(SCENES / "images" / name) as image:
+            shape = (image.height, image.width)
+        masks[name] = _decode(task["predictions"][0], COLOURS, shape)
 
     # Right masks: the demo's colours painted in their colour, the grey backdrop unpainted
     # (the shipped scenes' ground truth; the demo model reaches about 0.65 IoU a colour).
@@ -272,7 +276,11 @@ def test_task_scores_are_stored_and_sort_the_data_manager(recipe: Recipe) -> Non
     weighted_differs = False
     for task in tasks[:20]:
         stored = api.get(f"/api/tasks/{task['id']}")["predictions"][0]
-        mask = _decode(stored, COLOURS)
+        if not stored["result"]:  # nothing painted: score 0 (checked in the recipe test)
+            continue
+        first = stored["result"][0]
+        shape = (first["original_height"], first["original_width"])
+        mask = _decode(stored, COLOURS, shape)
         scores = {r["value"]["brushlabels"][0]: r["score"] for r in stored["result"]}
         # the task score is the labels' scores weighted by their painted pixels
         assert stored["score"] == pytest.approx(task_score(mask, COLOURS, scores), abs=1e-6)
