@@ -30,29 +30,11 @@ LABELS = "cat,dog,person,car,tree,sky,road,grass,building,water"
 
 def save_model(folder: Path, tiny: bool, dtype: str) -> Path:
     """Random components written in diffusers layout (``model_index.json`` and subfolders)."""
-    from diffusers import DDPMScheduler
-
+    from labeler.jobs.models import save_diffusers_folder
     from labeler.testing import sd15_components, tiny_components
 
     parts = tiny_components(seed=0) if tiny else sd15_components(seed=0)
-    from labeler.config import torch_dtype
-
-    save_dtype = torch_dtype(dtype)
-    for name in ("unet", "vae", "text_encoder"):
-        parts[name].to(save_dtype).save_pretrained(folder / name)
-    parts["tokenizer"].save_pretrained(folder / "tokenizer")
-    DDPMScheduler().save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.27.0",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return save_diffusers_folder(parts, folder, dtype)
 
 
 @click.command()

@@ -112,9 +112,9 @@ class StableSegBackend(LabelStudioMLBase):
             if not images:
                 continue
             segmenter = segmenter or cache.get_segmenter(self.settings)
-            results = self._segment(segmenter, images, ids, target, outcome.errors)
+            results = segment_images(segmenter, images, ids, target, outcome.errors)
             for index, result in results.items():
-                outcome.predictions[index] = self._prediction(
+                outcome.predictions[index] = build_prediction(
                     result, target, segmenter.model_version
                 )
         outcome.model_version = (
@@ -155,20 +155,6 @@ class StableSegBackend(LabelStudioMLBase):
             except ImageError as err:
                 errors.append(TaskError(ids[index], str(err)))
         return images
-
-    def _segment(
-        self,
-        segmenter: Any,
-        images: dict[int, Image.Image],
-        ids: list[Any],
-        target: BrushTarget,
-        errors: list[TaskError],
-    ) -> dict[int, Any]:
-        """Task index -> SegmentationResult (see :func:`segment_images`)."""
-        return segment_images(segmenter, images, ids, target, errors)
-
-    def _prediction(self, result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-        return build_prediction(result, target, version)
 
 
 # ---------------------------------------------------------------------- shared with the CLI

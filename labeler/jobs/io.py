@@ -148,44 +148,26 @@ def open_image(
     return decode_image(source, max_pixels)[0]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    The file gets :data:`FILE_MODE` (the umask's, as a plain ``open()`` would), set on the
-    temporary file before the rename, so the path never shows another mode.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
-    """A text handle (UTF-8) whose content replaces ``path`` when the block ends.
+def atomic_writer(path: str | os.PathLike[str], binary: bool = False) -> Iterator[IO[Any]]:
+    """A handle whose content replaces ``path`` when the block ends: text (UTF-8) or binary.
 
-    For files written piece by piece (exports assembled in constant memory): the handle is a
-    temporary file in the same folder, named like :func:`atomic_write_bytes`' so
-    :func:`remove_stale_temporaries` cleans up after a kill, with :data:`FILE_MODE`; it is
+    The handle is a temporary file in the same folder (``.<name>.<random>.tmp``, so
+    :func:`remove_stale_temporaries` cleans up after a kill) with :data:`FILE_MODE`; it is
     flushed, fsynced and renamed over ``path`` when the block ends, and removed when the block
-    raises.
+    raises: a kill at any moment leaves the old file or the new one. For files written piece by
+    piece (exports assembled in constant memory) as for whole ones.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        if binary:
+            handle: IO[Any] = os.fdopen(fd, "wb")
+        else:
+            handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -194,6 +176,12 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    with atomic_writer(path, binary=True) as handle:
+        handle.write(data)
 
 
 @contextlib.contextmanager

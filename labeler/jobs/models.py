@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from labeler.config import ModelSpec, SegmenterConfig, torch_dtype
 
@@ -104,3 +104,35 @@ def load_stableseg(
         model.compile()
     log.info("loaded %s in %.1f s", spec.source, time.monotonic() - started)
     return model
+
+
+def save_diffusers_folder(parts: dict[str, Any], root: Path, dtype: str | None = None) -> Path:
+    """Components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``) written as a diffusers
+    Stable Diffusion folder, with a scheduler and ``model_index.json``, as a checkpoint is laid
+    out: what ``--model`` and :func:`load_stableseg` read (tests, benchmarks, the demo).
+
+    Args:
+        dtype: ``"fp16"``, ``"bf16"`` or ``"fp32"`` to store the weights in; None as they are.
+    """
+    import json
+
+    from diffusers import DDPMScheduler
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder"):
+        module = parts[name] if dtype is None else parts[name].to(torch_dtype(dtype))
+        module.save_pretrained(root / name)
+    parts["tokenizer"].save_pretrained(root / "tokenizer")
+    DDPMScheduler().save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.27.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
