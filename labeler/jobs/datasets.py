@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -161,28 +162,26 @@ def _pair_by_stem(image_dir: Path, gt_dir: Path, image_suffix: str, gt_suffix: s
     return samples
 
 
-def _voc(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
-    needs = ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")
-    base = _first_dir(root, ("", "VOC2012", "VOCdevkit/VOC2012"), needs)
+def _pascal(
+    preset: DatasetPreset, root: Path, split: str, year: str, masks: str, sets: str
+) -> tuple[Path, list[Sample]]:
+    """A VOCdevkit-style layout: ``JPEGImages``, a mask folder and ``ImageSets/<sets>`` lists,
+    under ``root``, ``root/VOC<year>`` or ``root/VOCdevkit/VOC<year>``."""
+    needs = ("JPEGImages", masks, f"ImageSets/{sets}")
+    base = _first_dir(root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), needs)
     if base is None:
         raise _layout_error(preset, root)
-    listing = base / "ImageSets/Segmentation" / f"{split}.txt"
+    listing = base / "ImageSets" / sets / f"{split}.txt"
     if not listing.is_file():
         raise _layout_error(preset, root, f"{listing} is missing")
     ids = _read_ids(listing)
-    return base, _from_list(base, ids, "JPEGImages/{}.jpg", "SegmentationClass/{}.png")
+    return base, _from_list(base, ids, "JPEGImages/{}.jpg", masks + "/{}.png")
 
 
-def _context(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
-    needs = ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext")
-    base = _first_dir(root, ("", "VOC2010", "VOCdevkit/VOC2010"), needs)
-    if base is None:
-        raise _layout_error(preset, root)
-    listing = base / "ImageSets/SegmentationContext" / f"{split}.txt"
-    if not listing.is_file():
-        raise _layout_error(preset, root, f"{listing} is missing")
-    ids = _read_ids(listing)
-    return base, _from_list(base, ids, "JPEGImages/{}.jpg", "SegmentationClassContext/{}.png")
+_voc = partial(_pascal, year="2012", masks="SegmentationClass", sets="Segmentation")
+_context = partial(
+    _pascal, year="2010", masks="SegmentationClassContext", sets="SegmentationContext"
+)
 
 
 def _ade(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
