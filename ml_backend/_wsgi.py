@@ -49,8 +49,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     from ml_backend.serving import check_dev_server, run_dev_server
 
+    settings = BackendSettings.from_env()
     try:
-        check_dev_server(args.host, bool(BackendSettings.from_env().basic_auth_user))
+        check_dev_server(args.host, bool(settings.basic_auth_user))
     except ValueError as err:
         parser.error(str(err))
-    run_dev_server(app, args.host, args.port)
+    run_dev_server(app, args.host, args.port, settings.request_timeout)

@@ -9,8 +9,9 @@ and logs the whole body). For each request, in this order:
 2. **Body size**: a ``Content-Length`` over ``STABLESEG_MAX_BODY_BYTES`` gets 413 at once; a
    body without one (chunked) is read up to the limit plus one byte, and 413 when there is more.
 3. **Body deadline**: the body must arrive within ``STABLESEG_REQUEST_TIMEOUT`` seconds of wall
-   time, trickles included (408). Under gunicorn the socket is shut for reading when the
-   deadline passes, which ends a read that is waiting for the next byte.
+   time, trickles included (408). The connection's socket (gunicorn's, or the development
+   server's under :data:`SOCKET_KEY`) is shut for reading when the deadline passes, which ends
+   a read that is waiting for the next byte.
 
 The body the app then sees is the bytes read here (at most the limit). A refusal closes the
 connection, so gunicorn does not read the unread body to keep the connection alive.
@@ -35,6 +36,7 @@ from .settings import BackendSettings
 logger = logging.getLogger(__name__)
 
 _READ_SIZE = 1 << 16
+SOCKET_KEY = "stableseg.socket"  # the development server's connection, in the WSGI environ
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -118,12 +120,13 @@ def read_body(environ: dict[str, Any], settings: BackendSettings) -> bytes:
     stream = environ["wsgi.input"]
     body = bytearray()
     ended = False  # the stream said it had no more
-    with _Deadline(environ.get("gunicorn.socket"), settings.request_timeout) as deadline:
+    sock = environ.get("gunicorn.socket") or environ.get(SOCKET_KEY)
+    with _Deadline(sock, settings.request_timeout) as deadline:
         while len(body) < wanted:
             try:
                 chunk = stream.read(min(_READ_SIZE, wanted - len(body)))
             except Exception as err:  # the server's reader: timeouts, resets, bad chunking
-                if deadline.expired:
+                if deadline.expired or isinstance(err, TimeoutError):  # a socket timeout
                     raise body_too_slow(settings) from None
                 raise RequestError(400, f"the request body could not be read: {err}") from None
             if not chunk:

@@ -88,13 +88,17 @@ class LabelStudioAuth:
         with self._lock:
             if self._access is None or time.time() > self._expires - _REFRESH_MARGIN_S:
                 url = urljoin(self.base_url.rstrip("/") + "/", "api/token/refresh/")
-                try:  # no redirects: the refresh token goes to LABEL_STUDIO_URL only
-                    response = requests.post(
-                        url,
-                        json={"refresh": self.api_key},
-                        timeout=self.timeout,
-                        allow_redirects=False,
-                    )
+                # no redirects and no proxy: the refresh token goes to LABEL_STUDIO_URL only,
+                # as every other request with the key does (ml_backend.fetch uses no proxy)
+                try:
+                    with requests.Session() as session:
+                        session.trust_env = False  # HTTP(S)_PROXY, ALL_PROXY and .netrc unused
+                        response = session.post(
+                            url,
+                            json={"refresh": self.api_key},
+                            timeout=self.timeout,
+                            allow_redirects=False,
+                        )
                 except requests.RequestException as err:
                     logger.warning("token refresh at %s failed: %s", url, err)
                     raise ImageError(

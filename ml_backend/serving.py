@@ -6,6 +6,10 @@
   (:func:`check_dev_server`), as it was never meant to face a network.
 * The development server never runs Werkzeug's debugger (its console executes Python for
   whoever opens it, outside basic auth), whatever ``FLASK_DEBUG`` or ``FLASK_ENV`` say.
+* The development server bounds slow clients as gunicorn does: a read of the request line or
+  the headers gives up after ``STABLESEG_REQUEST_TIMEOUT`` seconds without a byte, and the
+  body must arrive within that many seconds of wall clock (the guard's deadline gets the
+  connection's socket through :data:`ml_backend.guard.SOCKET_KEY`).
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ def check_dev_server(host: str, basic_auth: bool) -> None:
         )
 
 
-def run_dev_server(app: Any, host: str, port: int) -> None:
-    """Flask's development server, threaded, with the debugger and reloader off."""
+def run_dev_server(app: Any, host: str, port: int, request_timeout: float) -> None:
+    """Flask's development server, threaded, with the debugger and reloader off, and
+    ``request_timeout`` seconds for a request to arrive (see the module)."""
     app.debug = False
     app.run(
         host=host,
@@ -69,4 +74,22 @@ def run_dev_server(app: Any, host: str, port: int) -> None:
         use_debugger=False,
         use_evalex=False,
         use_reloader=False,
+        request_handler=_deadline_handler(request_timeout),
     )
+
+
+def _deadline_handler(seconds: float) -> type:
+    """Werkzeug's request handler with a socket timeout and the socket in the environ."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    from .guard import SOCKET_KEY
+
+    class DeadlineRequestHandler(WSGIRequestHandler):
+        timeout = seconds  # socketserver sets it on the connection: no read waits longer
+
+        def make_environ(self) -> dict[str, Any]:
+            environ = super().make_environ()
+            environ[SOCKET_KEY] = self.connection
+            return environ
+
+    return DeadlineRequestHandler

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,9 @@ def project_settings(settings: BackendSettings, project_id: int | None) -> Backe
     return replace(settings, stableseg=replace(settings.stableseg, weights=Path(path)))
 
 
-def fetch_project_tasks(loader: ImageLoader, project_id: int) -> list[dict[str, Any]]:
+def iter_project_tasks(loader: ImageLoader, project_id: int) -> Iterator[dict[str, Any]]:
     """Every task of the project, through ``GET /api/tasks?project=ID`` (paged), from
-    ``LABEL_STUDIO_URL`` only."""
+    ``LABEL_STUDIO_URL`` only; one page in memory at a time."""
     import json
 
     if not loader.base_url or not loader.api_key:
@@ -95,7 +95,7 @@ def fetch_project_tasks(loader: ImageLoader, project_id: int) -> list[dict[str, 
             "Start Training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to list the "
             "project's tasks"
         )
-    tasks: list[dict[str, Any]] = []
+    seen = 0
     page = 1
     while True:
         path = (
@@ -104,31 +104,37 @@ def fetch_project_tasks(loader: ImageLoader, project_id: int) -> list[dict[str, 
         )
         body = json.loads(loader.label_studio_bytes(path, 100_000_000))
         batch = body.get("tasks", []) if isinstance(body, dict) else body
-        tasks += batch
-        total = body.get("total", len(tasks)) if isinstance(body, dict) else len(tasks)
-        if not batch or len(tasks) >= total:
-            return tasks
+        yield from batch
+        seen += len(batch)
+        total = body.get("total", seen) if isinstance(body, dict) else seen
+        if not batch or seen >= total:
+            return
         page += 1
 
 
-def _images(target: BrushTarget, loader: ImageLoader, project_id: int) -> list[Any]:
+def fetch_project_tasks(loader: ImageLoader, project_id: int) -> list[dict[str, Any]]:
+    """:func:`iter_project_tasks` as a list."""
+    return list(iter_project_tasks(loader, project_id))
+
+
+def _images(target: BrushTarget, loader: ImageLoader, project_id: int) -> Iterator[Any]:
     """Images of every task of the project (the refiner needs no annotation, so the whole
-    pool), listed through the Label Studio API. Bad ones are logged and left out."""
-    tasks = fetch_project_tasks(loader, project_id)
-    images = []
-    for task in tasks:
+    pool), listed through the Label Studio API and loaded one at a time as the run writes its
+    pool (so memory holds one image, not the project). Bad ones are logged and left out."""
+    loaded = tasks = 0
+    for task in iter_project_tasks(loader, project_id):
+        tasks += 1
         data = task.get("data") if isinstance(task, dict) else None
         url = data.get(target.data_key) if isinstance(data, dict) else None
+        task_id = task.get("id") if isinstance(task, dict) else None
         try:
-            images.append(loader.load(url, task.get("id")))
+            image = loader.load(url, task_id)
         except ImageError as err:
-            logger.warning(
-                "refine of project %s leaves out task %s: %s", project_id, task.get("id"), err
-            )
-    logger.info(
-        "refine of project %s: %d images from %d tasks", project_id, len(images), len(tasks)
-    )
-    return images
+            logger.warning("refine of project %s leaves out task %s: %s", project_id, task_id, err)
+            continue
+        loaded += 1
+        yield image
+    logger.info("refine of project %s: %d images from %d tasks", project_id, loaded, tasks)
 
 
 def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:

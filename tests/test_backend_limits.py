@@ -8,6 +8,7 @@ a small stand-in for Label Studio's API on loopback. Every loop is bounded in co
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -477,8 +478,11 @@ def test_start_training_is_one_run_for_the_whole_backend(server):
 
 
 # ---------------------------------------------------------------------- dev server
-def test_the_dev_server_never_runs_the_debugger(tmp_path, tiny_model_dir, images_root):
-    """FLASK_DEBUG=1 in the environment: still no debugger (its console runs Python)."""
+def test_the_dev_server_never_runs_the_debugger_and_cuts_slow_clients(
+    tmp_path, tiny_model_dir, images_root
+):
+    """FLASK_DEBUG=1 in the environment: still no debugger (its console runs Python); slow
+    clients are cut as under gunicorn."""
     served = _serve(
         tmp_path,
         tiny_model_dir,
@@ -494,8 +498,25 @@ def test_the_dev_server_never_runs_the_debugger(tmp_path, tiny_model_dir, images
             assert response.headers["Content-Type"] == "application/json", response.text[:200]
         crash = requests.post(f"{server.url}/predict", data="[" * 100_000, timeout=10)
         assert crash.status_code == 400 and crash.headers["Content-Type"] == "application/json"
+        _assert_slow_clients_are_cut(server)
     finally:
         served.close()
+
+
+def _assert_slow_clients_are_cut(server: Served) -> None:
+    """A body that stops (408) and a head that stops (connection closed), each within
+    STABLESEG_REQUEST_TIMEOUT and a margin."""
+    started = time.monotonic()  # 11 of 100 bytes, then nothing
+    status, body = _raw(server.port, _head("/predict", "Content-Length: 100"), b'{"tasks": [')
+    assert status == 408 and "STABLESEG_REQUEST_TIMEOUT" in body["detail"]
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 3
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_TIMEOUT_S + 6) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
+        with contextlib.suppress(ConnectionError):
+            while s.recv(4096):  # the server may answer 408 before closing
+                pass
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 3
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.org"])

@@ -552,7 +552,11 @@ def test_symlinks_are_followed_only_inside_the_root(images_root):
         safe_local_path(images_root, "imgs/escape.png")
 
 
-def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web):
+def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web, monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # a proxy would see the token: unused
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
     assert is_jwt(REFRESH_TOKEN) and is_jwt(ACCESS_TOKEN) and not is_jwt(LEGACY_TOKEN)
     assert LabelStudioAuth(web, LEGACY_TOKEN).header() == {"Authorization": f"Token {LEGACY_TOKEN}"}
     assert LabelStudioAuth(web, ACCESS_TOKEN).header() == {

@@ -25,9 +25,19 @@ def test_background_run_on_paths_and_images(tmp_path, tiny_model_dir) -> None:
     with Image.open(paths[0]) as first:
         downloaded = first.copy()  # as the backend holds a fetched task image
     tasks = [downloaded, *paths[1:]]
+    pool = tmp_path / "runs" / "project-7"
+
+    def downloads():  # as Start Training loads them: one at a time, each written before the next
+        for index, task in enumerate(tasks):
+            if index == 1:
+                assert list(pool.glob("run-*/pool/00000.png")), "image 0 not yet written"
+            yield task
+
     finished = []
     options = fast_options(tiny_model_dir)
-    run = start_background_refine("7", tasks, options, tmp_path / "runs", on_finish=finished.append)
+    run = start_background_refine(
+        "7", downloads, options, tmp_path / "runs", on_finish=finished.append
+    )
     again = start_background_refine("7", tasks, options, tmp_path / "runs")
     assert again is run  # one run at a time per project
     assert get_background_refine(7) is run

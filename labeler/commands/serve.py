@@ -214,6 +214,7 @@ def _run_dev_server(env: dict[str, str], host: str, port: int) -> None:
     from ml_backend.serving import run_dev_server
     from ml_backend.settings import BackendSettings
 
-    app = create_app(BackendSettings.from_env(), warm_up=True)
+    settings = BackendSettings.from_env()
+    app = create_app(settings, warm_up=True)
     click.echo(f"serving {env['STABLESEG_MODEL']} on http://{host}:{port} (dev server)", err=True)
-    run_dev_server(app, host, port)
+    run_dev_server(app, host, port, settings.request_timeout)

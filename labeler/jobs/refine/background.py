@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -173,8 +173,9 @@ def _busy_message(running: str, where: str = "") -> str:
     )
 
 
-def _materialise(images: Sequence[Any], work_dir: Path) -> list[PoolItem]:
-    """Local paths stay where they are; PIL images are saved under W/pool/ as PNG."""
+def _materialise(images: Iterable[Any], work_dir: Path) -> list[PoolItem]:
+    """Local paths stay where they are; PIL images are saved under W/pool/ as PNG as they
+    come (an iterator of downloads is never held in memory as a whole)."""
     items = []
     for index, image in enumerate(images):
         if isinstance(image, Image.Image):
@@ -189,8 +190,8 @@ def _materialise(images: Sequence[Any], work_dir: Path) -> list[PoolItem]:
 
 def start_background_refine(
     project_id: str | int,
-    images: Sequence[str | os.PathLike[str] | Image.Image]
-    | Callable[[], Sequence[str | os.PathLike[str] | Image.Image]],
+    images: Iterable[str | os.PathLike[str] | Image.Image]
+    | Callable[[], Iterable[str | os.PathLike[str] | Image.Image]],
     options: RefineOptions,
     work_root: str | os.PathLike[str],
     *,
@@ -211,7 +212,7 @@ def start_background_refine(
         project_id: a positive integer (``ValueError`` otherwise).
         images: local paths and/or already downloaded PIL images (at least 2 readable), or a
             function returning them, called in the worker thread (so slow downloads do not
-            hold up the caller).
+            hold up the caller); an iterator is consumed one image at a time.
         options: the run's labels, model, segmenter and trainer settings; progress bars are
             turned off.
         on_finish: called in the worker thread with the run when it ends (either way).
@@ -232,7 +233,7 @@ def start_background_refine(
 
         def work() -> None:
             try:
-                pool = _materialise(list(images() if callable(images) else images), work_dir)
+                pool = _materialise(images() if callable(images) else images, work_dir)
                 handle.result = run_refine(pool, work_dir, run_options)
                 handle.status = "finished"
             except Exception as err:  # reported through the handle, not raised in a thread
