@@ -103,13 +103,19 @@ def read_raw_mask(path: Path, channel: str) -> np.ndarray:
 # -- layouts ----------------------------------------------------------------------------------
 
 
-def _first_dir(root: Path, candidates: Sequence[str], needs: Sequence[str]) -> Path | None:
-    """The first ``root / candidate`` that holds every path of ``needs``."""
+def _find_base(
+    preset: DatasetPreset, root: Path, candidates: Sequence[str], needs: Sequence[str]
+) -> Path:
+    """The first ``root / candidate`` that holds every path of ``needs``.
+
+    Raises:
+        ValueError: none does (:func:`_layout_error`).
+    """
     for candidate in candidates:
         base = root / candidate if candidate else root
         if all((base / need).exists() for need in needs):
             return base
-    return None
+    raise _layout_error(preset, root)
 
 
 def _layout_error(preset: DatasetPreset, root: Path, detail: str = "") -> ValueError:
@@ -168,9 +174,7 @@ def _pascal(
     """A VOCdevkit-style layout: ``JPEGImages``, a mask folder and ``ImageSets/<sets>`` lists,
     under ``root``, ``root/VOC<year>`` or ``root/VOCdevkit/VOC<year>``."""
     needs = ("JPEGImages", masks, f"ImageSets/{sets}")
-    base = _first_dir(root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), needs)
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, ("", f"VOC{year}", f"VOCdevkit/VOC{year}"), needs)
     listing = base / "ImageSets" / sets / f"{split}.txt"
     if not listing.is_file():
         raise _layout_error(preset, root, f"{listing} is missing")
@@ -187,18 +191,14 @@ _context = partial(
 def _ade(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
     folder = {"train": "training", "val": "validation"}[split]
     needs = (f"images/{folder}", f"annotations/{folder}")
-    base = _first_dir(root, ("", "ADEChallengeData2016"), needs)
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, ("", "ADEChallengeData2016"), needs)
     samples = _pair_by_stem(base / "images" / folder, base / "annotations" / folder, ".jpg", ".png")
     return base, samples
 
 
 def _cityscapes(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
     needs = (f"leftImg8bit/{split}", f"gtFine/{split}")
-    base = _first_dir(root, ("", "cityscapes", "Cityscapes"), needs)
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, ("", "cityscapes", "Cityscapes"), needs)
     image_suffix = "_leftImg8bit.png"
     samples, missing = [], []
     for image in sorted((base / "leftImg8bit" / split).glob(f"*/*{image_suffix}")):
@@ -221,9 +221,7 @@ def _cityscapes(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, li
 
 def _foodseg(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
     needs = (f"img_dir/{split}", f"ann_dir/{split}")
-    base = _first_dir(root, ("Images", "FoodSeg103/Images", ""), needs)
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, ("Images", "FoodSeg103/Images", ""), needs)
     samples = _pair_by_stem(base / "img_dir" / split, base / "ann_dir" / split, ".jpg", ".png")
     return base, samples
 
@@ -231,17 +229,13 @@ def _foodseg(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[
 def _uecfoodpix(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
     candidates = ("", "data", "UECFoodPIXCOMPLETE", "data/UECFoodPIXCOMPLETE")
     candidates += tuple(f"UECFOODPIXCOMPLETE/{c}".rstrip("/") for c in candidates)
-    base = _first_dir(root, candidates, (f"{split}/img", f"{split}/mask"))
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, candidates, (f"{split}/img", f"{split}/mask"))
     samples = _pair_by_stem(base / split / "img", base / split / "mask", ".jpg", ".png")
     return base, samples
 
 
 def _camvid(preset: DatasetPreset, root: Path, split: str) -> tuple[Path, list[Sample]]:
-    base = _first_dir(root, ("", "CamVid", "SegNet/CamVid"), (split, f"{split}annot"))
-    if base is None:
-        raise _layout_error(preset, root)
+    base = _find_base(preset, root, ("", "CamVid", "SegNet/CamVid"), (split, f"{split}annot"))
     samples = _pair_by_stem(base / split, base / f"{split}annot", ".png", ".png")
     return base, samples
 
