@@ -124,17 +124,17 @@ def tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
-@dataclass
-class LabelStudio:
-    """A running server and an authenticated API client for it."""
+class ApiClient:
+    """Calls to Label Studio's API at ``self.url`` with ``self.headers()``: the JSON answer, or
+    an AssertionError naming the call and the answer for an HTTP error."""
 
     url: str
-    legacy_token: str
-    personal_token: str
-    log: Path
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"Authorization": f"Token {self.legacy_token}", **kwargs.pop("headers", {})}
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
         response = requests.request(
             method, self.url + path, headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs
         )
@@ -149,6 +149,19 @@ class LabelStudio:
 
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
+
+
+@dataclass
+class LabelStudio(ApiClient):
+    """A running server and an API client for it with the legacy token."""
+
+    url: str
+    legacy_token: str
+    personal_token: str
+    log: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Token {self.legacy_token}"}
 
 
 @contextmanager
@@ -276,7 +289,7 @@ def stop_group(pgid: int, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
-class TokenClient:
+class TokenClient(ApiClient):
     """Label Studio's API with a personal access token, the way scripts use it: the token is
     exchanged at /api/token/refresh/ for an access token (5 minutes), sent as ``Bearer``."""
 
@@ -295,26 +308,6 @@ class TokenClient:
             self._access = response.json()["access"]
             self._expires = time.monotonic() + 120
         return {"Authorization": f"Bearer {self._access}"}
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = requests.request(
-            method,
-            self.url + path,
-            headers=self.headers(),
-            timeout=kwargs.pop("timeout", 120),
-            **kwargs,
-        )
-        if response.status_code >= 400:
-            raise AssertionError(
-                f"{method} {path} -> HTTP {response.status_code}: {response.text[:2000]}"
-            )
-        return response.json() if response.content else None
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, **kwargs: Any) -> Any:
-        return self.request("POST", path, **kwargs)
 
     def tasks(self, project: int, **params: Any) -> list[dict[str, Any]]:
         """Every task of a project, page by page (``params`` go to /api/tasks)."""

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -41,6 +41,7 @@ from ml_backend.training import parse_project_id
 
 from . import labelstudio_server as lss
 from .conftest import TINY_SIZE
+from .support import local_http_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -104,13 +105,8 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def label_studio() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with local_http_server(FakeLabelStudio) as url:
+        yield url
 
 
 # ---------------------------------------------------------------------- serve processes

@@ -10,7 +10,6 @@ loop in them is bounded in count and time.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import shutil
@@ -38,6 +37,8 @@ from ml_backend.server import create_app
 from ml_backend.settings import BackendSettings
 from ml_backend.training import fetch_project_tasks
 
+from .support import jwt
+
 CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/>'
@@ -50,17 +51,8 @@ LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 TRICKLE_GAP_S = 0.5
 TRICKLE_MAX_BYTES = 40  # 20 s at most: far past every deadline below, yet bounded
 SERVER_LOOP_S = 20.0  # no handler loop runs longer than this
-
-
-def _jwt(claims: dict) -> str:
-    def part(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
-
-
-REFRESH_TOKEN = _jwt({"token_type": "refresh", "exp": 4102444800})
-ACCESS_TOKEN = _jwt({"token_type": "access", "exp": 4102444800})
+REFRESH_TOKEN = jwt({"token_type": "refresh", "exp": 4102444800})
+ACCESS_TOKEN = jwt({"token_type": "access", "exp": 4102444800})
 
 
 # ---------------------------------------------------------------------- servers
@@ -487,7 +479,7 @@ def test_label_studio_refusing_the_key_is_named_but_third_parties_are_not(allowe
         with pytest.raises(ImageError) as info:
             loader.load(url)
         assert str(info.value) == GENERIC_ERROR
-    refresh = _jwt({"token_type": "refresh", "user": 2})  # a refresh Label Studio refuses
+    refresh = jwt({"token_type": "refresh", "user": 2})  # a refresh Label Studio refuses
     settings = _settings(LABEL_STUDIO_URL=allowed.url, LABEL_STUDIO_API_KEY=refresh)
     with pytest.raises(ImageError, match="refused LABEL_STUDIO_API_KEY"):
         ImageLoader(settings).load("/data/upload/1/a.png")

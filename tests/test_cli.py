@@ -20,21 +20,10 @@ from exporters import decode_brush_result, png_to_mask
 from labeler.commands import COMMANDS
 from labeler.options import SETTINGS
 
+from .support import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = "cat,dog"
-
-
-def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        **kwargs,
-    )
 
 
 def read_mask(path: Path) -> np.ndarray:

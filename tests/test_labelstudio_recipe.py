@@ -27,11 +27,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
@@ -44,6 +43,7 @@ from demo.scenes import make_scene
 from exporters import decode_brush_result, png_to_mask, task_score
 
 from . import labelstudio_server as lss
+from .support import local_http_server
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -508,8 +508,6 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
     )
     _LosesTheFirstUpload.upstream = recipe.url
     _LosesTheFirstUpload.lost = []
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _LosesTheFirstUpload)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
     monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(recipe.files))
     settings = build_settings(
         {
@@ -520,9 +518,9 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
             "background-prompt": "background",
         }
     )
-    try:
+    with local_http_server(_LosesTheFirstUpload) as proxy_url:
         options = PredictOptions(
-            url=f"http://127.0.0.1:{proxy.server_address[1]}",
+            url=proxy_url,
             project=project,
             api_key=recipe.token,
             settings=settings,
@@ -530,8 +528,6 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
             retries=2,
         )
         summary = run_predict(options)
-    finally:
-        proxy.shutdown()
     assert _LosesTheFirstUpload.lost, "the proxy never lost an upload"
     assert (summary.done, summary.skipped, summary.failed) == (6, 0, [])
     tasks = recipe.api.tasks(project, fields="all")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +42,7 @@ from ml_backend.server import create_app
 from ml_backend.settings import BackendSettings
 
 from .conftest import TINY_SIZE
+from .support import jwt, local_http_server
 
 GOLDEN = Path(__file__).parent / "golden" / "ml_backend_predict.json"
 CONFIG = (
@@ -55,15 +56,8 @@ MAX_PIXELS = 3000  # the test images are at most 40 x 56 = 2240 pixels
 MAX_BYTES = 20_000
 
 
-def _jwt(claims: dict) -> str:
-    def part(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
-
-
-REFRESH_TOKEN = _jwt({"token_type": "refresh", "exp": 4102444800})
-ACCESS_TOKEN = _jwt({"token_type": "access", "exp": 4102444800})
+REFRESH_TOKEN = jwt({"token_type": "refresh", "exp": 4102444800})
+ACCESS_TOKEN = jwt({"token_type": "access", "exp": 4102444800})
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -180,13 +174,8 @@ class FakeLabelStudio(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def web() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with local_http_server(FakeLabelStudio) as url:
+        yield url
 
 
 def _one_line(match: re.Match) -> str:
@@ -566,7 +555,7 @@ def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web, monkeypatch
         "Authorization": f"Bearer {ACCESS_TOKEN}"
     }
     with pytest.raises(ImageError, match="refused LABEL_STUDIO_API_KEY"):
-        LabelStudioAuth(web, _jwt({"token_type": "refresh", "user": "other"})).header()
+        LabelStudioAuth(web, jwt({"token_type": "refresh", "user": "other"})).header()
 
 
 @pytest.mark.parametrize("token", [LEGACY_TOKEN, REFRESH_TOKEN])

@@ -23,21 +23,10 @@ from labeler.jobs.pipeline import WriterPool, ordered_map
 from labeler.jobs.pseudo_label import PseudoLabelOptions, run
 
 from .pipeline_golden import assert_same_outputs, digest_run
+from .support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "pseudo_label_demo.json"
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
 
 
 def tree(out: Path) -> dict[str, bytes]:
@@ -62,7 +51,7 @@ def test_demo_scenes_give_the_outputs_of_the_job_before_the_pipeline(tmp_path):
     """Masks, records, COCO, Label Studio, label files and gallery as main's job wrote them
     (tests/pipeline_golden.py says how the golden file was made)."""
     out = tmp_path / "out"
-    proc = cli(
+    proc = run_cli(
         "pseudo-label", "demo/scenes/images", "--labels-file", "demo/scenes/colours.txt",
         "--model", "demo/model", "--image-size", "64", "--background-prompt", "background",
         "--format", "coco", "--format", "png", "--format", "labelstudio", "--preview",
@@ -98,7 +87,7 @@ def test_one_and_four_workers_write_identical_files(tmp_path, mixed_folder, tiny
     outs = {}
     for workers in ("1", "4"):
         out = tmp_path / f"w{workers}"
-        proc = cli(
+        proc = run_cli(
             "pseudo-label", str(mixed_folder), "--labels", "cat,dog,bird",
             "--model", str(tiny_model_dir), "--image-size", "64", "--batch-size", "3",
             "--format", "coco", "--format", "labelstudio", "--preview",
@@ -122,7 +111,7 @@ def test_kills_at_random_moments_then_a_rerun_lose_and_duplicate_nothing(tmp_pat
         "--image-size", "64", "--batch-size", "2", "--workers", "2",
         "--format", "coco", "--format", "labelstudio", "--preview",
     ]  # fmt: skip
-    reference = cli(*args, "--out", str(tmp_path / "reference"))
+    reference = run_cli(*args, "--out", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -152,7 +141,7 @@ def test_kills_at_random_moments_then_a_rerun_lose_and_duplicate_nothing(tmp_pat
         proc.wait()
     assert kills >= 2, "the runs must be killed part-way"
 
-    rerun = cli(*args, "--out", str(out))
+    rerun = run_cli(*args, "--out", str(out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert not list(out.rglob("*.tmp")), "temporary files left"
     for folder in ("records", "masks", "pieces", "preview"):

@@ -246,7 +246,8 @@ def test_val_gt_given_to_a_finished_run_scores_it_without_rerunning(tmp_path, ti
 
 def test_pseudo_label_uses_the_refine_outputs(finished, tiny_model_dir, tmp_path) -> None:
     """`pseudo-label --student` labels like the student; `--weights` loads the learned weights."""
-    from .test_cli import read_mask, run_cli
+    from .support import run_cli
+    from .test_cli import read_mask
 
     work, images, _, _, _ = finished
     out = tmp_path / "student"
