@@ -8,7 +8,14 @@ import click
 
 from labeler.options import ModelSettings
 
-from .common import labels_options, parse_labels, progress_bar, segmenter_options, setup_logging
+from .common import (
+    check_model_source,
+    labels_options,
+    parse_labels,
+    progress_bar,
+    segmenter_options,
+    setup_logging,
+)
 
 DATASETS = (
     "voc",
@@ -151,7 +158,6 @@ def benchmark(
     setup_logging(verbose)
     folder_labels, gt_dir = _folder_options(dataset, labels, labels_file, gt, ignore_index)
     from labeler.jobs.benchmark import BenchmarkOptions, open_benchmark_dataset, run_benchmark
-    from labeler.jobs.models import resolve_source
     from labeler.sweep import parse_sweep, sweep_points
 
     try:
@@ -176,9 +182,9 @@ def benchmark(
             preview=preview,
         )
         found = open_benchmark_dataset(options)  # layout errors before the model loads
-        resolve_source(settings.model.source)
     except (ValueError, KeyError) as err:
         raise click.UsageError(str(err).strip("'\"")) from None
+    check_model_source(settings.model.source)
     click.echo(
         f"{found.preset.title}, split {found.split}: {len(found.samples)} images"
         + (f", scoring the first {limit}" if limit else ""),

@@ -118,6 +118,17 @@ def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
         ) from None
 
 
+def check_model_source(source: str) -> None:
+    """--model as a local diffusers folder or a hub id, before anything loads (a usage error
+    otherwise: :func:`labeler.jobs.models.resolve_source`)."""
+    from labeler.jobs.models import resolve_source
+
+    try:
+        resolve_source(source)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--model") from None
+
+
 def labels_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--labels and --labels-file."""
     func = click.option(

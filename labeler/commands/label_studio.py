@@ -14,7 +14,7 @@ import click
 
 from labeler.options import ModelSettings
 
-from .common import progress_bar, segmenter_options, setup_logging
+from .common import check_model_source, progress_bar, segmenter_options, setup_logging
 
 API_KEY_VARIABLE = "LABEL_STUDIO_API_KEY"
 
@@ -107,7 +107,6 @@ def predict(
         PredictOptions,
         run_predict,
     )
-    from labeler.jobs.models import resolve_source
 
     setup_logging(verbose)
     for noisy in ("httpx", "httpcore"):  # one line per request otherwise
@@ -120,10 +119,7 @@ def predict(
         )
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--url")
-    try:
-        resolve_source(settings.model.source)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--model") from None
+    check_model_source(settings.model.source)
     options = PredictOptions(
         url=url,
         project=project,

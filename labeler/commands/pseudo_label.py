@@ -8,7 +8,14 @@ import click
 
 from labeler.options import ModelSettings
 
-from .common import labels_options, parse_labels, progress_bar, segmenter_options, setup_logging
+from .common import (
+    check_model_source,
+    labels_options,
+    parse_labels,
+    progress_bar,
+    segmenter_options,
+    setup_logging,
+)
 
 
 @click.command("pseudo-label")
@@ -114,7 +121,6 @@ def pseudo_label(
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
-    from labeler.jobs.models import resolve_source
     from labeler.jobs.pseudo_label import NoImagesError, PseudoLabelOptions, RunMismatchError, run
 
     setup_logging(verbose)
@@ -125,10 +131,7 @@ def pseudo_label(
             "--weights applies to StableSeg; it cannot be combined with --student"
         )
     if student is None:
-        try:
-            resolve_source(settings.model.source)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--model") from None
+        check_model_source(settings.model.source)
     options = PseudoLabelOptions(
         images_dir=images_dir,
         out_dir=out_dir,

@@ -8,7 +8,13 @@ import click
 
 from labeler.options import ModelSettings
 
-from .common import labels_options, parse_labels, segmenter_options, setup_logging
+from .common import (
+    check_model_source,
+    labels_options,
+    parse_labels,
+    segmenter_options,
+    setup_logging,
+)
 
 
 def _stages(value: str) -> tuple[str, ...]:
@@ -195,15 +201,14 @@ def refine(
     if labels_from_gt is not None and image_labels is not None:
         raise click.UsageError("give at most one of --labels-from-gt and --image-labels")
     setup_logging(verbose)
-    from labeler.jobs.models import resolve_source
     from labeler.jobs.refine import RefineMismatchError, RefineOptions, run_refine
     from labeler.jobs.refine.files import labels_from_gt as gt_labels
     from labeler.jobs.refine.files import labels_from_jsonl, pool_from_folder
     from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
     from labeler.train.model import EncoderWeightsUnavailable
 
+    check_model_source(settings.model.source)
     try:
-        resolve_source(settings.model.source)
         pool = pool_from_folder(images_dir)
         per_image = None
         if labels_from_gt is not None:
