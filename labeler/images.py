@@ -1,14 +1,110 @@
-"""Any image a user hands over -> an RGB uint8 array, and the model's input tensor."""
+"""Images in: decoding a file or bytes (EXIF orientation, size limits, reduced JPEG decoding),
+any image a user hands over -> an RGB uint8 array, and the model's input tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; larger images are refused with a reason
+
+
+class ImageError(Exception):
+    """An image that cannot be used; the message says why (for skipped.jsonl and logs)."""
+
+
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_ORIENTATION) or 1)
+    except (ValueError, TypeError, OSError, SyntaxError):  # a malformed EXIF block
+        return 1
+
+
+def decode_image(
+    source: str | os.PathLike[str] | bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    at_least: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode an image, applying its EXIF orientation.
+
+    ``at_least`` maps the full (width, height), as the image is shown, to the smallest size
+    the caller needs. A JPEG is then decoded at the smallest of its DCT scales (1/2, 1/4, 1/8;
+    PIL's draft mode) whose both sides are still at least that large: several times less work
+    when only smaller copies are needed (a model input, a preview). Other formats are decoded
+    at full size.
+
+    Returns:
+        The decoded image (reduced or not) and the (width, height) of the full image as shown.
+
+    Raises:
+        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty file (0 bytes)")
+        handle: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError("empty file (0 bytes)")
+        except OSError as err:
+            raise ImageError(f"cannot read file: {err.strerror or err}") from None
+        handle = path
+    try:
+        with Image.open(handle) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, more than the limit "
+                    f"of {max_pixels} (raise it with --max-pixels)"
+                )
+            if width == 0 or height == 0:
+                raise ImageError(f"image has zero size ({width}x{height})")
+            orientation = _orientation(image)
+            shown = (height, width) if orientation in _TRANSPOSED else (width, height)
+            if at_least is not None:
+                wanted = at_least(shown)
+                wanted = wanted[::-1] if orientation in _TRANSPOSED else wanted
+                image.draft(None, (max(1, wanted[0]), max(1, wanted[1])))  # JPEG only
+            image.load()
+            if orientation != 1:
+                return ImageOps.exif_transpose(image), shown
+            return image, shown
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large: {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"unreadable or truncated image: {err}") from None
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image, applying its EXIF orientation.
+
+    Raises:
+        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
+    """
+    return decode_image(source, max_pixels)[0]
+
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
@@ -110,6 +206,8 @@ def resize_for_model(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
 def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """RGB uint8 arrays -> (B, 3, size, size) float tensor in [-1, 1] (bicubic resize)."""
     batch = [resize_for_model(rgb, size) for rgb in images]  # B x (S, S, 3) uint8
+    import torch
+
     pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
     return pixels.float().div_(127.5).sub_(1.0)
 
@@ -129,3 +227,19 @@ class PreparedImage:
 
     pixels: np.ndarray
     size: tuple[int, int]
+
+
+def prepare_image(image: Any, side: int, size: tuple[int, int] | None = None) -> PreparedImage:
+    """An image (PIL or array, any mode) -> its :class:`PreparedImage` at ``side``.
+
+    ``size`` is the (width, height) of the original when ``image`` is a reduced decode of it
+    (:func:`decode_image`'s ``at_least``); the mask is made at that size. Thread-safe and
+    torch-free: readers call it in worker threads.
+    """
+    picture = image if isinstance(image, Image.Image) and image.mode == "RGB" else None
+    if picture is None:
+        picture = to_rgb_array(image)  # (h, w, 3) uint8
+        shown = (picture.shape[1], picture.shape[0])
+    else:
+        shown = picture.size
+    return PreparedImage(resize_for_model(picture, side), size or shown)

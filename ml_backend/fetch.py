@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from labeler.jobs.io import ImageError
+from labeler.images import ImageError
 
 if TYPE_CHECKING:
     from .settings import BackendSettings

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from PIL import Image
 
-from labeler.jobs.io import ImageError, open_image
+from labeler.images import ImageError, open_image
 
 from .fetch import FetchError, FetchPolicy, fetch, redact
 from .settings import BackendSettings

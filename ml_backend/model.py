@@ -4,7 +4,7 @@ Label Studio builds this class for every ``/setup`` and the server builds it for
 ``/predict``, so construction only parses the labeling config; the weights come from the
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
 pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
-by ``labeler.jobs.io.open_image``, encoded by ``exporters.brush_results`` and
+by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
 ``exporters.prediction``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from labeler.jobs.io import ImageError
+from labeler.images import ImageError
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase

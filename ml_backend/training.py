@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from labeler.jobs.io import ImageError
+from labeler.images import ImageError
 
 from .config import BrushTarget
 from .images import ImageLoader

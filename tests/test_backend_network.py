@@ -29,7 +29,8 @@ import pytest
 import requests
 from PIL import Image
 
-from labeler.jobs.io import ImageError, image_bytes
+from labeler.images import ImageError
+from labeler.jobs.io import image_bytes
 from ml_backend import fetch as fetch_module
 from ml_backend.fetch import GENERIC_ERROR, FetchError, FetchPolicy, fetch, refusal_reason
 from ml_backend.images import ImageLoader

@@ -18,9 +18,9 @@ from labeler import SegmenterConfig
 from labeler.config import ModelSpec
 from labeler.datasets import preset_names
 from labeler.jobs.benchmark import NO_CLASS, BenchmarkOptions, run_benchmark
+from labeler.jobs.sweep import parse_sweep
+from labeler.jobs.tables import TABLE1_COLUMNS
 from labeler.options import ModelSettings
-from labeler.sweep import parse_sweep
-from labeler.tables import TABLE1_COLUMNS
 
 from .test_datasets import _image
 

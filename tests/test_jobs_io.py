@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labeler.images import ImageError, open_image
 from labeler.jobs.io import (
-    ImageError,
     atomic_write_json,
     list_images,
-    open_image,
     read_jsonl,
     remove_stale_temporaries,
     write_jsonl,

@@ -499,8 +499,8 @@ class _LosesTheFirstUpload(BaseHTTPRequestHandler):
 def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
     recipe: Recipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from labeler.jobs.label_studio import PredictOptions, run_predict
     from labeler.options import build_settings
+    from ml_backend.project import PredictOptions, run_predict
 
     folder = recipe.files / "scenes" / "images"
     project = _new_project(
@@ -535,8 +535,8 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
 
 
 def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: Recipe) -> None:
-    from labeler.jobs.label_studio import Failure, PredictOptions, Uploader, connect
     from labeler.options import build_settings
+    from ml_backend.project import Failure, PredictOptions, Uploader, connect
 
     folder = recipe.files / "scenes" / "images"
     project = _new_project(recipe, "refused", _brush_config(COLOURS), folder, r"scene_01[0-2]\.png")

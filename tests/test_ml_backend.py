@@ -30,7 +30,7 @@ from PIL import Image
 from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
 from labeler.config import ModelSpec
-from labeler.jobs.io import ImageError, open_image
+from labeler.images import ImageError, open_image
 from labeler.options import ModelSettings
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache

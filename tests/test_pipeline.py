@@ -18,7 +18,8 @@ from PIL import Image
 
 from bench.stand_in import StandInSegmenter
 from labeler.config import SegmenterConfig
-from labeler.jobs.io import decode_image, list_images
+from labeler.images import decode_image
+from labeler.jobs.io import list_images
 from labeler.jobs.pipeline import WriterPool, ordered_map
 from labeler.jobs.pseudo_label import PseudoLabelOptions, run
 

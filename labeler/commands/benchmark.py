@@ -158,7 +158,7 @@ def benchmark(
     setup_logging(verbose)
     folder_labels, gt_dir = _folder_options(dataset, labels, labels_file, gt, ignore_index)
     from labeler.jobs.benchmark import BenchmarkOptions, open_benchmark_dataset, run_benchmark
-    from labeler.sweep import parse_sweep, sweep_points
+    from labeler.jobs.sweep import parse_sweep, sweep_points
 
     try:
         axes = tuple(parse_sweep(sweep))

@@ -1,7 +1,7 @@
 """``stableseg label-studio``: work on a Label Studio project through its API.
 
 ``predict`` pre-annotates a whole project from the command line (see
-:mod:`labeler.jobs.label_studio`). Only click is imported at module level.
+:mod:`ml_backend.project`). Only click is imported at module level.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def predict(
     Exit status: 0 every task has its prediction, 3 some tasks failed (see
     --failed-log), 2 usage error, 1 Label Studio unreachable or failing.
     """
-    from labeler.jobs.label_studio import (
+    from ml_backend.project import (
         LabelStudioUnavailable,
         LabelStudioUsageError,
         PredictOptions,

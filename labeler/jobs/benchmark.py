@@ -28,20 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from labeler.images import ImageError, open_image
+from labeler.jobs.sweep import SweepAxis, SweepPoint, sweep_points
+from labeler.jobs.tables import (
+    grid_markdown,
+    method_name,
+    paper_figures,
+    sweep_grid,
+    table1_markdown,
+)
 from labeler.options import ModelSettings
 from labeler.subsets import LabelSubset, segment_subsets
-from labeler.sweep import SweepAxis, SweepPoint, sweep_points
-from labeler.tables import grid_markdown, method_name, paper_figures, sweep_grid, table1_markdown
 
 from .datasets import Dataset, Sample, open_dataset
-from .io import (
-    ImageError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    image_bytes,
-    open_image,
-)
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class BenchmarkOptions:
             the preset's rule.
         labels, gt_dir, ignore_index: ``folder`` only (class names, ground-truth folder, raw ids
             not scored).
-        sweep: axes of a sweep (``labeler.sweep``); empty for one configuration.
+        sweep: axes of a sweep (``labeler.jobs.sweep``); empty for one configuration.
         preview: rows of the preview strip (0: none), from the first sweep point.
     """
 

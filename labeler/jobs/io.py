@@ -1,4 +1,7 @@
-"""Files in, files out: image discovery and loading, atomic writes, JSON lines."""
+"""Files in, files out: image discovery, atomic writes, JSON lines, run files.
+
+Decoding one image (and :class:`~labeler.images.ImageError`) is the core's
+(:mod:`labeler.images`)."""
 
 from __future__ import annotations
 
@@ -7,15 +10,14 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP; larger images are skipped with a reason
 
 
 def _process_umask() -> int:
@@ -42,10 +44,6 @@ the umask the process started with (0o644 under the usual 022), not the 0o600 of
 file, so other users and containers can read the outputs when the umask lets them."""
 
 
-class ImageError(Exception):
-    """An image that cannot be used; the message says why (for skipped.jsonl and logs)."""
-
-
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
     """Every image file under ``root``, recursively, as paths relative to it, sorted.
 
@@ -63,89 +61,6 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
                 continue
             found.append(Path(folder, name).relative_to(root))
     return sorted(found, key=lambda p: p.as_posix())
-
-
-_ORIENTATION = 0x0112  # EXIF tag
-_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_ORIENTATION) or 1)
-    except (ValueError, TypeError, OSError, SyntaxError):  # a malformed EXIF block
-        return 1
-
-
-def decode_image(
-    source: str | os.PathLike[str] | bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    at_least: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Open and fully decode an image, applying its EXIF orientation.
-
-    ``at_least`` maps the full (width, height), as the image is shown, to the smallest size
-    the caller needs. A JPEG is then decoded at the smallest of its DCT scales (1/2, 1/4, 1/8;
-    PIL's draft mode) whose both sides are still at least that large: several times less work
-    when only smaller copies are needed (a model input, a preview). Other formats are decoded
-    at full size.
-
-    Returns:
-        The decoded image (reduced or not) and the (width, height) of the full image as shown.
-
-    Raises:
-        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
-    """
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageError("empty file (0 bytes)")
-        handle: Any = io.BytesIO(source)
-    else:
-        path = Path(source)
-        try:
-            if path.stat().st_size == 0:
-                raise ImageError("empty file (0 bytes)")
-        except OSError as err:
-            raise ImageError(f"cannot read file: {err.strerror or err}") from None
-        handle = path
-    try:
-        with Image.open(handle) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, more than the limit "
-                    f"of {max_pixels} (raise it with --max-pixels)"
-                )
-            if width == 0 or height == 0:
-                raise ImageError(f"image has zero size ({width}x{height})")
-            orientation = _orientation(image)
-            shown = (height, width) if orientation in _TRANSPOSED else (width, height)
-            if at_least is not None:
-                wanted = at_least(shown)
-                wanted = wanted[::-1] if orientation in _TRANSPOSED else wanted
-                image.draft(None, (max(1, wanted[0]), max(1, wanted[1])))  # JPEG only
-            image.load()
-            if orientation != 1:
-                return ImageOps.exif_transpose(image), shown
-            return image, shown
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image too large: {err}") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"unreadable or truncated image: {err}") from None
-
-
-def open_image(
-    source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """Open and fully decode an image, applying its EXIF orientation.
-
-    Raises:
-        ImageError: empty, unreadable, truncated, or larger than ``max_pixels``.
-    """
-    return decode_image(source, max_pixels)[0]
 
 
 @contextlib.contextmanager

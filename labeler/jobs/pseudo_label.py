@@ -30,12 +30,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from labeler.config import ModelSpec, SegmenterConfig
+from labeler.images import DEFAULT_MAX_PIXELS
 
 from .distributed import Distributed
 from .exports import assemble_exports
 from .finishing import WritePlan, write_image
 from .io import (
-    DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     RunMismatchError,
     Skipped,

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import ImageError, decode_image, open_image
+from labeler.images import ImageError, decode_image, open_image
+
 from .layout import stem_path
 
 PREVIEW_CAP = 1024  # long side of a preview, in pixels

@@ -12,16 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from labeler.images import open_image
 from labeler.result import BACKGROUND, IGNORE
 
-from ..io import (
-    RunMismatchError,
-    atomic_write_bytes,
-    check_run_file,
-    image_bytes,
-    list_images,
-    open_image,
-)
+from ..io import RunMismatchError, atomic_write_bytes, check_run_file, image_bytes, list_images
 from ..pseudo_label import stem_path
 from .options import ImageLabels, RefineOptions
 

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labeler.images import open_image
 from labeler.subsets import segment_subsets
 
-from ..io import atomic_write_bytes, atomic_write_json, open_image
+from ..io import atomic_write_bytes, atomic_write_json
 from .files import read_mask, working_rgb, write_mask
 
 if TYPE_CHECKING:

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labeler.images import ImageError, open_image
 from labeler.result import IGNORE
 from labeler.subsets import LabelSubset, segment_subsets
 
-from ..io import ImageError, atomic_write_bytes, atomic_write_json, atomic_write_text, open_image
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .files import load_pair, load_rgb, read_mask, write_mask
 from .options import FIRST_STAGE
 from .plusplus import fit, plusplus_pseudo, plusplus_pseudo_finish

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from labeler.jobs.io import ImageError, write_jsonl
+from labeler.images import ImageError
+from labeler.jobs.io import write_jsonl
 from labeler.jobs.pipeline import ordered_map
 from labeler.options import ModelSettings
 
@@ -45,9 +46,9 @@ if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
     from PIL import Image
 
-    from ml_backend.config import BrushTarget
-    from ml_backend.images import ImageLoader
-    from ml_backend.settings import BackendSettings
+    from .config import BrushTarget
+    from .images import ImageLoader
+    from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def project_target(
     client: LabelStudio, project: int, options: PredictOptions, max_labels: int
 ) -> BrushTarget:
     """The project's BrushLabels target, parsed exactly as the backend parses it."""
-    from ml_backend.config import LabelConfigError, parse_label_config
+    from .config import LabelConfigError, parse_label_config
 
     found = _call(
         lambda: client.projects.get(id=project, request_options=_request(options)),
@@ -190,7 +191,7 @@ def project_target(
 def backend_settings(options: PredictOptions) -> BackendSettings:
     """The backend's settings for this run: its environment, with ``--url``, the key and the
     model options of the command line (so images are read exactly as the backend reads them)."""
-    from ml_backend.settings import BackendSettings
+    from .settings import BackendSettings
 
     return replace(
         BackendSettings.from_env(),
@@ -234,7 +235,7 @@ def decode_ahead(
     ``workers`` threads read ahead of the consumer; at most ``2 * workers`` images wait in
     memory at a time.
     """
-    from ml_backend.model import load_task_image
+    from .model import load_task_image
 
     def load(task: Task) -> Item:
         try:
@@ -255,7 +256,7 @@ def segment_batches(
     batch: list[Item] = []
 
     def run() -> list[Item]:
-        from ml_backend.model import TaskError, segment_images
+        from .model import TaskError, segment_images
 
         errors: list[TaskError] = []
         images = {index: item.image for index, item in enumerate(batch)}
@@ -285,7 +286,7 @@ def segment_batches(
 
 def encode(items: Iterable[Item], target: BrushTarget, model_version: str) -> Iterator[Item]:
     """Each segmented item with its Label Studio prediction (the backend's encoding)."""
-    from ml_backend.model import build_prediction
+    from .model import build_prediction
 
     for item in items:
         if item.error is None:
@@ -414,8 +415,8 @@ def run_predict(
         LabelStudioUnavailable: Label Studio unreachable, or failing past the retries.
         ValueError: the model cannot be loaded (see ``labeler.jobs.models.load_stableseg``).
     """
-    from ml_backend import cache
-    from ml_backend.images import ImageLoader
+    from . import cache
+    from .images import ImageLoader
 
     started = time.monotonic()
     settings = backend_settings(options)
