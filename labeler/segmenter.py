@@ -17,7 +17,7 @@ from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attentio
 from .background import label_evidence
 from .config import SegmenterConfig, SizeSelection, select_sizes
 from .finish import BAND_BYTES, finish_scores
-from .images import PreparedImage, resize_for_model, to_rgb_array
+from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (
@@ -159,6 +159,25 @@ class StableSeg:
             self.vae.to(memory_format=torch.channels_last)
         self._embedding_cache.clear()
         return self
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square image the model sees (``config.image_size``)."""
+        return self.config.image_size
+
+    @property
+    def batch_size(self) -> int:
+        """Images per UNet pass (``config.batch_size``)."""
+        return self.config.batch_size
+
+    def prepare(self, image: Any, size: tuple[int, int] | None = None) -> PreparedImage:
+        """An image (PIL or array, any mode and size) -> the model's input and its mask size.
+
+        What :meth:`segment` does to an image first, as a step of its own: readers run it in
+        worker threads, so the calling thread never touches full-size pixels. ``size`` is the
+        (width, height) of the original when ``image`` is a reduced decode of it.
+        """
+        return prepare_image(image, self.config.image_size, size)
 
     @property
     def device(self) -> torch.device:
