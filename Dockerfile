@@ -35,5 +35,5 @@ VOLUME ["/data"]
 
 # --model comes from MODEL_DIR, the device from STABLESEG_DEVICE (default: CUDA when present),
 # basic auth from BASIC_AUTH_USER / BASIC_AUTH_PASS; every other setting from its STABLESEG_*
-# variable (see the README's Settings, Label Studio and Security sections).
+# variable (see docs/settings.md, docs/label-studio.md and docs/security.md).
 CMD ["sh", "-c", "exec stableseg serve --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" --threads \"$THREADS\" --log-level \"$LOG_LEVEL\""]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's Label Studio recipe, step by step: from nothing to the demo scenes pre-annotated
-# in a Label Studio project. The README shows each step below exactly as it is here, and
+# The Label Studio recipe, step by step: from nothing to the demo scenes pre-annotated in a
+# Label Studio project. docs/label-studio.md shows each step below exactly as it is here, and
 # tests/test_labelstudio_recipe.py runs this file against a real Label Studio and checks what it
 # leaves there, so the two cannot drift apart.
 #

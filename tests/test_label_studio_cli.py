@@ -1,5 +1,6 @@
 """``stableseg label-studio predict`` without a server (help, usage errors, an unreachable
-Label Studio), the task score, and the README's recipe against docs/label-studio-recipe.sh.
+Label Studio), the task score, and the recipe docs/label-studio.md shows against
+docs/label-studio-recipe.sh.
 
 The command against a real Label Studio (a project predicted, killed halfway and rerun) is in
 tests/test_labelstudio_recipe.py.
@@ -22,10 +23,10 @@ from .labelstudio_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "docs" / "label-studio-recipe.sh"
-README = ROOT / "README.md"
+RECIPE_PAGE = ROOT / "docs" / "label-studio.md"
 DEMO_MODEL = str(ROOT / "demo" / "model")
 STEP = re.compile(r"^# --8<-- \[start:([\w-]+)\]\n(.*?)^# --8<-- \[end:\1\]\n", re.M | re.S)
-README_STEP = re.compile(r"^<!-- recipe:([\w-]+) -->\n```bash\n(.*?)^```\n", re.M | re.S)
+PAGE_STEP = re.compile(r"^<!-- recipe:([\w-]+) -->\n```bash\n(.*?)^```\n", re.M | re.S)
 
 
 def _invoke(args: list[str], key: str | None = "0123456789abcdef"):
@@ -93,7 +94,7 @@ def _recipe_steps() -> dict[str, str]:
 
 
 def test_the_recipe_is_nothing_but_its_steps():
-    """What the README shows is what runs: no command outside a step."""
+    """What the docs show is what runs: no command outside a step."""
     text = RECIPE.read_text()
     steps = _recipe_steps()
     assert list(steps) == [
@@ -115,6 +116,6 @@ def test_the_recipe_is_nothing_but_its_steps():
     assert commands == ["set -euo pipefail"]
 
 
-def test_the_readme_shows_every_recipe_step_verbatim():
-    shown = dict(README_STEP.findall(README.read_text()))
+def test_the_label_studio_page_shows_every_recipe_step_verbatim():
+    shown = dict(PAGE_STEP.findall(RECIPE_PAGE.read_text()))
     assert shown == _recipe_steps()

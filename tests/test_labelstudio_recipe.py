@@ -1,13 +1,13 @@
-"""The README's Label Studio recipe, run as written against a real Label Studio 1.23; then, on
-the server it leaves running, ``stableseg label-studio predict`` killed halfway and rerun,
-free-text prompts, and the task scores a review sorts by.
+"""The Label Studio recipe of docs/label-studio.md, run as written against a real Label Studio
+1.23; then, on the server it leaves running, ``stableseg label-studio predict`` killed halfway
+and rerun, free-text prompts, and the task scores a review sorts by.
 
-``docs/label-studio-recipe.sh`` is the recipe (the README shows its steps verbatim): it starts
-Label Studio with the variables local files and a backend on the same machine need, gets a
-personal access token with curl, starts the backend with the demo model, makes a project with
-a Local Files storage of the demo scenes, connects the model, gets predictions for ten tasks
-through Label Studio and for the rest with ``stableseg label-studio predict``, and lists the
-least confident tasks. It runs once here, in a temporary folder on free ports; the module's
+``docs/label-studio-recipe.sh`` is the recipe (docs/label-studio.md shows its steps verbatim):
+it starts Label Studio with the variables local files and a backend on the same machine need,
+gets a personal access token with curl, starts the backend with the demo model, makes a project
+with a Local Files storage of the demo scenes, connects the model, gets predictions for ten
+tasks through Label Studio and for the rest with ``stableseg label-studio predict``, and lists
+the least confident tasks. It runs once here, in a temporary folder on free ports; the module's
 other tests reuse its server and backend (a Label Studio start costs half a minute).
 
 Both the backend and the CLI run with batch size 1 (``STABLESEG_BATCH_SIZE``, which ``serve``
