@@ -17,15 +17,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cli_env() -> dict[str, str]:
+    """The environment the tests run the CLI in: unbuffered output, one OpenMP thread."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
     """``python cli.py ARGS`` from the repository root, one OpenMP thread, output captured."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=cli_env(),
         cwd=ROOT,
         **kwargs,
     )
