@@ -97,6 +97,14 @@ def fenced_blocks(path: Path) -> list[Block]:
     return blocks
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """mkdocs.yml as plain data: tags such as ``!!python/name:`` (some extensions' settings)
+    read as None."""
+
+
+_ConfigLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
 def nav_pages() -> list[str]:
     """The pages of mkdocs.yml's nav, in order, as docs/NAME.md."""
 
@@ -107,7 +115,7 @@ def nav_pages() -> list[str]:
             found += walk(value) if isinstance(value, list) else [f"docs/{value}"]
         return found
 
-    return walk(yaml.safe_load(CONFIG.read_text(encoding="utf-8"))["nav"])
+    return walk(yaml.load(CONFIG.read_text(encoding="utf-8"), Loader=_ConfigLoader)["nav"])
 
 
 FIRST = "docs/getting-started.md"  # its demo job writes out/, which later pages use
