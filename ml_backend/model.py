@@ -5,7 +5,7 @@ Label Studio builds this class for every ``/setup`` and the server builds it for
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
 pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
 by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
-``exporters.prediction``.
+``exporters.prediction`` (:mod:`ml_backend.predictions`, shared with ``label-studio predict``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from exporters import brush_prediction
-from labeler.images import ImageError
 from labeler.jobs.stage import Loaded, segment_stream
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase
 from .config import BrushTarget, LabelConfigError, parse_label_config
 from .images import ImageLoader
+from .predictions import build_prediction, load_task_image
 from .settings import BackendSettings
 
 if TYPE_CHECKING:
@@ -148,40 +145,6 @@ class StableSegBackend(LabelStudioMLBase):
             return 400, {"status": "error", "project": project_id, "detail": str(err)}
         loader = ImageLoader(self.settings)  # never /setup's hostname or token
         return training.start_training(project_id, target, self.settings, loader)
-
-
-# ---------------------------------------------------------------------- shared with the CLI
-# ``stableseg label-studio predict`` segments and encodes with these, so its predictions are the
-# backend's, byte for byte, for the same settings.
-def load_task_image(
-    task: Any, task_id: Any, target: BrushTarget, loader: ImageLoader
-) -> Image.Image:
-    """The decoded image of one task, read from its ``$`` field by ``loader``.
-
-    Raises:
-        ImageError: no data, no such field, or an image that cannot be read (see ImageLoader).
-    """
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise ImageError("task has no 'data' object")
-    if target.data_key not in task["data"]:
-        raise ImageError(
-            f"task data has no {target.data_key!r} field (the <Image> tag reads "
-            f"${target.data_key}); its fields are {sorted(task['data'])}"
-        )
-    number = task_id if isinstance(task_id, int) else None
-    return loader.load(task["data"][target.data_key], number)
-
-
-def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-    """The Label Studio prediction of one SegmentationResult: brush results under the labels'
-    values, each with its label's score, and the task score (``exporters.task_score``)."""
-    labels = list(target.labels)
-    scores = {
-        label: result.scores[prompt]
-        for label, prompt in zip(labels, target.prompts, strict=True)
-        if prompt in result.scores
-    }
-    return brush_prediction(result.mask, labels, scores, version, target.from_name, target.to_name)
 
 
 def _task_id(task: Any, index: int) -> Any:
