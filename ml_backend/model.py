@@ -5,7 +5,7 @@ Label Studio builds this class for every ``/setup`` and the server builds it for
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
 pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
 by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
-``exporters.prediction``.
+``exporters.prediction`` (:mod:`ml_backend.predictions`, shared with ``label-studio predict``).
 """
 
 from __future__ import annotations
@@ -13,22 +13,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from labeler.images import ImageError
+from labeler.jobs.stage import Loaded, segment_stream
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase
 from .config import BrushTarget, LabelConfigError, parse_label_config
 from .images import ImageLoader
+from .predictions import build_prediction, load_task_image
 from .settings import BackendSettings
+
+if TYPE_CHECKING:
+    from labeler import StableSeg
 
 logger = logging.getLogger(__name__)
 
-
-MIN_TASKS_PER_CHUNK = 16
+READ_WORKERS = 4
+"""Threads reading one request's images (downloads have their own limits: ``ml_backend.fetch``)."""
 
 
 @dataclass(frozen=True)
@@ -96,30 +98,40 @@ class StableSegBackend(LabelStudioMLBase):
     def predict_tasks(self, tasks: Sequence[dict[str, Any]]) -> Outcome:
         """Predictions aligned with ``tasks``, and the reasons of the tasks left without one.
 
-        Steps, a chunk of tasks at a time (so a request for thousands of tasks does not hold
-        all their images in memory): load the images, run them through StableSeg in UNet
-        batches while holding the GPU lock, encode brush results.
+        The tasks go through the model stage (``labeler.jobs.stage``): ``READ_WORKERS``
+        threads read the images a few batches ahead (so a request for thousands of tasks
+        does not hold all their images in memory), StableSeg segments them in full batches
+        while holding the GPU lock (a failing batch image by image), and each result is
+        encoded as brush results. The model is loaded when the first image has been read: a
+        request whose images all fail loads nothing.
         """
         target = self.require_target()
         ids = [_task_id(task, index) for index, task in enumerate(tasks)]
         loader = ImageLoader(self.settings)  # never /setup's hostname or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
-        segmenter = None
-        step = self._tasks_per_chunk()
-        for start in range(0, len(tasks), step):
-            indices = range(start, min(start + step, len(tasks)))
-            images = self._load_images(tasks, ids, indices, target, loader, outcome.errors)
-            if not images:
-                continue
-            segmenter = segmenter or cache.get_segmenter(self.settings)
-            results = segment_images(segmenter, images, ids, target, outcome.errors)
-            for index, result in results.items():
-                outcome.predictions[index] = build_prediction(
-                    result, target, segmenter.model_version
-                )
-        outcome.model_version = (
-            segmenter.model_version if segmenter is not None else self.model_version
-        )
+        opened: list[StableSeg] = []
+
+        def open_model() -> StableSeg:  # called once, by the stage, on the first readable image
+            opened.append(cache.get_segmenter(self.settings))
+            return opened[0]
+
+        def load(index: int) -> Loaded:
+            return Loaded(load_task_image(tasks[index], ids[index], target, loader))
+
+        for item in segment_stream(
+            range(len(tasks)),
+            load,
+            open_model,
+            target.prompts,
+            workers=READ_WORKERS,
+            model_lock=cache.GPU_LOCK,
+        ):
+            if item.error is not None:
+                outcome.errors.append(TaskError(ids[item.key], item.error))
+            else:
+                version = opened[0].model_version
+                outcome.predictions[item.key] = build_prediction(item.result, target, version)
+        outcome.model_version = opened[0].model_version if opened else self.model_version
         for error in outcome.errors:
             logger.warning("task %s gets no prediction: %s", error.task, error.reason)
         return outcome
@@ -133,89 +145,6 @@ class StableSegBackend(LabelStudioMLBase):
             return 400, {"status": "error", "project": project_id, "detail": str(err)}
         loader = ImageLoader(self.settings)  # never /setup's hostname or token
         return training.start_training(project_id, target, self.settings, loader)
-
-    # ------------------------------------------------------------------ steps
-    def _tasks_per_chunk(self) -> int:
-        return max(MIN_TASKS_PER_CHUNK, 4 * self.settings.stableseg.segmenter.batch_size)
-
-    def _load_images(
-        self,
-        tasks: Sequence[Any],
-        ids: list[Any],
-        indices: range,
-        target: BrushTarget,
-        loader: ImageLoader,
-        errors: list[TaskError],
-    ) -> dict[int, Image.Image]:
-        """Task index -> decoded image, for the tasks whose image can be used."""
-        images: dict[int, Image.Image] = {}
-        for index in indices:
-            try:
-                images[index] = load_task_image(tasks[index], ids[index], target, loader)
-            except ImageError as err:
-                errors.append(TaskError(ids[index], str(err)))
-        return images
-
-
-# ---------------------------------------------------------------------- shared with the CLI
-# ``stableseg label-studio predict`` segments and encodes with these, so its predictions are the
-# backend's, byte for byte, for the same settings.
-def load_task_image(
-    task: Any, task_id: Any, target: BrushTarget, loader: ImageLoader
-) -> Image.Image:
-    """The decoded image of one task, read from its ``$`` field by ``loader``.
-
-    Raises:
-        ImageError: no data, no such field, or an image that cannot be read (see ImageLoader).
-    """
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise ImageError("task has no 'data' object")
-    if target.data_key not in task["data"]:
-        raise ImageError(
-            f"task data has no {target.data_key!r} field (the <Image> tag reads "
-            f"${target.data_key}); its fields are {sorted(task['data'])}"
-        )
-    number = task_id if isinstance(task_id, int) else None
-    return loader.load(task["data"][target.data_key], number)
-
-
-def segment_images(
-    segmenter: Any,
-    images: dict[int, Image.Image],
-    ids: list[Any],
-    target: BrushTarget,
-    errors: list[TaskError],
-) -> dict[int, Any]:
-    """Task index -> SegmentationResult: one ``segment`` call, image by image if it fails."""
-    order = sorted(images)
-    prompts = list(target.prompts)
-    with cache.GPU_LOCK:
-        try:
-            results = segmenter.segment([images[i] for i in order], prompts)
-            return dict(zip(order, results, strict=True))
-        except (ValueError, TypeError) as err:
-            logger.warning("batch failed (%s); segmenting the images one by one", err)
-        found = {}
-        for index in order:
-            try:
-                found[index] = segmenter.segment([images[index]], prompts)[0]
-            except (ValueError, TypeError) as err:
-                errors.append(TaskError(ids[index], f"segmentation failed: {err}"))
-        return found
-
-
-def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-    """The Label Studio prediction of one SegmentationResult: brush results under the labels'
-    values, each with its label's score, and the task score (``exporters.task_score``)."""
-    from exporters import brush_prediction
-
-    labels = list(target.labels)
-    scores = {
-        label: result.scores[prompt]
-        for label, prompt in zip(labels, target.prompts, strict=True)
-        if prompt in result.scores
-    }
-    return brush_prediction(result.mask, labels, scores, version, target.from_name, target.to_name)
 
 
 def _task_id(task: Any, index: int) -> Any:

@@ -8,17 +8,17 @@ with the project and a run of any length can be interrupted and resumed.
 The predictions are the backend's, byte for byte, for the same settings: the labels come from
 the project's labeling config through :func:`ml_backend.config.parse_label_config`, images are
 read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else through
-``--url`` with the key; the same allow-list), masks come from
-:func:`ml_backend.model.segment_images` and are encoded by
-:func:`ml_backend.model.build_prediction`, with the model version of the backend's model cache.
+``--url`` with the key; the same allow-list), masks come from the model stage the backend's
+``/predict`` uses (:func:`labeler.jobs.stage.segment_stream`) and are encoded by
+:func:`ml_backend.predictions.build_prediction`, with the model version of the backend's model
+cache.
 
-The stages are separate functions over iterators (task stream -> images -> segment -> results
--> upload), so the loop can later be swapped for the pipeline of ``labeler.jobs``:
+The stages are separate functions over iterators (task stream -> segmented -> predictions ->
+upload):
 
 * :func:`list_tasks`: the project's tasks, page by page, in id order;
-* :func:`decode_ahead`: each task's image, decoded in a small bounded thread pool ahead of the
-  model;
-* :func:`segment_batches`: ``batch_size`` images per ``segment`` call;
+* :func:`segment_tasks`: each task's image read in a small bounded thread pool ahead of the
+  model, and segmented in full batches (the model stage);
 * :func:`encode`: each result as a Label Studio prediction;
 * :class:`Uploader`: predictions to Label Studio, a few tasks per request, with retries.
 
@@ -37,18 +37,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from labeler.images import ImageError
 from labeler.jobs.io import write_jsonl
-from labeler.jobs.pipeline import ordered_map
+from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
 from labeler.options import ModelSettings
+
+from . import cache
+from .config import BrushTarget, LabelConfigError, parse_label_config
+from .images import ImageLoader
+from .predictions import build_prediction, load_task_image
+from .settings import BackendSettings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
-    from PIL import Image
-
-    from .config import BrushTarget
-    from .images import ImageLoader
-    from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,9 @@ class Task:
 
 @dataclass
 class Item:
-    """One task on its way through the stages; ``error`` set means it stops here."""
+    """One task out of the model: its prediction, or why it has none."""
 
     task: Task
-    image: Image.Image | None = None
-    result: Any = None
     prediction: dict[str, Any] | None = None
     error: str | None = None
 
@@ -175,8 +173,6 @@ def project_target(
     client: LabelStudio, project: int, options: PredictOptions, max_labels: int
 ) -> BrushTarget:
     """The project's BrushLabels target, parsed exactly as the backend parses it."""
-    from .config import LabelConfigError, parse_label_config
-
     found = _call(
         lambda: client.projects.get(id=project, request_options=_request(options)),
         options,
@@ -191,8 +187,6 @@ def project_target(
 def backend_settings(options: PredictOptions) -> BackendSettings:
     """The backend's settings for this run: its environment, with ``--url``, the key and the
     model options of the command line (so images are read exactly as the backend reads them)."""
-    from .settings import BackendSettings
-
     return replace(
         BackendSettings.from_env(),
         stableseg=options.settings,
@@ -227,72 +221,39 @@ def list_tasks(client: LabelStudio, options: PredictOptions) -> Iterator[Task]:
         page += 1
 
 
-def decode_ahead(
-    tasks: Iterable[Task], target: BrushTarget, loader: ImageLoader, workers: int
-) -> Iterator[Item]:
-    """Each task with its decoded image (or the reason it has none), in order.
+def segment_tasks(
+    tasks: Iterable[Task],
+    target: BrushTarget,
+    loader: ImageLoader,
+    segmenter: StageModel,
+    workers: int,
+) -> Iterator[Segmented[Task]]:
+    """Each task segmented by the model stage, as the backend's ``/predict`` does it.
 
-    ``workers`` threads read ahead of the consumer; at most ``2 * workers`` images wait in
-    memory at a time.
+    ``workers`` threads read and prepare the images, a batch plus ``workers`` ahead of the
+    model; ``segmenter.batch_size`` images go into each ``segment`` call (under the backend's
+    GPU lock), a failing batch image by image. Every task is prompted with the project's
+    labels, so the tasks come out in order, but for one whose image cannot be read: it comes
+    out with its ``error`` at once, ahead of the tasks waiting for a full batch.
     """
-    from .model import load_task_image
 
-    def load(task: Task) -> Item:
-        try:
-            image = load_task_image({"data": task.data}, task.id, target, loader)
-            return Item(task, image=image)
-        except ImageError as err:
-            return Item(task, error=str(err))
+    def load(task: Task) -> Loaded:
+        return Loaded(load_task_image({"data": task.data}, task.id, target, loader))
 
-    yield from ordered_map(load, tasks, workers, ahead=2 * workers)
+    return segment_stream(
+        tasks, load, segmenter, target.prompts, workers=workers, model_lock=cache.GPU_LOCK
+    )
 
 
-def segment_batches(
-    items: Iterable[Item], segmenter: Any, target: BrushTarget, batch_size: int
+def encode(
+    items: Iterable[Segmented[Task]], target: BrushTarget, model_version: str
 ) -> Iterator[Item]:
-    """The items with their SegmentationResult: ``batch_size`` images per ``segment`` call
-    (the backend's :func:`~ml_backend.model.segment_images`: image by image if a batch fails).
-    Items that failed before pass through."""
-    batch: list[Item] = []
-
-    def run() -> list[Item]:
-        from .model import TaskError, segment_images
-
-        errors: list[TaskError] = []
-        images = {index: item.image for index, item in enumerate(batch)}
-        ids = [item.task.id for item in batch]
-        results = segment_images(segmenter, images, ids, target, errors)
-        reasons = {error.task: error.reason for error in errors}
-        for index, item in enumerate(batch):
-            item.image = None
-            if index in results:
-                item.result = results[index]
-            else:
-                item.error = reasons.get(item.task.id, "segmentation failed")
-        done = list(batch)
-        batch.clear()
-        return done
-
+    """Each segmented task with its Label Studio prediction (the backend's encoding)."""
     for item in items:
         if item.error is not None:
-            yield item
-            continue
-        batch.append(item)
-        if len(batch) >= batch_size:
-            yield from run()
-    if batch:
-        yield from run()
-
-
-def encode(items: Iterable[Item], target: BrushTarget, model_version: str) -> Iterator[Item]:
-    """Each segmented item with its Label Studio prediction (the backend's encoding)."""
-    from .model import build_prediction
-
-    for item in items:
-        if item.error is None:
-            item.prediction = build_prediction(item.result, target, model_version)
-            item.result = None
-        yield item
+            yield Item(item.key, error=item.error)
+        else:
+            yield Item(item.key, build_prediction(item.result, target, model_version))
 
 
 class Uploader:
@@ -415,9 +376,6 @@ def run_predict(
         LabelStudioUnavailable: Label Studio unreachable, or failing past the retries.
         ValueError: the model cannot be loaded (see ``labeler.jobs.models.load_stableseg``).
     """
-    from . import cache
-    from .images import ImageLoader
-
     started = time.monotonic()
     settings = backend_settings(options)
     client = connect(options.url, options.api_key, options.timeout)
@@ -454,10 +412,11 @@ def run_predict(
 
     uploader = Uploader(client, options, version, done, failed)
     tasks = unpredicted(list_tasks(client, options))
-    items = decode_ahead(tasks, target, ImageLoader(settings), options.decode_workers)
-    items = segment_batches(items, segmenter, target, options.settings.segmenter.batch_size)
+    segmented = segment_tasks(
+        tasks, target, ImageLoader(settings), segmenter, options.decode_workers
+    )
     try:
-        for item in encode(items, target, version):
+        for item in encode(segmented, target, version):
             if item.error is not None:
                 failed(Failure(item.task.id, item.error))
             else:

@@ -37,7 +37,6 @@ from ml_backend import cache
 from ml_backend.config import LabelConfigError, parse_label_config
 from ml_backend.fetch import GENERIC_ERROR
 from ml_backend.images import ImageLoader, LabelStudioAuth, is_jwt, safe_local_path
-from ml_backend.model import StableSegBackend
 from ml_backend.server import create_app
 from ml_backend.settings import BackendSettings
 
@@ -426,7 +425,7 @@ def test_bad_requests_get_a_clear_400_and_the_server_stays_up(client, body, expe
     assert client.get("/health").status_code == 200
 
 
-def test_the_tasks_of_a_request_go_through_segment_together(client, settings, monkeypatch):
+def test_the_tasks_of_a_request_go_through_segment_in_full_batches(client, settings, monkeypatch):
     segmenter = cache.get_segmenter(settings)
     calls: list[int] = []
     real = segmenter.segment
@@ -439,17 +438,31 @@ def test_the_tasks_of_a_request_go_through_segment_together(client, settings, mo
     names = ["imgs/a.png", "imgs/c.png", "imgs/notes.png", "imgs/a.png"]
     tasks = [_task(i, _local(n)) for i, n in enumerate(names)]
     body = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).get_json()
-    assert calls == [3]  # one call; StableSeg splits it into UNet batches of config.batch_size
     assert segmenter.config.batch_size == 2
+    assert calls == [2, 1]  # the model stage: batches of config.batch_size, the rest at the end
     assert [bool(r) for r in body["results"]] == [True, True, False, True]
-    # Long requests go in chunks of tasks (max(16, 4 x batch size)): bounded memory.
-    assert StableSegBackend(CONFIG, settings=settings)._tasks_per_chunk() == 16
-    monkeypatch.setattr(StableSegBackend, "_tasks_per_chunk", lambda self: 3)
     calls.clear()
     many = [_task(i, _local("imgs/c.png")) for i in range(5)]
     body = client.post("/predict", json={"tasks": many, "label_config": CONFIG}).get_json()
-    assert calls == [3, 2]
+    assert calls == [2, 2, 1]
     assert len(body["results"]) == 5 and all(r["result"] for r in body["results"])
+
+
+def test_a_failing_batch_is_segmented_image_by_image(client, settings, monkeypatch, caplog):
+    segmenter = cache.get_segmenter(settings)
+    real = segmenter.segment
+
+    def picky(images, labels, **kwargs):
+        if len(images) > 1 or images[0].size == (24, 24):  # c.png, prepared for the model
+            raise ValueError("this one is cursed")
+        return real(images, labels, **kwargs)
+
+    monkeypatch.setattr(segmenter, "segment", picky)
+    tasks = [_task(7, _local("imgs/a.png")), _task(8, _local("imgs/c.png"))]
+    with caplog.at_level(logging.WARNING, logger="ml_backend"):
+        body = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).get_json()
+    assert body["results"][0]["result"] and body["results"][1] == []
+    assert "task 8 gets no prediction: segmentation failed: this one is cursed" in caplog.text
 
 
 def test_the_model_is_loaded_once_per_process(client, settings, monkeypatch):

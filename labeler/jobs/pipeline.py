@@ -93,19 +93,22 @@ def ordered_map(
     fn: Callable[[T], R],
     items: Iterable[T],
     workers: int,
-    ahead: int,
+    ahead: int | Callable[[], int],
 ) -> Iterator[R]:
     """``fn(item)`` for every item, computed by ``workers`` threads, yielded in input order.
 
     At most ``ahead`` items are submitted and not yet yielded: a slow consumer stops the
-    workers instead of letting finished results pile up.
+    workers instead of letting finished results pile up. ``ahead`` may be a function, asked
+    again at each refill: a window that grows once the consumer knows more (the model stage's
+    batch size, known when its model is loaded).
 
     An exception raised by ``fn`` is raised here when its item's turn comes. When the consumer
     stops early (closes the generator, or raises), queued items are cancelled and running ones
     are waited for.
     """
-    if workers < 1 or ahead < 1:
-        raise ValueError(f"ordered_map: workers and ahead must be >= 1, got {workers}, {ahead}")
+    window = ahead if callable(ahead) else lambda: ahead
+    if workers < 1 or window() < 1:
+        raise ValueError(f"ordered_map: workers and ahead must be >= 1, got {workers}, {window()}")
 
     source = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reader")
@@ -113,13 +116,14 @@ def ordered_map(
     try:
         for item in source:
             pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
+            if len(pending) >= window():
                 break
         while pending:
             result = pending.popleft().result()
-            for item in source:  # refill the slot the consumer is about to take
+            for item in source:  # refill the slot the consumer is about to take (more if grown)
                 pending.append(pool.submit(fn, item))
-                break
+                if len(pending) >= window():
+                    break
             yield result
     finally:
         for future in pending:

@@ -19,16 +19,19 @@ waits for a full batch of its subset (or until ``max_waiting`` items are held), 
 rare subset may come out after later ones: consumers key their outputs by ``Segmented.key``.
 
 A model is anything with the :class:`StageModel` protocol: :class:`labeler.StableSeg`, or the
-trained student of ``refine`` (``labeler.jobs.models``).
+trained student of ``refine`` (``labeler.jobs.models``); or a function that returns one, called
+when the first item that needs the model has been read (the backend loads its weights only for a
+request with a readable image).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -128,7 +131,7 @@ class _Read(Generic[K]):
 def segment_stream(
     items: Iterable[K],
     load: Callable[[K], Loaded],
-    model: StageModel,
+    model: StageModel | Callable[[], StageModel],
     labels: Sequence[str],
     *,
     workers: int,
@@ -145,7 +148,11 @@ def segment_stream(
         load: item -> :class:`Loaded`, in a reading thread; raise
             :class:`~labeler.images.ImageError` (or ``ValueError``) for an item that cannot be
             used: it comes out with ``error`` set and the stream goes on.
-        model: see :class:`StageModel`; ``model.batch_size`` images go into each call.
+        model: see :class:`StageModel`; ``model.batch_size`` images go into each call. Or a
+            function returning the model (anything without ``segment``): called once, in a
+            reading thread, when the first item that needs the model has been read, so a stream
+            whose items all fail or need no model never loads one; an error it raises ends the
+            stream. Until then the readers keep ``workers`` items ahead.
         labels: the run's labels (mask id k = ``labels[k - 1]``).
         workers: reading threads.
         return_probs, return_layer_maps: passed to ``segment``.
@@ -155,8 +162,8 @@ def segment_stream(
             subset (default ``4 * batch_size``); past it, the fullest waiting batch runs.
     """
     labels = list(labels)
-    batch_size = max(1, int(model.batch_size))
-    max_waiting = max_waiting or 4 * batch_size
+    opened = _Opened(model)
+    batch_size = 0  # the model's, read once it is open
     clock = clock or StageClock()
     every = LabelSubset.every(len(labels)) if labels else None
 
@@ -164,12 +171,17 @@ def segment_stream(
         with clock.measure("read"):
             try:
                 loaded = load(key)
-                read = _Read(key, subset=loaded.subset, size=loaded.size, extra=loaded.extra)
-                if loaded.subset != ():
-                    read.model_input = model.prepare(loaded.image, loaded.size)
-                    read.size = _size_of(read.model_input)
             except (ImageError, ValueError) as err:
                 return _Read(key, error=str(err) or type(err).__name__)
+            read = _Read(key, subset=loaded.subset, size=loaded.size, extra=loaded.extra)
+            if loaded.subset == ():
+                return read
+            ready = opened()  # outside the try: a model that cannot load ends the stream
+            try:
+                read.model_input = ready.prepare(loaded.image, loaded.size)
+            except (ImageError, ValueError) as err:
+                return _Read(key, error=str(err) or type(err).__name__)
+            read.size = _size_of(read.model_input)
             return read
 
     def run(group: list[_Read[K]]) -> list[Segmented[K]]:
@@ -182,15 +194,17 @@ def segment_stream(
         kwargs = {"return_probs": return_probs, "return_layer_maps": return_layer_maps}
         kwargs = {name: value for name, value in kwargs.items() if value}
         with clock.measure("model", len(group)):
-            results = _segment_batch(model, inputs, names, kwargs, model_lock)
+            results = _segment_batch(opened(), inputs, names, kwargs, model_lock)
         return [
             _finish(item, result, subset, labels, every)
             for item, result in zip(group, results, strict=True)
         ]
 
+    if opened.model is not None:
+        batch_size = _batch_size(opened.model)
     waiting: dict[tuple[int, ...] | None, list[_Read[K]]] = {}
     held = 0
-    reads = ordered_map(read, items, workers, ahead=batch_size + workers)
+    reads = ordered_map(read, items, workers, ahead=lambda: batch_size + workers)
     with contextlib.closing(reads):  # on an error: stop the readers now, not when collected
         for item in reads:
             if item.error is not None:
@@ -199,18 +213,47 @@ def segment_stream(
             if item.subset == ():
                 yield _background(item, labels)
                 continue
+            if not batch_size:  # a deferred model, opened for this item
+                batch_size = _batch_size(opened())
             group = waiting.setdefault(item.subset, [])
             group.append(item)
             held += 1
             if len(group) >= batch_size:
                 held -= len(group)
                 yield from run(waiting.pop(item.subset))
-            elif held > max_waiting:
+            elif held > (max_waiting or 4 * batch_size):
                 fullest = max(waiting, key=lambda subset: len(waiting[subset]))
                 held -= len(waiting[fullest])
                 yield from run(waiting.pop(fullest))
         for subset in list(waiting):
             yield from run(waiting.pop(subset))
+
+
+def _batch_size(model: StageModel) -> int:
+    """Images per ``segment`` call: the model's batch size (read here and nowhere else)."""
+    return max(1, int(model.batch_size))
+
+
+class _Opened:
+    """The stream's model: the one given, or the one its function returns, called once (by
+    whichever reading thread needs it first)."""
+
+    def __init__(self, model: StageModel | Callable[[], StageModel]) -> None:
+        self._lock = threading.Lock()
+        self.model: StageModel | None = None
+        self._open: Callable[[], StageModel] | None = None
+        if hasattr(model, "segment"):
+            self.model = cast(StageModel, model)
+        else:
+            self._open = cast(Callable[[], StageModel], model)
+
+    def __call__(self) -> StageModel:
+        if self.model is None:
+            with self._lock:
+                if self.model is None:
+                    assert self._open is not None
+                    self.model = self._open()
+        return self.model
 
 
 def _segment_batch(
