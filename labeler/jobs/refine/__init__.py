@@ -3,8 +3,8 @@
 ``options`` (what a run is asked to do), ``steps`` (the table of steps: work, outputs, scoring),
 ``plusplus`` (the StableSeg++ steps: the weight fit and its exact pseudo-masks), ``run`` (the
 driver, resumable and distributed), ``report`` (report.json), ``files`` (the pool, per-image
-labels, masks, ``run.json``), ``background`` (runs in a thread, for Label Studio's Start
-Training).
+labels, masks, ``run.json``), ``threaded`` (a run in a background thread, for Label
+Studio's Start Training).
 """
 
 from __future__ import annotations
