@@ -17,18 +17,18 @@ from labeler.images import open_image
 from labeler.subsets import segment_subsets
 
 from ..io import atomic_write_bytes, atomic_write_json
+from .cached_maps import cached, pseudo, pseudo_finish, weights_for
 from .files import read_mask, working_rgb, write_mask
+from .workdir import WEIGHTS
 
 if TYPE_CHECKING:
-    from .run import RefineRun
+    from .workdir import RefineRun
 
 
 def fit(run: RefineRun) -> dict[str, Any]:
     """One weight per attention map, fitted so StableSeg matches the StableSeg+ predictions."""
     from labeler.train.mapweights import PixelSampler, fit_map_weights, weights_summary
     from labeler.weights import map_weights_to_bytes
-
-    from .steps import WEIGHTS, cached
 
     if not run.dist.is_main:
         return {}
@@ -114,7 +114,6 @@ def exact_pseudo(run: RefineRun) -> dict[str, Any]:
     from labeler.weights import load_map_weights
 
     from ..models import load_stableseg
-    from .steps import WEIGHTS
 
     todo = [i for i in run.mine(run.usable) if not run.out("plusplus/pseudo", i).exists()]
     if not todo:
@@ -153,8 +152,6 @@ def exact_pseudo(run: RefineRun) -> dict[str, Any]:
 
 def plusplus_pseudo(run: RefineRun) -> dict[str, Any]:
     """StableSeg++ pseudo-masks, exact (StableSeg with the learned weights) or from the cache."""
-    from .steps import pseudo
-
     if run.options.plusplus_masks == "cache":
         return pseudo(run, "plusplus")
     return exact_pseudo(run)
@@ -167,8 +164,6 @@ def cache_disagreement(run: RefineRun) -> dict[str, Any]:
     without CRF, at each exact mask's size, and compared in global ids.
     """
     from labeler.train.pseudo import mask_from_maps
-
-    from .steps import cached, weights_for
 
     plan = run.plan()
     weights = weights_for(run, "plusplus")
@@ -202,8 +197,6 @@ def cache_disagreement(run: RefineRun) -> dict[str, Any]:
 
 def plusplus_pseudo_finish(run: RefineRun, record: dict[str, Any]) -> None:
     """Counts of the pseudo-masks, which version they are, and (exact) the disagreement."""
-    from .steps import pseudo_finish
-
     pseudo_finish(run, record, "plusplus")
     record["masks"] = run.options.plusplus_masks
     if run.options.plusplus_masks == "exact":
