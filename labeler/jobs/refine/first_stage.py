@@ -2,26 +2,31 @@
 
 With per-image labels (``RefineRun.subset``) an image is prompted with its own labels only: its
 cache entry holds those channels and names their global ids, and its mask is written in global
-ids (``labeler.subsets.LabelSubset``). An image that cannot be used is skipped: ``W/cache/<key>
-.skip`` says why, and the report lists it.
+ids (``labeler.subsets.LabelSubset``). An image that cannot be used is skipped:
+``W/cache/<key>.skip`` says why, and the report lists it.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from labeler.images import ImageError, open_image
-from labeler.subsets import segment_subsets
+from labeler.images import open_image
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .files import write_mask
+from ..stage import Loaded, Segmented, segment_stream
+from .files import PoolItem, write_mask
 from .workdir import CACHE, PLAN_FILE
 
 if TYPE_CHECKING:
     from .workdir import RefineRun
 
 log = logging.getLogger(__name__)
+
+
+class NoLabelsError(ValueError):
+    """A pool image the run has no labels for (it is skipped); the message says why."""
 
 
 def skip(run: RefineRun, item: Any, reason: str) -> None:
@@ -33,12 +38,12 @@ def skip(run: RefineRun, item: Any, reason: str) -> None:
 def stableseg(run: RefineRun) -> dict[str, Any]:
     """StableSeg masks of every pool image, and every attention layer's class map (the cache).
 
-    With per-image labels each image is prompted with its own labels (images sharing a label
-    set share a batch); its cache entry holds maps for those labels only, and names their
-    global ids (``label_ids`` in the header). Its mask is written in global ids.
+    Images go through the model stage (:func:`labeler.jobs.stage.segment_stream`: read in
+    threads, full batches). With per-image labels each image is prompted with its own labels
+    (images sharing a label set share a batch); its cache entry holds maps for those labels
+    only, and names their global ids (``label_ids`` in the header). Its mask is written in
+    global ids. An image that cannot be read or segmented is skipped with the reason.
     """
-    from labeler.train.cache import maps_to_bytes
-
     from ..models import load_stableseg
 
     # Images skipped by an earlier, unfinished attempt are tried again (the file may have been
@@ -59,39 +64,55 @@ def stableseg(run: RefineRun) -> dict[str, Any]:
             }
             atomic_write_json(run.work / PLAN_FILE, record, indent=2)
     bar = run.bar(len(todo), "stage 1/3 StableSeg + attention cache")
-    chunk_size = 2 * run.options.segmenter.batch_size
-    for start in range(0, len(todo), chunk_size):
-        images, good, subsets = [], [], []
-        for item in todo[start : start + chunk_size]:
-            subset = run.subset(item)
-            if isinstance(subset, str):
-                skip(run, item, subset)
-                continue
-            try:
-                images.append(open_image(item.path))
-            except ImageError as err:
-                skip(run, item, str(err))
-                continue
-            good.append(item)
-            subsets.append(subset)
-        if good:
-            assert segmenter is not None
-            results = segment_subsets(
-                segmenter, images, subsets, run.labels, return_layer_maps=True
-            )
-            for item, image, subset, result in zip(good, images, subsets, results, strict=True):
-                write_mask(run.out("stableseg/masks", item), subset.to_global(result.mask))
-                data = maps_to_bytes(
-                    result.layer_maps or {},
-                    subset.names(run.labels),
-                    image.size,
-                    extra={"label_ids": list(subset.ids)},
-                )
-                atomic_write_bytes(run.out(CACHE, item, ".safetensors"), data)
-                run.out(CACHE, item, ".skip").unlink(missing_ok=True)
-        bar.update(len(todo[start : start + chunk_size]))
+    if todo and segmenter is not None:
+        segmented = segment_stream(
+            todo,
+            partial(_read, run),
+            segmenter,
+            run.labels,
+            workers=run.readers,
+            return_layer_maps=True,
+        )
+        for done in segmented:
+            if done.error is None:
+                _write(run, done)
+            else:
+                skip(run, done.key, done.error)
+            bar.update(1)
     bar.close()
     return {}
+
+
+def _read(run: RefineRun, item: PoolItem) -> Loaded:
+    """One pool image for the stage (in a reading thread): its labels, then its pixels.
+
+    Raises:
+        NoLabelsError: the run has no labels for it.
+        ImageError: it cannot be read.
+    """
+    subset = run.subset(item)
+    if isinstance(subset, str):
+        raise NoLabelsError(subset)
+    image = open_image(item.path)
+    return Loaded(image, subset.ids, extra=image.size)
+
+
+def _write(run: RefineRun, done: Segmented[PoolItem]) -> None:
+    """One image's StableSeg mask (global ids) and cache entry (its labels' maps, at the
+    image's size ``done.extra``); an earlier attempt's ``.skip`` goes."""
+    from labeler.train.cache import maps_to_bytes
+
+    item, subset = done.key, done.subset
+    assert done.mask is not None and subset is not None
+    write_mask(run.out("stableseg/masks", item), done.mask)
+    data = maps_to_bytes(
+        done.result.layer_maps or {},
+        subset.names(run.labels),
+        done.extra,
+        extra={"label_ids": list(subset.ids)},
+    )
+    atomic_write_bytes(run.out(CACHE, item, ".safetensors"), data)
+    run.out(CACHE, item, ".skip").unlink(missing_ok=True)
 
 
 def stableseg_finish(run: RefineRun, record: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from labeler.subsets import LabelSubset
 
 from ..distributed import Distributed
 from ..io import read_json
+from ..pipeline import default_workers
 from .files import PoolItem, read_mask
 from .options import RefineOptions
 
@@ -47,6 +48,9 @@ PLAN_FILE = "plan.json"
 STATE_FILE = "state.json"
 IMAGE_LABELS_FILE = "image_labels.json"
 WEIGHTS = "plusplus/weights.safetensors"
+READERS = 4
+"""The most threads reading images for the StableSeg passes (the model is the bottleneck; each
+thread holds a full-size image)."""
 
 
 class RefineRun:
@@ -86,6 +90,12 @@ class RefineRun:
     def usable(self) -> list[PoolItem]:
         """Pool images with a cache entry (the unreadable ones are skipped)."""
         return [i for i in self.pool if self.out(CACHE, i, ".safetensors").exists()]
+
+    @property
+    def readers(self) -> int:
+        """Threads reading images for the StableSeg passes: :data:`READERS`, fewer with fewer
+        CPUs (per process under torchrun)."""
+        return min(READERS, default_workers())
 
     def bar(self, total: int, desc: str, unit: str = "img", leave: bool = True) -> Any:
         from tqdm.auto import tqdm
