@@ -2,7 +2,7 @@
 
 label-studio-ml 1.0.9 does not route ``START_TRAINING`` to ``fit``; the server's webhook view
 (and the older ``/train`` call) come here instead. A run goes in the background, one at a time
-per backend (:mod:`labeler.jobs.refine.background`): Start Training for another project while
+per backend (:mod:`labeler.jobs.refine.threaded`): Start Training for another project while
 one runs gets 409 and a message (it is not queued: a run takes long, and Label Studio shows the
 message, so pressing the button again when the run has finished is clearer than a hidden queue);
 for the running project it answers ``already_running``.
@@ -63,7 +63,7 @@ def work_root(settings: BackendSettings) -> Path:
 
 def is_training(project_id: int, settings: BackendSettings) -> bool:
     """Whether a refine run of this project is in progress, in this worker or another one."""
-    from labeler.jobs.refine.background import running_refine
+    from labeler.jobs.refine.threaded import running_refine
 
     return running_refine(work_root(settings)) == str(project_id)
 
@@ -75,7 +75,7 @@ def project_settings(settings: BackendSettings, project_id: int | None) -> Backe
     """
     if project_id is None or settings.stableseg.weights is not None:
         return settings
-    from labeler.jobs.refine.background import get_background_refine, latest_refine_weights
+    from labeler.jobs.refine.threaded import get_background_refine, latest_refine_weights
 
     handle = get_background_refine(project_id)
     path = handle.weights_path if handle is not None else None
@@ -168,7 +168,7 @@ def start_training(
         run), 409 ``busy`` (another project's run), 503 ``error`` without ``LABEL_STUDIO_URL``
         and ``LABEL_STUDIO_API_KEY``, 500 ``error`` when the run cannot start.
     """
-    from labeler.jobs.refine.background import RefineBusyError, start_background_refine
+    from labeler.jobs.refine.threaded import RefineBusyError, start_background_refine
 
     logger.info("START_TRAINING for project %s", project_id)
     already = {

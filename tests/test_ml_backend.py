@@ -636,7 +636,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
 ):
     """The older /train call: a real refine run (tiny model, resnet18, one epoch) on the tasks
     Label Studio lists for the project; the tasks in the request are ignored."""
-    from labeler.jobs.refine.background import get_background_refine
+    from labeler.jobs.refine.threaded import get_background_refine
 
     refine = replace(
         settings,

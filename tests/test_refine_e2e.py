@@ -224,6 +224,29 @@ def test_unreadable_images_are_reported_and_retried_until_stage_one_is_done(
     assert not (tmp_path / "W" / "cache" / "broken.skip").exists()
 
 
+def test_an_image_that_fails_to_segment_is_skipped_with_the_reason(
+    tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    """Its batch is retried image by image (the model stage): the others still get their cache."""
+    images, _ = make_pool(tmp_path, count=3, seed=4)
+    Image.new("RGB", (33, 77), "red").save(images / "odd.png")
+    segment = StableSeg.segment
+
+    def failing(self, inputs, labels, **kwargs):
+        if any(tuple(image.size) == (33, 77) for image in inputs):
+            raise ValueError("no mask for a 33 x 77 image")
+        return segment(self, inputs, labels, **kwargs)
+
+    monkeypatch.setattr(StableSeg, "segment", failing)
+    result = run_refine(images, tmp_path / "W", fast_options(tiny_model_dir, stages=()))
+    odd = str(images / "odd.png")
+    assert result.report["stages"]["stableseg"]["skipped"] == {
+        odd: "segmentation failed: no mask for a 33 x 77 image"
+    }
+    assert result.report["stages"]["stableseg"]["images"] == 3
+    assert len(list((tmp_path / "W" / "cache").glob("*.safetensors"))) == 3
+
+
 def test_val_gt_given_to_a_finished_run_scores_it_without_rerunning(tmp_path, tiny_model_dir):
     images, truth = make_pool(tmp_path, count=4, seed=3)
     options = fast_options(tiny_model_dir, stages=("plus",))

@@ -1,10 +1,15 @@
 """The refine job: StableSeg pseudo-masks -> StableSeg+ -> StableSeg++ on an unlabelled pool.
 
-``options`` (what a run is asked to do), ``steps`` (the table of steps: work, outputs, scoring),
-``plusplus`` (the StableSeg++ steps: the weight fit and its exact pseudo-masks), ``run`` (the
-driver, resumable and distributed), ``report`` (report.json), ``files`` (the pool, per-image
-labels, masks, ``run.json``), ``background`` (runs in a thread, for Label Studio's Start
-Training).
+``options`` (what a run is asked to do), ``files`` (the pool, per-image labels, masks,
+``run.json``), ``workdir`` (the work dir's layout and :class:`RefineRun`, what every step gets),
+the steps (``first_stage``: StableSeg masks and the attention cache; ``cached_maps``:
+pseudo-masks from the cache; ``students``: train and predict; ``plusplus``: the StableSeg++
+weight fit and its exact pseudo-masks), ``steps`` (the table of steps: work, outputs, scoring),
+``run`` (the driver, resumable and distributed), ``report`` (report.json), ``threaded`` (a run
+in a background thread, for Label Studio's Start Training).
+
+Imports run one way: ``options``/``files`` <- ``workdir`` <- the steps <- ``steps`` <-
+``report`` <- ``run`` <- ``threaded``.
 """
 
 from __future__ import annotations

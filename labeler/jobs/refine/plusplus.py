@@ -1,34 +1,37 @@
 """The StableSeg++ steps of a refine run: fitting the map weights, and its pseudo-masks.
 
 By default (``--plusplus-masks exact``) the pseudo-masks come from running StableSeg with the
-learned weights, the UNet again in batches, so SAR is seeded by the learned CA map exactly as in
-``pseudo-label --weights`` and ``serve --weights``; the step's record says how many pixels the
-cache shortcut (``--plusplus-masks cache``: the learned weights applied to the stage-1 maps,
-whose self-attention part was seeded by the uniform CA map) would have changed.
+learned weights, the UNet again through the model stage, so SAR is seeded by the learned CA map
+exactly as in ``pseudo-label --weights`` and ``serve --weights``; the step's record says how
+many pixels the cache shortcut (``--plusplus-masks cache``: the learned weights applied to the
+stage-1 maps, whose self-attention part was seeded by the uniform CA map) would have changed.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from labeler.images import open_image
-from labeler.subsets import segment_subsets
 
 from ..io import atomic_write_bytes, atomic_write_json
-from .files import read_mask, working_rgb, write_mask
+from ..stage import Loaded, Segmented, segment_stream
+from .cached_maps import cached, pseudo, pseudo_finish, weights_for
+from .files import PoolItem, read_mask, working_rgb, write_mask
+from .workdir import WEIGHTS
 
 if TYPE_CHECKING:
-    from .run import RefineRun
+    from labeler.config import SegmenterConfig
+
+    from .workdir import RefineRun
 
 
 def fit(run: RefineRun) -> dict[str, Any]:
     """One weight per attention map, fitted so StableSeg matches the StableSeg+ predictions."""
     from labeler.train.mapweights import PixelSampler, fit_map_weights, weights_summary
     from labeler.weights import map_weights_to_bytes
-
-    from .steps import WEIGHTS, cached
 
     if not run.dist.is_main:
         return {}
@@ -107,54 +110,72 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int], renormalise: bool) -> n
 
 
 def exact_pseudo(run: RefineRun) -> dict[str, Any]:
-    """StableSeg++ masks by running StableSeg with the learned weights (the UNet again, in
-    batches), so SAR is seeded by the learned CA map as in ``pseudo-label --weights``; then the
-    pseudo-masks from its probabilities through CRF."""
-    from labeler.train.pseudo import pseudo_mask
+    """StableSeg++ masks by running StableSeg with the learned weights (the UNet again, through
+    the model stage in full batches), so SAR is seeded by the learned CA map as in
+    ``pseudo-label --weights``; then the pseudo-masks from its probabilities through CRF.
+
+    Raises:
+        ValueError: an image stage 1 read can no longer be read or segmented.
+    """
     from labeler.weights import load_map_weights
 
     from ..models import load_stableseg
-    from .steps import WEIGHTS
 
     todo = [i for i in run.mine(run.usable) if not run.out("plusplus/pseudo", i).exists()]
     if not todo:
         return {}
     config = run.options.segmenter.replace(map_weights=load_map_weights(run.work / WEIGHTS))
     segmenter = load_stableseg(run.options.model, config, str(run.device))
-    background_prompt = config.background_prompt is not None
     bar = run.bar(len(todo), "plusplus: StableSeg with learned weights")
-    chunk_size = 2 * config.batch_size
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
-        images = [open_image(item.path) for item in chunk]  # readable: stage 1 cached them
-        subsets = [run.subset(item) for item in chunk]
-        results = segment_subsets(segmenter, images, subsets, run.labels, return_probs=True)
-        for item, image, subset, result in zip(chunk, images, subsets, results, strict=True):
-            write_mask(run.out("plusplus/stableseg", item), subset.to_global(result.mask))
-            rgb = working_rgb(image, run.options.pseudo.max_side)  # (h, w, 3)
-            size = (rgb.shape[1], rgb.shape[0])
-            probs = resize_maps(full_probs(result), size, renormalise=True)  # (C[+1], h, w)
-            evidence = None
-            if result.evidence is not None:
-                evidence = resize_maps(result.evidence[None], size, renormalise=False)[0]
-            mask = pseudo_mask(
-                rgb,
-                probs,
-                run.options.pseudo,
-                config.background_threshold,
-                background_channel=background_prompt,
-                evidence=evidence,
-            )
-            write_mask(run.out("plusplus/pseudo", item), subset.to_global(mask))
-        bar.update(len(chunk))
+    segmented = segment_stream(
+        todo, partial(_read, run), segmenter, run.labels, workers=run.readers, return_probs=True
+    )
+    for done in segmented:
+        if done.error is not None:  # stage 1 read and segmented it: the file has changed
+            raise ValueError(f"{done.key.path}: {done.error} (StableSeg++, exact pseudo-masks)")
+        _write_exact(run, done, config)
+        bar.update(1)
     bar.close()
     return {}
 
 
+def _read(run: RefineRun, item: PoolItem) -> Loaded:
+    """One usable pool image for the stage (in a reading thread): its labels and pixels, and
+    the working RGB its CRF runs on (``extra``: (h, w, 3) uint8)."""
+    subset = run.subset(item)
+    if isinstance(subset, str):  # stage 1 cached it, so it has labels: the run changed
+        raise ValueError(subset)
+    image = open_image(item.path)
+    rgb = working_rgb(image, run.options.pseudo.max_side)  # (h, w, 3)
+    return Loaded(image, subset.ids, extra=rgb)
+
+
+def _write_exact(run: RefineRun, done: Segmented[PoolItem], config: SegmenterConfig) -> None:
+    """One image's StableSeg++ mask and, from its probabilities through CRF at the working
+    size, its pseudo-mask (both in global ids)."""
+    from labeler.train.pseudo import pseudo_mask
+
+    item, result, subset, rgb = done.key, done.result, done.subset, done.extra
+    assert done.mask is not None and subset is not None
+    write_mask(run.out("plusplus/stableseg", item), done.mask)
+    size = (rgb.shape[1], rgb.shape[0])
+    probs = resize_maps(full_probs(result), size, renormalise=True)  # (C[+1], h, w)
+    evidence = None
+    if result.evidence is not None:
+        evidence = resize_maps(result.evidence[None], size, renormalise=False)[0]  # (h, w)
+    mask = pseudo_mask(
+        rgb,
+        probs,
+        run.options.pseudo,
+        config.background_threshold,
+        background_channel=config.background_prompt is not None,
+        evidence=evidence,
+    )
+    write_mask(run.out("plusplus/pseudo", item), subset.to_global(mask))
+
+
 def plusplus_pseudo(run: RefineRun) -> dict[str, Any]:
     """StableSeg++ pseudo-masks, exact (StableSeg with the learned weights) or from the cache."""
-    from .steps import pseudo
-
     if run.options.plusplus_masks == "cache":
         return pseudo(run, "plusplus")
     return exact_pseudo(run)
@@ -167,8 +188,6 @@ def cache_disagreement(run: RefineRun) -> dict[str, Any]:
     without CRF, at each exact mask's size, and compared in global ids.
     """
     from labeler.train.pseudo import mask_from_maps
-
-    from .steps import cached, weights_for
 
     plan = run.plan()
     weights = weights_for(run, "plusplus")
@@ -202,8 +221,6 @@ def cache_disagreement(run: RefineRun) -> dict[str, Any]:
 
 def plusplus_pseudo_finish(run: RefineRun, record: dict[str, Any]) -> None:
     """Counts of the pseudo-masks, which version they are, and (exact) the disagreement."""
-    from .steps import pseudo_finish
-
     pseudo_finish(run, record, "plusplus")
     record["masks"] = run.options.plusplus_masks
     if run.options.plusplus_masks == "exact":

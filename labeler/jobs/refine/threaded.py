@@ -28,7 +28,7 @@ from ..io import atomic_write_bytes, image_bytes
 from .files import PoolItem
 from .options import RefineOptions
 from .run import RefineResult, run_refine
-from .steps import WEIGHTS
+from .workdir import WEIGHTS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""start_background_refine: what the Label Studio backend's START_TRAINING webhook calls."""
+"""start_background_refine (``labeler.jobs.refine.threaded``): what the Label Studio backend's
+START_TRAINING webhook calls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from labeler import load_map_weights
-from labeler.jobs.refine.background import (
+from labeler.jobs.refine.threaded import (
     get_background_refine,
     latest_refine_weights,
     start_background_refine,
