@@ -34,7 +34,6 @@ from labeler.images import DEFAULT_MAX_PIXELS
 
 from .distributed import Distributed
 from .exports import assemble_exports
-from .finishing import WritePlan, write_image
 from .io import (
     IMAGE_EXTENSIONS,
     RunMismatchError,
@@ -50,6 +49,7 @@ from .labelling import segment_batch
 from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
 from .pipeline import Backlog, StageClock, WriterPool, default_workers, ordered_map
 from .reading import ImageItem, ReadPlan, read_image
+from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
 
