@@ -155,7 +155,7 @@ def segment_stream(
             subset (default ``4 * batch_size``); past it, the fullest waiting batch runs.
     """
     labels = list(labels)
-    batch_size = max(1, int(model.batch_size))
+    batch_size = _batch_size(model)
     max_waiting = max_waiting or 4 * batch_size
     clock = clock or StageClock()
     every = LabelSubset.every(len(labels)) if labels else None
@@ -211,6 +211,18 @@ def segment_stream(
                 yield from run(waiting.pop(fullest))
         for subset in list(waiting):
             yield from run(waiting.pop(subset))
+
+
+def _batch_size(model: StageModel) -> int:
+    """Images per ``segment`` call: ``model.batch_size``, read here and nowhere else."""
+    return max(1, int(model.batch_size))
+
+
+def queue_behind(model: StageModel, workers: int) -> int:
+    """The bound of a queue behind the stage (a consumer's writer pool): one batch of results
+    plus one per worker, so the model goes on to its next batch while ``workers`` threads
+    write this one, and waits for them only when they are the bottleneck."""
+    return _batch_size(model) + workers
 
 
 def _segment_batch(
