@@ -4,9 +4,10 @@
 The job runs as it does for a user (``labeler.jobs.pseudo_label.run``: reading threads, the
 main thread, writer threads, streamed exports), on generated folders of JPEGs, with StableSeg
 replaced by :class:`bench.stand_in.StandInSegmenter`: **it measures everything but the UNet
-pass** (VAE, text encoder, UNet, attention recording and SAR are not run). The stand-in does
-StableSeg's model-input resize on the main thread, and finishes each image with fixed
-(C, 64, 64) score maps, in one of two ways (``--finish``):
+pass** (VAE, text encoder, UNet, attention recording and SAR are not run). The stand-in
+resizes each image to the model input on the main thread (in the ``prepared=yes`` rows: in the
+reading threads, from a reduced JPEG decode, as StableSeg does), and finishes each image with
+fixed (C, 64, 64) score maps, in one of two ways (``--finish``):
 
 * ``device``: the host's share of a GPU run: the mask is made once per image size and copied
   for each image (the finishing runs on the accelerator; the host receives a uint8 mask);
@@ -94,7 +95,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
     labels = [f"label{i:03d}" for i in range(spec["labels"])]
     model = StandInSegmenter(
-        image_size=spec["image_size"], finish=spec["finish"], prepared=spec["prepared"]
+        image_size=spec["image_size"],
+        finish=spec["finish"],
+        prepared=spec["prepared"],
+        batch_size=spec["batch"],
     )
     first = images_dir / list_images(images_dir)[0]
     from PIL import Image

@@ -1,12 +1,14 @@
 """A stand-in for StableSeg that measures everything but the UNet.
 
-:class:`StandInSegmenter` has StableSeg's ``segment`` interface and does what StableSeg does
-around its model pass, with the pass itself (VAE encoder, text encoder, UNet, attention
-recording, SAR) replaced by fixed score maps at model resolution:
+:class:`StandInSegmenter` has StableSeg's interface to the model stage (``batch_size``,
+``input_size``, ``prepare``, ``segment``) and does what StableSeg does around its model pass,
+with the pass itself (VAE encoder, text encoder, UNet, attention recording, SAR) replaced by
+fixed score maps at model resolution:
 
-1. the model input, made as StableSeg makes it: ``labeler.images.to_model_input`` (bicubic
-   resize of the full-size image, on the calling thread), or for prepared images
-   (``prepared=True``) the stacking of their pixels;
+1. the model input: with ``prepared=True`` as StableSeg makes it (``prepare`` resizes in the
+   stage's reading threads, ``segment`` stacks the pixels); otherwise as a model that takes
+   full-size images (``input_size`` None: ``prepare`` gives the full-size RGB array and
+   ``segment`` resizes it with ``labeler.images.to_model_input``, on the calling thread);
 2. the score maps: (C, 64, 64) per label count, smooth blobs (low-resolution noise, bicubic
    upsampling), fixed for the run;
 3. the finishing, by ``finish``:
@@ -111,25 +113,45 @@ class StandInSegmenter:
     Args:
         image_size: the model input side S.
         finish: ``"cpu"`` or ``"device"`` (see the module).
-        prepared: take :class:`labeler.images.PreparedImage` items (``accepts_prepared_images``).
+        prepared: ``prepare`` makes :class:`labeler.images.PreparedImage` items at S, as
+            StableSeg does (``input_size`` S); otherwise full-size arrays (``input_size`` None).
         delay: seconds to sleep in each ``segment`` call (a slow model, for tests).
+        batch_size: images per ``segment`` call (the stage reads it).
     """
 
     model_version = "stand-in"
 
     def __init__(
-        self, image_size: int = 512, finish: str = "cpu", prepared: bool = False, delay: float = 0
+        self,
+        image_size: int = 512,
+        finish: str = "cpu",
+        prepared: bool = False,
+        delay: float = 0,
+        batch_size: int = 8,
     ) -> None:
         if finish not in ("cpu", "device"):
             raise ValueError(f"finish must be 'cpu' or 'device', got {finish!r}")
         self.config = _Config(image_size)
         self.finish = finish
-        self.accepts_prepared_images = prepared
+        self.prepared = prepared
+        self.batch_size = batch_size
         self.delay = delay
         self.calls = 0
         self._maps: dict[int, torch.Tensor] = {}
         self._finished: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def input_size(self) -> int | None:
+        return self.config.image_size if self.prepared else None
+
+    def prepare(self, image: Any, size: tuple[int, int] | None = None) -> Any:
+        """What StableSeg's ``prepare`` makes (``prepared``), or the full-size RGB array."""
+        from labeler.images import prepare_image, to_rgb_array
+
+        if self.prepared:
+            return prepare_image(image, self.config.image_size, size)
+        return to_rgb_array(image)
 
     def _model_input(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         from labeler.images import PreparedImage, to_model_input, to_rgb_array

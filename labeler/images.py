@@ -216,9 +216,9 @@ def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
 class PreparedImage:
     """An image already brought to the model's input size, with the size its mask must have.
 
-    For segmenters that declare ``accepts_prepared_images = True``: the caller resizes (in
-    worker threads, possibly from a reduced JPEG decode), and ``segment`` returns a mask of
-    ``size`` without ever seeing the full-size pixels.
+    What ``StableSeg.prepare`` makes: the caller resizes (in worker threads, possibly from a
+    reduced JPEG decode), and ``segment`` returns a mask of ``size`` without ever seeing the
+    full-size pixels.
 
     Attributes:
         pixels: (S, S, 3) uint8 from :func:`resize_for_model` at the model's ``image_size``.

@@ -495,10 +495,6 @@ class StableSeg:
                         out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
                 yield out
 
-    accepts_prepared_images = True
-    """``segment`` takes :class:`labeler.images.PreparedImage` items too: pixels already at the
-    model's size (resized by the caller, e.g. in reading threads) and the mask's size."""
-
     def _model_input(
         self, images: Sequence[Any], first_index: int
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -17,8 +17,14 @@ from exporters import mask_to_png
 from labeler import SegmenterConfig
 from labeler.config import ModelSpec
 from labeler.datasets import preset_names
-from labeler.jobs.benchmark import NO_CLASS, BenchmarkOptions, run_benchmark
-from labeler.jobs.sweep import parse_sweep
+from labeler.jobs.benchmark import (
+    NO_CLASS,
+    BenchmarkOptions,
+    open_benchmark_dataset,
+    run_benchmark,
+    score_point,
+)
+from labeler.jobs.sweep import parse_sweep, sweep_points
 from labeler.jobs.tables import TABLE1_COLUMNS
 from labeler.options import ModelSettings
 
@@ -78,8 +84,8 @@ class Recording:
         return getattr(self.model, name)
 
 
-def _settings(model_dir: Path, **changes) -> ModelSettings:
-    config = SegmenterConfig(image_size=64, batch_size=1, **changes)
+def _settings(model_dir: Path, batch_size: int = 1, **changes) -> ModelSettings:
+    config = SegmenterConfig(image_size=64, batch_size=batch_size, **changes)
     return ModelSettings(ModelSpec(str(model_dir), device="cpu"), config)
 
 
@@ -110,14 +116,14 @@ def test_voc_scores_by_the_protocol_and_prompts_each_image_with_its_classes(
     protocol, voc_root, tiny_model, tiny_model_dir, tmp_path
 ) -> None:
     calls: list = []
-    options = BenchmarkOptions(
-        "voc", voc_root, tmp_path / "out", _settings(tiny_model_dir), protocol=protocol
-    )
+    settings = _settings(tiny_model_dir, batch_size=2)
+    options = BenchmarkOptions("voc", voc_root, tmp_path / "out", settings, protocol=protocol)
     model = tiny_model.with_config(options.settings.segmenter)
     report = run_benchmark(options, model=Recording(model, calls))
 
     if protocol == "paper":
-        # One window of four images: the two cat+person scenes share one call.
+        # Batches of two: the two cat+person scenes share one; the label sets that never fill
+        # a batch go last, once the images run out.
         assert calls == [(2, ["cat", "person"]), (1, ["cat"]), (1, ["dog"])]
         assert report["skipped"] == [{"image": "e_background", "reason": NO_CLASS}]
         assert report["images"] == 4
@@ -147,6 +153,23 @@ def test_voc_scores_by_the_protocol_and_prompts_each_image_with_its_classes(
     assert header == "| Method | " + " | ".join(TABLE1_COLUMNS.values()) + " |"
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["StableSeg", f"{miou:.1f}", "", "", "", "", ""]
+
+
+def test_preview_rows_are_the_first_scored_images_whatever_order_the_model_gives(
+    voc_root, tiny_model, tiny_model_dir, tmp_path
+) -> None:
+    """With batches of two the two cat+person scenes (samples 0 and 3) come out of the model
+    first; the preview rows are still those of the first two scored samples, in order."""
+    settings = _settings(tiny_model_dir, batch_size=2)
+    dataset = open_benchmark_dataset(BenchmarkOptions("voc", voc_root, tmp_path, settings))
+    (point,) = sweep_points(settings.segmenter, ())
+    model = tiny_model.with_config(settings.segmenter)
+    scored = score_point(dataset, model, point, "paper", previews=2, workers=2)
+    assert scored.metrics["images"] == 4 and scored.model_seconds > 0
+    truths = [dataset.read_gt(sample) for sample in dataset.samples[:2]]
+    assert len(scored.previews) == 2
+    for (_, gt, _), truth in zip(scored.previews, truths, strict=True):
+        assert np.array_equal(gt, truth)  # 40 px high: rows at full size
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,7 @@ def test_images_read_ahead_of_a_slow_model_stay_bounded(tmp_path):
     images = tmp_path / "images"
     save_random_images(images, 120, shape=(16, 20))
     batch, workers = 4, 2
-    model = StandInSegmenter(image_size=64, finish="device", delay=0.02)
+    model = StandInSegmenter(image_size=64, finish="device", delay=0.02, batch_size=batch)
     options = PseudoLabelOptions(
         images_dir=images,
         out_dir=tmp_path / "out",
@@ -227,7 +227,7 @@ def test_labels_from_gt_skips_only_the_image_without_ground_truth(tmp_path, tiny
         images_dir=images,
         out_dir=tmp_path / "out",
         labels=["cat", "dog", "bird"],
-        segmenter=SegmenterConfig(image_size=64, batch_size=4),  # one batch of four
+        segmenter=SegmenterConfig(image_size=64, batch_size=2),  # as tiny_model
         labels_from_gt=gt,
         formats=("coco", "png"),
     )
@@ -281,7 +281,7 @@ def test_prepared_images_come_from_reduced_decodes_and_masks_keep_the_original_s
             seen.extend(images)
             return super().segment(images, labels, return_probs=return_probs)
 
-    model = Recording(image_size=64, finish="cpu", prepared=True)
+    model = Recording(image_size=64, finish="cpu", prepared=True, batch_size=2)
     options = PseudoLabelOptions(
         images_dir=images,
         out_dir=tmp_path / "out",
@@ -324,7 +324,7 @@ def test_streamed_exports_equal_the_documents_built_in_memory(tmp_path):
     images = tmp_path / "images"
     save_random_images(images, 9, shape=(23, 31), seed=4)
     labels = ['ça "va"', "dog/cat", "<b>", "ünï", "x"]
-    model = StandInSegmenter(image_size=64, finish="cpu")
+    model = StandInSegmenter(image_size=64, finish="cpu", batch_size=4)
     options = PseudoLabelOptions(
         images_dir=images,
         out_dir=tmp_path / "out",
@@ -369,7 +369,8 @@ def test_missing_or_partial_pieces_are_made_again_from_the_masks(tmp_path):
             segmenter=SegmenterConfig(image_size=64, batch_size=4),
             formats=formats,
         )
-        return run(options, model=StandInSegmenter(image_size=64, finish="cpu"))
+        model = StandInSegmenter(image_size=64, finish="cpu", batch_size=4)
+        return run(options, model=model)
 
     label(tmp_path / "full", ("coco", "png", "labelstudio"))
     out = tmp_path / "partial"

@@ -18,9 +18,11 @@ The model loads once; each sweep point is a :meth:`StableSeg.with_config` sharin
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from labeler.images import ImageError, open_image
+from labeler.images import open_image
 from labeler.jobs.sweep import SweepAxis, SweepPoint, sweep_points
 from labeler.jobs.tables import (
     grid_markdown,
@@ -38,10 +40,11 @@ from labeler.jobs.tables import (
     table1_markdown,
 )
 from labeler.options import ModelSettings
-from labeler.subsets import LabelSubset, segment_subsets
 
-from .datasets import Dataset, Sample, open_dataset
+from .datasets import Dataset, open_dataset
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
+from .pipeline import StageClock, default_workers
+from .stage import Loaded, segment_stream
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,12 @@ def open_benchmark_dataset(options: BenchmarkOptions) -> Dataset:
     )
 
 
-def _windows(samples: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start : start + size]
+@dataclass
+class _Truth:
+    """What a sample's reading gives back with its prediction (the stage's ``extra``)."""
+
+    gt: np.ndarray  # (H, W) dataset ids
+    image: Any = None  # the PIL image, kept only when preview rows are made
 
 
 def score_point(
@@ -162,55 +168,71 @@ def score_point(
     limit: int | None = None,
     previews: int = 0,
     bar: Any = None,
+    workers: int | None = None,
 ) -> PointScore:
     """Segment and score the first ``limit`` samples with one configuration.
 
-    Images are read a window at a time (a few UNet batches); under the paper protocol the
-    images of a window that share a label set are segmented together.
+    The samples go through the model stage (:func:`labeler.jobs.stage.segment_stream`): read
+    by ``workers`` threads (default: :func:`~labeler.jobs.pipeline.default_workers`) and
+    segmented in full batches; under the paper protocol each image is prompted with the
+    classes of its ground truth, and images that share a label set share batches. The scores
+    are sums over the images, so the order the stage yields them in does not matter; the
+    preview rows and the skipped images are kept in the samples' order.
     """
     preset = dataset.preset
-    every = LabelSubset.every(preset.num_classes)
     score = preset.new_score()
     result = PointScore(point, metrics={})
     samples = dataset.samples[:limit]
+    clock = StageClock()
+    skipped: list[tuple[int, dict[str, str]]] = []  # (sample index, record)
+    rows: list[tuple[int, tuple[Any, np.ndarray, np.ndarray]]] = []  # heap of (-index, row)
+
+    def load(index: int) -> Loaded:
+        sample = samples[index]
+        gt = dataset.read_gt(sample)
+        image = open_image(sample.image)
+        if (image.width, image.height) != (gt.shape[1], gt.shape[0]):
+            sizes = f"{image.width}x{image.height} image, {gt.shape[1]}x{gt.shape[0]} mask"
+            raise ValueError(f"size mismatch: {sizes}")
+        subset = None  # the open protocol: every class
+        if protocol == "paper":
+            present = preset.classes_present(gt)
+            if not present:
+                raise ValueError(NO_CLASS)
+            subset = tuple(present)
+        return Loaded(image, subset, extra=_Truth(gt, image if previews else None))
+
     started = time.monotonic()
-    for window in _windows(samples, 4 * segmenter.config.batch_size):
-        images, truths, subsets, kept = [], [], [], []
-        for sample in window:
-            try:
-                gt = dataset.read_gt(sample)
-                image = open_image(sample.image)
-            except (ValueError, ImageError) as err:
-                result.skipped.append({"image": sample.key, "reason": str(err)})
-                continue
-            if (image.width, image.height) != (gt.shape[1], gt.shape[0]):
-                sizes = f"{image.width}x{image.height} image, {gt.shape[1]}x{gt.shape[0]} mask"
-                result.skipped.append({"image": sample.key, "reason": f"size mismatch: {sizes}"})
-                continue
-            if protocol == "paper":
-                present = preset.classes_present(gt)
-                if not present:
-                    result.skipped.append({"image": sample.key, "reason": NO_CLASS})
-                    continue
-                subset = LabelSubset(tuple(present))
+    stream = segment_stream(
+        range(len(samples)),
+        load,
+        segmenter,
+        preset.class_names,
+        workers=workers or default_workers(),
+        clock=clock,
+    )
+    with contextlib.closing(stream):
+        for item in stream:
+            if item.error is not None:
+                skipped.append((item.key, {"image": samples[item.key].key, "reason": item.error}))
             else:
-                subset = every
-            images.append(image)
-            truths.append(gt)
-            subsets.append(subset)
-            kept.append(sample)
-        if images:
-            model_started = time.monotonic()
-            found = segment_subsets(segmenter, images, subsets, preset.class_names)
-            result.model_seconds += time.monotonic() - model_started
-            for image, gt, subset, prediction in zip(images, truths, subsets, found, strict=True):
-                pred = subset.to_global(prediction.mask)  # (H, W) dataset ids
-                score.add(pred, gt)
-                if len(result.previews) < previews:
-                    result.previews.append(_preview_row(image, gt, pred))
-        if bar is not None:
-            bar.update(len(window))
+                truth: _Truth = item.extra
+                pred = item.mask  # (H, W) dataset ids
+                assert pred is not None
+                score.add(pred, truth.gt)
+                if len(rows) < previews or (rows and -rows[0][0] > item.key):
+                    # one of the first ``previews`` scored samples so far
+                    row = (-item.key, _preview_row(truth.image, truth.gt, pred))
+                    if len(rows) < previews:
+                        heapq.heappush(rows, row)
+                    else:
+                        heapq.heapreplace(rows, row)
+            if bar is not None:
+                bar.update(1)
     result.seconds = time.monotonic() - started
+    result.model_seconds = clock.wall.get("model", 0.0)
+    result.skipped = [record for _, record in sorted(skipped, key=lambda pair: pair[0])]
+    result.previews = [row for _, row in sorted(rows, key=lambda pair: -pair[0])]
     result.metrics = score.summary()
     return result
 

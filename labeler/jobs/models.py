@@ -1,4 +1,5 @@
-"""Loading StableSeg from a :class:`~labeler.config.ModelSpec`: one place for every entry point.
+"""Loading StableSeg from a :class:`~labeler.config.ModelSpec`: one place for every entry point;
+and ``refine``'s trained student as a model of the stage (:class:`StudentSegmenter`).
 
 ``pseudo-label``, ``refine``, ``benchmark``, the Label Studio backend and Start Training all load
 their model here, so they share the checks done before anything expensive (a local-looking path
@@ -10,11 +11,13 @@ cannot load two models at the same moment in one process (two Start Training run
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +107,54 @@ def load_stableseg(
         model.compile()
     log.info("loaded %s in %.1f s", spec.source, time.monotonic() - started)
     return model
+
+
+class StudentSegmenter:
+    """A trained DeepLabV3+ (``refine``'s output folder) as a model of the stage
+    (:class:`labeler.jobs.stage.StageModel`), for ``pseudo-label --student``.
+
+    The student takes images at any size: ``input_size`` is None, ``prepare`` gives the
+    full-size RGB array, and it runs at the size it was trained at (``--image-size`` applies to
+    StableSeg). ``model_version`` is a digest of the folder's files.
+    """
+
+    input_size = None
+
+    def __init__(self, folder: Path, device: str | None, batch_size: int) -> None:
+        from labeler.train.student import load_student
+
+        folder = Path(folder)
+        self.student = load_student(folder, device=device)
+        self.batch_size = batch_size
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        self.model_version = f"student-{digest.hexdigest()[:12]}"
+
+    def prepare(self, image: Any, size: tuple[int, int] | None = None) -> Any:
+        """Any image (PIL or array, any mode) -> (H, W, 3) uint8 at its own size."""
+        from labeler.images import to_rgb_array
+
+        return to_rgb_array(image)
+
+    def segment(self, images: Any, labels: Sequence[str], return_probs: bool = False) -> list[Any]:
+        """One :class:`~labeler.result.SegmentationResult` per image, at its size; the
+        probabilities only when asked for."""
+        from labeler.train.student import student_segment
+
+        results = student_segment(self.student, images, labels)
+        if not return_probs:
+            for result in results:
+                result.probs = None
+        return results
+
+
+def load_student_segmenter(
+    folder: Path, config: SegmenterConfig, device: str | None = None
+) -> StudentSegmenter:
+    """The student of ``folder`` on ``device``, taking ``config.batch_size`` images a call."""
+    return StudentSegmenter(folder, device, config.batch_size)
 
 
 def save_diffusers_folder(parts: dict[str, Any], root: Path, dtype: str | None = None) -> Path:

@@ -61,23 +61,27 @@ class Backlog:
 
 
 class StageClock:
-    """CPU seconds (``time.thread_time``) and item counts of named stages, across threads."""
+    """CPU seconds (``time.thread_time``), wall seconds and item counts of named stages, added
+    up across threads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
     @contextlib.contextmanager
     def measure(self, stage: str, items: int = 1) -> Iterator[None]:
-        """Time the block on this thread's CPU clock and count ``items`` for ``stage``."""
-        start = time.thread_time()
+        """Time the block on this thread's CPU clock and the wall clock, and count ``items``
+        for ``stage``."""
+        start, wall_start = time.thread_time(), time.perf_counter()
         try:
             yield
         finally:
-            spent = time.thread_time() - start
+            spent, wall = time.thread_time() - start, time.perf_counter() - wall_start
             with self._lock:
                 self.cpu[stage] = self.cpu.get(stage, 0.0) + spent
+                self.wall[stage] = self.wall.get(stage, 0.0) + wall
                 self.count[stage] = self.count.get(stage, 0) + items
 
     def cpu_ms_per_item(self) -> dict[str, float]:

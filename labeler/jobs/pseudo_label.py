@@ -1,11 +1,15 @@
 """Pseudo-label a folder: a bounded pipeline, per-image results stored as they finish,
 exports streamed from them at the end.
 
-    reading threads        decode, EXIF, model input, preview base, ground-truth labels
+    reading threads        decode, EXIF, ground-truth labels, preview base, model input
         | at most batch + readers images ahead of the model
-    main thread            the model (segment), one batch at a time
+    main thread            the model (segment), one full batch at a time
         | at most batch + writers images waiting for a writer
     writing threads        CRF, mask PNG, COCO and Label Studio pieces, preview, record
+
+The first two are the model stage (:func:`labeler.jobs.stage.segment_stream`), which every
+product shares; this job gives it its reading (:mod:`labeler.jobs.reading`) and writes what
+comes out (:mod:`labeler.jobs.writing`).
 
 Memory does not grow with the folder: each queue is bounded, and the model waits for the
 writers only when they are the bottleneck. ``--workers N`` sets both pools (default: the CPUs
@@ -24,17 +28,16 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
 from labeler.config import ModelSpec, SegmenterConfig
 from labeler.images import DEFAULT_MAX_PIXELS
 
 from .distributed import Distributed
 from .exports import assemble_exports
-from .finishing import WritePlan, write_image
 from .io import (
     IMAGE_EXTENSIONS,
     RunMismatchError,
@@ -46,30 +49,16 @@ from .io import (
     remove_stale_temporaries,
     write_jsonl,
 )
-from .labelling import segment_batch
 from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
-from .pipeline import Backlog, StageClock, WriterPool, default_workers, ordered_map
-from .reading import ImageItem, ReadPlan, read_image
+from .pipeline import Backlog, StageClock, WriterPool, default_workers
+from .reading import ReadPlan, read_image
+from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
+from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "png", "labelstudio")
 RUN_FORMAT = "stableseg-pseudo-label/2"
-
-
-class Segmenter(Protocol):
-    """What the job needs of a model: StableSeg, or a trained student.
-
-    ``return_probs`` is asked only for ``--crf``. A segmenter that sets
-    ``accepts_prepared_images = True`` is given :class:`labeler.images.PreparedImage` items
-    made at ``config.image_size`` by the reading threads instead of full-size arrays.
-    """
-
-    model_version: str
-
-    def segment(
-        self, images: Any, labels: Sequence[str], *, return_probs: bool = False
-    ) -> list[Any]: ...
 
 
 __all__ = [
@@ -178,9 +167,11 @@ def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Skipped]]:
 class LabelStats:
     """What the pipeline did: CPU time per stage, and how many images each queue held.
 
-    ``waiting`` counts images read and not yet through the model (its peak is at most
-    ``2 * batch + readers``); ``writing`` counts images queued or being written (at most
-    ``batch + writers``).
+    ``waiting`` counts images being read, or read and not yet through the model: at most
+    ``2 * batch + readers`` when every image is prompted with every label (a batch being
+    segmented, and the stage's readers ahead of it); with ``--labels-from-gt`` images of a
+    rarer label set also wait for a full batch of theirs (at most ``4 * batch`` of them).
+    ``writing`` counts images queued or being written (at most ``batch + writers``).
     """
 
     clock: StageClock = field(default_factory=StageClock)
@@ -191,57 +182,23 @@ class LabelStats:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time: "label", "exports"
 
 
-def _prepared_size(options: PseudoLabelOptions, model: Segmenter | None) -> int | None:
-    """The model input side when the segmenter takes prepared images, else None."""
-    if options.student is not None:
-        return None
-    if model is None:
-        from labeler.segmenter import StableSeg
-
-        takes = getattr(StableSeg, "accepts_prepared_images", False)
-        return options.segmenter.image_size if takes else None
-    if not getattr(model, "accepts_prepared_images", False):
-        return None
-    config = getattr(model, "config", None)
-    return int(getattr(config, "image_size", options.segmenter.image_size))
-
-
-def _batches(
-    items: Iterable[ImageItem], size: int, refuse: Callable[[ImageItem], None]
-) -> Iterator[list[ImageItem]]:
-    """Readable images in batches of ``size`` (the last may be shorter); others refused."""
-    batch: list[ImageItem] = []
-    for item in items:
-        if item.error is not None:
-            refuse(item)
-            continue
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def label_images(
-    get_model: Callable[[], Segmenter],
+    model: StageModel,
     options: PseudoLabelOptions,
     pending: Sequence[Path],
     on_progress: Callable[[int], None] | None = None,
     stats: LabelStats | None = None,
-    prepared_size: int | None = None,
 ) -> tuple[int, list[Skipped]]:
-    """Label ``pending`` images through the pipeline; returns (labelled count, skipped).
+    """Label ``pending`` images through the model stage and the writers; returns (labelled
+    count, skipped).
 
-    ``get_model`` is called once, when the first readable image comes: a rerun whose only
-    pending images are broken files does not load the model. ``prepared_size`` is the model
-    input side when the segmenter takes prepared images (see :mod:`labeler.jobs.reading`).
+    ``model.input_size`` decides whether JPEGs may be decoded at a reduced scale (see
+    :mod:`labeler.jobs.reading`).
     """
     stats = stats or LabelStats()
     workers = options.workers or default_workers()
     stats.readers = stats.writers = workers
-    batch_size = options.segmenter.batch_size
-    clock, lock = stats.clock, threading.Lock()
+    lock = threading.Lock()
     skipped: list[Skipped] = []
 
     def progress(n: int) -> None:
@@ -252,108 +209,77 @@ def label_images(
     read_plan = ReadPlan(
         images_dir=Path(options.images_dir),
         max_pixels=options.max_pixels,
-        prepared_size=prepared_size,
+        input_size=model.input_size,
         preview=options.preview,
         keep_rgb=options.crf,
         gt_dir=options.labels_from_gt,
         num_labels=len(options.labels),
     )
+    write_plan = WritePlan(
+        out_dir=options.out_dir,
+        labels=list(options.labels),
+        formats=tuple(options.formats),
+        preview=options.preview,
+        crf=options.crf,
+        background_threshold=options.segmenter.background_threshold,
+        model_version=model.model_version,
+    )
 
-    def read(relative: Path) -> ImageItem:
-        with clock.measure("read"):
-            item = read_image(read_plan, relative)
-        stats.waiting.add()
-        return item
+    def load(relative: Path) -> Loaded:
+        stats.waiting.add()  # taken off when the image comes out of the stage
+        return read_image(read_plan, relative)
 
-    def refuse(item: ImageItem) -> None:
-        stats.waiting.remove()
-        skipped.append(Skipped(item.relative.as_posix(), str(item.error)))
+    def write(item: Segmented[Path]) -> None:
+        write_image(write_plan, item, stats.clock)
         progress(1)
 
-    model: Segmenter | None = None
-    write_plan: WritePlan | None = None
     labelled = 0
-
-    def write(item: ImageItem, result: Any) -> None:
-        assert write_plan is not None
-        write_image(write_plan, item, result, clock)
-        progress(1)
-
-    items = ordered_map(read, pending, workers, ahead=batch_size + workers)
+    stream = segment_stream(
+        pending,
+        load,
+        model,
+        options.labels,
+        workers=workers,
+        return_probs=options.crf,
+        clock=stats.clock,
+    )
     with (
-        contextlib.closing(items),  # on an error: stop the readers now, not when collected
-        WriterPool(workers, max_pending=batch_size + workers, backlog=stats.writing) as pool,
+        contextlib.closing(stream),  # on an error: stop the readers now, not when collected
+        WriterPool(
+            workers, max_pending=queue_behind(model, workers), backlog=stats.writing
+        ) as pool,
     ):
-        for batch in _batches(items, batch_size, refuse):
-            if model is None:
-                model = get_model()
-                write_plan = WritePlan(
-                    out_dir=options.out_dir,
-                    labels=list(options.labels),
-                    formats=tuple(options.formats),
-                    preview=options.preview,
-                    crf=options.crf,
-                    background_threshold=options.segmenter.background_threshold,
-                    model_version=model.model_version,
-                )
-            with clock.measure("model", len(batch)):
-                results = segment_batch(
-                    model,
-                    [item.model_input for item in batch],
-                    [item.gt_ids for item in batch],
-                    options.labels,
-                    want_probs=options.crf,
-                )
-            stats.waiting.remove(len(batch))
-            for item, result in zip(batch, results, strict=True):
-                item.model_input = None  # the writers need only the preview (and rgb for CRF)
-                pool.submit(write, item, result)
-                labelled += 1
+        for item in stream:
+            stats.waiting.remove()
+            if item.error is not None:
+                skipped.append(Skipped(item.key.as_posix(), item.error))
+                progress(1)
+                continue
+            if not options.crf:
+                item.result = None  # the writers need the mask, the scores and the pictures
+            pool.submit(write, item)
+            labelled += 1
     return labelled, skipped
 
 
 # ---------------------------------------------------------------------------- the run
-def load_model(options: PseudoLabelOptions, device: str | None) -> Segmenter:
+def load_model(options: PseudoLabelOptions, device: str | None) -> StageModel:
     """StableSeg from --model (with --weights), or the trained student from --student."""
     if options.student is not None:
-        return _StudentAdapter(options, device or options.model.device)
+        from .models import load_student_segmenter
+
+        return load_student_segmenter(
+            options.student, options.segmenter, device or options.model.device
+        )
     from .models import load_stableseg
 
     return load_stableseg(options.model, options.segmenter, device)
 
 
-class _StudentAdapter:
-    """A trained DeepLabV3+ (``refine``'s output) behind the Segmenter protocol.
-
-    The student runs at the size it was trained at; ``--image-size`` applies to StableSeg.
-    """
-
-    def __init__(self, options: PseudoLabelOptions, device: str | None) -> None:
-        from labeler.train.student import load_student
-
-        assert options.student is not None
-        folder = Path(options.student)
-        self.student = load_student(folder, device=device)
-        digest = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-        self.model_version = f"student-{digest.hexdigest()[:12]}"
-
-    def segment(self, images: Any, labels: Sequence[str], return_probs: bool = False) -> list[Any]:
-        from labeler.train.student import student_segment
-
-        results = student_segment(self.student, images, labels)
-        if not return_probs:
-            for result in results:
-                result.probs = None
-        return results
-
-
 def run(
     options: PseudoLabelOptions,
     progress: Callable[[int, int], Any] | None = None,
-    model: Segmenter | None = None,
+    model: StageModel | None = None,
 ) -> Summary:
     """Label every image of the folder that is not done yet, then rebuild the exports.
 
@@ -363,7 +289,7 @@ def run(
     Args:
         progress: ``progress(total, initial)`` returns an object with ``update(n)`` and
             ``close()`` (a tqdm bar); only process 0 shows one.
-        model: an already loaded segmenter (the model options are then not used to load one).
+        model: an already loaded model (the model options are then not used to load one).
     """
     started = time.monotonic()
     unknown = sorted(set(options.formats) - set(FORMATS))
@@ -378,17 +304,16 @@ def run(
         )
     dist = Distributed.from_environment(options.model.device)
     out = options.out_dir
-    fresh = options.overwrite or not (out / RUN_FILE).exists()
     if options.overwrite:
         pending = list(images)
     else:
         pending = [r for r in images if not record_path(out, r).exists()]
     mine = pending[dist.rank :: dist.world_size]
-    loaded = model
-    if fresh and mine and loaded is None:
-        # A new run writes nothing into OUT_DIR before its model has loaded: a model that
-        # cannot load leaves no run.json behind to refuse the corrected command.
-        loaded = load_model(options, dist.device())
+    if mine and model is None:
+        # Loaded before anything is written into OUT_DIR: a model that cannot load leaves no
+        # run.json behind to refuse the corrected command. Its input size decides how the
+        # images are decoded. A process with nothing to label loads nothing.
+        model = load_model(options, dist.device())
     if dist.is_main:
         if options.overwrite:
             for sub in PER_IMAGE_FOLDERS:
@@ -399,20 +324,12 @@ def run(
 
     summary = Summary(total=len(images) + len(refused), already_done=len(images) - len(pending))
     bar = progress(len(mine), 0) if (progress is not None and dist.is_main) else None
-
-    def get_model() -> Segmenter:
-        return loaded or load_model(options, dist.device())
-
     stats = LabelStats()
     label_started = time.monotonic()
-    labelled, skipped = label_images(
-        get_model,
-        options,
-        mine,
-        bar.update if bar else None,
-        stats,
-        prepared_size=_prepared_size(options, loaded),
-    )
+    skipped: list[Skipped]
+    labelled, skipped = 0, []  # a process with nothing to label
+    if model is not None and mine:
+        labelled, skipped = label_images(model, options, mine, bar.update if bar else None, stats)
     summary.stats = stats
     stats.seconds["label"] = time.monotonic() - label_started
     if bar is not None:

@@ -256,6 +256,13 @@ class _Opened:
         return self.model
 
 
+def queue_behind(model: StageModel, workers: int) -> int:
+    """The bound of a queue behind the stage (a consumer's writer pool): one batch of results
+    plus one per worker, so the model goes on to its next batch while ``workers`` threads
+    write this one, and waits for them only when they are the bottleneck."""
+    return _batch_size(model) + workers
+
+
 def _segment_batch(
     model: StageModel,
     inputs: list[Any],

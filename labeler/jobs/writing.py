@@ -1,4 +1,5 @@
-"""The writing stage of ``pseudo-label``: one labelled image -> its files, in a writer thread.
+"""The writing step of ``pseudo-label``: one image out of the model stage -> its files, in a
+writer thread.
 
 In order, each written atomically: the mask PNG (zlib's run-length strategy, level 1: about
 3x faster than PIL's default, and at 12 MP half the bytes of plain level 1, since masks are
@@ -19,10 +20,10 @@ import numpy as np
 
 from .exports import make_pieces
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
-from .labelling import Labelled
 from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
-from .reading import ImageItem
+from .reading import Pictures
+from .stage import Segmented
 
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}  # the mask PNGs' zlib
 PREVIEW_MIN_SIDE = 256  # smaller previews are enlarged (nearest) so the legend stays readable
@@ -44,20 +45,24 @@ class WritePlan:
 
 
 def apply_crf(
-    labelled: Labelled, rgb: np.ndarray, labels: Sequence[str], threshold: float | None
-) -> Labelled:
+    item: Segmented[Path], rgb: np.ndarray, labels: Sequence[str], threshold: float | None
+) -> tuple[np.ndarray, dict[str, float]]:
     """DenseCRF over the segmenter's result (:func:`labeler.crf.crf_segmentation`: the
     background prompt's channel and the threshold's background are refined like the labels),
-    mapped back to the run's ids; the scores follow the refined maps."""
+    mapped back to the run's ids; the scores follow the refined maps.
+
+    Returns:
+        The (H, W) mask over the run's labels and every label's score.
+    """
     from labeler.crf import crf_segmentation
 
-    if labelled.result is None:  # nothing was prompted: nothing to refine
-        return labelled
-    refined = crf_segmentation(labelled.result, rgb, threshold)
+    if item.result is None or item.subset is None:  # nothing was prompted: nothing to refine
+        assert item.mask is not None
+        return item.mask, item.scores
+    refined = crf_segmentation(item.result, rgb, threshold)
     scores = dict.fromkeys(labels, 0.0)
     scores.update(refined.scores)
-    mask = labelled.globalise(refined.mask)
-    return Labelled(mask, scores, None, labelled.prompted_ids)
+    return item.subset.to_global(refined.mask), scores
 
 
 def _present(mask: np.ndarray, num_labels: int) -> tuple[list[int], np.ndarray]:
@@ -100,20 +105,23 @@ def preview_bytes(picture: Any, mask: np.ndarray, labels: Sequence[str]) -> byte
     return image_bytes(overlay(picture, mask, labels), "JPEG", quality=PREVIEW_QUALITY)
 
 
-def write_image(plan: WritePlan, item: ImageItem, labelled: Labelled, clock: StageClock) -> None:
-    """Write every output of one image; the record last."""
+def write_image(plan: WritePlan, item: Segmented[Path], clock: StageClock) -> None:
+    """Write every output of one image (``item.key``: its path under the images folder, and
+    ``item.extra``: its :class:`~labeler.jobs.reading.Pictures`); the record last."""
     from exporters import mask_to_png
 
-    out, labels, relative = plan.out_dir, plan.labels, item.relative
+    out, labels, relative = plan.out_dir, plan.labels, item.key
+    pictures: Pictures = item.extra
+    mask, scores = item.mask, item.scores
     if plan.crf:
         with clock.measure("crf"):
-            assert item.rgb is not None
-            labelled = apply_crf(labelled, item.rgb, labels, plan.background_threshold)
-        item.rgb = None
-    mask = labelled.mask
+            assert pictures.rgb is not None
+            mask, scores = apply_crf(item, pictures.rgb, labels, plan.background_threshold)
+        pictures.rgb = None
+    assert mask is not None
     with clock.measure("mask ids"):
         present, counts = _present(mask, len(labels))
-    scores = {k: round(float(v), SCORE_DIGITS) for k, v in labelled.scores.items()}
+    scores = {k: round(float(v), SCORE_DIGITS) for k, v in scores.items()}
     with clock.measure("png"):
         png = image_bytes(mask_to_png(mask), "PNG", **PNG_OPTIONS)
         atomic_write_bytes(mask_path(out, relative), png)
@@ -122,7 +130,7 @@ def write_image(plan: WritePlan, item: ImageItem, labelled: Labelled, clock: Sta
     )
     if plan.preview:
         with clock.measure("preview"):
-            data = preview_bytes(item.preview, mask, labels)
+            data = preview_bytes(pictures.preview, mask, labels)
             atomic_write_bytes(preview_path(out, relative), data)
     with clock.measure("record"):
         atomic_write_text(pieces_path(out, relative), pieces.text())
