@@ -4,8 +4,8 @@ The paper's protocol (its section 5) prompts every image with the classes its gr
 holds, and ``refine --labels-from-gt`` / ``--image-labels`` do the same on a pool. The segmenter
 numbers the labels it was prompted with 1..k; a :class:`LabelSubset` remembers which global
 labels those were, maps masks back to the global ids (k-th prompted label -> its id in the full
-list), and says which channel of the image's maps holds a global label. :func:`segment_subsets`
-puts images that share a label set into one ``segment`` call (one batch of UNet passes).
+list), and says which channel of the image's maps holds a global label. The model stage
+(:mod:`labeler.jobs.stage`) puts images that share a label set into one ``segment`` call.
 
     >>> subset = LabelSubset((3, 7))  # labels 3 and 7 of the full list, in that order
     >>> subset.to_global(np.array([[0, 1, 2, 255]], np.uint8)).tolist()
@@ -16,17 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 
 from .result import BACKGROUND, IGNORE, MAX_LABELS
-
-
-class Segments(Protocol):
-    """What :func:`segment_subsets` needs of a model (``StableSeg``, or a wrapper of it)."""
-
-    def segment(self, images: Any, labels: Sequence[str], **kwargs: Any) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -84,37 +77,3 @@ class LabelSubset:
         if background_channel:
             table[BACKGROUND] = len(self.ids)
         return table
-
-
-def group_by_subset(subsets: Sequence[LabelSubset]) -> dict[LabelSubset, list[int]]:
-    """Subset -> the positions that have it, in order of first appearance."""
-    groups: dict[LabelSubset, list[int]] = {}
-    for position, subset in enumerate(subsets):
-        groups.setdefault(subset, []).append(position)
-    return groups
-
-
-def segment_subsets(
-    segmenter: Segments,
-    images: Sequence[Any],
-    subsets: Sequence[LabelSubset],
-    labels: Sequence[str],
-    **kwargs: Any,
-) -> list[Any]:
-    """One result per image, in order, each prompted with its own subset of ``labels``.
-
-    Images that share a subset go through one ``segmenter.segment`` call (batched by its
-    ``batch_size``); an image with a subset of its own gets a call of its own. A result's ids
-    and channels are the prompted ones: map them back with its subset's :meth:`to_global` /
-    :meth:`channel_table`. ``kwargs`` go to ``segment`` (``return_probs``,
-    ``return_layer_maps``).
-    """
-    if len(images) != len(subsets):
-        raise ValueError(f"{len(images)} images but {len(subsets)} label subsets")
-    results: list[Any] = [None] * len(images)
-    for subset, positions in group_by_subset(subsets).items():
-        group = [images[p] for p in positions]
-        found = segmenter.segment(group, subset.names(labels), **kwargs)
-        for position, result in zip(positions, found, strict=True):
-            results[position] = result
-    return results

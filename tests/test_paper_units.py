@@ -14,7 +14,7 @@ from PIL import Image
 from labeler import SegmenterConfig
 from labeler.jobs.sweep import parse_sweep, sweep_points
 from labeler.jobs.tables import grid_markdown, sweep_grid, table1_markdown
-from labeler.subsets import LabelSubset, group_by_subset, segment_subsets
+from labeler.subsets import LabelSubset
 from labeler.train.config import MapFitConfig
 from labeler.train.mapweights import PixelSampler, fit_map_weights, targets_at
 
@@ -116,25 +116,6 @@ def test_label_subsets_map_ids_and_channels() -> None:
         with pytest.raises(ValueError):
             LabelSubset(bad)
     assert LabelSubset.every(3).ids == (1, 2, 3)
-    subsets = [LabelSubset((1,)), LabelSubset((2,)), LabelSubset((1,))]
-    assert group_by_subset(subsets) == {LabelSubset((1,)): [0, 2], LabelSubset((2,)): [1]}
-
-
-def test_segment_subsets_keeps_the_order_and_groups_calls(tiny_model) -> None:
-    images = [np.full((20, 24, 3), v, np.uint8) for v in (10, 120, 240)]
-    subsets = [LabelSubset((1, 3)), LabelSubset((2,)), LabelSubset((1, 3))]
-    calls = []
-
-    class Recording:
-        def segment(self, group, labels, **kwargs):
-            calls.append((len(group), list(labels)))
-            return tiny_model.segment(group, labels, **kwargs)
-
-    results = segment_subsets(Recording(), images, subsets, ["cat", "dog", "bird"])
-    assert calls == [(2, ["cat", "bird"]), (1, ["dog"])]
-    assert [r.labels for r in results] == [["cat", "bird"], ["dog"], ["cat", "bird"]]
-    with pytest.raises(ValueError, match="3 images but 2"):
-        segment_subsets(Recording(), images, subsets[:2], ["cat", "dog", "bird"])
 
 
 def test_fit_targets_follow_each_images_channels() -> None:
