@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from labeler.jobs.io import Failure
 from labeler.jobs.stage import Loaded, segment_stream
 
 from . import cache, training
@@ -33,23 +34,12 @@ READ_WORKERS = 4
 """Threads reading one request's images (downloads have their own limits: ``ml_backend.fetch``)."""
 
 
-@dataclass(frozen=True)
-class TaskError:
-    """A task that got no prediction, and why."""
-
-    task: Any
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "reason": self.reason}
-
-
 @dataclass
 class Outcome:
     """What one /predict produced: predictions aligned with the tasks, and the failures."""
 
     predictions: list[Any]
-    errors: list[TaskError]
+    errors: list[Failure]
     model_version: str
 
 
@@ -127,13 +117,13 @@ class StableSegBackend(LabelStudioMLBase):
             model_lock=cache.GPU_LOCK,
         ):
             if item.error is not None:
-                outcome.errors.append(TaskError(ids[item.key], item.error))
+                outcome.errors.append(Failure(ids[item.key], item.error, "task"))
             else:
                 version = opened[0].model_version
                 outcome.predictions[item.key] = build_prediction(item.result, target, version)
         outcome.model_version = opened[0].model_version if opened else self.model_version
         for error in outcome.errors:
-            logger.warning("task %s gets no prediction: %s", error.task, error.reason)
+            logger.warning("task %s gets no prediction: %s", error.item, error.reason)
         return outcome
 
     def start_training(self, project_id: int) -> tuple[int, dict[str, Any]]:

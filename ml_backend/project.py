@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from labeler.jobs.io import write_jsonl
+from labeler.jobs.io import Failure, write_jsonl
 from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
 from labeler.options import ModelSettings
 
@@ -125,17 +125,6 @@ class Item:
     task: Task
     prediction: dict[str, Any] | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A task left without a prediction, and why."""
-
-    task: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "reason": self.reason}
 
 
 @dataclass
@@ -338,7 +327,9 @@ class Uploader:
                     for body in batch:
                         self._send([body])
                     return
-                self.on_failed(Failure(batch[0]["task"], f"upload refused: {_api_detail(err)}"))
+                self.on_failed(
+                    Failure(batch[0]["task"], f"upload refused: {_api_detail(err)}", "task")
+                )
                 return
             for body in batch:
                 self.on_done(body["task"])
@@ -398,7 +389,7 @@ def run_predict(
         _tick(bar)
 
     def failed(failure: Failure) -> None:
-        log.warning("task %d gets no prediction: %s", failure.task, failure.reason)
+        log.warning("task %d gets no prediction: %s", failure.item, failure.reason)
         summary.failed.append(failure)
         _tick(bar)
 
@@ -418,7 +409,7 @@ def run_predict(
     try:
         for item in encode(segmented, target, version):
             if item.error is not None:
-                failed(Failure(item.task.id, item.error))
+                failed(Failure(item.task.id, item.error, "task"))
             else:
                 assert item.prediction is not None
                 uploader.add(item.task.id, item.prediction)

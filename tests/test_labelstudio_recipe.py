@@ -535,8 +535,9 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
 
 
 def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: Recipe) -> None:
+    from labeler.jobs.io import Failure
     from labeler.options import build_settings
-    from ml_backend.project import Failure, PredictOptions, Uploader, connect
+    from ml_backend.project import PredictOptions, Uploader, connect
 
     folder = recipe.files / "scenes" / "images"
     project = _new_project(recipe, "refused", _brush_config(COLOURS), folder, r"scene_01[0-2]\.png")
@@ -558,7 +559,7 @@ def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: R
         uploader.add(task_id, empty)
     uploader.flush()
     assert sorted(done) == sorted(ids)
-    assert [f.task for f in failed] == [10**9] and "upload refused" in failed[0].reason
+    assert [f.item for f in failed] == [10**9] and "upload refused" in failed[0].reason
     assert uploader.requests == 1 + len(ids) + 1  # the batch, then each prediction alone
     stored = recipe.api.tasks(project, include="id,total_predictions")
     assert [t["total_predictions"] for t in stored] == [1] * len(ids)

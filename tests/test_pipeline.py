@@ -233,7 +233,7 @@ def test_labels_from_gt_skips_only_the_image_without_ground_truth(tmp_path, tiny
     )
     summary = run(options, model=tiny_model)
     assert summary.labelled == 3
-    assert [s.path for s in summary.skipped] == ["002.png"]
+    assert [s.item for s in summary.skipped] == ["002.png"]
     assert "no ground-truth mask" in summary.skipped[0].reason
 
     def ids(name: str) -> set[int]:

@@ -101,8 +101,8 @@ def test_the_uploaded_predictions_are_the_backends(root, tiny_model_dir, monkeyp
 
     summary = run_predict(options)
     assert (summary.total, summary.done, summary.skipped) == (7, 5, 1)
-    assert [error.task for error in expected.errors] == [11] and expected.errors[0].reason
-    assert [(f.task, f.reason) for f in summary.failed] == [(11, expected.errors[0].reason)]
+    assert [error.item for error in expected.errors] == [11] and expected.errors[0].reason
+    assert [(f.item, f.reason) for f in summary.failed] == [(11, expected.errors[0].reason)]
     assert calls == [2, 2, 1]  # full batches of --batch-size
     assert [body["task"] for body in client.stored] == [12, 13, 14, 15, 16]  # in task order
     for body in client.stored:

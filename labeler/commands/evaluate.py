@@ -98,7 +98,7 @@ def evaluate(
         raise click.ClickException(str(err)) from None
     click.echo(format_table(result))
     for skip in result.skipped:
-        click.echo(f"skipped {skip.path}: {skip.reason}", err=True)
+        click.echo(f"skipped {skip.item}: {skip.reason}", err=True)
     if json_path is not None:
         atomic_write_json(json_path, result.to_dict(), indent=2)
         click.echo(f"wrote {json_path}", err=True)

@@ -42,7 +42,7 @@ from labeler.jobs.tables import (
 from labeler.options import ModelSettings
 
 from .datasets import Dataset, open_dataset
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
+from .io import Failure, atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
 from .pipeline import StageClock, default_workers
 from .stage import Loaded, segment_stream
 
@@ -214,7 +214,9 @@ def score_point(
     with contextlib.closing(stream):
         for item in stream:
             if item.error is not None:
-                skipped.append((item.key, {"image": samples[item.key].key, "reason": item.error}))
+                skipped.append(
+                    (item.key, Failure(samples[item.key].key, item.error, "image").to_dict())
+                )
             else:
                 truth: _Truth = item.extra
                 pred = item.mask  # (H, W) dataset ids

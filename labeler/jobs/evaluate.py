@@ -11,14 +11,14 @@ from PIL import Image
 
 from labeler.metrics import ScoreProtocol
 
-from .io import Skipped
+from .io import Failure
 
 
 @dataclass
 class Evaluation:
     metrics: dict[str, Any]
     evaluated: int
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Failure] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,12 +70,12 @@ def evaluate_folders(
     skipped = []
     for key, gt_path in gts.items():
         if key not in preds:
-            skipped.append(Skipped(f"{key}.png", f"no prediction under {pred_dir}"))
+            skipped.append(Failure(f"{key}.png", f"no prediction under {pred_dir}"))
             continue
         gt, pred = _read(gt_path), _read(preds[key])
         if gt.shape != pred.shape:
             skipped.append(
-                Skipped(
+                Failure(
                     f"{key}.png",
                     f"size mismatch: prediction {pred.shape}, ground truth {gt.shape} (H, W)",
                 )
@@ -84,11 +84,11 @@ def evaluate_folders(
         try:
             score.add(pred, gt)
         except ValueError as err:
-            skipped.append(Skipped(f"{key}.png", str(err)))
+            skipped.append(Failure(f"{key}.png", str(err)))
     if not score.images:
         raise ValueError(
             f"no mask could be evaluated ({len(skipped)} skipped; first: "
-            f"{skipped[0].path}: {skipped[0].reason})"
+            f"{skipped[0].item}: {skipped[0].reason})"
         )
     metrics = score.summary()
     return Evaluation(metrics=metrics, evaluated=score.images, skipped=skipped)

@@ -226,11 +226,20 @@ def check_run_file(path: str | os.PathLike[str], expected: dict[str, Any], advic
 
 
 @dataclass(frozen=True)
-class Skipped:
-    """An input that was not labelled, and why."""
+class Failure:
+    """An input that got no result, and why: the one record of ``skipped.jsonl``, the backend's
+    ``errors``, ``label-studio predict``'s failed tasks and ``benchmark.json``'s skipped images.
 
-    path: str
+    Attributes:
+        item: what failed: an image path relative to its folder, a Label Studio task id, a
+            dataset sample's key.
+        reason: why, for a person to read.
+        kind: the record's name for ``item`` (``"path"``, ``"task"``, ``"image"``).
+    """
+
+    item: Any
     reason: str
+    kind: str = "path"
 
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "reason": self.reason}
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: self.item, "reason": self.reason}

@@ -40,8 +40,8 @@ from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
     IMAGE_EXTENSIONS,
+    Failure,
     RunMismatchError,
-    Skipped,
     atomic_write_json,
     check_run_file,
     list_images,
@@ -119,7 +119,7 @@ class Summary:
     total: int = 0
     labelled: int = 0
     already_done: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     stats: LabelStats | None = None
@@ -142,7 +142,7 @@ def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
     return signature
 
 
-def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Skipped]]:
+def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Failure]]:
     """The input images, and those refused up front (outputs that would collide)."""
     images = list_images(options.images_dir)
     owners: dict[PurePosixPath, Path] = {}
@@ -151,7 +151,7 @@ def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Skipped]]:
         key = stem_path(relative)
         if key in owners:
             refused.append(
-                Skipped(
+                Failure(
                     relative.as_posix(),
                     f"its mask name {key}.png is already taken by {owners[key].as_posix()}",
                 )
@@ -188,7 +188,7 @@ def label_images(
     pending: Sequence[Path],
     on_progress: Callable[[int], None] | None = None,
     stats: LabelStats | None = None,
-) -> tuple[int, list[Skipped]]:
+) -> tuple[int, list[Failure]]:
     """Label ``pending`` images through the model stage and the writers; returns (labelled
     count, skipped).
 
@@ -199,7 +199,7 @@ def label_images(
     workers = options.workers or default_workers()
     stats.readers = stats.writers = workers
     lock = threading.Lock()
-    skipped: list[Skipped] = []
+    skipped: list[Failure] = []
 
     def progress(n: int) -> None:
         if on_progress is not None:
@@ -252,7 +252,7 @@ def label_images(
         for item in stream:
             stats.waiting.remove()
             if item.error is not None:
-                skipped.append(Skipped(item.key.as_posix(), item.error))
+                skipped.append(Failure(item.key.as_posix(), item.error))
                 progress(1)
                 continue
             if not options.crf:
@@ -326,7 +326,7 @@ def run(
     bar = progress(len(mine), 0) if (progress is not None and dist.is_main) else None
     stats = LabelStats()
     label_started = time.monotonic()
-    skipped: list[Skipped]
+    skipped: list[Failure]
     labelled, skipped = 0, []  # a process with nothing to label
     if model is not None and mine:
         labelled, skipped = label_images(model, options, mine, bar.update if bar else None, stats)
@@ -344,9 +344,9 @@ def run(
         for rank in range(dist.world_size):
             rows = list(read_jsonl(options.out_dir / ".parts" / f"rank{rank}.jsonl"))
             total_labelled += sum(r.get("labelled", 0) for r in rows)
-            all_skipped += [Skipped(r["path"], r["reason"]) for r in rows if "path" in r]
+            all_skipped += [Failure(r["path"], r["reason"]) for r in rows if "path" in r]
         shutil.rmtree(options.out_dir / ".parts", ignore_errors=True)
-        all_skipped.sort(key=lambda s: s.path)
+        all_skipped.sort(key=lambda s: s.item)
         write_jsonl(options.out_dir / "skipped.jsonl", [s.to_dict() for s in all_skipped])
         summary.labelled, summary.skipped = total_labelled, all_skipped
         exports_started = time.monotonic()
