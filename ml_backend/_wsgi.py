@@ -3,7 +3,7 @@
 ``gunicorn --worker-class ml_backend.worker.HeadBufferingWorker ml_backend._wsgi:app`` (what
 ``python cli.py serve`` runs), or ``python -m ml_backend._wsgi --port 9090`` for the development
 server (loopback only without basic auth, never the debugger: :mod:`ml_backend.serving`).
-Settings come from the environment (see :mod:`ml_backend.settings`); ``STABLESEG_WARM_UP``
+Settings come from the environment (see :mod:`ml_backend.backend_settings`); ``STABLESEG_WARM_UP``
 says when the model loads: ``background`` (default: a thread starts loading it as the server
 starts), ``sync`` (before serving; what gunicorn's ``--preload`` wants, so forked workers share
 the weights) or ``off`` (on the first prediction).
@@ -15,8 +15,8 @@ import argparse
 import logging
 import os
 
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 logging.basicConfig(
     level=os.environ.get("LOG_LEVEL", "INFO").upper(),

@@ -15,11 +15,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 if TYPE_CHECKING:
     from labeler import StableSeg
-    from labeler.config import ModelSpec, SegmenterConfig
+    from labeler.model_settings import ModelSpec, SegmenterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _views: dict[tuple[str, str, str], tuple[str, StableSeg]] = {}
 def _device_and_dtype(model: ModelSpec) -> tuple[Any, Any]:
     import torch
 
-    from labeler.config import torch_dtype
+    from labeler.model_settings import torch_dtype
     from labeler.segmenter import default_device, default_dtype
 
     device = torch.device(model.device) if model.device else default_device()
@@ -115,7 +115,7 @@ def clear() -> None:
 
 def _dtype_name(dtype: Any) -> str:
     """torch.float16 -> "fp16" (the spec's spelling)."""
-    from labeler.config import parse_dtype
+    from labeler.model_settings import parse_dtype
 
     return parse_dtype(str(dtype).removeprefix("torch."))
 

@@ -61,7 +61,7 @@ from urllib.parse import urljoin, urlsplit
 from labeler.images import ImageError
 
 if TYPE_CHECKING:
-    from .settings import BackendSettings
+    from .backend_settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from PIL import Image
 
 from labeler.images import ImageError, open_image
 
+from .backend_settings import BackendSettings
 from .fetch import FetchError, FetchPolicy, fetch, redact
-from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from flask import Response
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 PREDICT_CLI = "stableseg label-studio predict"
 

@@ -21,9 +21,9 @@ from labeler.images import ImageError
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase
-from .config import BrushTarget, LabelConfigError, parse_label_config
+from .backend_settings import BackendSettings
 from .images import ImageLoader
-from .settings import BackendSettings
+from .label_config import BrushTarget, LabelConfigError, parse_label_config
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ them in full batches and uploads the predictions in small import requests, so no
 with the project and a run of any length can be interrupted and resumed.
 
 The predictions are the backend's, byte for byte, for the same settings: the labels come from
-the project's labeling config through :func:`ml_backend.config.parse_label_config`, images are
+the project's labeling config through :func:`ml_backend.label_config.parse_label_config`, images are
 read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else through
 ``--url`` with the key; the same allow-list), masks come from
 :func:`ml_backend.model.segment_images` and are encoded by
@@ -40,15 +40,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labeler.images import ImageError
 from labeler.jobs.io import write_jsonl
 from labeler.jobs.pipeline import ordered_map
-from labeler.options import ModelSettings
+from labeler.settings import ModelSettings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
     from PIL import Image
 
-    from .config import BrushTarget
+    from .backend_settings import BackendSettings
     from .images import ImageLoader
-    from .settings import BackendSettings
+    from .label_config import BrushTarget
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def project_target(
     client: LabelStudio, project: int, options: PredictOptions, max_labels: int
 ) -> BrushTarget:
     """The project's BrushLabels target, parsed exactly as the backend parses it."""
-    from .config import LabelConfigError, parse_label_config
+    from .label_config import LabelConfigError, parse_label_config
 
     found = _call(
         lambda: client.projects.get(id=project, request_options=_request(options)),
@@ -191,7 +191,7 @@ def project_target(
 def backend_settings(options: PredictOptions) -> BackendSettings:
     """The backend's settings for this run: its environment, with ``--url``, the key and the
     model options of the command line (so images are read exactly as the backend reads them)."""
-    from .settings import BackendSettings
+    from .backend_settings import BackendSettings
 
     return replace(
         BackendSettings.from_env(),

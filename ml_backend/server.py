@@ -35,10 +35,10 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import cache, free_text, limits, training
+from .backend_settings import BackendSettings
 from .guard import RequestGuard
 from .limits import RequestError, json_error
 from .model import StableSegBackend
-from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

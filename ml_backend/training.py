@@ -29,9 +29,9 @@ from typing import Any
 
 from labeler.images import ImageError
 
-from .config import BrushTarget
+from .backend_settings import BackendSettings
 from .images import ImageLoader
-from .settings import BackendSettings
+from .label_config import BrushTarget
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
     """RefineOptions from the backend's settings: the model and segmenter that serve the
     predictions (learned map weights aside: a run learns its own), no progress bars."""
     from labeler.jobs.refine import RefineOptions
-    from labeler.train.config import StudentConfig
+    from labeler.train.trainer_settings import StudentConfig
 
     student = StudentConfig(
         encoder=settings.refine_encoder,

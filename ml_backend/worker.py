@@ -39,7 +39,7 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 HEAD_END = b"\r\n\r\n"
 _RECV_SIZE = 1 << 16

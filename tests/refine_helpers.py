@@ -45,9 +45,9 @@ def fast_options(model_dir: Path, **changes):
     from dataclasses import replace
 
     from labeler import SegmenterConfig
-    from labeler.config import ModelSpec
     from labeler.jobs.refine import RefineOptions
-    from labeler.train.config import MapFitConfig, StudentConfig
+    from labeler.model_settings import ModelSpec
+    from labeler.train.trainer_settings import MapFitConfig, StudentConfig
 
     options = RefineOptions(
         labels=LABELS,

@@ -30,13 +30,13 @@ import requests
 from click.testing import CliRunner
 from PIL import Image
 
-from labeler.config import ModelSpec
 from labeler.jobs.io import image_bytes
-from labeler.options import ModelSettings, SegmenterConfig
-from ml_backend.config import LabelConfigError, parse_label_config
+from labeler.model_settings import ModelSpec
+from labeler.settings import ModelSettings, SegmenterConfig
+from ml_backend.backend_settings import BackendSettings
+from ml_backend.label_config import LabelConfigError, parse_label_config
 from ml_backend.server import create_app
 from ml_backend.serving import exposure_warning, is_loopback
-from ml_backend.settings import BackendSettings
 from ml_backend.training import parse_project_id
 
 from . import labelstudio_server as lss

@@ -15,12 +15,12 @@ from PIL import Image
 from cli import main
 from exporters import mask_to_png
 from labeler import SegmenterConfig
-from labeler.config import ModelSpec
 from labeler.datasets import preset_names
 from labeler.jobs.benchmark import NO_CLASS, BenchmarkOptions, run_benchmark
 from labeler.jobs.sweep import parse_sweep
 from labeler.jobs.tables import TABLE1_COLUMNS
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSpec
+from labeler.settings import ModelSettings
 
 from .test_datasets import _image
 

@@ -18,7 +18,7 @@ from PIL import Image
 import cli
 from exporters import decode_brush_result, png_to_mask
 from labeler.commands import COMMANDS
-from labeler.options import SETTINGS
+from labeler.settings import SETTINGS
 
 from .support import run_cli
 

@@ -15,12 +15,12 @@ from PIL import Image
 
 from exporters import brush_prediction
 from labeler import SegmenterConfig, StableSeg
-from labeler.config import ModelSpec
-from labeler.options import ModelSettings
-from ml_backend.config import parse_label_config, parse_prompt_areas
+from labeler.model_settings import ModelSpec
+from labeler.settings import ModelSettings
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.free_text import FreeTextError, phrase_request
+from ml_backend.label_config import parse_label_config, parse_prompt_areas
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 from .conftest import TINY_SIZE
 

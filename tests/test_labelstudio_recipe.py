@@ -499,7 +499,7 @@ class _LosesTheFirstUpload(BaseHTTPRequestHandler):
 def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
     recipe: Recipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from labeler.options import build_settings
+    from labeler.settings import build_settings
     from ml_backend.project import PredictOptions, run_predict
 
     folder = recipe.files / "scenes" / "images"
@@ -535,7 +535,7 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
 
 
 def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: Recipe) -> None:
-    from labeler.options import build_settings
+    from labeler.settings import build_settings
     from ml_backend.project import Failure, PredictOptions, Uploader, connect
 
     folder = recipe.files / "scenes" / "images"

@@ -29,17 +29,17 @@ from PIL import Image
 
 from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
-from labeler.config import ModelSpec
 from labeler.images import ImageError, open_image
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSpec
+from labeler.settings import ModelSettings
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
-from ml_backend.config import LabelConfigError, parse_label_config
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.fetch import GENERIC_ERROR
 from ml_backend.images import ImageLoader, LabelStudioAuth, is_jwt, safe_local_path
+from ml_backend.label_config import LabelConfigError, parse_label_config
 from ml_backend.model import StableSegBackend
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 from .conftest import TINY_SIZE
 from .support import jwt, local_http_server

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from labeler.jobs.refine import run_refine
-from labeler.train.config import PseudoConfig
+from labeler.train.trainer_settings import PseudoConfig
 
 from .refine_helpers import cli_args, contents, fast_options, make_pool, one_thread  # noqa: F401
 

@@ -15,10 +15,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from labeler.commands import main
-from labeler.config import ModelSpec, SegmenterConfig, parse_dtype, parse_sizes, select_sizes
 from labeler.labels import parse_labels_file, validate_labels
-from labeler.options import BY_NAME, SETTINGS, ModelSettings, build_settings, settings_from_env
-from ml_backend.settings import BackendSettings
+from labeler.model_settings import (
+    ModelSpec,
+    SegmenterConfig,
+    parse_dtype,
+    parse_sizes,
+    select_sizes,
+)
+from labeler.settings import BY_NAME, SETTINGS, ModelSettings, build_settings, settings_from_env
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.training import refine_options
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ _SETTINGS_META = "stableseg.settings"
 
 
 class _SettingType(click.ParamType):
-    """A click type that parses with a settings-table row (labeler.options)."""
+    """A click type that parses with a settings-table row (labeler.settings)."""
 
     def __init__(self, setting: Any) -> None:
         self.setting = setting
@@ -64,9 +64,9 @@ def _option_for(setting: Any) -> Callable[[Callable[..., Any]], Callable[..., An
 
 
 def segmenter_options(func: Callable[..., Any] | None = None, *, environment: bool = False) -> Any:
-    """Every model and segmenter setting (``labeler.options.SETTINGS``) as an option.
+    """Every model and segmenter setting (``labeler.settings.SETTINGS``) as an option.
 
-    The command receives them as one ``settings`` argument, a ``labeler.options.ModelSettings``
+    The command receives them as one ``settings`` argument, a ``labeler.settings.ModelSettings``
     built (and validated: a bad combination is a usage error, exit 2) before the command runs.
     With ``environment`` an option not given on the command line falls back to its
     ``STABLESEG_*`` variable (``serve``, whose workers read the same variables).
@@ -74,11 +74,11 @@ def segmenter_options(func: Callable[..., Any] | None = None, *, environment: bo
     """
     if func is None:
         return functools.partial(segmenter_options, environment=environment)
-    from labeler.options import SETTINGS
+    from labeler.settings import SETTINGS
 
     @functools.wraps(func)
     def with_settings(*args: Any, **kwargs: Any) -> Any:
-        from labeler.options import build_settings, parse_setting, settings_values_from_env
+        from labeler.settings import build_settings, parse_setting, settings_values_from_env
 
         ctx = click.get_current_context()
         given = dict(ctx.meta.get(_SETTINGS_META, {}))

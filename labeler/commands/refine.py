@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from labeler.options import ModelSettings
+from labeler.settings import ModelSettings
 
 from .common import (
     check_model_source,
@@ -204,8 +204,8 @@ def refine(
     from labeler.jobs.refine import RefineMismatchError, RefineOptions, run_refine
     from labeler.jobs.refine.files import labels_from_gt as gt_labels
     from labeler.jobs.refine.files import labels_from_jsonl, pool_from_folder
-    from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
     from labeler.train.model import EncoderWeightsUnavailable
+    from labeler.train.trainer_settings import MapFitConfig, PseudoConfig, StudentConfig
 
     check_model_source(settings.model.source)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from labeler.options import ModelSettings
+from labeler.settings import ModelSettings
 
 from .common import segmenter_options
 
@@ -116,13 +116,13 @@ def serve(
 
 
 def _setting_variables() -> list[str]:
-    from labeler.options import SETTINGS
+    from labeler.settings import SETTINGS
 
     return [setting.env for setting in SETTINGS]
 
 
 def _check_settings(env: dict[str, str]) -> None:
-    from ml_backend.settings import BackendSettings
+    from ml_backend.backend_settings import BackendSettings
 
     try:
         BackendSettings.from_env(env)
@@ -210,9 +210,9 @@ def _run_dev_server(env: dict[str, str], host: str, port: int) -> None:
         level=env["LOG_LEVEL"],
         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
     )
+    from ml_backend.backend_settings import BackendSettings
     from ml_backend.server import create_app
     from ml_backend.serving import run_dev_server
-    from ml_backend.settings import BackendSettings
 
     settings = BackendSettings.from_env()
     app = create_app(settings, warm_up=True)

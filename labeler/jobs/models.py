@@ -1,4 +1,5 @@
-"""Loading StableSeg from a :class:`~labeler.config.ModelSpec`: one place for every entry point.
+"""Loading StableSeg from a :class:`~labeler.model_settings.ModelSpec`: one place for every entry
+point.
 
 ``pseudo-label``, ``refine``, ``benchmark``, the Label Studio backend and Start Training all load
 their model here, so they share the checks done before anything expensive (a local-looking path
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labeler.config import ModelSpec, SegmenterConfig, torch_dtype
+from labeler.model_settings import ModelSpec, SegmenterConfig, torch_dtype
 
 if TYPE_CHECKING:
     from labeler import StableSeg

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from labeler.config import ModelSpec, SegmenterConfig
 from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.model_settings import ModelSpec, SegmenterConfig
 
 from .distributed import Distributed
 from .exports import assemble_exports

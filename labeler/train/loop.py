@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..result import IGNORE
-from .config import StudentConfig
 from .data import PseudoMaskDataset
 from .model import unwrap
+from .trainer_settings import StudentConfig
 
 
 class Progress(Protocol):

@@ -48,8 +48,8 @@ from ..io import (
     read_json,
     remove_stale_temporaries,
 )
+from ..refine_options import STAGES, RefineOptions
 from .files import PoolItem, check_work_dir, pool_from_folder, read_mask
-from .options import STAGES, RefineOptions
 from .steps import BY_NAME, PLAN_FILE, WEIGHTS, Step, stage_outputs, steps_of
 
 log = logging.getLogger(__name__)

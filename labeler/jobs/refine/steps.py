@@ -29,8 +29,8 @@ from labeler.result import IGNORE
 from labeler.subsets import LabelSubset, segment_subsets
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..refine_options import FIRST_STAGE
 from .files import load_pair, load_rgb, read_mask, write_mask
-from .options import FIRST_STAGE
 from .plusplus import fit, plusplus_pseudo, plusplus_pseudo_finish
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 :class:`SegmenterConfig` says how masks are made; :class:`ModelSpec` says which weights run
 where. Every entry point (``pseudo-label``, ``refine``, ``serve``, Start Training, ``benchmark``)
-carries these two objects unchanged from its options to the model; :mod:`labeler.options` is the
+carries these two objects unchanged from its options to the model; :mod:`labeler.settings` is the
 one table that exposes their fields as command-line options and environment variables.
 """
 

@@ -3,7 +3,7 @@
 ``python cli.py serve`` turns its options into these variables, so gunicorn workers, the
 development server and a Docker container are all configured the same way.
 
-Model and segmenter: every row of :data:`labeler.options.SETTINGS`, as ``STABLESEG_<OPTION>``:
+Model and segmenter: every row of :data:`labeler.settings.SETTINGS`, as ``STABLESEG_<OPTION>``:
 ``STABLESEG_MODEL`` (or ``MODEL_DIR``; hub id or local diffusers folder), ``STABLESEG_DEVICE``,
 ``STABLESEG_DTYPE``, ``STABLESEG_COMPILE``, ``STABLESEG_IMAGE_SIZE``, ``STABLESEG_BATCH_SIZE``,
 ``STABLESEG_TIMESTEP``, ``STABLESEG_CROSS_SIZES``, ``STABLESEG_SELF_SIZES``, ``STABLESEG_SAR``,
@@ -39,9 +39,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labeler.config import ModelSpec, SegmenterConfig
-from labeler.options import ModelSettings, settings_from_env
+from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.result import MAX_LABELS
+from labeler.settings import ModelSettings, settings_from_env
 
 from .fetch import parse_allowed_hosts
 

@@ -1,12 +1,11 @@
 """The one table of model and segmenter settings, shared by every entry point.
 
-Each row names a field of :class:`~labeler.config.ModelSpec` or
-:class:`~labeler.config.SegmenterConfig` (or the learned weights file), how to read it from text
-and write it back, and its help. ``labeler.commands`` builds the ``--image-size``, ``--timestep``,
-... options of ``pseudo-label``, ``refine``, ``serve`` and ``benchmark`` from it; the Label Studio
-backend reads the same settings from ``STABLESEG_IMAGE_SIZE``, ``STABLESEG_TIMESTEP``, ...; and
-``serve`` hands its options to its workers through those variables. Nothing else lists the
-fields, so a new setting is one new row.
+Each row names a field of :class:`~labeler.model_settings.ModelSpec` or
+:class:`~labeler.model_settings.SegmenterConfig` (or the learned weights file), how to read it
+from text and write it back, and its help. ``labeler.commands`` builds the options of
+``pseudo-label``, ``refine``, ``serve`` and ``benchmark`` from it; the Label Studio backend reads
+the same settings from ``STABLESEG_IMAGE_SIZE``, ...; and ``serve`` hands its options to its
+workers through those variables. Nothing else lists the fields, so a new setting is one new row.
 
 Imports no torch: ``--help`` stays fast.
 """
@@ -19,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import DTYPES, ModelSpec, SegmenterConfig, parse_dtype, parse_sizes
+from .model_settings import DTYPES, ModelSpec, SegmenterConfig, parse_dtype, parse_sizes
 
 ENV_PREFIX = "STABLESEG_"
 ENV_ALIASES = {"model": ("MODEL_DIR",)}

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labeler.config import ModelSpec, SegmenterConfig
 from labeler.labels import validate_labels
-from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
+from labeler.model_settings import ModelSpec, SegmenterConfig
+from labeler.train.trainer_settings import MapFitConfig, PseudoConfig, StudentConfig
 
 FIRST_STAGE = "stableseg"
 """StableSeg's pseudo-masks and the attention-map cache: every run starts with it."""
