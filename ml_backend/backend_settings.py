@@ -43,7 +43,7 @@ from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.result import MAX_LABELS
 from labeler.settings import ModelSettings, settings_from_env
 
-from .fetch import parse_allowed_hosts
+from .allowed_hosts import parse_allowed_hosts
 
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 DEFAULT_MAX_PIXELS = 100_000_000

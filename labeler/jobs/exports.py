@@ -36,7 +36,7 @@ from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
 
 if TYPE_CHECKING:
-    from .pseudo_label import PseudoLabelOptions
+    from .pseudo_label_options import PseudoLabelOptions
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
