@@ -39,9 +39,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labeler.model_settings import ModelSpec, SegmenterConfig
+from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
 from labeler.result import MAX_LABELS
-from labeler.settings import ModelSettings, settings_from_env
+from labeler.settings import build, read_env
 
 from .allowed_hosts import parse_allowed_hosts
 
@@ -119,7 +119,7 @@ class BackendSettings:
             return None
 
         return cls(
-            stableseg=settings_from_env(env),
+            stableseg=_model_settings(env),
             label_studio_url=get("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
             api_key=get("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
             local_files_root=get(
@@ -183,3 +183,10 @@ def _number(value: str | None, kind: type, name: str) -> int | float | None:
         return kind(value)
     except ValueError:
         raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
+
+
+def _model_settings(env: Mapping[str, str]) -> ModelSettings:
+    try:
+        return build(ModelSettings, read_env(ModelSettings, env))
+    except ValueError as err:
+        raise ValueError(f"STABLESEG_* settings: {err}") from None

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labeler.images import ImageError
 from labeler.jobs.io import write_jsonl
 from labeler.jobs.pipeline import ordered_map
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio

@@ -31,8 +31,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from labeler.jobs.io import image_bytes
-from labeler.model_settings import ModelSpec
-from labeler.settings import ModelSettings, SegmenterConfig
+from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
 from ml_backend.backend_settings import BackendSettings
 from ml_backend.label_config import LabelConfigError, parse_label_config
 from ml_backend.server import create_app

@@ -19,8 +19,7 @@ from labeler.datasets import preset_names
 from labeler.jobs.benchmark import NO_CLASS, BenchmarkOptions, run_benchmark
 from labeler.jobs.sweep import parse_sweep
 from labeler.jobs.tables import TABLE1_COLUMNS
-from labeler.model_settings import ModelSpec
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
 
 from .test_datasets import _image
 

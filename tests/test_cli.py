@@ -18,7 +18,8 @@ from PIL import Image
 import cli
 from exporters import decode_brush_result, png_to_mask
 from labeler.commands import COMMANDS
-from labeler.settings import SETTINGS
+from labeler.model_settings import ModelSettings
+from labeler.settings import settings_of
 
 from .support import run_cli
 
@@ -410,7 +411,7 @@ def test_every_help_works(command):
 def test_every_command_that_runs_stableseg_lists_every_segmenter_option(command):
     result = CliRunner().invoke(cli.main, [*command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    missing = [s.option for s in SETTINGS if s.option not in result.output]
+    missing = [s.flag for s in settings_of(ModelSettings) if s.flag not in result.output]
     assert missing == []
 
 

@@ -15,8 +15,7 @@ from PIL import Image
 
 from exporters import brush_prediction
 from labeler import SegmenterConfig, StableSeg
-from labeler.model_settings import ModelSpec
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
 from ml_backend.backend_settings import BackendSettings
 from ml_backend.free_text import FreeTextError, phrase_request
 from ml_backend.label_config import parse_label_config, parse_prompt_areas

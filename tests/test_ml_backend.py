@@ -30,8 +30,7 @@ from PIL import Image
 from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
 from labeler.images import ImageError, open_image
-from labeler.model_settings import ModelSpec
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.backend_settings import BackendSettings

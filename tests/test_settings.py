@@ -17,28 +17,33 @@ from PIL import Image
 from labeler.commands import main
 from labeler.labels import parse_labels_file, validate_labels
 from labeler.model_settings import (
+    ModelSettings,
     ModelSpec,
     SegmenterConfig,
     parse_dtype,
     parse_sizes,
     select_sizes,
 )
-from labeler.settings import BY_NAME, SETTINGS, ModelSettings, build_settings, settings_from_env
+from labeler.settings import build, by_name, read_env, settings_of, to_env
 from ml_backend.backend_settings import BackendSettings
 from ml_backend.training import refine_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------------- the table
-def test_every_segmenter_and_model_field_has_exactly_one_row():
-    rows = {(s.owner, s.field) for s in SETTINGS}
-    assert len(rows) == len(SETTINGS)
+# ---------------------------------------------------------------------------- the declarations
+def settings_from_env(env: dict[str, str]) -> ModelSettings:
+    return build(ModelSettings, read_env(ModelSettings, env))
+
+
+def test_every_segmenter_and_model_field_is_declared_once():
+    declared = {(s.owner, s.field) for s in settings_of(ModelSettings)}
+    assert len(declared) == len(settings_of(ModelSettings))
     segmenter = {f.name for f in fields(SegmenterConfig)} - {"label_separator", "map_weights"}
     model = {f.name for f in fields(ModelSpec)}
-    assert {f for o, f in rows if o == "segmenter"} == segmenter
-    assert {f for o, f in rows if o == "model"} == model
-    assert {f for o, f in rows if o == "weights"} == {"map_weights"}
+    assert {f for o, f in declared if o is SegmenterConfig} == segmenter
+    assert {f for o, f in declared if o is ModelSpec} == model
+    assert {f for o, f in declared if o is ModelSettings} == {"weights"}
 
 
 def test_environment_round_trip_gives_the_same_settings(tmp_path):
@@ -51,24 +56,24 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "device": "cpu",
         "dtype": "bf16",
         "compile": True,
-        "image-size": 64,
-        "batch-size": 3,
+        "image_size": 64,
+        "batch_size": 3,
         "timestep": 50,
-        "cross-sizes": (8, 16),
-        "self-sizes": "<=32",
+        "cross_sizes": (8, 16),
+        "self_sizes": "<=32",
         "sar": True,
-        "self-only": True,
-        "prompt-template": "a photo of {}",
-        "background-prompt": "background",
-        "background-threshold": 0.25,
+        "self_only": True,
+        "prompt_template": "a photo of {}",
+        "background_prompt": "background",
+        "background_threshold": 0.25,
         "weights": str(weights),
     }
-    assert set(values) == set(BY_NAME)  # the test covers every row
-    settings = build_settings(values)
-    again = settings_from_env(settings.to_env())
+    assert set(values) == set(by_name(ModelSettings))  # the test covers every setting
+    settings = build(ModelSettings, values)
+    again = settings_from_env(to_env(settings))
     assert again == settings
     assert again.segmenter.map_weights == {"layer": 1.5}
-    assert settings.to_env()["STABLESEG_SELF_SIZES"] == "<=32"
+    assert to_env(settings)["STABLESEG_SELF_SIZES"] == "<=32"
 
 
 def test_bad_values_name_the_variable():
@@ -331,6 +336,6 @@ def test_model_settings_are_what_the_commands_receive():
 
 def test_the_readme_settings_table_lists_every_setting():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    missing = [s.option for s in SETTINGS if f"`{s.option}`" not in text]
-    missing += [s.env for s in SETTINGS if f"`{s.env}`" not in text]
+    missing = [s.flag for s in settings_of(ModelSettings) if f"`{s.flag}`" not in text]
+    missing += [s.env for s in settings_of(ModelSettings) if f"`{s.env}`" not in text]
     assert missing == []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings
 
 from .common import check_model_source, progress_bar, segmenter_options, setup_logging
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings
 
 from .common import segmenter_options
 
@@ -88,7 +88,9 @@ def serve(
         env["LOCAL_FILES_DOCUMENT_ROOT"] = os.path.abspath(root)
     for variable in _setting_variables():  # replaced by the settings in effect
         env.pop(variable, None)
-    env.update(ModelSettings(model, settings.segmenter, settings.weights).to_env())
+    from labeler.settings import to_env
+
+    env.update(to_env(ModelSettings(model, settings.segmenter, settings.weights)))
     extra = {
         "BASIC_AUTH_USER": basic_auth_user,
         "BASIC_AUTH_PASS": basic_auth_pass,
@@ -116,9 +118,9 @@ def serve(
 
 
 def _setting_variables() -> list[str]:
-    from labeler.settings import SETTINGS
+    from labeler.settings import settings_of
 
-    return [setting.env for setting in SETTINGS]
+    return [setting.env for setting in settings_of(ModelSettings)]
 
 
 def _check_settings(env: dict[str, str]) -> None:

@@ -37,7 +37,7 @@ from labeler.jobs.tables import (
     sweep_grid,
     table1_markdown,
 )
-from labeler.settings import ModelSettings
+from labeler.model_settings import ModelSettings
 from labeler.subsets import LabelSubset, segment_subsets
 
 from .datasets import Dataset, Sample, open_dataset
