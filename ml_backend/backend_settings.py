@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
 from labeler.result import MAX_LABELS
 from labeler.settings import build, read_env
+from labeler.train.trainer_settings import StudentConfig
 
 from .allowed_hosts import parse_allowed_hosts
 
@@ -77,10 +78,7 @@ class BackendSettings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     refine_dir: str = DEFAULT_REFINE_DIR
-    refine_encoder: str = "resnet50"
-    refine_encoder_weights: str | None = "imagenet"
-    refine_epochs: int = 20
-    refine_image_size: int = 512
+    student: StudentConfig = field(default_factory=StudentConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_labels: int = MAX_LABELS
     max_tasks: int = DEFAULT_MAX_TASKS
@@ -137,14 +135,7 @@ class BackendSettings:
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
             refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,
-            refine_encoder=get("STABLESEG_REFINE_ENCODER") or "resnet50",
-            refine_encoder_weights=_encoder_weights(get("STABLESEG_REFINE_ENCODER_WEIGHTS")),
-            refine_epochs=_number(get("STABLESEG_REFINE_EPOCHS"), int, "STABLESEG_REFINE_EPOCHS")
-            or 20,
-            refine_image_size=_number(
-                get("STABLESEG_REFINE_IMAGE_SIZE"), int, "STABLESEG_REFINE_IMAGE_SIZE"
-            )
-            or 512,
+            student=_student(env),
             max_body_bytes=_number(get("STABLESEG_MAX_BODY_BYTES"), int, "STABLESEG_MAX_BODY_BYTES")
             or DEFAULT_MAX_BODY_BYTES,
             max_labels=_number(get("STABLESEG_MAX_LABELS"), int, "STABLESEG_MAX_LABELS")
@@ -167,13 +158,11 @@ _LIMIT_VARIABLES = {
 """The request limits (see :mod:`ml_backend.limits`) and the variables that set them."""
 
 
-def _encoder_weights(value: str | None) -> str | None:
-    name = (value or "imagenet").lower()
-    if name not in ("imagenet", "none"):
-        raise ValueError(
-            f"STABLESEG_REFINE_ENCODER_WEIGHTS must be imagenet or none, got {value!r}"
-        )
-    return None if name == "none" else name
+def _student(env: Mapping[str, str]) -> StudentConfig:
+    try:
+        return build(StudentConfig, read_env(StudentConfig, env))
+    except ValueError as err:
+        raise ValueError(f"STABLESEG_REFINE_* settings: {err}") from None
 
 
 def _number(value: str | None, kind: type, name: str) -> int | float | None:

@@ -140,20 +140,13 @@ def _images(target: BrushTarget, loader: ImageLoader, project_id: int) -> Iterat
 def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
     """RefineOptions from the backend's settings: the model and segmenter that serve the
     predictions (learned map weights aside: a run learns its own), no progress bars."""
-    from labeler.jobs.refine import RefineOptions
-    from labeler.train.trainer_settings import StudentConfig
+    from labeler.jobs.refine_options import RefineOptions
 
-    student = StudentConfig(
-        encoder=settings.refine_encoder,
-        encoder_weights=settings.refine_encoder_weights,
-        epochs=settings.refine_epochs,
-        image_size=settings.refine_image_size,
-    )
     return RefineOptions(
         labels=tuple(labels),
         model=settings.model,
         segmenter=settings.stableseg.segmenter.replace(map_weights=None),
-        student=student,
+        student=settings.student,
         progress=False,
     )
 

@@ -31,6 +31,7 @@ from exporters import brush_results, decode_brush_result, image_url, prediction,
 from labeler import SegmenterConfig, StableSeg
 from labeler.images import ImageError, open_image
 from labeler.model_settings import ModelSettings, ModelSpec
+from labeler.train.trainer_settings import StudentConfig
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
 from ml_backend.backend_settings import BackendSettings
@@ -629,10 +630,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
         label_studio_url=web,
         api_key=LEGACY_TOKEN,
         refine_dir=str(tmp_path / "runs"),
-        refine_encoder="resnet18",
-        refine_encoder_weights=None,
-        refine_epochs=1,
-        refine_image_size=64,
+        student=StudentConfig(encoder="resnet18", encoder_weights=None, epochs=1, crop_size=64),
     )
     client = create_app(refine).test_client()
     names = ["a.png", "sub dir/b #1.png", "c.png", "exif.jpg"]

@@ -185,7 +185,7 @@ def test_poly_schedule_and_ignored_pixels() -> None:
 
 def test_config_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
-        StudentConfig(image_size=50)
+        StudentConfig(crop_size=50)
     with pytest.raises(ValueError, match="'imagenet' or None"):
         StudentConfig(encoder_weights="coco")
     with pytest.raises(ValueError, match="unknown encoder 'resnet-9000'"):
@@ -213,7 +213,7 @@ def _dataset(count: int = 6) -> PseudoMaskDataset:
 
 def test_resumed_training_repeats_the_uninterrupted_run() -> None:
     config = StudentConfig(
-        encoder="resnet18", encoder_weights=None, image_size=32, epochs=2, batch_size=3
+        encoder="resnet18", encoder_weights=None, crop_size=32, epochs=2, train_batch_size=3
     )
     checkpoints: list[dict] = []
     whole = build_student("resnet18", None, 2, seed=0)

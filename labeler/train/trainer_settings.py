@@ -1,5 +1,10 @@
 """Every default of the StableSeg+ / StableSeg++ trainer in one place (the refine job's own options,
-its stages and folders live in ``labeler.jobs.refine``)."""
+its stages and folders live in :mod:`labeler.jobs.refine_options`).
+
+The fields a user sets are declared here (:func:`labeler.settings.setting`): ``refine``'s options
+and, for the student, the backend's ``STABLESEG_REFINE_*`` variables (Start Training) are made
+from these declarations.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..crf import CRFConfig
+from ..settings import integer, number, setting, settings_group
 
 ENCODER_WEIGHTS = ("imagenet", None)
+CRF_UNCERTAIN_THRESHOLD = 0.6
+"""The uncertain-pixel threshold with CRF when none is given (see :class:`PseudoConfig`)."""
 
 
+def _encoder_weights(value: str) -> str | None:
+    name = value.strip().lower()
+    return None if name == "none" else name
+
+
+@settings_group("Student (refine, Start Training)", env_prefix="STABLESEG_REFINE_")
 @dataclass(frozen=True)
 class StudentConfig:
     """How the DeepLabV3+ student is built and trained.
@@ -18,11 +32,11 @@ class StudentConfig:
     Attributes:
         encoder: a segmentation_models_pytorch encoder name (``resnet50``, ``resnet18``, ...).
         encoder_weights: ``"imagenet"`` (downloaded by smp from the Hugging Face hub) or None.
-        image_size: side of the square training crop; at inference the longer image side is
+        crop_size: side of the square training crop; at inference the longer image side is
             resized to this (the training crops see the image at the same base scale).
         epochs: passes over the pool.
-        batch_size: images per step and per process (DDP: per GPU; at least 2 because of the
-            BatchNorm in the ASPP pooling branch).
+        train_batch_size: images per step and per process (DDP: per GPU; at least 2 because of
+            the BatchNorm in the ASPP pooling branch).
         lr: base learning rate of SGD with momentum, decayed by the poly schedule.
         momentum, weight_decay: SGD settings (DeepLab defaults).
         poly_power: ``lr_t = lr * (1 - t / T) ** poly_power``.
@@ -30,24 +44,76 @@ class StudentConfig:
         flip: random horizontal flip.
         seed: model initialisation, sampling order and augmentation are all derived from it,
             so a resumed run repeats an uninterrupted one.
-        num_workers: DataLoader worker processes.
+        workers: DataLoader worker processes.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler);
             ignored on a CPU.
     """
 
-    encoder: str = "resnet50"
-    encoder_weights: str | None = "imagenet"
-    image_size: int = 512
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 0.01
+    encoder: str = field(
+        default="resnet50",
+        metadata=setting("smp encoder name (resnet50, resnet18, ...).", metavar="NAME"),
+    )
+    encoder_weights: str | None = field(
+        default="imagenet",
+        metadata=setting(
+            "Encoder initialisation (imagenet is downloaded from the Hugging Face hub, or read "
+            "from its cache).",
+            choices=tuple(w or "none" for w in ENCODER_WEIGHTS),
+            parse=_encoder_weights,
+            format=lambda value: value or "none",
+        ),
+    )
+    crop_size: int = field(
+        default=512,
+        metadata=setting(
+            "Student training crop side (a multiple of 32); at inference the longer side is "
+            "resized to it.",
+            parse=integer(minimum=32),
+            metavar="PX",
+            deprecated=("STABLESEG_REFINE_IMAGE_SIZE",),
+        ),
+    )
+    epochs: int = field(
+        default=20,
+        metadata=setting(
+            "Passes over the pool for each student.", parse=integer(minimum=1), metavar="N"
+        ),
+    )
+    train_batch_size: int = field(
+        default=8,
+        metadata=setting(
+            "Student training images per step (per process under torchrun / accelerate launch).",
+            parse=integer(minimum=2),
+            metavar="N",
+        ),
+    )
+    lr: float = field(
+        default=0.01,
+        metadata=setting(
+            "Base learning rate (SGD with momentum, poly decay).",
+            parse=number(above=0.0),
+            metavar="LR",
+        ),
+    )
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = field(
+        default=0,
+        metadata=setting(
+            "Student init, sampling and augmentation; refine's weight fit takes it too.",
+            parse=integer(),
+            metavar="N",
+        ),
+    )
+    workers: int = field(
+        default=0,
+        metadata=setting(
+            "DataLoader worker processes for training.", parse=integer(minimum=0), metavar="N"
+        ),
+    )
     amp: bool = True
 
     def __post_init__(self) -> None:
@@ -55,18 +121,17 @@ class StudentConfig:
             raise ValueError(
                 f"encoder_weights must be 'imagenet' or None, got {self.encoder_weights!r}"
             )
-        if self.image_size < 32 or self.image_size % 32:
+        if self.crop_size < 32 or self.crop_size % 32:
             raise ValueError(
-                f"image_size must be a positive multiple of 32 (DeepLabV3+ input), "
-                f"got {self.image_size}"
+                f"crop_size must be a positive multiple of 32 (DeepLabV3+ input), "
+                f"got {self.crop_size}"
             )
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.train_batch_size < 2:
             raise ValueError(
-                "batch_size must be >= 2 (the BatchNorm of DeepLabV3+'s ASPP pooling branch "
-                f"needs two samples), got {self.batch_size}"
+                "train_batch_size must be >= 2 (the BatchNorm of DeepLabV3+'s ASPP pooling "
+                f"branch needs two samples), got {self.train_batch_size}"
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -75,10 +140,11 @@ class StudentConfig:
             raise ValueError(
                 f"scale_range must be (low, high) with 0 < low <= high, got {low, high}"
             )
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
+@settings_group("StableSeg++ weight fit (refine)", name_prefix="map_")
 @dataclass(frozen=True)
 class MapFitConfig:
     """StableSeg++: fitting one non-negative weight per attention map.
@@ -98,7 +164,14 @@ class MapFitConfig:
         seed: pixel sampling and batches.
     """
 
-    steps: int = 300
+    steps: int = field(
+        default=300,
+        metadata=setting(
+            "Optimisation steps of the StableSeg++ weight fit.",
+            parse=integer(minimum=1),
+            metavar="N",
+        ),
+    )
     lr: float = 0.05
     pixels_per_image: int = 1024
     max_pixels: int = 262_144
@@ -116,6 +189,7 @@ class MapFitConfig:
             raise ValueError(f"init_floor must be in (0, 1], got {self.init_floor}")
 
 
+@settings_group("Pseudo-masks (refine)")
 @dataclass(frozen=True)
 class PseudoConfig:
     """Pseudo-masks for the student: CRF, uncertain pixels, working resolution.
@@ -124,16 +198,36 @@ class PseudoConfig:
         crf: run DenseCRF on the pseudo probabilities.
         crf_config: DenseCRF parameters.
         uncertain_threshold: pixels whose best (CRF) probability is below this become 255.
-            None: 0.6 with CRF, and no pixel ignored without CRF (the raw StableSeg
-            probabilities are much flatter, a fixed threshold would ignore most pixels).
+            None: :data:`CRF_UNCERTAIN_THRESHOLD` with CRF, and no pixel ignored without CRF (the
+            raw StableSeg probabilities are much flatter, a fixed threshold would ignore most
+            pixels).
         max_side: images whose longer side exceeds this are downscaled for CRF and training
             (pseudo-masks are stored at that working size).
     """
 
-    crf: bool = True
+    crf: bool = field(
+        default=True,
+        metadata=setting("DenseCRF on pseudo-masks.", switch=True, negatable=True),
+    )
     crf_config: CRFConfig = field(default_factory=CRFConfig)
-    uncertain_threshold: float | None = None
-    max_side: int = 1024
+    uncertain_threshold: float | None = field(
+        default=None,
+        metadata=setting(
+            "Pseudo-mask pixels whose best (CRF) probability is below this are ignored (255) "
+            "in training.",
+            parse=number(0.0, 1.0),
+            metavar="0..1",
+            default_text=f"{CRF_UNCERTAIN_THRESHOLD:g} with --crf, none without",
+        ),
+    )
+    max_side: int = field(
+        default=1024,
+        metadata=setting(
+            "Larger images are downscaled to this longer side for CRF and training.",
+            parse=integer(minimum=32),
+            metavar="PX",
+        ),
+    )
 
     def __post_init__(self) -> None:
         thr = self.uncertain_threshold
@@ -147,7 +241,7 @@ class PseudoConfig:
         """The uncertain-pixel threshold in effect."""
         if self.uncertain_threshold is not None:
             return self.uncertain_threshold
-        return 0.6 if self.crf else None
+        return CRF_UNCERTAIN_THRESHOLD if self.crf else None
 
     def replace(self, **changes: Any) -> PseudoConfig:
         return replace(self, **changes)
