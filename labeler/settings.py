@@ -299,7 +299,8 @@ class Setting:
                 return f"{self.flag}" if self.default else f"--no-{self.name.replace('_', '-')}"
             return None
         shown = self.format(self.default)
-        return ", ".join(shown) if isinstance(shown, list) else shown
+        shown = ", ".join(shown) if isinstance(shown, list) else shown
+        return shown or None
 
     def help_text(self) -> str:
         """The help with its default (``--help`` and the docs)."""

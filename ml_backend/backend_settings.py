@@ -1,103 +1,221 @@
-"""The backend's settings, read from environment variables (Label Studio's convention).
+"""The backend's settings: one frozen dataclass whose fields declare their variables.
 
-``python cli.py serve`` turns its options into these variables, so gunicorn workers, the
-development server and a Docker container are all configured the same way.
+Every field a user sets is declared here (:func:`labeler.settings.setting`) with its variable:
+``STABLESEG_*`` for our own, and the names Label Studio's tools already use
+(``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``LOCAL_FILES_DOCUMENT_ROOT``, ``BASIC_AUTH_USER``,
+``BASIC_AUTH_PASS``, ``MODEL_DIR``). The model and segmenter are the settings of
+:class:`labeler.model_settings.ModelSettings`, exactly as ``pseudo-label`` takes them; Start
+Training's student is :class:`labeler.train.trainer_settings.StudentConfig`
+(``STABLESEG_REFINE_*``). ``docs/settings.md`` lists every variable with its default, generated
+from these declarations.
 
-Model and segmenter: every row of :data:`labeler.settings.SETTINGS`, as ``STABLESEG_<OPTION>``:
-``STABLESEG_MODEL`` (or ``MODEL_DIR``; hub id or local diffusers folder), ``STABLESEG_DEVICE``,
-``STABLESEG_DTYPE``, ``STABLESEG_COMPILE``, ``STABLESEG_IMAGE_SIZE``, ``STABLESEG_BATCH_SIZE``,
-``STABLESEG_TIMESTEP``, ``STABLESEG_CROSS_SIZES``, ``STABLESEG_SELF_SIZES``, ``STABLESEG_SAR``,
-``STABLESEG_SELF_ONLY``, ``STABLESEG_PROMPT_TEMPLATE``, ``STABLESEG_BACKGROUND_PROMPT``,
-``STABLESEG_BACKGROUND_THRESHOLD`` and ``STABLESEG_WEIGHTS`` (learned map weights, StableSeg++),
-with the defaults of ``pseudo-label``.
-
-Images: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (legacy token or personal access
-token) for ``/data/upload/...`` and co., ``LOCAL_FILES_DOCUMENT_ROOT`` to read
-``/data/local-files/?d=...`` from disk, ``STABLESEG_MAX_IMAGE_BYTES`` (50 MB),
-``STABLESEG_MAX_PIXELS`` (100 MP), ``STABLESEG_HTTP_TIMEOUT`` (30 s a download, all in all),
-``STABLESEG_ALLOWED_HOSTS`` (hosts, IPs, CIDRs image URLs may reach besides public addresses).
-
-Server: ``BASIC_AUTH_USER`` and ``BASIC_AUTH_PASS`` require HTTP basic auth on every route.
-
-Limits on one request (each refused with a 4xx JSON error naming the limit and its variable;
-see :mod:`ml_backend.limits`): ``STABLESEG_MAX_BODY_BYTES`` (8 MB of request body),
-``STABLESEG_MAX_LABELS`` (254 labels a project, the most a mask holds; may only be lowered),
-``STABLESEG_MAX_TASKS`` (32 tasks a ``/predict``), ``STABLESEG_REQUEST_TIMEOUT`` (30 s for a
-client to send a request's head, and again for its body).
-
-Training (Start Training in Label Studio runs ``refine`` on the project's images, with the same
-model and segmenter settings as the predictions): ``STABLESEG_REFINE_DIR`` (where runs go;
-default ``~/.cache/stableseg/refine``), ``STABLESEG_REFINE_ENCODER`` (resnet50),
-``STABLESEG_REFINE_ENCODER_WEIGHTS`` (imagenet or none; imagenet needs the weights downloadable
-or cached), ``STABLESEG_REFINE_EPOCHS`` (20), ``STABLESEG_REFINE_IMAGE_SIZE`` (512, the
-student's crop side).
+:meth:`BackendSettings.from_env` reads the variables (a Docker container, ``gunicorn
+ml_backend._wsgi:app``, label-studio-ml's launcher). ``stableseg serve`` reads them once, with
+its options, validates them and hands its workers the result as one JSON object
+(:data:`SETTINGS_VARIABLE`); :meth:`BackendSettings.load` takes that object when it is there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
+from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.model_settings import ModelSettings, ModelSpec
 from labeler.result import MAX_LABELS
-from labeler.settings import build, read_env
+from labeler.settings import (
+    build,
+    from_json,
+    group,
+    integer,
+    number,
+    own_settings,
+    read_env,
+    setting,
+    settings_group,
+    to_json,
+)
 from labeler.train.trainer_settings import StudentConfig
 
 from .allowed_hosts import parse_allowed_hosts
 
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000
-DEFAULT_MAX_PIXELS = 100_000_000
-DEFAULT_HTTP_TIMEOUT = 30.0
-DEFAULT_REFINE_DIR = os.path.join("~", ".cache", "stableseg", "refine")
-DEFAULT_MAX_BODY_BYTES = 8_000_000
-DEFAULT_MAX_TASKS = 32
-DEFAULT_REQUEST_TIMEOUT = 30.0
+SETTINGS_VARIABLE = "STABLESEG_SETTINGS_JSON"
+"""The variable through which ``serve`` hands its workers their settings, validated, as JSON."""
+WARM_UP_MODES = ("background", "sync", "off")
 
 
-def _default_stableseg() -> ModelSettings:
-    return ModelSettings(ModelSpec(), SegmenterConfig())
-
-
+@settings_group("Backend (serve, Docker)", env_prefix="STABLESEG_")
 @dataclass(frozen=True)
 class BackendSettings:
-    """Everything the backend reads from its environment, validated.
+    """Everything the backend reads from its environment, validated (see the module).
 
     Attributes:
         stableseg: the model and the segmenter, exactly as ``pseudo-label`` takes them.
+        student: the DeepLabV3+ students of Start Training's refine runs.
     """
 
-    stableseg: ModelSettings = field(default_factory=_default_stableseg)
-    label_studio_url: str | None = None
-    api_key: str | None = None
-    local_files_root: str | None = None
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    http_timeout: float = DEFAULT_HTTP_TIMEOUT
-    allowed_hosts: tuple[str, ...] = ()
-    basic_auth_user: str | None = None
-    basic_auth_pass: str | None = None
-    refine_dir: str = DEFAULT_REFINE_DIR
-    student: StudentConfig = field(default_factory=StudentConfig)
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_labels: int = MAX_LABELS
-    max_tasks: int = DEFAULT_MAX_TASKS
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    stableseg: ModelSettings = field(default_factory=ModelSettings, metadata=group())
+    label_studio_url: str | None = field(
+        default=None,
+        metadata=setting(
+            "Label Studio's address, as its task URLs name it: /data/upload/... images are "
+            "downloaded from it (with the API key), and it is always on the allow-list.",
+            env_prefix="",
+            aliases=("LABEL_STUDIO_HOST",),
+            option=False,
+            metavar="URL",
+        ),
+    )
+    label_studio_api_key: str | None = field(
+        default=None,
+        metadata=setting(
+            "A Label Studio personal access token or legacy token; sent to LABEL_STUDIO_URL only.",
+            env_prefix="",
+            aliases=("LABEL_STUDIO_ACCESS_TOKEN",),
+            option=False,
+        ),
+    )
+    local_files_document_root: str | None = field(
+        default=None,
+        metadata=setting(
+            "Read /data/local-files/?d=... from this folder instead of downloading; paths that "
+            "leave it are refused.",
+            env_prefix="",
+            aliases=("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",),
+            option=False,
+            metavar="DIR",
+        ),
+    )
+    max_image_bytes: int = field(
+        default=50_000_000,
+        metadata=setting(
+            "Largest image download accepted, in bytes.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="BYTES",
+        ),
+    )
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=setting(
+            "Largest image accepted, in pixels.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="PIXELS",
+        ),
+    )
+    http_timeout: float = field(
+        default=30.0,
+        metadata=setting(
+            "Seconds for one image download, all in all.",
+            parse=number(above=0.0),
+            option=False,
+            metavar="S",
+        ),
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            "Hosts, IP addresses and CIDR networks image URLs may reach besides public "
+            "addresses, comma-separated (e.g. 10.0.0.0/8,images.local).",
+            parse=parse_allowed_hosts,
+            format=",".join,
+            option=False,
+            metavar="HOSTS",
+            default_text="none",
+        ),
+    )
+    basic_auth_user: str | None = field(
+        default=None,
+        metadata=setting("Require HTTP basic auth on every route: its user name.", env_prefix=""),
+    )
+    basic_auth_pass: str | None = field(
+        default=None,
+        metadata=setting("Its password.", env_prefix=""),
+    )
+    refine_dir: str = field(
+        default=os.path.join("~", ".cache", "stableseg", "refine"),
+        metadata=setting("Where Start Training's refine runs go.", option=False, metavar="DIR"),
+    )
+    student: StudentConfig = field(default_factory=StudentConfig, metadata=group(options=False))
+    max_body_bytes: int = field(
+        default=8_000_000,
+        metadata=setting(
+            "Largest request body, in bytes.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="BYTES",
+        ),
+    )
+    max_labels: int = field(
+        default=MAX_LABELS,
+        metadata=setting(
+            "Labels a project may have (may only be lowered: the most an 8-bit mask holds next "
+            "to background and ignore).",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="N",
+        ),
+    )
+    max_tasks: int = field(
+        default=32,
+        metadata=setting(
+            "Tasks one /predict may carry (what fits Label Studio's 100 s).",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="N",
+        ),
+    )
+    request_timeout: float = field(
+        default=30.0,
+        metadata=setting(
+            "Seconds a client has to send a request's head, and again its body.",
+            parse=number(above=0.0),
+            option=False,
+            metavar="S",
+        ),
+    )
+    warm_up: str = field(
+        default=WARM_UP_MODES[0],
+        metadata=setting(
+            "When the model loads: background (a thread starts loading it as the server "
+            "starts), sync (before serving; what gunicorn's --preload wants) or off (on the "
+            "first prediction). serve sets it.",
+            choices=WARM_UP_MODES,
+            option=False,
+        ),
+    )
 
     def __post_init__(self) -> None:
+        variable = {item.field: item.env for item in own_settings(type(self))}
         object.__setattr__(self, "allowed_hosts", parse_allowed_hosts(self.allowed_hosts))
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
-            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
-        for name in ("max_image_bytes", "max_pixels", "http_timeout"):
+            raise ValueError(
+                f"{variable['basic_auth_user']} and {variable['basic_auth_pass']} must be set "
+                "together"
+            )
+        for name in (
+            "max_image_bytes",
+            "max_pixels",
+            "http_timeout",
+            "max_body_bytes",
+            "max_labels",
+            "max_tasks",
+            "request_timeout",
+        ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name, variable in _LIMIT_VARIABLES.items():
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{variable} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{variable[name]} must be positive, got {getattr(self, name)}")
         if self.max_labels > MAX_LABELS:
             raise ValueError(
-                f"STABLESEG_MAX_LABELS is {self.max_labels}; it may only lower the limit of "
+                f"{variable['max_labels']} is {self.max_labels}; it may only lower the limit of "
                 f"{MAX_LABELS} labels (the most an 8-bit mask holds next to background and ignore)"
+            )
+        if self.warm_up not in WARM_UP_MODES:
+            raise ValueError(
+                f"{variable['warm_up']} must be one of {', '.join(WARM_UP_MODES)}, "
+                f"got {self.warm_up!r}"
             )
 
     @property
@@ -106,76 +224,24 @@ class BackendSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
-        """Read the settings from ``env`` (default ``os.environ``); empty values count as unset."""
+        """The settings of the variables in ``env`` (default ``os.environ``); empty values count
+        as unset. Raises ``ValueError`` naming the variable that is wrong."""
+        return build(cls, read_env(cls, env))
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
+        """This process's settings: the object ``serve`` handed over (:data:`SETTINGS_VARIABLE`,
+        read and validated once by ``serve``; the map weights it loaded included), or else
+        :meth:`from_env`."""
         env = os.environ if env is None else env
+        handed = env.get(SETTINGS_VARIABLE, "").strip()
+        if not handed:
+            return cls.from_env(env)
+        try:
+            return from_json(cls, json.loads(handed))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{SETTINGS_VARIABLE}: {err}") from None
 
-        def get(*names: str) -> str | None:
-            for name in names:
-                value = env.get(name, "").strip()
-                if value:
-                    return value
-            return None
-
-        return cls(
-            stableseg=_model_settings(env),
-            label_studio_url=get("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
-            api_key=get("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
-            local_files_root=get(
-                "LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
-            ),
-            max_image_bytes=_number(
-                get("STABLESEG_MAX_IMAGE_BYTES"), int, "STABLESEG_MAX_IMAGE_BYTES"
-            )
-            or DEFAULT_MAX_IMAGE_BYTES,
-            max_pixels=_number(get("STABLESEG_MAX_PIXELS"), int, "STABLESEG_MAX_PIXELS")
-            or DEFAULT_MAX_PIXELS,
-            http_timeout=_number(get("STABLESEG_HTTP_TIMEOUT"), float, "STABLESEG_HTTP_TIMEOUT")
-            or DEFAULT_HTTP_TIMEOUT,
-            allowed_hosts=parse_allowed_hosts(get("STABLESEG_ALLOWED_HOSTS")),
-            basic_auth_user=get("BASIC_AUTH_USER"),
-            basic_auth_pass=get("BASIC_AUTH_PASS"),
-            refine_dir=get("STABLESEG_REFINE_DIR") or DEFAULT_REFINE_DIR,
-            student=_student(env),
-            max_body_bytes=_number(get("STABLESEG_MAX_BODY_BYTES"), int, "STABLESEG_MAX_BODY_BYTES")
-            or DEFAULT_MAX_BODY_BYTES,
-            max_labels=_number(get("STABLESEG_MAX_LABELS"), int, "STABLESEG_MAX_LABELS")
-            or MAX_LABELS,
-            max_tasks=_number(get("STABLESEG_MAX_TASKS"), int, "STABLESEG_MAX_TASKS")
-            or DEFAULT_MAX_TASKS,
-            request_timeout=_number(
-                get("STABLESEG_REQUEST_TIMEOUT"), float, "STABLESEG_REQUEST_TIMEOUT"
-            )
-            or DEFAULT_REQUEST_TIMEOUT,
-        )
-
-
-_LIMIT_VARIABLES = {
-    "max_body_bytes": "STABLESEG_MAX_BODY_BYTES",
-    "max_labels": "STABLESEG_MAX_LABELS",
-    "max_tasks": "STABLESEG_MAX_TASKS",
-    "request_timeout": "STABLESEG_REQUEST_TIMEOUT",
-}
-"""The request limits (see :mod:`ml_backend.limits`) and the variables that set them."""
-
-
-def _student(env: Mapping[str, str]) -> StudentConfig:
-    try:
-        return build(StudentConfig, read_env(StudentConfig, env))
-    except ValueError as err:
-        raise ValueError(f"STABLESEG_REFINE_* settings: {err}") from None
-
-
-def _number(value: str | None, kind: type, name: str) -> int | float | None:
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
-
-
-def _model_settings(env: Mapping[str, str]) -> ModelSettings:
-    try:
-        return build(ModelSettings, read_env(ModelSettings, env))
-    except ValueError as err:
-        raise ValueError(f"STABLESEG_* settings: {err}") from None
+    def to_json(self) -> str:
+        """The settings as one JSON text that :meth:`load` reads back (``serve`` -> workers)."""
+        return json.dumps(to_json(self), sort_keys=True)

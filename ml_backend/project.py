@@ -197,7 +197,7 @@ def backend_settings(options: PredictOptions) -> BackendSettings:
         BackendSettings.from_env(),
         stableseg=options.settings,
         label_studio_url=options.url.rstrip("/"),
-        api_key=options.api_key,
+        label_studio_api_key=options.api_key,
     )
 
 

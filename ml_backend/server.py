@@ -54,7 +54,7 @@ def create_app(settings: BackendSettings | None = None, warm_up: bool = False) -
     """
     from label_studio_ml.api import init_app
 
-    settings = settings or BackendSettings.from_env()
+    settings = settings or BackendSettings.load()
     app = init_app(model_class=StableSegBackend)
     app.config[_SETTINGS_KEY] = settings
     app.debug = False

@@ -66,8 +66,8 @@ _WORKER_HOOKS = ("enqueue_req", "murder_keepalived", "handle", "finish_request")
 
 
 def request_timeout() -> float:
-    """STABLESEG_REQUEST_TIMEOUT from the environment (the worker starts before the app)."""
-    return BackendSettings.from_env().request_timeout
+    """STABLESEG_REQUEST_TIMEOUT of the settings (the worker starts before the app)."""
+    return BackendSettings.load().request_timeout
 
 
 @dataclass

@@ -555,7 +555,7 @@ def client(tiny_model_dir: Path, images_root: Path):
         stableseg=ModelSettings(
             ModelSpec(str(tiny_model_dir), device="cpu"), SegmenterConfig(image_size=TINY_SIZE)
         ),
-        local_files_root=str(images_root),
+        local_files_document_root=str(images_root),
     )
     return create_app(settings).test_client()
 

@@ -146,7 +146,7 @@ def client(tiny_model_dir: Path, image_root: Path):
         ModelSpec(str(tiny_model_dir), device="cpu"),
         SegmenterConfig(image_size=TINY_SIZE, batch_size=2),
     )
-    settings = BackendSettings(stableseg=stableseg, local_files_root=str(image_root))
+    settings = BackendSettings(stableseg=stableseg, local_files_document_root=str(image_root))
     return create_app(settings).test_client()
 
 

@@ -99,7 +99,7 @@ def settings(tiny_model_dir: Path, images_root: Path) -> BackendSettings:
     )
     return BackendSettings(
         stableseg=stableseg,
-        local_files_root=str(images_root),
+        local_files_document_root=str(images_root),
         max_pixels=MAX_PIXELS,
         max_image_bytes=MAX_BYTES,
         http_timeout=1.0,
@@ -560,8 +560,8 @@ def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web, monkeypatch
 
 @pytest.mark.parametrize("token", [LEGACY_TOKEN, REFRESH_TOKEN])
 def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
-    env = replace(settings, label_studio_url=web, api_key=token)
-    loader = ImageLoader(replace(env, local_files_root=None))
+    env = replace(settings, label_studio_url=web, label_studio_api_key=token)
+    loader = ImageLoader(replace(env, local_files_document_root=None))
     FakeLabelStudio.seen_auth.clear()
     upload = loader.load("/data/upload/1/up.png")
     assert upload.size == (20, 30)
@@ -573,7 +573,7 @@ def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
     assert FakeLabelStudio.seen_auth == [expected] * 5
     assert loader.load(f"{web}/web/pic.png").size == (31, 22)  # plain web: no key sent
     assert len(FakeLabelStudio.seen_auth) == 5
-    wrong = ImageLoader(replace(env, api_key="wrong"))
+    wrong = ImageLoader(replace(env, label_studio_api_key="wrong"))
     with pytest.raises(ImageError, match=r"refused LABEL_STUDIO_API_KEY \(HTTP 401\)"):
         wrong.load("/data/upload/1/up.png")
 
@@ -628,7 +628,7 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     refine = replace(
         settings,
         label_studio_url=web,
-        api_key=LEGACY_TOKEN,
+        label_studio_api_key=LEGACY_TOKEN,
         refine_dir=str(tmp_path / "runs"),
         student=StudentConfig(encoder="resnet18", encoder_weights=None, epochs=1, crop_size=64),
     )
