@@ -302,10 +302,14 @@ class Setting:
         shown = ", ".join(shown) if isinstance(shown, list) else shown
         return shown or None
 
-    def help_text(self) -> str:
-        """The help with its default (``--help`` and the docs)."""
+    def help_text(self, variable: bool = False) -> str:
+        """The help with its default, and its variable when ``variable`` (``--help`` of a
+        command that reads the environment), as click shows them."""
         shown = self.shown_default()
-        return self.declaration.help + (f"  [default: {shown}]" if shown is not None else "")
+        notes = [f"env var: {self.env}"] if variable and self.env else []
+        notes += [f"default: {shown}"] if shown is not None else []
+        notes += ["required"] if self.required else []
+        return self.declaration.help + (f"  [{'; '.join(notes)}]" if notes else "")
 
 
 @functools.cache

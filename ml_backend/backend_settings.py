@@ -76,6 +76,7 @@ class BackendSettings:
             aliases=("LABEL_STUDIO_ACCESS_TOKEN",),
             option=False,
         ),
+        repr=False,
     )
     local_files_document_root: str | None = field(
         default=None,
@@ -134,6 +135,7 @@ class BackendSettings:
     basic_auth_pass: str | None = field(
         default=None,
         metadata=setting("Its password.", env_prefix=""),
+        repr=False,
     )
     refine_dir: str = field(
         default=os.path.join("~", ".cache", "stableseg", "refine"),

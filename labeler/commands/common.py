@@ -48,7 +48,9 @@ class _SettingChoice(click.Choice):
             self.fail(str(err), param, ctx)
 
 
-def _options_for(group: type, item: Any) -> list[Callable[[Callable[..., Any]], Any]]:
+def _options_for(
+    group: type, item: Any, environment: bool
+) -> list[Callable[[Callable[..., Any]], Any]]:
     """The click option of one declared setting (and a hidden one per deprecated flag), storing
     what the command line gives into ``ctx.meta``; the click parameter keeps a reference to the
     setting (``param.setting``: tests and the docs table read it)."""
@@ -75,7 +77,7 @@ def _options_for(group: type, item: Any) -> list[Callable[[Callable[..., Any]], 
             "default": None,
             "expose_value": False,
             "callback": remember(old),
-            "help": item.help_text() if old is None else "",
+            "help": item.help_text(variable=environment) if old is None else "",
             "hidden": old is not None,
             "multiple": declaration.multiple,
         }
@@ -155,7 +157,7 @@ def settings_options(
 
         for item in reversed(declared):
             if item.option:
-                for option in _options_for(group, item):
+                for option in _options_for(group, item, environment):
                     with_settings = option(with_settings)
         return with_settings
 
