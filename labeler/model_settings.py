@@ -362,6 +362,7 @@ class ModelSettings:
         metadata=setting(
             "Learned attention-map weights from `refine` (W/plusplus/weights.safetensors).",
             path="file",
+            exists=True,
         ),
     )
     weights_stamp: tuple[str, int, int] | None = field(default=None, compare=False, repr=False)

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import typing
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 REQUIRED: Any = dataclasses.MISSING
 """The default of a setting that has none (the command must be given it)."""
 _SETTING = "stableseg.setting"
@@ -385,8 +386,9 @@ def deprecation(old: str, new: str) -> str:
 
 
 def warn_deprecated(old: str, new: str) -> None:
-    """A ``FutureWarning`` (shown to users by default) that names the new spelling."""
-    warnings.warn(deprecation(old, new), FutureWarning, stacklevel=3)
+    """A logged warning that names the new spelling (a command line without logging set up
+    still shows it: Python prints warnings of an unconfigured logger)."""
+    log.warning(deprecation(old, new))
 
 
 def read_env(cls: type, env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -264,33 +264,60 @@ def test_start_training_uses_the_segmenter_settings_that_serve_predicts_with():
     assert options.model == settings.model
 
 
-def test_serve_passes_every_option_to_its_workers_through_the_environment(tmp_path):
-    """serve's options become the STABLESEG_* variables the workers read (dev server started
-    with a port that is taken, so it exits right after building its environment)."""
+def test_serve_hands_its_workers_one_validated_settings_object(tmp_path):
+    """serve reads its options and the environment once and hands gunicorn's workers the result
+    as one JSON object (os.execve is stopped to see what the workers would get)."""
+    from labeler.weights import map_weights_to_bytes
+    from ml_backend.backend_settings import SETTINGS_VARIABLE
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(map_weights_to_bytes({"layer": 2.0}))
     code = (
-        "import os, sys, json\n"
-        "from labeler.commands import serve as module\n"
-        "def stop(env, host, port):\n"
-        "    print(json.dumps({k: v for k, v in env.items() if k.startswith('STABLESEG_')}))\n"
-        "module._run_dev_server = stop\n"
+        "import json, os, sys\n"
+        "def stop(path, args, env):\n"
+        f"    print(json.dumps({{'handed': env['{SETTINGS_VARIABLE}'], 'args': args}}))\n"
+        "    sys.exit(0)\n"
+        "os.execve = stop\n"
         "from labeler.commands import main\n"
-        "main(['serve', '--dev-server', '--model', 'demo/model', '--image-size', '64',\n"
-        "      '--timestep', '5', '--no-sar', '--cross-sizes', '<=16'])\n"
+        "main(['serve', '--model', 'demo/model', '--image-size', '64', '--timestep', '5',\n"
+        f"      '--no-sar', '--cross-sizes', '<=16', '--weights', {str(weights)!r}])\n"
     )
-    env = {**os.environ, "STABLESEG_BATCH_SIZE": "3", "STABLESEG_TIMESTEP": "9"}
+    env = {
+        **os.environ,
+        "STABLESEG_BATCH_SIZE": "3",
+        "STABLESEG_TIMESTEP": "9",
+        "STABLESEG_MAX_TASKS": "7",
+        "STABLESEG_REFINE_EPOCHS": "2",
+        "LOCAL_FILES_DOCUMENT_ROOT": "demo",
+    }
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     import json
 
     assert done.returncode == 0, done.stderr
-    passed = json.loads(done.stdout.strip().splitlines()[-1])
-    assert passed["STABLESEG_MODEL"] == str(ROOT / "demo" / "model")  # absolute for the workers
-    assert passed["STABLESEG_TIMESTEP"] == "5"  # the command line wins over the environment
-    assert passed["STABLESEG_BATCH_SIZE"] == "3"  # the environment fills what is not given
-    assert passed["STABLESEG_SAR"] == "0" and passed["STABLESEG_CROSS_SIZES"] == "<=16"
-    worker = BackendSettings.from_env(passed)
-    assert worker.stableseg.segmenter.timestep == 5 and not worker.stableseg.segmenter.use_sar
+    handed = json.loads(done.stdout.strip().splitlines()[-1])["handed"]
+    worker = BackendSettings.load({SETTINGS_VARIABLE: handed, "STABLESEG_TIMESTEP": "77"})
+    assert worker.model.source == str(ROOT / "demo" / "model")  # absolute for the workers
+    segmenter = worker.stableseg.segmenter
+    assert segmenter.timestep == 5  # the command line wins over the environment
+    assert segmenter.batch_size == 3  # the environment fills what is not given
+    assert not segmenter.use_sar and segmenter.cross_sizes == "<=16"
+    assert segmenter.map_weights == {"layer": 2.0}  # read once, by serve
+    assert worker.stableseg.weights == weights.resolve()
+    assert worker.max_tasks == 7 and worker.student.epochs == 2
+    assert worker.local_files_document_root == str(ROOT / "demo")
+    assert worker.warm_up == "sync"  # a CPU: the model loads before gunicorn forks
+    assert worker == BackendSettings.load({SETTINGS_VARIABLE: worker.to_json()})  # round trip
+
+
+def test_serve_refuses_bad_settings_before_starting_anything():
+    from labeler.commands.serve import serve
+
+    bad = CliRunner().invoke(serve, ["--image-size", "63"], env={"STABLESEG_MAX_TASKS": "0"})
+    assert bad.exit_code == 2 and "STABLESEG_MAX_TASKS '0'" in bad.output
+    odd = CliRunner().invoke(serve, ["--image-size", "63"])
+    assert odd.exit_code == 2 and "multiple of 8" in odd.output
 
 
 def test_the_console_script_works_from_any_folder(tmp_path):
@@ -339,3 +366,26 @@ def test_the_readme_settings_table_lists_every_setting():
     missing = [s.flag for s in settings_of(ModelSettings) if f"`{s.flag}`" not in text]
     missing += [s.env for s in settings_of(ModelSettings) if f"`{s.env}`" not in text]
     assert missing == []
+
+
+def test_the_backend_takes_the_weights_serve_read_and_reads_a_changed_file_again(
+    tmp_path, monkeypatch
+):
+    import labeler
+    from labeler.weights import load_map_weights, map_weights_to_bytes
+    from ml_backend import cache
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(map_weights_to_bytes({"layer": 2.0}))
+    settings = BackendSettings(stableseg=build(ModelSettings, {"weights": weights}))  # read here
+    monkeypatch.setattr(cache, "_weights", {})
+
+    def read_again(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(labeler, "load_map_weights", read_again)
+    assert cache.segmenter_config(settings).map_weights == {"layer": 2.0}
+    time.sleep(0.01)
+    weights.write_bytes(map_weights_to_bytes({"layer": 3.0, "other": 1.0}))  # retrained
+    monkeypatch.setattr(labeler, "load_map_weights", load_map_weights)
+    assert cache.segmenter_config(settings).map_weights == {"layer": 3.0, "other": 1.0}
