@@ -544,8 +544,6 @@ def markdown_table(cls: type) -> str:
             option = f"`{item.flag}`"
             if declaration.negatable:
                 option += f" / `--no-{item.name.replace('_', '-')}`"
-            if item.required:
-                option += " (required)"
         variable = f"`{item.env}`" if item.env else "—"
         if declaration.aliases:
             variable += " (or " + ", ".join(f"`{a}`" for a in declaration.aliases) + ")"
@@ -553,8 +551,8 @@ def markdown_table(cls: type) -> str:
         if shown is None:
             default = "required" if item.required else ("off" if declaration.switch else "none")
         else:
-            default = shown if declaration.default_text is not None else f"`{shown}`"
-        meaning = declaration.help
+            default = _prose(shown) if declaration.default_text is not None else f"`{shown}`"
+        meaning = _prose(declaration.help)
         if declaration.choices:
             meaning += " One of " + ", ".join(f"`{c}`" for c in declaration.choices) + "."
         if declaration.deprecated:
@@ -563,3 +561,8 @@ def markdown_table(cls: type) -> str:
         cells = [option, variable, default, meaning]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _prose(text: str) -> str:
+    """Text for a Markdown cell outside code: ``<name>`` would be taken for an HTML tag."""
+    return text.replace("<", "&lt;")

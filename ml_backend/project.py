@@ -113,7 +113,7 @@ class PredictOptions:
     )
     api_key: str = field(
         metadata=setting(
-            "a Label Studio personal access token (Account & Settings > Personal Access Token) "
+            "A Label Studio personal access token (Account & Settings > Personal Access Token) "
             "or a legacy token; never a command-line option, which other users could read.",
             env_prefix="LABEL_STUDIO_",
             option=False,

@@ -425,6 +425,24 @@ def test_top_level_help_does_not_import_torch():
     assert proc.stdout.split() == ["0", "False"], proc.stderr
 
 
+def test_no_command_help_imports_torch():
+    """Each command's options are generated from declarations that import no torch."""
+    code = (
+        "import sys, time, cli\n"
+        "from click.testing import CliRunner\n"
+        "from labeler.commands import COMMANDS\n"
+        "started = time.monotonic()\n"
+        "for name in [*COMMANDS, 'label-studio predict']:\n"
+        "    result = CliRunner().invoke(cli.main, [*name.split(), '--help'])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print('torch' in sys.modules, time.monotonic() - started)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    imported, seconds = proc.stdout.split()
+    assert imported == "False", proc.stderr
+    assert float(seconds) < 10
+
+
 def test_label_arguments_are_checked(image_folder, tmp_path):
     neither = run_cli("pseudo-label", str(image_folder), "--out", str(tmp_path / "o"))
     assert neither.returncode == 2 and "exactly one of --labels or --labels-file" in neither.stderr

@@ -53,7 +53,8 @@ def _options_for(
 ) -> list[Callable[[Callable[..., Any]], Any]]:
     """The click option of one declared setting (and a hidden one per deprecated flag), storing
     what the command line gives into ``ctx.meta``; the click parameter keeps a reference to the
-    setting (``param.setting``: tests and the docs table read it)."""
+    setting and its group (``param.setting``, ``param.settings_group``: the docs table and the
+    tests read them)."""
     from click.core import ParameterSource
 
     from labeler.settings import deprecation
@@ -107,7 +108,8 @@ def _options_for(
 
         def attach(func: Callable[..., Any]) -> Any:
             func = made(func)
-            func.__click_params__[-1].setting = item  # type: ignore[attr-defined]
+            made_param = func.__click_params__[-1]  # type: ignore[attr-defined]
+            made_param.setting, made_param.settings_group = item, group
             return func
 
         return attach
