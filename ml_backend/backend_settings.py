@@ -35,8 +35,8 @@ from labeler.settings import (
     read_env,
     setting,
     settings_group,
-    to_json,
 )
+from labeler.settings import to_json as settings_to_json
 from labeler.train.trainer_settings import StudentConfig
 
 from .allowed_hosts import parse_allowed_hosts
@@ -246,4 +246,4 @@ class BackendSettings:
 
     def to_json(self) -> str:
         """The settings as one JSON text that :meth:`load` reads back (``serve`` -> workers)."""
-        return json.dumps(to_json(self), sort_keys=True)
+        return json.dumps(settings_to_json(self), sort_keys=True)

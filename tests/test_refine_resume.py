@@ -52,7 +52,7 @@ def reference(tmp_path_factory, tiny_model_dir):
 def _two_epochs(options):
     from dataclasses import replace
 
-    return replace(options.student, epochs=2, batch_size=3)
+    return replace(options.student, epochs=2, train_batch_size=3)
 
 
 def _losses(work: Path) -> dict:
