@@ -297,7 +297,7 @@ class Setting:
             return None
         if declaration.switch:
             if declaration.negatable:
-                return f"{self.flag}" if self.default else f"--no-{self.name.replace('_', '-')}"
+                return self.flag if self.default else f"--no-{self.name.replace('_', '-')}"
             return None
         shown = self.format(self.default)
         shown = ", ".join(shown) if isinstance(shown, list) else shown
