@@ -50,8 +50,8 @@ def save_model(folder: Path, tiny: bool, dtype: str) -> Path:
 @click.option("--labels", default=LABELS, show_default=True)
 def main(device, dtype, count, size, image_size, batch, workers, compile_unet, tiny, labels):
     from bench.bench_pipeline import generate_folder
-    from labeler.config import ModelSpec, SegmenterConfig
     from labeler.jobs.pseudo_label import PseudoLabelOptions, run
+    from labeler.model_settings import ModelSpec, SegmenterConfig
 
     with tempfile.TemporaryDirectory(prefix="stableseg-job-") as work:
         work = Path(work)

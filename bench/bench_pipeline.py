@@ -87,9 +87,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     import shutil
 
     from bench.stand_in import StandInSegmenter
-    from labeler.config import SegmenterConfig
     from labeler.jobs.io import list_images
     from labeler.jobs.pseudo_label import PseudoLabelOptions, run
+    from labeler.model_settings import SegmenterConfig
 
     images_dir, out_dir = Path(spec["images"]), Path(spec["out"])
     shutil.rmtree(out_dir, ignore_errors=True)

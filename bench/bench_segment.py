@@ -156,7 +156,7 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, 
     cuda = device.type == "cuda"
     image_size = image_size or (512 if cuda else 256)
     sizes = [int(b) for b in (batch_sizes or ("1,8,32" if cuda else "1")).split(",")]
-    from labeler.config import torch_dtype as dtype_of
+    from labeler.model_settings import torch_dtype as dtype_of
 
     torch_dtype = dtype_of(dtype or ("fp16" if cuda else "fp32"))
     names = labels.split(",")

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import SegmenterConfig
+    from .model_settings import SegmenterConfig
     from .result import BACKGROUND, IGNORE, MAX_LABELS, SegmentationResult
     from .segmenter import StableSeg
     from .weights import load_map_weights
@@ -20,7 +20,7 @@ _EXPORTS = {
     "IGNORE": ".result",
     "MAX_LABELS": ".result",
     "SegmentationResult": ".result",
-    "SegmenterConfig": ".config",
+    "SegmenterConfig": ".model_settings",
     "StableSeg": ".segmenter",
     "load_map_weights": ".weights",
 }

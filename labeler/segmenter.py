@@ -15,9 +15,9 @@ import torch
 
 from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attention_layers
 from .background import label_evidence
-from .config import SegmenterConfig, SizeSelection, select_sizes
 from .finish import BAND_BYTES, finish_scores
 from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
+from .model_settings import SegmenterConfig, SizeSelection, select_sizes
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (

@@ -3,10 +3,10 @@
 ``gunicorn --worker-class ml_backend.worker.HeadBufferingWorker ml_backend._wsgi:app`` (what
 ``python cli.py serve`` runs), or ``python -m ml_backend._wsgi --port 9090`` for the development
 server (loopback only without basic auth, never the debugger: :mod:`ml_backend.serving`).
-Settings come from the environment (see :mod:`ml_backend.settings`); ``STABLESEG_WARM_UP``
-says when the model loads: ``background`` (default: a thread starts loading it as the server
-starts), ``sync`` (before serving; what gunicorn's ``--preload`` wants, so forked workers share
-the weights) or ``off`` (on the first prediction).
+Settings come from ``serve``'s hand-off or the environment (:meth:`BackendSettings.load`);
+their ``warm_up`` (``STABLESEG_WARM_UP``) says when the model loads: ``background`` (default: a
+thread starts loading it as the server starts), ``sync`` (before serving; what gunicorn's
+``--preload`` wants, so forked workers share the weights) or ``off`` (on the first prediction).
 """
 
 from __future__ import annotations
@@ -15,28 +15,23 @@ import argparse
 import logging
 import os
 
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 logging.basicConfig(
     level=os.environ.get("LOG_LEVEL", "INFO").upper(),
     format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
 )
 
-WARM_UP_MODES = ("background", "sync", "off")
-
 
 def build_app() -> object:
-    """The app, with the model warm-up the environment asks for."""
-    settings = BackendSettings.from_env()
-    mode = os.environ.get("STABLESEG_WARM_UP", "background").strip().lower()
-    if mode not in WARM_UP_MODES:
-        raise ValueError(f"STABLESEG_WARM_UP must be one of {WARM_UP_MODES}, got {mode!r}")
-    if mode == "sync":
+    """The app, with the model warm-up its settings ask for."""
+    settings = BackendSettings.load()
+    if settings.warm_up == "sync":
         from ml_backend.cache import get_segmenter
 
         get_segmenter(settings)
-    return create_app(settings, warm_up=mode == "background")
+    return create_app(settings, warm_up=settings.warm_up == "background")
 
 
 app = build_app()
@@ -49,7 +44,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     from ml_backend.serving import check_dev_server, run_dev_server
 
-    settings = BackendSettings.from_env()
+    settings = BackendSettings.load()
     try:
         check_dev_server(args.host, bool(settings.basic_auth_user))
     except ValueError as err:

@@ -15,11 +15,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 if TYPE_CHECKING:
     from labeler import StableSeg
-    from labeler.config import ModelSpec, SegmenterConfig
+    from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _views: dict[tuple[str, str, str], tuple[str, StableSeg]] = {}
 def _device_and_dtype(model: ModelSpec) -> tuple[Any, Any]:
     import torch
 
-    from labeler.config import torch_dtype
+    from labeler.model_settings import torch_dtype
     from labeler.segmenter import default_device, default_dtype
 
     device = torch.device(model.device) if model.device else default_device()
@@ -44,8 +44,12 @@ def _device_and_dtype(model: ModelSpec) -> tuple[Any, Any]:
 _weights: dict[str, tuple[tuple[int, int], dict[str, float]]] = {}
 
 
-def _map_weights(path: Path) -> dict[str, float]:
-    """The weights file's contents, read again when the file changes (new mtime or size)."""
+def _map_weights(path: Path, stableseg: ModelSettings) -> dict[str, float]:
+    """The weights file's contents, read again when the file changes (new mtime or size).
+
+    Weights the settings already hold for this very file (``serve`` read them once for every
+    worker: ``stableseg.weights_stamp``) are taken as they are, not read again.
+    """
     from labeler import load_map_weights
 
     try:
@@ -59,7 +63,11 @@ def _map_weights(path: Path) -> dict[str, float]:
         cached = _weights.get(key)
         if cached is not None and cached[0] == identity:
             return cached[1]
-    weights = load_map_weights(path)
+    held = stableseg.segmenter.map_weights
+    if held is not None and stableseg.weights_stamp == (key, *identity):
+        weights = dict(held)
+    else:
+        weights = load_map_weights(path)
     with _CACHE_LOCK:
         _weights[key] = (identity, weights)
     return weights
@@ -67,9 +75,10 @@ def _map_weights(path: Path) -> dict[str, float]:
 
 def segmenter_config(settings: BackendSettings) -> SegmenterConfig:
     """The settings' segmenter, with the current contents of its weights file (if any)."""
-    config = settings.stableseg.segmenter
-    if settings.stableseg.weights is not None:
-        config = config.replace(map_weights=_map_weights(settings.stableseg.weights))
+    stableseg = settings.stableseg
+    config = stableseg.segmenter
+    if stableseg.weights is not None:
+        config = config.replace(map_weights=_map_weights(stableseg.weights, stableseg))
     return config
 
 
@@ -115,7 +124,7 @@ def clear() -> None:
 
 def _dtype_name(dtype: Any) -> str:
     """torch.float16 -> "fp16" (the spec's spelling)."""
-    from labeler.config import parse_dtype
+    from labeler.model_settings import parse_dtype
 
     return parse_dtype(str(dtype).removeprefix("torch."))
 

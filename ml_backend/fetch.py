@@ -47,11 +47,10 @@ import io
 import ipaddress
 import logging
 import os
-import re
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -60,8 +59,10 @@ from urllib.parse import urljoin, urlsplit
 
 from labeler.images import ImageError
 
+from .allowed_hosts import parse_allowed_hosts
+
 if TYPE_CHECKING:
-    from .settings import BackendSettings
+    from .backend_settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ USER_AGENT = "stableseg-labeler-ml-backend"
 _CHUNK = 1 << 16
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_-]+)*$")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -128,35 +128,6 @@ class FetchError(ImageError):
 
 
 # ---------------------------------------------------------------------- policy
-def parse_allowed_hosts(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``STABLESEG_ALLOWED_HOSTS`` as normalised entries: host names, IP addresses, CIDRs.
-
-    Accepts a comma-separated string or a sequence of entries. Raises:
-        ValueError: an entry that is none of those, naming it and the expected forms.
-    """
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    entries: list[str] = []
-    for item in items:
-        entry = str(item).strip().lower().rstrip(".")
-        if not entry:
-            continue
-        try:
-            entries.append(str(ipaddress.ip_network(entry, strict=False)))
-            continue
-        except ValueError:
-            pass
-        if not _HOST_NAME.match(entry):
-            raise ValueError(
-                f"STABLESEG_ALLOWED_HOSTS entry {str(item).strip()!r} is not a host name, IP "
-                "address or CIDR network; give e.g. '10.0.0.0/8,images.local' (no scheme, port "
-                "or path)"
-            )
-        entries.append(entry)
-    return tuple(entries)
-
-
 def origin(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of an http(s) URL, ports made explicit; None for anything else."""
     try:

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 from labeler.labels import validate_labels
 
-from .config import BrushTarget, PromptArea, parse_prompt_areas
+from .label_config import BrushTarget, PromptArea, parse_prompt_areas
 
 if TYPE_CHECKING:
+    from .backend_settings import BackendSettings
     from .model import Outcome, StableSegBackend
-    from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

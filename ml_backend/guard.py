@@ -30,8 +30,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .backend_settings import BackendSettings
 from .limits import RequestError, body_too_large, body_too_slow, json_error
-from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from PIL import Image
 
 from labeler.images import ImageError, open_image
 
+from .backend_settings import BackendSettings
 from .fetch import FetchError, FetchPolicy, fetch, redact
-from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class ImageLoader:
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
         self.base_url = (settings.label_studio_url or "").rstrip("/") or None
-        self.api_key = settings.api_key or None
+        self.api_key = settings.label_studio_api_key or None
         self.policy = FetchPolicy.from_settings(settings)
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
@@ -233,7 +233,7 @@ class ImageLoader:
 
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:
-        root = self.settings.local_files_root
+        root = self.settings.local_files_document_root
         if path.rstrip("/") == "/data/local-files" and root:
             relative = parse_qs(query).get("d", [""])[0]
             return open_image(safe_local_path(root, relative), self.settings.max_pixels)

@@ -2,26 +2,27 @@
 
 Every limit is checked before the work it bounds starts, and a request past one gets a 4xx JSON
 error (``{"status": ..., "detail": ...}``, label-studio-ml's shape) whose detail names the limit
-and the environment variable that sets it:
+and the environment variable that sets it (their defaults: :class:`BackendSettings`, listed in
+``docs/settings.md``):
 
-=========================  =======  ===========================================================
-variable                   default  what it bounds
-=========================  =======  ===========================================================
-STABLESEG_MAX_BODY_BYTES   8 MB     a request body (413), checked before anything reads it
-                                    (:mod:`ml_backend.guard`), after basic auth
-STABLESEG_MAX_LABELS       254      labels of a project's BrushLabels (400 at ``/setup`` and
-                                    ``/predict``); may only lower 254, what a mask holds
-STABLESEG_MAX_TASKS        32       tasks of one ``/predict`` (413)
-STABLESEG_REQUEST_TIMEOUT  30 s     sending a request's head (:mod:`ml_backend.worker`), then
-                                    its body (408, :mod:`ml_backend.guard`)
-=========================  =======  ===========================================================
+=========================  ================================================================
+variable                   what it bounds
+=========================  ================================================================
+STABLESEG_MAX_BODY_BYTES   a request body (413), checked before anything reads it
+                           (:mod:`ml_backend.guard`), after basic auth
+STABLESEG_MAX_LABELS       labels of a project's BrushLabels (400 at ``/setup`` and
+                           ``/predict``); may only lower what a mask holds
+STABLESEG_MAX_TASKS        tasks of one ``/predict`` (413)
+STABLESEG_REQUEST_TIMEOUT  sending a request's head (:mod:`ml_backend.worker`), then its body
+                           (408, :mod:`ml_backend.guard`)
+=========================  ================================================================
 
-Why 32 tasks: Label Studio gives a ``/predict`` ``ML_TIMEOUT_PREDICT`` = 100 s. A task costs
-about 2 s on a modest GPU in the worst common case (the paper's 1-2 s an image for the UNet and
-VAE passes, plus downloading a full-size photo and encoding its brush masks), so 32 tasks take
-about 64 s and leave a third of the timeout for a request that waits behind another one for the
-GPU. Larger selections are what ``stableseg label-studio predict`` is for: it pre-annotates a
-whole project from the command line, in pieces, with no timeout.
+Why 32 tasks by default: Label Studio gives a ``/predict`` ``ML_TIMEOUT_PREDICT`` = 100 s. A
+task costs about 2 s on a modest GPU in the worst common case (the paper's 1-2 s an image for the
+UNet and VAE passes, plus downloading a full-size photo and encoding its brush masks), so 32
+tasks take about 64 s and leave a third of the timeout for a request that waits behind another
+one for the GPU. Larger selections are what ``stableseg label-studio predict`` is for: it
+pre-annotates a whole project from the command line, in pieces, with no timeout.
 
 A body must be a JSON object; its fields are checked for their types, and JSON nested too deeply
 for the parser gives a 400 like any other malformed body.
@@ -34,7 +35,7 @@ from typing import Any
 
 from flask import Response
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 PREDICT_CLI = "stableseg label-studio predict"
 

@@ -20,10 +20,10 @@ from labeler.jobs.stage import Loaded, segment_stream
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase
-from .config import BrushTarget, LabelConfigError, parse_label_config
+from .backend_settings import BackendSettings
 from .images import ImageLoader
+from .label_config import BrushTarget, LabelConfigError, parse_label_config
 from .predictions import build_prediction, load_task_image
-from .settings import BackendSettings
 
 if TYPE_CHECKING:
     from labeler import StableSeg

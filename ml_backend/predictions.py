@@ -16,8 +16,8 @@ from PIL import Image
 from exporters import brush_prediction
 from labeler.images import ImageError
 
-from .config import BrushTarget
 from .images import ImageLoader
+from .label_config import BrushTarget
 
 
 def load_task_image(

@@ -6,7 +6,7 @@ them in full batches and uploads the predictions in small import requests, so no
 with the project and a run of any length can be interrupted and resumed.
 
 The predictions are the backend's, byte for byte, for the same settings: the labels come from
-the project's labeling config through :func:`ml_backend.config.parse_label_config`, images are
+the project's labeling config through :func:`ml_backend.label_config.parse_label_config`, images are
 read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else through
 ``--url`` with the key; the same allow-list), masks come from the model stage the backend's
 ``/predict`` uses (:func:`labeler.jobs.stage.segment_stream`) and are encoded by
@@ -39,13 +39,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from labeler.jobs.io import Failure, write_jsonl
 from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings
+from labeler.settings import group, integer, number, setting, settings_group
 
 from . import cache
-from .config import BrushTarget, LabelConfigError, parse_label_config
+from .backend_settings import BackendSettings
 from .images import ImageLoader
+from .label_config import BrushTarget, LabelConfigError, parse_label_config
 from .predictions import build_prediction, load_task_image
-from .settings import BackendSettings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -58,6 +59,8 @@ TASK_FIELDS = "id,data,predictions_model_versions"
 """What a task listing asks for: no predictions' results (they hold whole brush RLEs)."""
 ORDER_BY_ID = json.dumps({"ordering": ["tasks:id"]})
 MAX_BACKOFF_S = 30.0
+MAX_UPLOAD_BYTES = 8_000_000
+"""An upload request is sent early when its JSON would grow past this."""
 
 
 class LabelStudioUsageError(ValueError):
@@ -68,9 +71,19 @@ class LabelStudioUnavailable(RuntimeError):
     """Label Studio could not be reached or kept failing after the retries."""
 
 
+def _http_url(value: str) -> str:
+    url = value.strip()
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return url
+
+
+@settings_group("label-studio predict")
 @dataclass(frozen=True)
 class PredictOptions:
-    """Settings of one ``label-studio predict`` run.
+    """Settings of one ``label-studio predict`` run (declared: the command's options and its
+    ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY`` and ``STABLESEG_*`` variables are made from
+    these fields).
 
     Attributes:
         url: Label Studio's address (also where images under ``/data/`` are fetched from).
@@ -87,17 +100,71 @@ class PredictOptions:
         failed_log: JSON-lines file listing the tasks that failed, and why.
     """
 
-    url: str
-    project: int
-    api_key: str
-    settings: ModelSettings
-    page_size: int = 100
-    upload_batch: int = 16
-    max_upload_bytes: int = 8_000_000
-    decode_workers: int = 4
-    timeout: float = 60.0
-    retries: int = 5
-    failed_log: Path | None = None
+    url: str = field(
+        metadata=setting(
+            "Label Studio's address, as its task URLs name it.",
+            parse=_http_url,
+            env_prefix="LABEL_STUDIO_",
+            metavar="URL",
+        )
+    )
+    project: int = field(
+        metadata=setting("The project's id.", parse=integer(minimum=1), metavar="ID")
+    )
+    api_key: str = field(
+        metadata=setting(
+            "A Label Studio personal access token (Account & Settings > Personal Access Token) "
+            "or a legacy token; never a command-line option, which other users could read.",
+            env_prefix="LABEL_STUDIO_",
+            option=False,
+        ),
+        repr=False,
+    )
+    settings: ModelSettings = field(default_factory=ModelSettings, metadata=group())
+    page_size: int = field(
+        default=100,
+        metadata=setting("Tasks per listing request.", parse=integer(1, 1000), metavar="N"),
+    )
+    upload_batch: int = field(
+        default=16,
+        metadata=setting(
+            "Tasks per upload request (a request also stops growing at about "
+            f"{MAX_UPLOAD_BYTES / 1e6:g} MB).",
+            parse=integer(1, 1000),
+            metavar="N",
+        ),
+    )
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    decode_workers: int = field(
+        default=4,
+        metadata=setting(
+            "Threads reading and decoding images ahead of the model.",
+            parse=integer(1, 64),
+            metavar="N",
+        ),
+    )
+    timeout: float = field(
+        default=60.0,
+        metadata=setting(
+            "Seconds for one request to Label Studio.", parse=number(minimum=1.0), metavar="S"
+        ),
+    )
+    retries: int = field(
+        default=5,
+        metadata=setting(
+            "Further attempts for a request that timed out or met a server error (5xx, 429).",
+            parse=integer(0, 20),
+            metavar="N",
+        ),
+    )
+    failed_log: Path | None = field(
+        default=None,
+        metadata=setting(
+            "JSON lines of the tasks that failed and why.",
+            path="file",
+            default_text="stableseg-failed-project-ID.jsonl in the current folder",
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("page_size", "upload_batch", "max_upload_bytes", "decode_workers"):
@@ -180,7 +247,7 @@ def backend_settings(options: PredictOptions) -> BackendSettings:
         BackendSettings.from_env(),
         stableseg=options.settings,
         label_studio_url=options.url.rstrip("/"),
-        api_key=options.api_key,
+        label_studio_api_key=options.api_key,
     )
 
 

@@ -35,10 +35,10 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import cache, free_text, limits, training
+from .backend_settings import BackendSettings
 from .guard import RequestGuard
 from .limits import RequestError, json_error
 from .model import StableSegBackend
-from .settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def create_app(settings: BackendSettings | None = None, warm_up: bool = False) -
     """
     from label_studio_ml.api import init_app
 
-    settings = settings or BackendSettings.from_env()
+    settings = settings or BackendSettings.load()
     app = init_app(model_class=StableSegBackend)
     app.config[_SETTINGS_KEY] = settings
     app.debug = False

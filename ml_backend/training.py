@@ -29,9 +29,9 @@ from typing import Any
 
 from labeler.images import ImageError
 
-from .config import BrushTarget
+from .backend_settings import BackendSettings
 from .images import ImageLoader
-from .settings import BackendSettings
+from .label_config import BrushTarget
 
 logger = logging.getLogger(__name__)
 
@@ -140,20 +140,13 @@ def _images(target: BrushTarget, loader: ImageLoader, project_id: int) -> Iterat
 def refine_options(settings: BackendSettings, labels: Sequence[str]) -> Any:
     """RefineOptions from the backend's settings: the model and segmenter that serve the
     predictions (learned map weights aside: a run learns its own), no progress bars."""
-    from labeler.jobs.refine import RefineOptions
-    from labeler.train.config import StudentConfig
+    from labeler.jobs.refine_options import RefineOptions
 
-    student = StudentConfig(
-        encoder=settings.refine_encoder,
-        encoder_weights=settings.refine_encoder_weights,
-        epochs=settings.refine_epochs,
-        image_size=settings.refine_image_size,
-    )
     return RefineOptions(
         labels=tuple(labels),
         model=settings.model,
         segmenter=settings.stableseg.segmenter.replace(map_weights=None),
-        student=student,
+        student=settings.student,
         progress=False,
     )
 

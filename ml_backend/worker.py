@@ -13,9 +13,9 @@ the event loop reads whatever bytes have arrived, without blocking, and keeps th
 then parses them as if it had read them itself (they are put back into gunicorn's parser). So a
 thread is only ever busy with a request that is complete up to its body, and the body has its
 own wall-clock deadline (:mod:`ml_backend.guard`). A head that is not complete within
-``STABLESEG_REQUEST_TIMEOUT`` seconds (30 by default) closes the connection, so slow clients
-cannot hold the worker's connection slots either; a head larger than gunicorn's own header
-limits goes to the parser at once, which refuses it.
+``STABLESEG_REQUEST_TIMEOUT`` seconds closes the connection, so slow clients cannot hold the
+worker's connection slots either; a head larger than gunicorn's own header limits goes to the
+parser at once, which refuses it.
 
 The same holds for the next request on a kept-alive connection. TLS connections (gunicorn's
 ``--certfile``) and HTTP/2 are passed to gthread unchanged: their bytes cannot be read before
@@ -39,7 +39,7 @@ from typing import Any
 
 from gunicorn.workers import gthread
 
-from .settings import BackendSettings
+from .backend_settings import BackendSettings
 
 HEAD_END = b"\r\n\r\n"
 _RECV_SIZE = 1 << 16
@@ -66,8 +66,8 @@ _WORKER_HOOKS = ("enqueue_req", "murder_keepalived", "handle", "finish_request")
 
 
 def request_timeout() -> float:
-    """STABLESEG_REQUEST_TIMEOUT from the environment (the worker starts before the app)."""
-    return BackendSettings.from_env().request_timeout
+    """STABLESEG_REQUEST_TIMEOUT of the settings (the worker starts before the app)."""
+    return BackendSettings.load().request_timeout
 
 
 @dataclass

@@ -45,16 +45,16 @@ def fast_options(model_dir: Path, **changes):
     from dataclasses import replace
 
     from labeler import SegmenterConfig
-    from labeler.config import ModelSpec
     from labeler.jobs.refine import RefineOptions
-    from labeler.train.config import MapFitConfig, StudentConfig
+    from labeler.model_settings import ModelSpec
+    from labeler.train.trainer_settings import MapFitConfig, StudentConfig
 
     options = RefineOptions(
         labels=LABELS,
         model=ModelSpec(str(model_dir), device="cpu"),
         segmenter=SegmenterConfig(image_size=64, batch_size=4),
         student=StudentConfig(
-            encoder="resnet18", encoder_weights=None, image_size=64, epochs=1, batch_size=4
+            encoder="resnet18", encoder_weights=None, crop_size=64, epochs=1, train_batch_size=4
         ),
         map_fit=MapFitConfig(steps=60),
         progress=False,

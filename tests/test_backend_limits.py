@@ -30,13 +30,12 @@ import requests
 from click.testing import CliRunner
 from PIL import Image
 
-from labeler.config import ModelSpec
 from labeler.jobs.io import image_bytes
-from labeler.options import ModelSettings, SegmenterConfig
-from ml_backend.config import LabelConfigError, parse_label_config
+from labeler.model_settings import ModelSettings, ModelSpec, SegmenterConfig
+from ml_backend.backend_settings import BackendSettings
+from ml_backend.label_config import LabelConfigError, parse_label_config
 from ml_backend.server import create_app
 from ml_backend.serving import exposure_warning, is_loopback
-from ml_backend.settings import BackendSettings
 from ml_backend.training import parse_project_id
 
 from . import labelstudio_server as lss
@@ -171,7 +170,7 @@ def _serve(
         "STABLESEG_REFINE_ENCODER": "resnet18",
         "STABLESEG_REFINE_ENCODER_WEIGHTS": "none",
         "STABLESEG_REFINE_EPOCHS": "1",
-        "STABLESEG_REFINE_IMAGE_SIZE": "64",
+        "STABLESEG_REFINE_CROP_SIZE": "64",
         "STABLESEG_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S),
         "STABLESEG_MAX_BODY_BYTES": str(MAX_BODY),
         "STABLESEG_MAX_TASKS": str(MAX_TASKS),
@@ -556,7 +555,7 @@ def client(tiny_model_dir: Path, images_root: Path):
         stableseg=ModelSettings(
             ModelSpec(str(tiny_model_dir), device="cpu"), SegmenterConfig(image_size=TINY_SIZE)
         ),
-        local_files_root=str(images_root),
+        local_files_document_root=str(images_root),
     )
     return create_app(settings).test_client()
 

@@ -32,10 +32,10 @@ from PIL import Image
 from labeler.images import ImageError
 from labeler.jobs.io import image_bytes
 from ml_backend import fetch as fetch_module
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.fetch import GENERIC_ERROR, FetchError, FetchPolicy, fetch, refusal_reason
 from ml_backend.images import ImageLoader
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 from ml_backend.training import fetch_project_tasks
 
 from .support import jwt

@@ -15,7 +15,6 @@ from PIL import Image
 from cli import main
 from exporters import mask_to_png
 from labeler import SegmenterConfig
-from labeler.config import ModelSpec
 from labeler.datasets import preset_names
 from labeler.jobs.benchmark import (
     NO_CLASS,
@@ -26,7 +25,7 @@ from labeler.jobs.benchmark import (
 )
 from labeler.jobs.sweep import parse_sweep, sweep_points
 from labeler.jobs.tables import TABLE1_COLUMNS
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
 
 from .test_datasets import _image
 

@@ -18,7 +18,8 @@ from PIL import Image
 import cli
 from exporters import decode_brush_result, png_to_mask
 from labeler.commands import COMMANDS
-from labeler.options import SETTINGS
+from labeler.model_settings import ModelSettings
+from labeler.settings import settings_of
 
 from .support import run_cli
 
@@ -410,7 +411,7 @@ def test_every_help_works(command):
 def test_every_command_that_runs_stableseg_lists_every_segmenter_option(command):
     result = CliRunner().invoke(cli.main, [*command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    missing = [s.option for s in SETTINGS if s.option not in result.output]
+    missing = [s.flag for s in settings_of(ModelSettings) if s.flag not in result.output]
     assert missing == []
 
 
@@ -422,6 +423,24 @@ def test_top_level_help_does_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.stdout.split() == ["0", "False"], proc.stderr
+
+
+def test_no_command_help_imports_torch():
+    """Each command's options are generated from declarations that import no torch."""
+    code = (
+        "import sys, time, cli\n"
+        "from click.testing import CliRunner\n"
+        "from labeler.commands import COMMANDS\n"
+        "started = time.monotonic()\n"
+        "for name in [*COMMANDS, 'label-studio predict']:\n"
+        "    result = CliRunner().invoke(cli.main, [*name.split(), '--help'])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "print('torch' in sys.modules, time.monotonic() - started)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    imported, seconds = proc.stdout.split()
+    assert imported == "False", proc.stderr
+    assert float(seconds) < 10
 
 
 def test_label_arguments_are_checked(image_folder, tmp_path):

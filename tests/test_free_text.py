@@ -15,12 +15,11 @@ from PIL import Image
 
 from exporters import brush_prediction
 from labeler import SegmenterConfig, StableSeg
-from labeler.config import ModelSpec
-from labeler.options import ModelSettings
-from ml_backend.config import parse_label_config, parse_prompt_areas
+from labeler.model_settings import ModelSettings, ModelSpec
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.free_text import FreeTextError, phrase_request
+from ml_backend.label_config import parse_label_config, parse_prompt_areas
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 from .conftest import TINY_SIZE
 
@@ -147,7 +146,7 @@ def client(tiny_model_dir: Path, image_root: Path):
         ModelSpec(str(tiny_model_dir), device="cpu"),
         SegmenterConfig(image_size=TINY_SIZE, batch_size=2),
     )
-    settings = BackendSettings(stableseg=stableseg, local_files_root=str(image_root))
+    settings = BackendSettings(stableseg=stableseg, local_files_document_root=str(image_root))
     return create_app(settings).test_client()
 
 

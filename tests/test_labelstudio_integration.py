@@ -132,7 +132,7 @@ def backend(workspace: Path, label_studio: lss.LabelStudio) -> Iterator[str]:
         "STABLESEG_REFINE_ENCODER": "resnet18",
         "STABLESEG_REFINE_ENCODER_WEIGHTS": "none",
         "STABLESEG_REFINE_EPOCHS": "1",
-        "STABLESEG_REFINE_IMAGE_SIZE": "64",
+        "STABLESEG_REFINE_CROP_SIZE": "64",
     }
     env.pop("LOCAL_FILES_DOCUMENT_ROOT", None)  # fetch through Label Studio
     command = [

@@ -499,7 +499,8 @@ class _LosesTheFirstUpload(BaseHTTPRequestHandler):
 def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
     recipe: Recipe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from labeler.options import build_settings
+    from labeler.model_settings import ModelSettings
+    from labeler.settings import build
     from ml_backend.project import PredictOptions, run_predict
 
     folder = recipe.files / "scenes" / "images"
@@ -509,14 +510,15 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
     _LosesTheFirstUpload.upstream = recipe.url
     _LosesTheFirstUpload.lost = []
     monkeypatch.setenv("LOCAL_FILES_DOCUMENT_ROOT", str(recipe.files))
-    settings = build_settings(
+    settings = build(
+        ModelSettings,
         {
             "model": str(ROOT / "demo" / "model"),
             "device": "cpu",
-            "image-size": 64,
-            "batch-size": 2,
-            "background-prompt": "background",
-        }
+            "image_size": 64,
+            "batch_size": 2,
+            "background_prompt": "background",
+        },
     )
     with local_http_server(_LosesTheFirstUpload) as proxy_url:
         options = PredictOptions(
@@ -536,7 +538,7 @@ def test_an_upload_lost_after_label_studio_stored_it_is_not_stored_twice(
 
 def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: Recipe) -> None:
     from labeler.jobs.io import Failure
-    from labeler.options import build_settings
+    from labeler.model_settings import ModelSettings
     from ml_backend.project import PredictOptions, Uploader, connect
 
     folder = recipe.files / "scenes" / "images"
@@ -546,7 +548,7 @@ def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: R
         url=recipe.url,
         project=project,
         api_key=recipe.token,
-        settings=build_settings({}),
+        settings=ModelSettings(),
         upload_batch=10,
     )
     done: list[int] = []

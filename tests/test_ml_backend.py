@@ -29,16 +29,16 @@ from PIL import Image
 
 from exporters import brush_results, decode_brush_result, image_url, prediction, task_score
 from labeler import SegmenterConfig, StableSeg
-from labeler.config import ModelSpec
 from labeler.images import ImageError, open_image
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
+from labeler.train.trainer_settings import StudentConfig
 from labeler.weights import map_weights_to_bytes
 from ml_backend import cache
-from ml_backend.config import LabelConfigError, parse_label_config
+from ml_backend.backend_settings import BackendSettings
 from ml_backend.fetch import GENERIC_ERROR
 from ml_backend.images import ImageLoader, LabelStudioAuth, is_jwt, safe_local_path
+from ml_backend.label_config import LabelConfigError, parse_label_config
 from ml_backend.server import create_app
-from ml_backend.settings import BackendSettings
 
 from .conftest import TINY_SIZE
 from .support import jwt, local_http_server
@@ -98,7 +98,7 @@ def settings(tiny_model_dir: Path, images_root: Path) -> BackendSettings:
     )
     return BackendSettings(
         stableseg=stableseg,
-        local_files_root=str(images_root),
+        local_files_document_root=str(images_root),
         max_pixels=MAX_PIXELS,
         max_image_bytes=MAX_BYTES,
         http_timeout=1.0,
@@ -573,8 +573,8 @@ def test_tokens_jwt_is_bearer_after_refresh_and_legacy_is_token(web, monkeypatch
 
 @pytest.mark.parametrize("token", [LEGACY_TOKEN, REFRESH_TOKEN])
 def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
-    env = replace(settings, label_studio_url=web, api_key=token)
-    loader = ImageLoader(replace(env, local_files_root=None))
+    env = replace(settings, label_studio_url=web, label_studio_api_key=token)
+    loader = ImageLoader(replace(env, local_files_document_root=None))
     FakeLabelStudio.seen_auth.clear()
     upload = loader.load("/data/upload/1/up.png")
     assert upload.size == (20, 30)
@@ -586,7 +586,7 @@ def test_label_studio_files_are_fetched_with_the_api_key(settings, web, token):
     assert FakeLabelStudio.seen_auth == [expected] * 5
     assert loader.load(f"{web}/web/pic.png").size == (31, 22)  # plain web: no key sent
     assert len(FakeLabelStudio.seen_auth) == 5
-    wrong = ImageLoader(replace(env, api_key="wrong"))
+    wrong = ImageLoader(replace(env, label_studio_api_key="wrong"))
     with pytest.raises(ImageError, match=r"refused LABEL_STUDIO_API_KEY \(HTTP 401\)"):
         wrong.load("/data/upload/1/up.png")
 
@@ -641,12 +641,9 @@ def test_start_training_refines_once_per_project_and_predictions_use_the_weights
     refine = replace(
         settings,
         label_studio_url=web,
-        api_key=LEGACY_TOKEN,
+        label_studio_api_key=LEGACY_TOKEN,
         refine_dir=str(tmp_path / "runs"),
-        refine_encoder="resnet18",
-        refine_encoder_weights=None,
-        refine_epochs=1,
-        refine_image_size=64,
+        student=StudentConfig(encoder="resnet18", encoder_weights=None, epochs=1, crop_size=64),
     )
     client = create_app(refine).test_client()
     names = ["a.png", "sub dir/b #1.png", "c.png", "exif.jpg"]

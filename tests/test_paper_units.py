@@ -15,8 +15,8 @@ from labeler import SegmenterConfig
 from labeler.jobs.sweep import parse_sweep, sweep_points
 from labeler.jobs.tables import grid_markdown, sweep_grid, table1_markdown
 from labeler.subsets import LabelSubset
-from labeler.train.config import MapFitConfig
 from labeler.train.mapweights import PixelSampler, fit_map_weights, targets_at
+from labeler.train.trainer_settings import MapFitConfig
 
 
 def test_sweep_items_axes_and_points() -> None:

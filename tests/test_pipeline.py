@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from bench.stand_in import StandInSegmenter
-from labeler.config import SegmenterConfig
 from labeler.images import decode_image
 from labeler.jobs.io import list_images
 from labeler.jobs.pipeline import WriterPool, ordered_map
 from labeler.jobs.pseudo_label import PseudoLabelOptions, run
+from labeler.model_settings import SegmenterConfig
 
 from .pipeline_golden import assert_same_outputs, digest_run
 from .support import run_cli

@@ -14,8 +14,7 @@ import pytest
 from PIL import Image
 
 from labeler import SegmenterConfig
-from labeler.config import ModelSpec
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings, ModelSpec
 from ml_backend import cache, project
 from ml_backend.model import StableSegBackend
 from ml_backend.project import PredictOptions, backend_settings, run_predict

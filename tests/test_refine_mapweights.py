@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.train.config import MapFitConfig
 from labeler.train.mapweights import (
     fit_map_weights,
     pixels_per_image,
@@ -14,6 +13,7 @@ from labeler.train.mapweights import (
     stack_maps,
     targets_at,
 )
+from labeler.train.trainer_settings import MapFitConfig
 
 from .refine_helpers import one_thread  # noqa: F401
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from labeler.jobs.refine import run_refine
-from labeler.train.config import PseudoConfig
+from labeler.train.trainer_settings import PseudoConfig
 
 from .refine_helpers import cli_args, contents, fast_options, make_pool, one_thread  # noqa: F401
 
@@ -52,7 +52,7 @@ def reference(tmp_path_factory, tiny_model_dir):
 def _two_epochs(options):
     from dataclasses import replace
 
-    return replace(options.student, epochs=2, batch_size=3)
+    return replace(options.student, epochs=2, train_batch_size=3)
 
 
 def _losses(work: Path) -> dict:

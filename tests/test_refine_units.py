@@ -11,7 +11,6 @@ import torch
 from labeler import SegmentationResult
 from labeler.result import share_key
 from labeler.train.cache import maps_from_bytes, maps_to_bytes
-from labeler.train.config import PseudoConfig, StudentConfig
 from labeler.train.data import PseudoMaskDataset, augment, work_size
 from labeler.train.loop import masked_cross_entropy, poly_lr, train_student
 from labeler.train.model import (
@@ -22,6 +21,7 @@ from labeler.train.model import (
 )
 from labeler.train.pseudo import mask_from_maps, probs_from_maps, pseudo_mask
 from labeler.train.student import load_student, student_segment
+from labeler.train.trainer_settings import PseudoConfig, StudentConfig
 
 from .refine_helpers import one_thread  # noqa: F401
 
@@ -185,7 +185,7 @@ def test_poly_schedule_and_ignored_pixels() -> None:
 
 def test_config_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
-        StudentConfig(image_size=50)
+        StudentConfig(crop_size=50)
     with pytest.raises(ValueError, match="'imagenet' or None"):
         StudentConfig(encoder_weights="coco")
     with pytest.raises(ValueError, match="unknown encoder 'resnet-9000'"):
@@ -213,7 +213,7 @@ def _dataset(count: int = 6) -> PseudoMaskDataset:
 
 def test_resumed_training_repeats_the_uninterrupted_run() -> None:
     config = StudentConfig(
-        encoder="resnet18", encoder_weights=None, image_size=32, epochs=2, batch_size=3
+        encoder="resnet18", encoder_weights=None, crop_size=32, epochs=2, train_batch_size=3
     )
     checkpoints: list[dict] = []
     whole = build_student("resnet18", None, 2, seed=0)
@@ -267,8 +267,8 @@ def test_load_student_refuses_other_folders(tmp_path) -> None:
 
 
 def test_pseudo_mask_with_a_background_prompt_channel() -> None:
-    from labeler.train.config import PseudoConfig
     from labeler.train.pseudo import pseudo_mask
+    from labeler.train.trainer_settings import PseudoConfig
 
     # Two labels and the background prompt's channel last; pixel columns: cat, dog, background.
     probs = np.zeros((3, 2, 3), np.float32)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings
 
 from .common import (
     check_model_source,

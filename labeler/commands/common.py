@@ -1,4 +1,6 @@
-"""Options and helpers shared by the commands. Imports only click and the standard library."""
+"""Options and helpers shared by the commands: the options generated from the settings
+declarations (:mod:`labeler.settings`), labels, logging, progress bars. Imports click, the
+standard library and the declarations (no torch)."""
 
 from __future__ import annotations
 
@@ -11,90 +13,174 @@ from typing import Any
 
 import click
 
-_SETTINGS_META = "stableseg.settings"
+_GIVEN = "stableseg.settings"
+"""``ctx.meta`` key: the settings given on the command line, {group class: {name: value}}."""
 
 
 class _SettingType(click.ParamType):
-    """A click type that parses with a settings-table row (labeler.options)."""
+    """Text -> value with a setting's own parser (labeler.settings)."""
 
-    def __init__(self, setting: Any) -> None:
-        self.setting = setting
-        self.name = setting.metavar
+    def __init__(self, declaration: Any) -> None:
+        self.declaration = declaration
+        self.name = declaration.metavar
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
         try:
-            return self.setting.parse(value)
+            return self.declaration.parse(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
 
-def _option_for(setting: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """One click option for one row of the settings table, storing into ``ctx.meta``."""
+class _SettingChoice(click.Choice):
+    """One of a setting's choices, then its parser (``--encoder-weights none`` -> None)."""
 
-    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None:
-            ctx.meta.setdefault(_SETTINGS_META, {})[setting.name] = value
-        return value
+    def __init__(self, declaration: Any) -> None:
+        super().__init__(declaration.choices, case_sensitive=False)
+        self.declaration = declaration
 
-    default = setting.default()
-    if setting.flag:
-        on = setting.option if default else f"--no-{setting.name}"
-        shown = f"  [default: {on}]" if setting.negatable else ""
-    elif default is None or "[default:" in setting.help:
-        shown = ""
-    else:
-        shown = f"  [default: {default}]"
-    common: dict[str, Any] = {
-        "default": None,
-        "expose_value": False,
-        "callback": remember,
-        "help": setting.help + shown,
-    }
-    if setting.flag and setting.negatable:
-        return click.option(f"{setting.option}/--no-{setting.name}", **common)
-    if setting.flag:
-        return click.option(setting.option, is_flag=True, flag_value=True, **common)
-    if setting.choices:
-        return click.option(
-            setting.option, type=click.Choice(setting.choices, case_sensitive=False), **common
-        )
-    return click.option(setting.option, type=_SettingType(setting), **common)
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        chosen = super().convert(value, param, ctx)
+        try:
+            return self.declaration.parse(chosen)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _options_for(
+    group: type, item: Any, environment: bool
+) -> list[Callable[[Callable[..., Any]], Any]]:
+    """The click option of one declared setting (and a hidden one per deprecated flag), storing
+    what the command line gives into ``ctx.meta``; the click parameter keeps a reference to the
+    setting and its group (``param.setting``, ``param.settings_group``: the docs table and the
+    tests read them)."""
+    from click.core import ParameterSource
+
+    from labeler.settings import deprecation
+
+    declaration = item.declaration
+
+    def remember(old: str | None) -> Callable[[click.Context, click.Parameter, Any], Any]:
+        def store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+            if ctx.get_parameter_source(param.name or "") is not ParameterSource.COMMANDLINE:
+                return value
+            if old is not None:
+                click.echo(f"Warning: {deprecation(old, item.flag)}", err=True)
+            ctx.meta.setdefault(_GIVEN, {}).setdefault(group, {})[item.name] = value
+            return value
+
+        return store
+
+    def option(flag: str, old: str | None) -> Callable[[Callable[..., Any]], Any]:
+        name = f"{group.__name__}__{item.name}" + ("__old" if old else "")
+        common: dict[str, Any] = {
+            "default": None,
+            "expose_value": False,
+            "callback": remember(old),
+            "help": item.help_text(variable=environment) if old is None else "",
+            "hidden": old is not None,
+            "multiple": declaration.multiple,
+        }
+        if declaration.multiple:
+            common["default"] = ()
+        if declaration.switch and declaration.negatable:
+            decls = [f"{flag}/--no-{flag[2:]}", name]
+        else:
+            decls = [flag, name]
+        if declaration.switch:
+            common["is_flag"] = True
+            if not declaration.negatable:
+                common["flag_value"] = True
+        elif declaration.choices:
+            common["type"] = _SettingChoice(declaration)
+        elif declaration.path:
+            common["type"] = click.Path(
+                exists=declaration.exists,
+                file_okay=declaration.path == "file",
+                dir_okay=declaration.path == "dir",
+                path_type=Path,
+            )
+            common["metavar"] = declaration.metavar
+        else:
+            common["type"] = _SettingType(declaration)
+        made = click.option(*decls, **common)
+
+        def attach(func: Callable[..., Any]) -> Any:
+            func = made(func)
+            made_param = func.__click_params__[-1]  # type: ignore[attr-defined]
+            made_param.setting, made_param.settings_group = item, group
+            return func
+
+        return attach
+
+    return [option(item.flag, None), *(option(old, old) for old in item.deprecated_flags)]
+
+
+def settings_options(
+    group: type, param: str, *, environment: bool = False, build: bool = True
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every command-line setting of the declared dataclass ``group`` as an option.
+
+    The command receives them as one argument named ``param``: the dataclass built from them
+    (validated before the command runs; a bad value or combination is a usage error, exit 2),
+    or with ``build=False`` the given values keyed by setting name, for the command to build
+    (:func:`labeler.settings.build`) with its own inputs. With ``environment`` a setting not
+    given on the command line falls back to its variable (``serve``, ``label-studio predict``:
+    one environment configures them and the backend). A required setting that is missing is a
+    usage error naming its flag (or its variable).
+    """
+    from labeler.settings import settings_of
+
+    declared = settings_of(group)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def with_settings(*args: Any, **kwargs: Any) -> Any:
+            from labeler.settings import build as build_group
+            from labeler.settings import read_env
+
+            ctx = click.get_current_context()
+            try:
+                values = read_env(group) if environment else {}
+            except ValueError as err:
+                raise click.UsageError(str(err)) from None
+            values.update(ctx.meta.get(_GIVEN, {}).get(group, {}))
+            for item in declared:
+                if item.required and item.name not in values:
+                    raise click.UsageError(_missing(item, environment))
+            if not build:
+                return func(*args, **{param: values}, **kwargs)
+            try:
+                built = build_group(group, values)
+            except ValueError as err:
+                raise click.UsageError(str(err)) from None
+            return func(*args, **{param: built}, **kwargs)
+
+        for item in reversed(declared):
+            if item.option:
+                for option in _options_for(group, item, environment):
+                    with_settings = option(with_settings)
+        return with_settings
+
+    return decorate
+
+
+def _missing(item: Any, environment: bool) -> str:
+    if item.flag is None:
+        return f"set {item.env}: {item.declaration.help}"
+    also = f" (or {item.env})" if environment and item.env else ""
+    return f"Missing option '{item.flag}'{also}."
 
 
 def segmenter_options(func: Callable[..., Any] | None = None, *, environment: bool = False) -> Any:
-    """Every model and segmenter setting (``labeler.options.SETTINGS``) as an option.
+    """The model and segmenter settings (:class:`labeler.model_settings.ModelSettings`) as
+    options; the command receives them as ``settings``. Use as ``@segmenter_options`` or
+    ``@segmenter_options(environment=True)`` (see :func:`settings_options`)."""
+    from labeler.model_settings import ModelSettings
 
-    The command receives them as one ``settings`` argument, a ``labeler.options.ModelSettings``
-    built (and validated: a bad combination is a usage error, exit 2) before the command runs.
-    With ``environment`` an option not given on the command line falls back to its
-    ``STABLESEG_*`` variable (``serve``, whose workers read the same variables).
-    Use as ``@segmenter_options`` or ``@segmenter_options(environment=True)``.
-    """
-    if func is None:
-        return functools.partial(segmenter_options, environment=environment)
-    from labeler.options import SETTINGS
-
-    @functools.wraps(func)
-    def with_settings(*args: Any, **kwargs: Any) -> Any:
-        from labeler.options import build_settings, parse_setting, settings_values_from_env
-
-        ctx = click.get_current_context()
-        given = dict(ctx.meta.get(_SETTINGS_META, {}))
-        if given.get("dtype") is not None:
-            given["dtype"] = parse_setting("dtype", given["dtype"])
-        try:
-            values = settings_values_from_env() if environment else {}
-            values.update(given)
-            settings = build_settings(values)
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
-        return func(*args, settings=settings, **kwargs)
-
-    for setting in reversed(SETTINGS):
-        with_settings = _option_for(setting)(with_settings)
-    return with_settings
+    decorate = settings_options(ModelSettings, "settings", environment=environment)
+    return decorate if func is None else decorate(func)
 
 
 def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:

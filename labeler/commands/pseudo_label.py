@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
-from labeler.options import ModelSettings
+from labeler.jobs.pseudo_label_options import PseudoLabelOptions
+from labeler.model_settings import ModelSettings
 
 from .common import (
     check_model_source,
@@ -14,6 +17,7 @@ from .common import (
     parse_labels,
     progress_bar,
     segmenter_options,
+    settings_options,
     setup_logging,
 )
 
@@ -21,84 +25,15 @@ from .common import (
 @click.command("pseudo-label")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @labels_options
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder (created). Rerunning into it resumes the run.",
-)
+@settings_options(PseudoLabelOptions, "choices", build=False)
 @segmenter_options
-@click.option(
-    "--crf/--no-crf",
-    default=False,
-    show_default=True,
-    help="Refine the probabilities with DenseCRF (pydensecrf2) before the argmax.",
-)
-@click.option(
-    "--format",
-    "formats",
-    multiple=True,
-    default=("coco", "png"),
-    show_default=True,
-    type=click.Choice(["coco", "png", "labelstudio"]),
-    help="Exports to write (repeatable). PNG masks are always written: they are the "
-    "per-image record that resuming relies on.",
-)
-@click.option(
-    "--student",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Label with a DeepLabV3+ trained by `refine` (e.g. W/plusplus/student) "
-    "instead of StableSeg.",
-)
-@click.option(
-    "--preview",
-    is_flag=True,
-    help="Write overlays to OUT/preview/ and a gallery OUT/preview/index.html.",
-)
-@click.option(
-    "--image-root-url",
-    default=None,
-    help="How Label Studio reaches IMAGES_DIR, joined with each relative path in "
-    "labelstudio.json.  [default: /data/local-files/?d=<IMAGES_DIR name>]",
-)
-@click.option(
-    "--max-pixels",
-    default=100_000_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images with more pixels are skipped (listed in skipped.jsonl).",
-)
-@click.option(
-    "--labels-from-gt",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Ground-truth mask folder: prompt each image with only the labels present "
-    "in its ground truth (the paper's evaluation protocol). Mask ids stay global.",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads that read images, and threads that write outputs (each pool); the model "
-    "runs on the main thread.  [default: the CPUs this process may use, at most 16]",
-)
-@click.option("--overwrite", is_flag=True, help="Discard a previous run in --out and start again.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def pseudo_label(
     images_dir: Path,
     labels: str | None,
     labels_file: Path | None,
-    out_dir: Path,
+    choices: dict[str, Any],
     settings: ModelSettings,
-    crf: bool,
-    formats: tuple[str, ...],
-    student: Path | None,
-    preview: bool,
-    image_root_url: str | None,
-    max_pixels: int,
-    labels_from_gt: Path | None,
-    workers: int | None,
-    overwrite: bool,
     verbose: bool,
 ) -> None:
     """Label every image under IMAGES_DIR (recursively) with the given labels.
@@ -121,33 +56,26 @@ def pseudo_label(
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
-    from labeler.jobs.pseudo_label import NoImagesError, PseudoLabelOptions, RunMismatchError, run
+    from labeler.jobs.pseudo_label import NoImagesError, RunMismatchError, run
+    from labeler.settings import build
 
     setup_logging(verbose)
     names = parse_labels(labels, labels_file)
-    formats = tuple(dict.fromkeys((*formats, "png")))
-    if settings.weights is not None and student is not None:
-        raise click.UsageError(
-            "--weights applies to StableSeg; it cannot be combined with --student"
-        )
-    if student is None:
-        check_model_source(settings.model.source)
-    options = PseudoLabelOptions(
+    options = build(
+        PseudoLabelOptions,
+        choices,
         images_dir=images_dir,
-        out_dir=out_dir,
         labels=names,
         model=settings.model,
         segmenter=settings.segmenter,
-        crf=crf,
-        formats=formats,
-        student=student,
-        preview=preview,
-        image_root_url=image_root_url,
-        max_pixels=max_pixels,
-        labels_from_gt=labels_from_gt,
-        overwrite=overwrite,
-        workers=workers,
     )
+    options = replace(options, formats=tuple(dict.fromkeys((*options.formats, "png"))))
+    if settings.weights is not None and options.student is not None:
+        raise click.UsageError(
+            "--weights applies to StableSeg; it cannot be combined with --student"
+        )
+    if options.student is None:
+        check_model_source(settings.model.source)
     try:
         summary = run(options, progress=progress_bar("pseudo-label"))
     except NoImagesError as err:

@@ -6,31 +6,34 @@ Listening beyond loopback without basic auth prints a warning that says what is 
 development server (``--dev-server``) refuses it and never runs Werkzeug's debugger
 (:mod:`ml_backend.serving`).
 
-Only click is imported at module level, so ``python cli.py --help`` stays fast; torch, Flask
-and the backend load inside the command.
+Every setting of the backend is read once, here, from the options and the environment
+(:class:`ml_backend.backend_settings.BackendSettings`, its declarations), validated, and handed
+to the workers as one JSON object (``STABLESEG_SETTINGS_JSON``): they parse nothing again, and
+the learned map weights (``--weights``) are read once, here.
+
+Only click and the settings declarations are imported at module level, so ``--help`` stays fast;
+torch, Flask and the backend load inside the command.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from labeler.options import ModelSettings
+from ml_backend.backend_settings import BackendSettings
 
-from .common import segmenter_options
+from .common import settings_options
 
 
 @click.command(context_settings={"show_default": True})
-@segmenter_options(environment=True)
+@settings_options(BackendSettings, "backend", environment=True, build=False)
 @click.option(
     "--host",
     default="127.0.0.1",
     help="Address to listen on (0.0.0.0 for all: set basic auth then).",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=9090)
-@click.option(
-    "--basic-auth-user", envvar="BASIC_AUTH_USER", default=None, help="Require basic auth."
-)
-@click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", default=None, help="Its password.")
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -55,11 +58,9 @@ from .common import segmenter_options
     default="INFO",
 )
 def serve(
-    settings: ModelSettings,
+    backend: dict[str, Any],
     host: str,
     port: int,
-    basic_auth_user: str | None,
-    basic_auth_pass: str | None,
     workers: int,
     threads: int,
     dev_server: bool,
@@ -73,32 +74,15 @@ def serve(
     LABEL_STUDIO_API_KEY, or read from LOCAL_FILES_DOCUMENT_ROOT.
 
     \b
-    Every model and segmenter option also reads its STABLESEG_* variable
-    (--image-size: STABLESEG_IMAGE_SIZE, ...; --model also MODEL_DIR, Label
-    Studio's Docker convention); an option given on the command line wins.
+    Every option also reads its variable (--image-size: STABLESEG_IMAGE_SIZE,
+    ...; --model also MODEL_DIR, Label Studio's Docker convention); an option
+    given on the command line wins. The backend's other settings (limits,
+    allow-list, Start Training) come from their variables: docs/settings.md.
     """
-    import os
-
-    env = dict(os.environ)
-    model = settings.model
-    if os.path.isdir(os.path.expanduser(model.source)):  # the workers may start elsewhere
-        model = model.replace(source=os.path.abspath(os.path.expanduser(model.source)))
-    root = env.get("LOCAL_FILES_DOCUMENT_ROOT")
-    if root:
-        env["LOCAL_FILES_DOCUMENT_ROOT"] = os.path.abspath(root)
-    for variable in _setting_variables():  # replaced by the settings in effect
-        env.pop(variable, None)
-    env.update(ModelSettings(model, settings.segmenter, settings.weights).to_env())
-    extra = {
-        "BASIC_AUTH_USER": basic_auth_user,
-        "BASIC_AUTH_PASS": basic_auth_pass,
-        "LOG_LEVEL": log_level.upper(),
-    }
-    env.update({name: str(value) for name, value in extra.items() if value is not None})
     from ml_backend.serving import check_dev_server, exposure_warning
 
     use_dev_server = dev_server or not _has_gunicorn()
-    basic_auth = bool(env.get("BASIC_AUTH_USER"))
+    basic_auth = bool(backend.get("basic_auth_user"))
     if use_dev_server:
         try:
             check_dev_server(host, basic_auth)
@@ -108,26 +92,39 @@ def serve(
         warning = exposure_warning(host, basic_auth)
         if warning:
             click.echo(warning, err=True)
-    _check_settings(env)
+    settings = _settings(backend)
     if use_dev_server:
-        _run_dev_server(env, host, port)
+        _run_dev_server(settings, host, port, log_level)
     else:
-        _exec_gunicorn(env, host, port, workers, threads, model.device)
+        _exec_gunicorn(settings, host, port, workers, threads, log_level)
 
 
-def _setting_variables() -> list[str]:
-    from labeler.options import SETTINGS
+def _settings(values: dict[str, Any]) -> BackendSettings:
+    """The backend's settings, validated (a usage error otherwise), with the paths made absolute:
+    the workers may start elsewhere. The map weights are read here, once."""
+    import os
+    from dataclasses import replace
 
-    return [setting.env for setting in SETTINGS]
-
-
-def _check_settings(env: dict[str, str]) -> None:
-    from ml_backend.settings import BackendSettings
+    from labeler.settings import build
 
     try:
-        BackendSettings.from_env(env)
+        settings = build(BackendSettings, values)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    stableseg = settings.stableseg
+    source = os.path.expanduser(stableseg.model.source)
+    if os.path.isdir(source):
+        stableseg = replace(
+            stableseg, model=stableseg.model.replace(source=os.path.abspath(source))
+        )
+    if stableseg.weights is not None:
+        stableseg = replace(stableseg, weights=stableseg.weights.resolve())
+    root = settings.local_files_document_root
+    return replace(
+        settings,
+        stableseg=stableseg,
+        local_files_document_root=os.path.abspath(root) if root else None,
+    )
 
 
 def _has_gunicorn() -> bool:
@@ -151,17 +148,21 @@ def _uses_cuda(device: str | None) -> bool:
 
 
 def _exec_gunicorn(
-    env: dict[str, str], host: str, port: int, workers: int, threads: int, device: str | None
+    settings: BackendSettings, host: str, port: int, workers: int, threads: int, log_level: str
 ) -> None:
-    """Replace this process with gunicorn. With CUDA every worker loads its own model (CUDA
-    does not survive a fork); on a CPU the model loads once before forking (``--preload``)."""
+    """Replace this process with gunicorn, its workers handed ``settings`` as one JSON object.
+    With CUDA every worker loads its own model (CUDA does not survive a fork); on a CPU the model
+    loads once before forking (``--preload``)."""
     import os
     import sys
+    from dataclasses import replace
 
     from ml_backend import worker
+    from ml_backend.backend_settings import SETTINGS_VARIABLE
 
-    preload = not _uses_cuda(device)
-    env["STABLESEG_WARM_UP"] = "sync" if preload else "background"
+    preload = not _uses_cuda(settings.model.device)
+    settings = replace(settings, warm_up="sync" if preload else "background")
+    env = {**os.environ, SETTINGS_VARIABLE: settings.to_json(), "LOG_LEVEL": log_level.upper()}
     worker_class = "ml_backend.worker.HeadBufferingWorker"
     if not worker.supported():
         worker_class = "gthread"
@@ -186,7 +187,7 @@ def _exec_gunicorn(
         "--timeout",
         "600",
         "--log-level",
-        env["LOG_LEVEL"].lower(),
+        log_level.lower(),
         "--access-logfile",
         "-",
     ]
@@ -195,26 +196,22 @@ def _exec_gunicorn(
     if _gunicorn_has_setting("control_socket_disable"):  # gunicorn >= 25.1: one per $HOME
         args.append("--no-control-socket")
     args.append("ml_backend._wsgi:app")
-    click.echo(f"serving {env['STABLESEG_MODEL']} on http://{host}:{port} (gunicorn)", err=True)
+    click.echo(f"serving {settings.model.source} on http://{host}:{port} (gunicorn)", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, args, env)
 
 
-def _run_dev_server(env: dict[str, str], host: str, port: int) -> None:
+def _run_dev_server(settings: BackendSettings, host: str, port: int, log_level: str) -> None:
     import logging
-    import os
 
-    os.environ.update(env)
     logging.basicConfig(
-        level=env["LOG_LEVEL"],
+        level=log_level.upper(),
         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
     )
     from ml_backend.server import create_app
     from ml_backend.serving import run_dev_server
-    from ml_backend.settings import BackendSettings
 
-    settings = BackendSettings.from_env()
     app = create_app(settings, warm_up=True)
-    click.echo(f"serving {env['STABLESEG_MODEL']} on http://{host}:{port} (dev server)", err=True)
+    click.echo(f"serving {settings.model.source} on http://{host}:{port} (dev server)", err=True)
     run_dev_server(app, host, port, settings.request_timeout)

@@ -39,7 +39,7 @@ from labeler.jobs.tables import (
     sweep_grid,
     table1_markdown,
 )
-from labeler.options import ModelSettings
+from labeler.model_settings import ModelSettings
 
 from .datasets import Dataset, open_dataset
 from .io import Failure, atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes

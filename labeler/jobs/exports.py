@@ -27,39 +27,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 
 from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file
 from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
+from .pseudo_label_options import PseudoLabelOptions
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
-
-
-class ExportOptions(Protocol):
-    """What the exports read of a run's options
-    (:class:`labeler.jobs.pseudo_label.PseudoLabelOptions`)."""
-
-    @property
-    def images_dir(self) -> Path: ...
-
-    @property
-    def out_dir(self) -> Path: ...
-
-    @property
-    def labels(self) -> Sequence[str]: ...
-
-    @property
-    def formats(self) -> Sequence[str]: ...
-
-    @property
-    def preview(self) -> bool: ...
-
-    @property
-    def image_root_url(self) -> str | None: ...
 
 
 def _dumps(value: Any) -> str:
@@ -146,7 +124,7 @@ def make_pieces(
     return Pieces((int(mask.shape[0]), int(mask.shape[1])), coco, labelstudio)
 
 
-def _pieces_from_mask(options: ExportOptions, relative: Path, record: dict) -> Pieces:
+def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """Pieces made again from the stored mask PNG (a run of an older version, or a rerun
     that asks for a format the first run did not), and stored for the next assembly."""
     from PIL import Image
@@ -170,7 +148,7 @@ def _pieces_from_mask(options: ExportOptions, relative: Path, record: dict) -> P
     return pieces
 
 
-def load_pieces(options: ExportOptions, relative: Path, record: dict) -> Pieces:
+def load_pieces(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """The stored pieces of one done image, made from its mask when missing or incomplete."""
     path = pieces_path(options.out_dir, relative)
     pieces = Pieces.parse(path.read_text(encoding="utf-8")) if path.exists() else None
@@ -202,7 +180,7 @@ class _Section:
         shutil.copyfileobj(self.handle, target, _COPY_BUFFER)
 
 
-def assemble_exports(options: ExportOptions, images: Sequence[Path]) -> dict[str, str]:
+def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dict[str, str]:
     """Stream every export of the done ``images`` (sorted order). Returns the output paths.
 
     The result is byte for byte what ``json.dumps`` of the whole COCO dataset, of the whole

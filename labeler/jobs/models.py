@@ -1,5 +1,5 @@
-"""Loading StableSeg from a :class:`~labeler.config.ModelSpec`: one place for every entry point;
-and ``refine``'s trained student as a model of the stage (:class:`StudentSegmenter`).
+"""Loading StableSeg from a :class:`~labeler.model_settings.ModelSpec`: one place for every entry
+point; and ``refine``'s trained student as a model of the stage (:class:`StudentSegmenter`).
 
 ``pseudo-label``, ``refine``, ``benchmark``, the Label Studio backend and Start Training all load
 their model here, so they share the checks done before anything expensive (a local-looking path
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labeler.config import ModelSpec, SegmenterConfig, torch_dtype
+from labeler.model_settings import ModelSpec, SegmenterConfig, torch_dtype
 
 if TYPE_CHECKING:
     from labeler import StableSeg

@@ -22,8 +22,6 @@ rerun labels only the images without a record and assembles the exports again
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import shutil
 import threading
@@ -32,9 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-from labeler.config import ModelSpec, SegmenterConfig
-from labeler.images import DEFAULT_MAX_PIXELS
 
 from .distributed import Distributed
 from .exports import assemble_exports
@@ -51,14 +46,12 @@ from .io import (
 )
 from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
 from .pipeline import Backlog, StageClock, WriterPool, default_workers
+from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("coco", "png", "labelstudio")
-RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
 __all__ = [
@@ -73,45 +66,6 @@ __all__ = [
 
 class NoImagesError(ValueError):
     """The image folder holds no image at all."""
-
-
-@dataclass(frozen=True)
-class PseudoLabelOptions:
-    """A pseudo-label run: the folders and labels, the model and segmenter, and the job's own
-    choices (CRF, formats, previews, ...)."""
-
-    images_dir: Path
-    out_dir: Path
-    labels: list[str]
-    model: ModelSpec = field(default_factory=ModelSpec)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    crf: bool = False
-    formats: tuple[str, ...] = ("coco", "png")
-    student: Path | None = None
-    preview: bool = False
-    image_root_url: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    labels_from_gt: Path | None = None
-    overwrite: bool = False
-    workers: int | None = None  # threads per pool (reading, writing); None: default_workers()
-
-    def signature(self) -> dict[str, Any]:
-        """The settings that change the masks; a rerun into the same OUT_DIR must match."""
-        segmenter = self.segmenter.mask_settings()
-        weights = segmenter.pop("map_weights")
-        if weights is not None:
-            blob = json.dumps(weights, sort_keys=True).encode()
-            segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
-        return {
-            "format": RUN_FORMAT,
-            "images_dir": str(Path(self.images_dir).resolve()),
-            "labels": list(self.labels),
-            "model": str(self.student or self.model.source),
-            "student": self.student is not None,
-            "segmenter": segmenter,
-            "crf": self.crf,
-            "labels_from_gt": str(self.labels_from_gt) if self.labels_from_gt else None,
-        }
 
 
 @dataclass

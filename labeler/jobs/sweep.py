@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from labeler.config import SegmenterConfig, parse_sizes
+from labeler.model_settings import SegmenterConfig, parse_sizes
 
 
 def _sizes(field: str) -> Callable[[str], dict[str, Any]]:

@@ -1,7 +1,7 @@
 """StableSeg+ / StableSeg++ self-training, pure compute (the refine job owns the files).
 
-Modules: ``config`` (every default), ``data`` (augmentation, dataset), ``model`` (DeepLabV3+),
-``loop`` (training), ``student`` (inference: ``load_student``, ``student_segment``),
+Modules: ``trainer_settings`` (every default), ``data`` (augmentation, dataset), ``model``
+(DeepLabV3+), ``loop`` (training), ``student`` (inference: ``load_student``, ``student_segment``),
 ``pseudo`` (pseudo-masks from cached maps, CRF), ``mapweights`` (StableSeg++ weight fit),
 ``cache`` (the attention-map cache format), ``report`` (the plot).
 """
@@ -12,10 +12,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "MapFitConfig": ".config",
-    "RefineOptions": ".config",
-    "PseudoConfig": ".config",
-    "StudentConfig": ".config",
+    "MapFitConfig": ".trainer_settings",
+    "PseudoConfig": ".trainer_settings",
+    "StudentConfig": ".trainer_settings",
     "Student": ".student",
     "load_student": ".student",
     "student_segment": ".student",

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..result import IGNORE
-from .config import StudentConfig
 from .data import PseudoMaskDataset
 from .model import unwrap
+from .trainer_settings import StudentConfig
 
 
 class Progress(Protocol):
@@ -143,7 +143,7 @@ def train_student(
 
     # Drop a last batch too small for BatchNorm; with fewer images than a batch, take them all.
     per_rank = -(-len(dataset) // world)
-    batch_size = min(config.batch_size, per_rank)
+    batch_size = min(config.train_batch_size, per_rank)
     if batch_size < 2:
         raise ValueError(
             f"{len(dataset)} training image(s) over {world} process(es): each process needs "
@@ -168,7 +168,7 @@ def train_student(
             batch_size=batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=config.num_workers,
+            num_workers=config.workers,
             pin_memory=device.type == "cuda",
         )
         train_model.train()

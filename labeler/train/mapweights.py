@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..result import BACKGROUND, IGNORE
-from .config import MapFitConfig
 from .data import resize_mask
+from .trainer_settings import MapFitConfig
 
 _EPS = 1e-8
 

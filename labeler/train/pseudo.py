@@ -25,7 +25,7 @@ from ..background import background_first, label_evidence, probs_to_mask
 from ..crf import dense_crf
 from ..result import IGNORE, MAX_LABELS, share_key
 from ..sar import normalise, weighted_sum
-from .config import PseudoConfig
+from .trainer_settings import PseudoConfig
 
 
 def _tensors(layer_maps: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from labeler.result import BACKGROUND, IGNORE
 
 from ..io import RunMismatchError, atomic_write_bytes, check_run_file, image_bytes, list_images
 from ..pseudo_label import stem_path
-from .options import ImageLabels, RefineOptions
+from ..refine_options import ImageLabels, RefineOptions
 
 RUN_FORMAT = "stableseg-refine/3"
 

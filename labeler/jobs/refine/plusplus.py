@@ -23,7 +23,7 @@ from .files import PoolItem, read_mask, working_rgb, write_mask
 from .workdir import WEIGHTS
 
 if TYPE_CHECKING:
-    from labeler.config import SegmenterConfig
+    from labeler.model_settings import SegmenterConfig
 
     from .workdir import RefineRun
 

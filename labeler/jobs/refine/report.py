@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .options import FIRST_STAGE, STAGES
+from ..refine_options import FIRST_STAGE, STAGES
 from .steps import stage_outputs, stage_parts
 
 REPORT_FORMAT = "stableseg-refine-report/1"

@@ -27,8 +27,8 @@ from ..io import (
     read_json,
     remove_stale_temporaries,
 )
+from ..refine_options import STAGES, RefineOptions
 from .files import PoolItem, check_work_dir, pool_from_folder
-from .options import STAGES, RefineOptions
 from .report import assemble_report
 from .steps import BY_NAME, Step, stage_outputs, steps_of
 from .workdir import IMAGE_LABELS_FILE, STATE_FILE, WEIGHTS, RefineRun

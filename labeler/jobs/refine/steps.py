@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ..refine_options import FIRST_STAGE
 from .cached_maps import pseudo, pseudo_finish
 from .first_stage import stableseg, stableseg_finish
-from .options import FIRST_STAGE
 from .plusplus import fit, plusplus_pseudo, plusplus_pseudo_finish
 from .students import predict, train
 from .workdir import CACHE, WEIGHTS

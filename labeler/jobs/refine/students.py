@@ -38,7 +38,7 @@ def train(run: RefineRun, stage: str) -> dict[str, Any]:
         for item in run.usable
     ]
     dataset = PseudoMaskDataset(
-        sources, config.image_size, config.scale_range, config.flip, config.seed
+        sources, config.crop_size, config.scale_range, config.flip, config.seed
     )
     weights = None if resume is not None else config.encoder_weights
     model = build_student(config.encoder, weights, len(run.labels), seed=config.seed)
@@ -69,7 +69,7 @@ def train(run: RefineRun, stage: str) -> dict[str, Any]:
         shutil.rmtree(temporary, ignore_errors=True)
         model.to("cpu").save_pretrained(str(temporary))
         meta = student_metadata(
-            run.labels, run.options.background, config.image_size, config.encoder
+            run.labels, run.options.background, config.crop_size, config.encoder
         )
         atomic_write_json(temporary / STUDENT_META_FILE, meta, indent=2)
         shutil.rmtree(folder, ignore_errors=True)

@@ -25,8 +25,8 @@ from typing import Any
 from PIL import Image
 
 from ..io import atomic_write_bytes, image_bytes
+from ..refine_options import RefineOptions
 from .files import PoolItem
-from .options import RefineOptions
 from .run import RefineResult, run_refine
 from .workdir import WEIGHTS
 

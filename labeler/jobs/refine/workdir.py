@@ -38,8 +38,8 @@ from labeler.subsets import LabelSubset
 from ..distributed import Distributed
 from ..io import read_json
 from ..pipeline import default_workers
+from ..refine_options import RefineOptions
 from .files import PoolItem, read_mask
-from .options import RefineOptions
 
 CACHE = "cache"
 """Folder of the attention-map cache, one ``<key>.safetensors`` per image (``<key>.skip`` for an

@@ -1,18 +1,20 @@
 """What a refine run is asked to do: the pool's labels, the model and segmenter, the stages, and
-the trainer's own configurations."""
+the trainer's own configurations. The run's own choices are declared here
+(:func:`labeler.settings.setting`); with the trainer's groups they make ``refine``'s options."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from labeler.config import ModelSpec, SegmenterConfig
 from labeler.labels import validate_labels
-from labeler.train.config import MapFitConfig, PseudoConfig, StudentConfig
+from labeler.model_settings import ModelSpec, SegmenterConfig
+from labeler.settings import group, setting, settings_group
+from labeler.train.trainer_settings import MapFitConfig, PseudoConfig, StudentConfig
 
 FIRST_STAGE = "stableseg"
 """StableSeg's pseudo-masks and the attention-map cache: every run starts with it."""
@@ -22,6 +24,25 @@ PLUSPLUS_MASKS = ("exact", "cache")
 """How StableSeg++ makes its pseudo-masks: ``exact`` runs StableSeg with the learned weights
 (the UNet again, in batches); ``cache`` rebuilds them from the stage-1 cache (no UNet pass, but
 the cached self-attention maps were seeded by the uniform weights' CA map)."""
+_STORED_STUDENT_NAMES = {"crop_size": "image_size", "train_batch_size": "batch_size"}
+"""run.json keeps the student fields' earlier names, so runs started by earlier versions resume."""
+
+
+def parse_stages(value: str) -> tuple[str, ...]:
+    """``"stableseg,plus,plusplus"`` -> the stages, checked (``stableseg`` always runs)."""
+    names = tuple(s.strip() for s in value.split(",") if s.strip())
+    valid = (FIRST_STAGE, *STAGES)
+    bad = [s for s in names if s not in valid]
+    if bad or not names:
+        raise ValueError(
+            f"unknown stage(s) {bad or value!r}; give a comma-separated subset of "
+            f"{', '.join(valid)}"
+        )
+    return names
+
+
+def _format_stages(stages: tuple[str, ...]) -> str:
+    return ",".join(dict.fromkeys((FIRST_STAGE, *stages)))
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,7 @@ class ImageLabels:
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
+@settings_group("refine")
 @dataclass(frozen=True)
 class RefineOptions:
     """Everything a refine run needs besides the pool and the work dir.
@@ -71,7 +93,8 @@ class RefineOptions:
             same device (one GPU per process under DDP).
         stages: which of :data:`STAGES` run after the StableSeg pseudo-masks (always run);
             empty (or ``("stableseg",)``) for that first stage alone.
-        segmenter, pseudo, student, map_fit: the parts' own configurations.
+        segmenter, pseudo, student, map_fit: the parts' own configurations; the weight fit
+            takes the student's seed (one seed a run, ``--seed``).
         val_gt: ground-truth mask folder, for mIoU in the report only.
         image_labels: per-image labels (``--labels-from-gt`` / ``--image-labels``); None: every
             image is prompted with every label.
@@ -81,18 +104,46 @@ class RefineOptions:
 
     labels: tuple[str, ...]
     model: ModelSpec = field(default_factory=ModelSpec)
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = field(
+        default=STAGES,
+        metadata=setting(
+            "Stages to run: stableseg (pseudo-masks and attention cache; always runs first), "
+            "plus (CRF + DeepLabV3+), plusplus (learned map weights + DeepLabV3+ again).",
+            parse=parse_stages,
+            format=_format_stages,
+            metavar="STAGES",
+        ),
+    )
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    map_fit: MapFitConfig = field(default_factory=MapFitConfig)
-    val_gt: Path | None = None
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig, metadata=group())
+    student: StudentConfig = field(default_factory=StudentConfig, metadata=group())
+    map_fit: MapFitConfig = field(default_factory=MapFitConfig, metadata=group())
+    val_gt: Path | None = field(
+        default=None,
+        metadata=setting(
+            "Ground-truth masks (<relative path>.png, 0 background, k = k-th label, 255 ignore) "
+            "to report mIoU after each stage; never used for training. Given to a rerun of a "
+            "finished run, it scores that run without training anything again.",
+            path="dir",
+            exists=True,
+        ),
+    )
     image_labels: ImageLabels | None = None
-    plusplus_masks: str = "exact"
+    plusplus_masks: str = field(
+        default=PLUSPLUS_MASKS[0],
+        metadata=setting(
+            "StableSeg++ pseudo-masks: exact runs StableSeg with the learned weights (one more "
+            "UNet pass per image); cache rebuilds them from the stage-1 cache (no UNet, but SAR "
+            "keeps the uniform weights' seed). The report counts the pixels the two disagree on "
+            "(exact).",
+            choices=PLUSPLUS_MASKS,
+        ),
+    )
     progress: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(validate_labels(list(self.labels))))
+        object.__setattr__(self, "map_fit", replace(self.map_fit, seed=self.student.seed))
         unknown = [s for s in self.stages if s not in (FIRST_STAGE, *STAGES)]
         if unknown:
             raise ValueError(
@@ -132,7 +183,9 @@ class RefineOptions:
                     "segmenter": self.segmenter.mask_settings(),
                     "pseudo": asdict(self.pseudo),
                     "student": {
-                        k: v for k, v in asdict(self.student).items() if k != "num_workers"
+                        _STORED_STUDENT_NAMES.get(k, k): v
+                        for k, v in asdict(self.student).items()
+                        if k != "workers"
                     },
                     "map_fit": asdict(self.map_fit),
                     "image_labels": self.image_labels.settings() if self.image_labels else None,

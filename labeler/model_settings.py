@@ -1,17 +1,23 @@
 """Every default of the method in one place: the segmenter's settings and the model to load.
 
 :class:`SegmenterConfig` says how masks are made; :class:`ModelSpec` says which weights run
-where. Every entry point (``pseudo-label``, ``refine``, ``serve``, Start Training, ``benchmark``)
-carries these two objects unchanged from its options to the model; :mod:`labeler.options` is the
-one table that exposes their fields as command-line options and environment variables.
+where; :class:`ModelSettings` carries both, with the learned map-weights file. Every entry point
+(``pseudo-label``, ``refine``, ``serve``, Start Training, ``benchmark``, ``label-studio predict``)
+carries them unchanged from its options to the model. Each field that a user sets is declared
+here once (:func:`labeler.settings.setting`): its flag, its ``STABLESEG_*`` variable, its help
+and the docs table are made from that declaration.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
+
+from .settings import group, integer, number, setting, settings_group
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The maintained copy of SD 1.5 (``runwayml/stable-diffusion-v1-5`` left the hub in 2024)."""
@@ -103,6 +109,15 @@ def select_sizes(selection: SizeSelection, available: Iterable[int], default: in
     return set(selection)
 
 
+ENV_PREFIX = "STABLESEG_"
+"""The prefix of the model's and segmenter's variables (``STABLESEG_IMAGE_SIZE``)."""
+
+
+def _format_sizes(value: Any) -> str:
+    return value if isinstance(value, str) else ",".join(str(v) for v in value)
+
+
+@settings_group("Segmenter", env_prefix=ENV_PREFIX)
 @dataclass(frozen=True)
 class SegmenterConfig:
     """How StableSeg turns one UNet pass into masks.
@@ -132,17 +147,89 @@ class SegmenterConfig:
             selections above are ignored.
     """
 
-    image_size: int = 512
-    timestep: int = 1
-    cross_sizes: SizeSelection = None
-    self_sizes: SizeSelection = None
-    use_sar: bool = True
-    self_only: bool = False
-    prompt_template: str = "{}"
+    image_size: int = field(
+        default=512,
+        metadata=setting(
+            "Side the model sees, a multiple of the VAE factor (512 for SD 1.x/2.x base, 768 for "
+            "SD 2.x v-models, 64 for demo/model).",
+            parse=integer(minimum=1),
+            metavar="PX",
+        ),
+    )
+    timestep: int = field(
+        default=1,
+        metadata=setting(
+            "UNet timestep of the single pass; no noise is added (the paper's Table 4).",
+            parse=integer(minimum=0),
+            metavar="T",
+        ),
+    )
+    cross_sizes: SizeSelection = field(
+        default=None,
+        metadata=setting(
+            "Cross-attention map sides averaged into the class map: a list like 8,16, <=32 for "
+            "every side up to 32 (the paper's Table 3), or all.",
+            parse=parse_sizes,
+            format=_format_sizes,
+            metavar="SIZES",
+            default_text="the two smallest",
+        ),
+    )
+    self_sizes: SizeSelection = field(
+        default=None,
+        metadata=setting(
+            "Self-attention sides used by Self-Attention Refinement, same notation.",
+            parse=parse_sizes,
+            format=_format_sizes,
+            metavar="SIZES",
+            default_text="all",
+        ),
+    )
+    use_sar: bool = field(
+        default=True,
+        metadata=setting(
+            "Self-Attention Refinement; --no-sar uses the cross-attention map alone (Table 2).",
+            name="sar",  # the field keeps its name: run files and model versions store it
+            switch=True,
+            negatable=True,
+        ),
+    )
+    self_only: bool = field(
+        default=False,
+        metadata=setting(
+            "Take the final map from SAR alone (the cross-attention map only seeds it; Table 2).",
+            switch=True,
+        ),
+    )
+    prompt_template: str = field(
+        default="{}",
+        metadata=setting("The prompt, with {} where the label names go, e.g. 'a photo of {}'."),
+    )
     label_separator: str = ", "
-    background_threshold: float | None = None
-    background_prompt: str | None = None
-    batch_size: int = 4
+    background_threshold: float | None = field(
+        default=None,
+        metadata=setting(
+            "Pixels where their label's cross-attention is below this fraction of the label's "
+            "strongest in the image are background (0): the same meaning for any number of "
+            "labels.",
+            parse=number(0.0, 1.0),
+            metavar="0..1",
+            default_text="every pixel gets a label",
+        ),
+    )
+    background_prompt: str | None = field(
+        default=None,
+        metadata=setting(
+            'A word prompted after the labels as one more class (e.g. "background"); the pixels '
+            "it wins are background (0).",
+            metavar="WORD",
+            default_text="none",
+        ),
+    )
+    batch_size: int = field(
+        default=4,
+        metadata=setting("Images per UNet pass.", parse=integer(minimum=1), metavar="N"),
+    )
     map_weights: Mapping[str, float] | None = field(default=None, compare=True)
 
     def __post_init__(self) -> None:
@@ -193,6 +280,7 @@ class SegmenterConfig:
         return data
 
 
+@settings_group("Model", env_prefix=ENV_PREFIX)
 @dataclass(frozen=True)
 class ModelSpec:
     """Which Stable Diffusion to load, and where and how it runs.
@@ -205,10 +293,41 @@ class ModelSpec:
         compile: ``torch.compile`` the UNet (worth it for long runs on a GPU).
     """
 
-    source: str = DEFAULT_MODEL
-    device: str | None = None
-    dtype: str | None = None
-    compile: bool = False
+    source: str = field(
+        default=DEFAULT_MODEL,
+        metadata=setting(
+            "Stable Diffusion 1.x/2.x in diffusers format: a hub id or a local folder with "
+            "model_index.json (demo/model is the offline demo).",
+            name="model",  # every command's --model (DESIGN.md); the field says what it holds
+            metavar="ID|DIR",
+            aliases=("MODEL_DIR",),  # Label Studio's Docker convention
+        ),
+    )
+    device: str | None = field(
+        default=None,
+        metadata=setting(
+            "torch device, e.g. cuda, cuda:1, cpu.",
+            metavar="DEVICE",
+            default_text="cuda when present, else cpu",
+        ),
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata=setting(
+            "Weights and activations dtype.",
+            parse=parse_dtype,
+            choices=("auto", *DTYPES),
+            metavar="|".join(("auto", *DTYPES)),
+            default_text="auto = fp16 on CUDA, fp32 on CPU",
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=setting(
+            "torch.compile the UNet (slower start, faster long runs on a GPU).",
+            switch=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -220,3 +339,57 @@ class ModelSpec:
 
     def replace(self, **changes: Any) -> ModelSpec:
         return replace(self, **changes)
+
+
+@settings_group("Learned map weights", env_prefix=ENV_PREFIX)
+@dataclass(frozen=True)
+class ModelSettings:
+    """What every entry point that runs StableSeg carries: the model and the segmenter.
+
+    Attributes:
+        model: which weights run where.
+        segmenter: how masks are made (with the learned map weights, when given).
+        weights: the map-weights file the segmenter's ``map_weights`` came from, or None.
+        weights_stamp: (resolved path, mtime in ns, size) of that file when it was read, so a
+            process handed these settings knows whether the file changed since (the backend's
+            model cache reads it again then, and only then).
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec, metadata=group())
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig, metadata=group())
+    weights: Path | None = field(
+        default=None,
+        metadata=setting(
+            "Learned attention-map weights from `refine` (W/plusplus/weights.safetensors).",
+            path="file",
+            exists=True,
+        ),
+    )
+    weights_stamp: tuple[str, int, int] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_settings(
+        cls,
+        model: ModelSpec | None = None,
+        segmenter: SegmenterConfig | None = None,
+        weights: str | os.PathLike[str] | None = None,
+    ) -> ModelSettings:
+        """The settings with the weights file, when given, read into ``segmenter.map_weights``.
+
+        Raises:
+            ValueError: the file cannot be read, naming it.
+        """
+        model = model or ModelSpec()
+        segmenter = segmenter or SegmenterConfig()
+        if weights is None:
+            return cls(model, segmenter)
+        from .weights import load_map_weights
+
+        weights = Path(os.path.expanduser(str(weights)))
+        try:
+            stat = os.stat(weights)
+            loaded = load_map_weights(weights)
+        except OSError as err:
+            raise ValueError(f"weights {str(weights)!r}: {err.strerror or err}") from None
+        stamp = (str(weights.resolve()), stat.st_mtime_ns, stat.st_size)
+        return cls(model, segmenter.replace(map_weights=loaded), weights, stamp)

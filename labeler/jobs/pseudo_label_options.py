@@ -1,0 +1,132 @@
+"""What a ``pseudo-label`` run is asked to do: the folders and labels, the model and segmenter,
+and the job's own choices, declared here (:func:`labeler.settings.setting`): ``pseudo-label``'s
+options are made from them. Its own module so that the job (:mod:`labeler.jobs.pseudo_label`) and
+the exports it streams (:mod:`labeler.jobs.exports`) both import it without importing each
+other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.model_settings import ModelSpec, SegmenterConfig
+from labeler.settings import integer, setting, settings_group
+
+from .pipeline import MAX_DEFAULT_WORKERS
+
+FORMATS = ("coco", "png", "labelstudio")
+RUN_FORMAT = "stableseg-pseudo-label/2"
+
+
+@settings_group("pseudo-label")
+@dataclass(frozen=True)
+class PseudoLabelOptions:
+    """A pseudo-label run: the folders and labels, the model and segmenter, and the job's own
+    choices (CRF, formats, previews, ...)."""
+
+    images_dir: Path
+    out_dir: Path = field(
+        metadata=setting(
+            "Output folder (created). Rerunning into it resumes the run.",
+            name="out",  # --out; the field says what it holds
+            path="dir",
+        )
+    )
+    labels: list[str]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    crf: bool = field(
+        default=False,
+        metadata=setting(
+            "Refine the probabilities with DenseCRF (pydensecrf2) before the argmax.",
+            switch=True,
+            negatable=True,
+        ),
+    )
+    formats: tuple[str, ...] = field(
+        default=("coco", "png"),
+        metadata=setting(
+            "Exports to write (repeatable). PNG masks are always written: they are the "
+            "per-image record that resuming relies on.",
+            name="format",  # --format coco --format png; the field holds them all
+            choices=FORMATS,
+            multiple=True,
+        ),
+    )
+    student: Path | None = field(
+        default=None,
+        metadata=setting(
+            "Label with a DeepLabV3+ trained by `refine` (e.g. W/plusplus/student) instead of "
+            "StableSeg.",
+            path="dir",
+            exists=True,
+        ),
+    )
+    preview: bool = field(
+        default=False,
+        metadata=setting(
+            "Write overlays to OUT/preview/ and a gallery OUT/preview/index.html.", switch=True
+        ),
+    )
+    image_root_url: str | None = field(
+        default=None,
+        metadata=setting(
+            "How Label Studio reaches IMAGES_DIR, joined with each relative path in "
+            "labelstudio.json.",
+            metavar="URL",
+            default_text="/data/local-files/?d=<IMAGES_DIR name>",
+        ),
+    )
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata=setting(
+            "Images with more pixels are skipped (listed in skipped.jsonl).",
+            parse=integer(minimum=1),
+            metavar="PIXELS",
+        ),
+    )
+    labels_from_gt: Path | None = field(
+        default=None,
+        metadata=setting(
+            "Ground-truth mask folder: prompt each image with only the labels present in its "
+            "ground truth (the paper's evaluation protocol). Mask ids stay global.",
+            path="dir",
+            exists=True,
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=setting("Discard a previous run in --out and start again.", switch=True),
+    )
+    workers: int | None = field(
+        default=None,
+        metadata=setting(
+            "Threads that read images, and threads that write outputs (each pool); the model "
+            "runs on the main thread.",
+            parse=integer(minimum=1),
+            metavar="N",
+            default_text=f"the CPUs this process may use, at most {MAX_DEFAULT_WORKERS}",
+        ),
+    )
+
+    def signature(self) -> dict[str, Any]:
+        """The settings that change the masks; a rerun into the same OUT_DIR must match."""
+        segmenter = self.segmenter.mask_settings()
+        weights = segmenter.pop("map_weights")
+        if weights is not None:
+            blob = json.dumps(weights, sort_keys=True).encode()
+            segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
+        return {
+            "format": RUN_FORMAT,
+            "images_dir": str(Path(self.images_dir).resolve()),
+            "labels": list(self.labels),
+            "model": str(self.student or self.model.source),
+            "student": self.student is not None,
+            "segmenter": segmenter,
+            "crf": self.crf,
+            "labels_from_gt": str(self.labels_from_gt) if self.labels_from_gt else None,
+        }
