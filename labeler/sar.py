@@ -43,6 +43,21 @@ def label_attention_from_tokens(
     return torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
 
 
+def renormalise_over_labels(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention probability map (CAPM) of one layer from its labels' attention.
+
+    Args:
+        attention: (B, C, h, w) each label's attention (:func:`label_attention_from_tokens`).
+
+    Returns:
+        (CAPM, share): the (B, C, h, w) attention renormalised over labels, so each pixel holds
+        a distribution over the C labels, and the (B, 1, h, w) share of the attention all the
+        labels got together (``attention = CAPM * share``).
+    """
+    share = attention.sum(dim=1, keepdim=True)  # (B, 1, h, w)
+    return attention / share.clamp(min=EPS), share
+
+
 def class_maps_from_tokens(
     token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
 ) -> torch.Tensor:
@@ -50,7 +65,7 @@ def class_maps_from_tokens(
     attention (:func:`label_attention_from_tokens`) renormalised over labels so each pixel
     holds a distribution over the C labels."""
     attention = label_attention_from_tokens(token_maps, token_class, num_classes, num_prompts)
-    return attention / attention.sum(dim=1, keepdim=True).clamp(min=EPS)
+    return renormalise_over_labels(attention)[0]
 
 
 def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -120,6 +135,60 @@ def weighted_sum(
         term = weight * layer_map.float()
         total = term if total is None else total + term
     return total
+
+
+def cross_attention_map(
+    layer_maps: Mapping[str, torch.Tensor],
+    cross_weights: Mapping[str, float],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Step 4: the CAPM, ``sum_l w_l * CAPM_l`` over the cross-attention layers at ``size``.
+
+    Args:
+        layer_maps: layer -> (B, C, h, w) class maps; layers without a cross weight are skipped.
+        cross_weights: cross-attention layer -> weight.
+        size: the common size (S, S).
+
+    Returns:
+        (B, C, S, S) the weighted sum (not renormalised).
+    """
+    capm = weighted_sum(layer_maps, cross_weights, size)  # (B, C, S, S)
+    if capm is None:
+        raise ValueError(
+            f"no cross-attention map has weight: layers {sorted(layer_maps)[:5]}, "
+            f"weights {dict(list(cross_weights.items())[:5])}"
+        )
+    return capm
+
+
+def final_scores(
+    capm: torch.Tensor,
+    layer_maps: Mapping[str, torch.Tensor],
+    self_weights: Mapping[str, float],
+    size: tuple[int, int],
+    self_only: bool = False,
+) -> torch.Tensor:
+    """Step 7: the final map ``P = CAPM + SAPM`` at the common size, not yet normalised.
+
+    The SAPM is ``sum_l w_l * SAPM_l`` over the self-attention layers. Without SAR (no self
+    layer has weight) P is the CAPM alone; with ``self_only`` it is the SAPM alone (the CAPM
+    only seeded SAR).
+
+    Args:
+        capm: (B, C, S, S) from :func:`cross_attention_map`.
+        layer_maps: layer -> (B, C, h, w) class maps; layers without a self weight are skipped.
+        self_weights: self-attention layer -> weight.
+        size: the common size (S, S).
+
+    Returns:
+        (B, C, S, S) the final scores.
+    """
+    sapm = weighted_sum(layer_maps, self_weights, size)  # (B, C, S, S) or None
+    if sapm is None:
+        return capm
+    if self_only:
+        return sapm
+    return capm + sapm
 
 
 def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
