@@ -58,16 +58,6 @@ def renormalise_over_labels(attention: torch.Tensor) -> tuple[torch.Tensor, torc
     return attention / share.clamp(min=EPS), share
 
 
-def class_maps_from_tokens(
-    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
-) -> torch.Tensor:
-    """Cross-attention probability map (CAPM) of one layer: (B, C, h, w), each label's
-    attention (:func:`label_attention_from_tokens`) renormalised over labels so each pixel
-    holds a distribution over the C labels."""
-    attention = label_attention_from_tokens(token_maps, token_class, num_classes, num_prompts)
-    return renormalise_over_labels(attention)[0]
-
-
 def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The CA map at a layer's grid size: (B, C, S, S) class probabilities -> (B, h, w) labels.
 
