@@ -104,6 +104,15 @@ def self_attention_class_probs(
     return logits.softmax(dim=-1).mean(dim=1).transpose(1, 2)  # (B, C, N)
 
 
+def at_common_size(layer_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) one layer's map -> (B, C, S, S) float32 at the common ``size`` (bilinear)."""
+    if tuple(layer_map.shape[-2:]) != tuple(size):
+        layer_map = F.interpolate(
+            layer_map.float(), size=size, mode="bilinear", align_corners=False
+        )
+    return layer_map.float()
+
+
 def weighted_sum(
     maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]
 ) -> torch.Tensor | None:
@@ -118,11 +127,7 @@ def weighted_sum(
         weight = float(weights.get(name, 0.0))
         if weight == 0.0:
             continue
-        if tuple(layer_map.shape[-2:]) != tuple(size):
-            layer_map = F.interpolate(
-                layer_map.float(), size=size, mode="bilinear", align_corners=False
-            )
-        term = weight * layer_map.float()
+        term = weight * at_common_size(layer_map, size)  # (B, C, S, S)
         total = term if total is None else total + term
     return total
 
