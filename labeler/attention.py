@@ -1,14 +1,11 @@
 """Attention processors that record what StableSeg reads from one UNet pass.
 
 Recording processors are installed through the UNet's public ``set_attn_processor`` hook, only on
-the layers that are needed; nothing of the model's ``forward`` is patched. Two ways:
-
-* :class:`AttentionRecorder` (what the segmenter uses): installed once per UNet and kept, so a
-  run pays for the installation once and a compiled UNet is not retraced every batch. Each pass
-  switches on the layers it reads; between passes every recording processor is a plain attention
-  processor. :meth:`AttentionRecorder.restore` puts the UNet's own processors back.
-* :func:`record_attention`: a context manager that installs processors for one block and
-  restores the originals on exit (also when the pass raises).
+the layers that are needed; nothing of the model's ``forward`` is patched.
+:class:`AttentionRecorder` installs them once per UNet and keeps them, so a run pays for the
+installation once and a compiled UNet is not retraced every batch. Each pass switches on the
+layers it reads; between passes every recording processor is a plain attention processor.
+:meth:`AttentionRecorder.restore` puts the UNet's own processors back.
 
 * A cross-attention layer keeps the probabilities of the label tokens only, averaged over heads:
   ``softmax(Q K^T * scale)`` is computed explicitly over the text context (77 tokens), which is
@@ -23,7 +20,7 @@ import math
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,30 +237,6 @@ class RecordingAttnProcessor:
             batch, -1, height, width
         )  # (B, T, h, w)
         return torch.matmul(probs.to(value.dtype), value)  # (B, h, N, d)
-
-
-@contextmanager
-def record_attention(
-    unet: torch.nn.Module, layers: Iterable[LayerInfo], store: AttentionStore | None = None
-) -> Iterator[AttentionStore]:
-    """Install recording processors on ``layers`` for the duration of the block.
-
-    The UNet's previous processors are restored on exit, whether the block succeeds or raises.
-    """
-    store = store if store is not None else AttentionStore()
-    original = dict(unet.attn_processors)
-    replaced = dict(original)
-    for layer in layers:
-        key = f"{layer.name}.processor"
-        if key not in replaced:
-            raise KeyError(f"{layer.name!r} is not an attention layer of this UNet")
-        replaced[key] = RecordingAttnProcessor(store, layer)
-    # set_attn_processor pops entries from the dict it is given: hand it copies.
-    unet.set_attn_processor(replaced)
-    try:
-        yield store
-    finally:
-        unet.set_attn_processor(dict(original))
 
 
 class AttentionRecorder:

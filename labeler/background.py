@@ -24,10 +24,12 @@ exactly the mask of the rules, so CRF refines the background like any other clas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
-from .sar import EPS
+from .sar import EPS, weighted_sum
 
 
 def label_evidence(attention: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,36 @@ def label_evidence(attention: torch.Tensor) -> torch.Tensor:
     its attention over its own maximum in the image, in [0, 1]."""
     peak = attention.flatten(2).amax(dim=2).clamp(min=EPS)  # (B, C)
     return attention / peak[:, :, None, None]
+
+
+def layers_evidence(
+    attention: Mapping[str, torch.Tensor],
+    cross_weights: Mapping[str, float],
+    size: tuple[int, int],
+    num_labels: int,
+) -> torch.Tensor:
+    """Every label's evidence at the common size from the cross layers' label attention.
+
+    ``A_c`` is the weighted sum of the layers' attention (before it is renormalised over the
+    labels), bilinear to ``size``; the evidence is :func:`label_evidence` of it.
+
+    Args:
+        attention: cross layer -> (B, C', h, w) the attention each prompted class got.
+        cross_weights: cross layer -> weight; layers missing or with weight 0 are skipped.
+        size: the common size (S, S).
+        num_labels: the first ``num_labels`` classes are the labels (a background prompt's
+            channel, last, has no evidence).
+
+    Returns:
+        (B, num_labels, S, S) evidence in [0, 1].
+    """
+    total = weighted_sum(attention, cross_weights, size)  # (B, C', S, S)
+    if total is None:
+        raise ValueError(
+            f"no cross-attention map has weight: layers {sorted(attention)[:5]}, "
+            f"weights {dict(list(cross_weights.items())[:5])}"
+        )
+    return label_evidence(total[:, :num_labels])
 
 
 def winner_to_mask(

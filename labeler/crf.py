@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .result import IGNORE, SegmentationResult, mask_dtype
+from .result import SegmentationResult
 
 PROB_FLOOR = 1e-5  # probabilities are clipped to this before taking -log
 
@@ -111,30 +111,6 @@ def dense_crf(
     )
     refined = np.array(crf.inference(config.iterations), dtype=np.float32)  # (C, H*W)
     return refined.reshape(num_classes, height, width)
-
-
-def crf_mask(
-    image_rgb: np.ndarray,
-    probs: np.ndarray,
-    config: CRFConfig | None = None,
-    uncertain_threshold: float | None = None,
-) -> np.ndarray:
-    """(H, W) mask of the CRF-refined probabilities: label ids ``argmax + 1`` (1..C).
-
-    Pixels whose refined best probability is below ``uncertain_threshold`` become 255
-    (ignore), as StableSeg+ does before training; None keeps every pixel. The mask is uint8 for
-    up to 254 classes and uint16 beyond.
-    """
-    if uncertain_threshold is not None and not 0.0 <= uncertain_threshold <= 1.0:
-        raise ValueError(
-            f"crf_mask: uncertain_threshold must be in [0, 1] or None, got {uncertain_threshold}"
-        )
-    refined = dense_crf(image_rgb, probs, config)  # (C, H, W)
-    dtype = mask_dtype(refined.shape[0])
-    mask = (refined.argmax(axis=0) + 1).astype(dtype)  # (H, W)
-    if uncertain_threshold is not None:
-        mask[refined.max(axis=0) < uncertain_threshold] = IGNORE
-    return mask
 
 
 def crf_segmentation(

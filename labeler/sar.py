@@ -43,14 +43,19 @@ def label_attention_from_tokens(
     return torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
 
 
-def class_maps_from_tokens(
-    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
-) -> torch.Tensor:
-    """Cross-attention probability map (CAPM) of one layer: (B, C, h, w), each label's
-    attention (:func:`label_attention_from_tokens`) renormalised over labels so each pixel
-    holds a distribution over the C labels."""
-    attention = label_attention_from_tokens(token_maps, token_class, num_classes, num_prompts)
-    return attention / attention.sum(dim=1, keepdim=True).clamp(min=EPS)
+def renormalise_over_labels(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention probability map (CAPM) of one layer from its labels' attention.
+
+    Args:
+        attention: (B, C, h, w) each label's attention (:func:`label_attention_from_tokens`).
+
+    Returns:
+        (CAPM, share): the (B, C, h, w) attention renormalised over labels, so each pixel holds
+        a distribution over the C labels, and the (B, 1, h, w) share of the attention all the
+        labels got together (``attention = CAPM * share``).
+    """
+    share = attention.sum(dim=1, keepdim=True)  # (B, 1, h, w)
+    return attention / share.clamp(min=EPS), share
 
 
 def ca_labels_at(capm: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -99,6 +104,15 @@ def self_attention_class_probs(
     return logits.softmax(dim=-1).mean(dim=1).transpose(1, 2)  # (B, C, N)
 
 
+def at_common_size(layer_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) one layer's map -> (B, C, S, S) float32 at the common ``size`` (bilinear)."""
+    if tuple(layer_map.shape[-2:]) != tuple(size):
+        layer_map = F.interpolate(
+            layer_map.float(), size=size, mode="bilinear", align_corners=False
+        )
+    return layer_map.float()
+
+
 def weighted_sum(
     maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]
 ) -> torch.Tensor | None:
@@ -113,13 +127,63 @@ def weighted_sum(
         weight = float(weights.get(name, 0.0))
         if weight == 0.0:
             continue
-        if tuple(layer_map.shape[-2:]) != tuple(size):
-            layer_map = F.interpolate(
-                layer_map.float(), size=size, mode="bilinear", align_corners=False
-            )
-        term = weight * layer_map.float()
+        term = weight * at_common_size(layer_map, size)  # (B, C, S, S)
         total = term if total is None else total + term
     return total
+
+
+def cross_attention_map(
+    layer_maps: Mapping[str, torch.Tensor],
+    cross_weights: Mapping[str, float],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Step 4: the CAPM, ``sum_l w_l * CAPM_l`` over the cross-attention layers at ``size``.
+
+    Args:
+        layer_maps: layer -> (B, C, h, w) class maps; layers without a cross weight are skipped.
+        cross_weights: cross-attention layer -> weight.
+        size: the common size (S, S).
+
+    Returns:
+        (B, C, S, S) the weighted sum (not renormalised).
+    """
+    capm = weighted_sum(layer_maps, cross_weights, size)  # (B, C, S, S)
+    if capm is None:
+        raise ValueError(
+            f"no cross-attention map has weight: layers {sorted(layer_maps)[:5]}, "
+            f"weights {dict(list(cross_weights.items())[:5])}"
+        )
+    return capm
+
+
+def final_scores(
+    capm: torch.Tensor,
+    layer_maps: Mapping[str, torch.Tensor],
+    self_weights: Mapping[str, float],
+    size: tuple[int, int],
+    self_only: bool = False,
+) -> torch.Tensor:
+    """Step 7: the final map ``P = CAPM + SAPM`` at the common size, not yet normalised.
+
+    The SAPM is ``sum_l w_l * SAPM_l`` over the self-attention layers. Without SAR (no self
+    layer has weight) P is the CAPM alone; with ``self_only`` it is the SAPM alone (the CAPM
+    only seeded SAR).
+
+    Args:
+        capm: (B, C, S, S) from :func:`cross_attention_map`.
+        layer_maps: layer -> (B, C, h, w) class maps; layers without a self weight are skipped.
+        self_weights: self-attention layer -> weight.
+        size: the common size (S, S).
+
+    Returns:
+        (B, C, S, S) the final scores.
+    """
+    sapm = weighted_sum(layer_maps, self_weights, size)  # (B, C, S, S) or None
+    if sapm is None:
+        return capm
+    if self_only:
+        return sapm
+    return capm + sapm
 
 
 def normalise(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -14,18 +14,19 @@ import numpy as np
 import torch
 
 from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attention_layers
-from .background import label_evidence
+from .background import layers_evidence
 from .finish import BAND_BYTES, finish_scores
 from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
 from .model_settings import SegmenterConfig, SizeSelection, select_sizes
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (
-    EPS,
     ca_labels_at,
+    cross_attention_map,
+    final_scores,
     label_attention_from_tokens,
+    renormalise_over_labels,
     self_attention_class_probs,
-    weighted_sum,
 )
 
 
@@ -356,14 +357,15 @@ class StableSeg:
             attention[name] = label_attention_from_tokens(
                 token_maps, prompts.token_class, num_classes, num_prompts
             )  # (B, C, h, w) before renormalisation
-            shares[name] = attention[name].sum(dim=1, keepdim=True)  # (B, 1, h, w)
-            layer_maps[name] = attention[name] / shares[name].clamp(min=EPS)  # CAPM of the layer
-        capm = weighted_sum(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
+            # CAPM of the layer (B, C, h, w) and the labels' share of its attention (B, 1, h, w)
+            layer_maps[name], shares[name] = renormalise_over_labels(attention[name])
+        capm = cross_attention_map(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
         evidence = None
         if self.config.background_threshold is not None:
             num_labels = num_classes - (self.config.background_prompt is not None)
-            labels_attention = weighted_sum(attention, plan.cross, plan.common_size)
-            evidence = label_evidence(labels_attention[:, :num_labels])  # (B, labels, S, S)
+            evidence = layers_evidence(
+                attention, plan.cross, plan.common_size, num_labels
+            )  # (B, labels, S, S)
         del attention
 
         sizes = {layer.name: layer.size for layer in plan.layers}
@@ -384,13 +386,9 @@ class StableSeg:
             del query, key
             layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
 
-        sapm = weighted_sum(layer_maps, plan.self_, plan.common_size)
-        if sapm is None:
-            final = capm
-        elif self.config.self_only:
-            final = sapm
-        else:
-            final = capm + sapm
+        final = final_scores(
+            capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
+        )  # (B, C, S, S)
         return _Pass(final=final, layer_maps=layer_maps, evidence=evidence, shares=shares)
 
     @torch.inference_mode()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from labeler.train.config import PseudoConfig
 
-from labeler.crf import CRFConfig, crf_mask, dense_crf
+from labeler.crf import CRFConfig, dense_crf
+from labeler.train.pseudo import pseudo_mask
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed")
 
@@ -34,7 +36,7 @@ def _scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_boundary_moves_to_the_image_edge() -> None:
     image, probs, truth = _scene()
     before = probs.argmax(axis=0) + 1  # (H, W)
-    after = crf_mask(image, probs)
+    after = dense_crf(image, probs).argmax(axis=0) + 1  # (H, W)
     agreement_before = (before == truth).mean()
     agreement_after = (after == truth).mean()
     assert agreement_before < 0.9  # the input really is off by several pixels
@@ -66,12 +68,13 @@ def test_uncertain_pixels_become_ignore() -> None:
     image, probs, _ = _scene(seed=3)
     refined = dense_crf(image, probs)
     threshold = float(np.quantile(refined.max(axis=0), 0.2))
-    mask = crf_mask(image, probs, uncertain_threshold=threshold)
+    mask = pseudo_mask(image, probs, PseudoConfig(uncertain_threshold=threshold))
     expected_ignored = refined.max(axis=0) < threshold
     assert expected_ignored.any()
     np.testing.assert_array_equal(mask == 255, expected_ignored)
     assert set(np.unique(mask[~expected_ignored])) <= {1, 2}
-    assert not (crf_mask(image, probs) == 255).any()  # None keeps every pixel
+    kept = pseudo_mask(image, probs, PseudoConfig(uncertain_threshold=0.0))
+    assert not (kept == 255).any()  # threshold 0 keeps every pixel
 
 
 def test_config_and_input_validation() -> None:
@@ -85,6 +88,6 @@ def test_config_and_input_validation() -> None:
     with pytest.raises(ValueError, match="uint8"):
         dense_crf(image.astype(np.float32), probs)
     with pytest.raises(ValueError, match="uncertain_threshold"):
-        crf_mask(image, probs, uncertain_threshold=1.5)
+        PseudoConfig(uncertain_threshold=1.5)
     with pytest.raises(AttributeError):
         CRFConfig().iterations = 3  # frozen

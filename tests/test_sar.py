@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from labeler.attention import AttentionStore, LayerInfo, RecordingAttnProcessor
-from labeler.sar import ca_labels_at, class_maps_from_tokens, self_attention_class_probs
+from labeler.sar import ca_labels_at, self_attention_class_probs
+
+from .attention_helpers import class_maps_from_tokens
 
 
 def _heads(x: torch.Tensor, heads: int) -> np.ndarray:

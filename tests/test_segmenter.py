@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from labeler import SegmentationResult, SegmenterConfig, StableSeg
-from labeler.attention import record_attention
 from labeler.result import share_key
 from labeler.testing import tiny_components
 from labeler.weights import load_map_weights, map_weights_to_bytes
 
+from .attention_helpers import record_attention
 from .conftest import TINY_SIZE
 
 LABELS = ["cat", "dog", "traffic light"]

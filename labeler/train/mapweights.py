@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..result import BACKGROUND, IGNORE
+from ..sar import EPS, at_common_size, normalise
 from .data import resize_mask
 from .trainer_settings import MapFitConfig
-
-_EPS = 1e-8
 
 
 @dataclass
@@ -59,9 +58,7 @@ def stack_maps(
         if name not in layer_maps:
             raise KeyError(f"layer {name!r} is missing from the cached maps")
         layer_map = torch.from_numpy(np.asarray(layer_maps[name])).float()[None]  # (1, C, h, w)
-        if tuple(layer_map.shape[-2:]) != tuple(size):
-            layer_map = F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False)
-        stacked.append(layer_map[0])
+        stacked.append(at_common_size(layer_map, size)[0])  # (C, S, S)
     return torch.stack(stacked)  # (L, C, S, S)
 
 
@@ -184,8 +181,8 @@ def weights_summary(
 def _nll(features: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Mean -log P[label] with P = normalise(sum_l exp(theta_l) * features[:, l])."""
     scores = torch.einsum("nlc,l->nc", features.float(), theta.exp())  # (n, C)
-    probs = scores / scores.sum(dim=1, keepdim=True).clamp(min=_EPS)
-    return F.nll_loss(probs.clamp(min=_EPS).log(), labels)
+    probs = normalise(scores, dim=1)  # (n, C) as the segmenter's final probabilities
+    return F.nll_loss(probs.clamp(min=EPS).log(), labels)
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """Pseudo-masks from cached attention maps: the segmenter's final map, CRF, uncertain pixels.
 
-``probs_from_maps`` rebuilds exactly what ``StableSeg`` computes from its layer maps
-(CAPM = weighted sum of cross maps, SAPM = weighted sum of self maps, final = CAPM + SAPM at the
-common size, bilinear to the image, normalised), so stage 1 only caches the per-layer maps and
-StableSeg++ regenerates pseudo-masks with new weights without running the UNet again.
+``probs_from_maps`` rebuilds exactly what ``StableSeg`` computes from its layer maps, with the
+segmenter's own functions (CAPM = weighted sum of cross maps, SAPM = weighted sum of self maps,
+final = CAPM + SAPM at the common size: :func:`labeler.sar.final_scores`; then bilinear to the
+image, normalised), so stage 1 only caches the per-layer maps and StableSeg++ regenerates
+pseudo-masks with new weights without running the UNet again.
 
 The self maps in the cache were computed with the CA map of the uniform weights; with learned
 weights the real segmenter seeds SAR with its own CA map, so masks rebuilt from the cache with
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..background import background_first, label_evidence, probs_to_mask
+from ..background import background_first, layers_evidence, probs_to_mask
 from ..crf import dense_crf
 from ..result import IGNORE, MAX_LABELS, share_key
-from ..sar import normalise, weighted_sum
+from ..sar import cross_attention_map, final_scores, normalise
 from .trainer_settings import PseudoConfig
 
 
@@ -41,17 +42,8 @@ def scores_from_maps(
 ) -> torch.Tensor:
     """(C, S, S) un-normalised final scores at the common size from layer -> (C, h, w) maps."""
     maps = _tensors(layer_maps)
-    capm = weighted_sum(maps, cross_weights, common_size)  # (1, C, S, S)
-    if capm is None:
-        raise ValueError("no cross-attention map has weight in these layer maps")
-    sapm = weighted_sum(maps, self_weights, common_size)  # (1, C, S, S) or None
-    if sapm is None:
-        final = capm
-    elif self_only:
-        final = sapm
-    else:
-        final = capm + sapm
-    return final[0]
+    capm = cross_attention_map(maps, cross_weights, common_size)  # (1, C, S, S)
+    return final_scores(capm, maps, self_weights, common_size, self_only)[0]
 
 
 def evidence_from_maps(
@@ -74,10 +66,7 @@ def evidence_from_maps(
         class_map = torch.from_numpy(np.asarray(layer_maps[name])).float()  # (C, h, w)
         share = torch.from_numpy(np.asarray(layer_maps[share_key(name)])).float()  # (1, h, w)
         attention[name] = (class_map * share)[None]  # (1, C, h, w)
-    total = weighted_sum(attention, cross_weights, common_size)  # (1, C, S, S)
-    if total is None:
-        raise ValueError("no cross-attention map has weight in these layer maps")
-    return label_evidence(total[:, :num_labels])[0]
+    return layers_evidence(attention, cross_weights, common_size, num_labels)[0]
 
 
 def _upsample(maps: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
