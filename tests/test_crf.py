@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from labeler.train.config import PseudoConfig
+from labeler.train.trainer_settings import PseudoConfig
 
 from labeler.crf import CRFConfig, dense_crf
 from labeler.train.pseudo import pseudo_mask
