@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from labeler.train.trainer_settings import PseudoConfig
 
 from labeler.crf import CRFConfig, dense_crf
 from labeler.train.pseudo import pseudo_mask
+from labeler.train.trainer_settings import PseudoConfig
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is not installed")
 
