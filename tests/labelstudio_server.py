@@ -324,9 +324,14 @@ class TokenClient(ApiClient):
             page += 1
 
 
-def mint_personal_token(venv: Path, data_dir: Path) -> str:
+def mint_personal_token(venv: Path, data_dir: Path, secret_key: str | None = None) -> str:
     """A personal access token for :data:`USER` of the server keeping its data in ``data_dir``
-    (minted inside Label Studio's Django, so it works beside a token the user already has)."""
+    (minted inside Label Studio's Django, so it works beside a token the user already has).
+
+    ``secret_key`` is the ``SECRET_KEY`` the server was started with; without one, the key the
+    server wrote into ``data_dir`` is read (racy on 2 cores: see :func:`label_studio`)."""
     env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir)}
-    env.pop("SECRET_KEY", None)  # the server's own key is in data_dir
+    env.pop("SECRET_KEY", None)
+    if secret_key is not None:
+        env["SECRET_KEY"] = secret_key
     return _personal_token(venv, env)

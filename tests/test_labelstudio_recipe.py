@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,11 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recipe]:
             "COLLECT_ANALYTICS": "false",
         }
     )
+    # One JWT signing key for the server the recipe starts and the shell that mints the tests'
+    # token: left unset, Label Studio's processes may each write their own key into its data
+    # folder, and the token is then "invalid" for the server (see labelstudio_server.label_studio).
+    secret_key = secrets.token_urlsafe(50)
+    env["SECRET_KEY"] = secret_key
     log = base / "recipe.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -125,7 +131,7 @@ def recipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recipe]:
         found = re.search(r"^project (\d+): open ", output, re.MULTILINE)
         assert found, output[-3000:]
         url = f"http://127.0.0.1:{ls_port}"
-        token = lss.mint_personal_token(venv, work / "label-studio-data")
+        token = lss.mint_personal_token(venv, work / "label-studio-data", secret_key)
         yield Recipe(
             url=url,
             backend=f"http://127.0.0.1:{backend_port}",
