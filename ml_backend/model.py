@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labeler.jobs.io import Failure
-from labeler.jobs.stage import Loaded, segment_stream
 
 from . import cache, training
 from ._lsml import LabelStudioMLBase
 from .backend_settings import BackendSettings
 from .images import ImageLoader
 from .label_config import BrushTarget, LabelConfigError, parse_label_config
-from .predictions import build_prediction, load_task_image
+from .predictions import build_prediction, segment_tasks
 
 if TYPE_CHECKING:
     from labeler import StableSeg
@@ -105,16 +104,13 @@ class StableSegBackend(LabelStudioMLBase):
             opened.append(cache.get_segmenter(self.settings))
             return opened[0]
 
-        def load(index: int) -> Loaded:
-            return Loaded(load_task_image(tasks[index], ids[index], target, loader))
-
-        for item in segment_stream(
+        for item in segment_tasks(
             range(len(tasks)),
-            load,
+            lambda index: (tasks[index], ids[index]),
+            target,
+            loader,
             open_model,
-            target.prompts,
-            workers=READ_WORKERS,
-            model_lock=cache.GPU_LOCK,
+            READ_WORKERS,
         ):
             if item.error is not None:
                 outcome.errors.append(Failure(ids[item.key], item.error, "task"))

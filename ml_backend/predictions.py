@@ -9,15 +9,20 @@ either.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from exporters import brush_prediction
 from labeler.images import ImageError
+from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
 
+from . import cache
 from .images import ImageLoader
 from .label_config import BrushTarget
+
+K = TypeVar("K")
 
 
 def load_task_image(
@@ -37,6 +42,33 @@ def load_task_image(
         )
     number = task_id if isinstance(task_id, int) else None
     return loader.load(task["data"][target.data_key], number)
+
+
+def segment_tasks(
+    keys: Iterable[K],
+    task_of: Callable[[K], tuple[Any, Any]],
+    target: BrushTarget,
+    loader: ImageLoader,
+    model: StageModel | Callable[[], StageModel],
+    workers: int,
+) -> Iterator[Segmented[K]]:
+    """Each task's image, read by ``loader``, through the model stage with the project's prompts.
+
+    ``task_of(key)`` gives the task (a dict with its ``data``) and its id. ``workers`` threads
+    read the images ahead of the model; ``model.batch_size`` images go into each ``segment``
+    call under the backend's GPU lock, a failing batch image by image. ``model`` may be a
+    function that loads it on the first readable image (see :func:`segment_stream`). Every
+    task is prompted with the same labels, so they come out in order, but for one whose image
+    cannot be read: it comes out with its ``error`` at once.
+    """
+
+    def load(key: K) -> Loaded:
+        task, task_id = task_of(key)
+        return Loaded(load_task_image(task, task_id, target, loader))
+
+    return segment_stream(
+        keys, load, model, target.prompts, workers=workers, model_lock=cache.GPU_LOCK
+    )
 
 
 def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:

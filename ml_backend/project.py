@@ -6,19 +6,19 @@ them in full batches and uploads the predictions in small import requests, so no
 with the project and a run of any length can be interrupted and resumed.
 
 The predictions are the backend's, byte for byte, for the same settings: the labels come from
-the project's labeling config through :func:`ml_backend.label_config.parse_label_config`, images are
-read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else through
-``--url`` with the key; the same allow-list), masks come from the model stage the backend's
-``/predict`` uses (:func:`labeler.jobs.stage.segment_stream`) and are encoded by
-:func:`ml_backend.predictions.build_prediction`, with the model version of the backend's model
-cache.
+the project's labeling config through :func:`ml_backend.label_config.parse_label_config`,
+images are read by :class:`ml_backend.images.ImageLoader` (``LOCAL_FILES_DOCUMENT_ROOT``, else
+through ``--url`` with the key; the same allow-list), masks come from the model stage exactly as
+the backend's ``/predict`` calls it (:func:`ml_backend.predictions.segment_tasks`) and are
+encoded by :func:`ml_backend.predictions.build_prediction`, with the model version of the
+backend's model cache.
 
 The stages are separate functions over iterators (task stream -> segmented -> predictions ->
 upload):
 
 * :func:`list_tasks`: the project's tasks, page by page, in id order;
-* :func:`segment_tasks`: each task's image read in a small bounded thread pool ahead of the
-  model, and segmented in full batches (the model stage);
+* :func:`~ml_backend.predictions.segment_tasks`: each task's image read in a small bounded
+  thread pool ahead of the model, and segmented in full batches (the model stage);
 * :func:`encode`: each result as a Label Studio prediction;
 * :class:`Uploader`: predictions to Label Studio, a few tasks per request, with retries.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labeler.jobs.io import Failure, write_jsonl
-from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
+from labeler.jobs.stage import Segmented
 from labeler.model_settings import ModelSettings
 from labeler.settings import group, integer, number, setting, settings_group
 
@@ -46,7 +46,7 @@ from . import cache
 from .backend_settings import BackendSettings
 from .images import ImageLoader
 from .label_config import BrushTarget, LabelConfigError, parse_label_config
-from .predictions import build_prediction, load_task_image
+from .predictions import build_prediction, segment_tasks
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -277,30 +277,6 @@ def list_tasks(client: LabelStudio, options: PredictOptions) -> Iterator[Task]:
         page += 1
 
 
-def segment_tasks(
-    tasks: Iterable[Task],
-    target: BrushTarget,
-    loader: ImageLoader,
-    segmenter: StageModel,
-    workers: int,
-) -> Iterator[Segmented[Task]]:
-    """Each task segmented by the model stage, as the backend's ``/predict`` does it.
-
-    ``workers`` threads read and prepare the images, a batch plus ``workers`` ahead of the
-    model; ``segmenter.batch_size`` images go into each ``segment`` call (under the backend's
-    GPU lock), a failing batch image by image. Every task is prompted with the project's
-    labels, so the tasks come out in order, but for one whose image cannot be read: it comes
-    out with its ``error`` at once, ahead of the tasks waiting for a full batch.
-    """
-
-    def load(task: Task) -> Loaded:
-        return Loaded(load_task_image({"data": task.data}, task.id, target, loader))
-
-    return segment_stream(
-        tasks, load, segmenter, target.prompts, workers=workers, model_lock=cache.GPU_LOCK
-    )
-
-
 def encode(
     items: Iterable[Segmented[Task]], target: BrushTarget, model_version: str
 ) -> Iterator[Item]:
@@ -471,7 +447,12 @@ def run_predict(
     uploader = Uploader(client, options, version, done, failed)
     tasks = unpredicted(list_tasks(client, options))
     segmented = segment_tasks(
-        tasks, target, ImageLoader(settings), segmenter, options.decode_workers
+        tasks,
+        lambda task: ({"data": task.data}, task.id),
+        target,
+        ImageLoader(settings),
+        segmenter,
+        options.decode_workers,
     )
     try:
         for item in encode(segmented, target, version):
