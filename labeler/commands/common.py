@@ -264,6 +264,10 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Object storage clients: at DEBUG they log signed requests (the access key id, signatures);
+    # credentials are never logged, even with -v.
+    for client in ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "adlfs", "azure"):
+        logging.getLogger(client).setLevel(logging.WARNING)
     # The hub client logs each retry of an unreachable host; the final error says it all.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
