@@ -128,6 +128,21 @@ def test_listing_and_whole_object_writes(bucket):
     assert stored_stems(out, ".json") == {PurePosixPath("a/b")}
 
 
+def test_refine_pool_from_a_bucket(bucket, tmp_path):
+    from labeler.jobs.refine.files import labels_from_jsonl, load_rgb, pool_from_folder
+
+    pool = pool_from_folder(bucket)
+    assert [item.key for item in pool] == [f"scene_{i:03d}" for i in range(COUNT)]
+    assert str(pool[3].path) == f"{bucket}/scene_003.png"
+    rgb = load_rgb(pool[3].path, 32)
+    with Image.open(SCENES / "scene_003.png") as image:
+        assert rgb.shape == (32, 32, 3) and image.size == (64, 64)
+    listing = tmp_path / "labels.jsonl"
+    listing.write_text('{"image": "scene_003.png", "labels": ["red"]}\n')
+    found = labels_from_jsonl(pool, bucket, listing, ["red", "green"])
+    assert found.ids == {"scene_003": (1,)}
+
+
 def _count_records(fs, prefix: str) -> int:
     fs.invalidate_cache()
     with contextlib.suppress(FileNotFoundError):

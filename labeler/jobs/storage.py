@@ -112,7 +112,7 @@ def redact_text(text: str) -> str:
 
 
 _lock = threading.Lock()
-_filesystems: dict[str, Any] = {}
+_filesystems: dict[tuple[str, int], Any] = {}  # (scheme, pid): a forked child makes its own
 
 
 def filesystem(protocol: str) -> Any:
@@ -124,8 +124,9 @@ def filesystem(protocol: str) -> Any:
         ValueError: a scheme fsspec does not know.
     """
     protocol = protocol.lower()
+    key = (protocol, os.getpid())
     with _lock:
-        found = _filesystems.get(protocol)
+        found = _filesystems.get(key)
         if found is not None:
             return found
         import fsspec
@@ -147,7 +148,7 @@ def filesystem(protocol: str) -> Any:
                 f"unknown URL scheme {protocol}://; use a local path or one of "
                 f"{', '.join(f'{s}://' for s in ('s3', 'gs', 'az', 'https'))}"
             ) from None
-        found = _filesystems[protocol] = cls()
+        found = _filesystems[key] = cls()
         return found
 
 
@@ -297,6 +298,16 @@ def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:
     if text.lower().startswith("file://"):
         text = unquote(urlsplit(text).path)
     return Path(os.path.expanduser(text))
+
+
+def relative_posix(location: Location, root: Location) -> str | None:
+    """``location``'s path under ``root`` (posix), or None when it is not under it."""
+    if isinstance(location, RemotePath) or isinstance(root, RemotePath):
+        if not (isinstance(location, RemotePath) and isinstance(root, RemotePath)):
+            return None
+        prefix = root.url + "/"
+        return location.url[len(prefix) :] if location.url.startswith(prefix) else None
+    return location.relative_to(root).as_posix() if location.is_relative_to(root) else None
 
 
 def check_writable(location: Location, what: str = "the output") -> None:
