@@ -143,6 +143,23 @@ def test_refine_pool_from_a_bucket(bucket, tmp_path):
     assert found.ids == {"scene_003": (1,)}
 
 
+def test_label_studio_local_files_from_a_bucket(bucket):
+    from labeler.images import ImageError
+    from ml_backend.backend_settings import BackendSettings
+    from ml_backend.images import ImageLoader
+
+    loader = ImageLoader(BackendSettings(local_files_document_root=bucket))
+    image = loader.load("/data/local-files/?d=scene_002.png")
+    with Image.open(SCENES / "scene_002.png") as expected:
+        assert np.array_equal(np.asarray(image), np.asarray(expected.convert("RGB")))
+    for relative, reason in (("../secret.png", "without '..'"), ("nope.png", "cannot read")):
+        with pytest.raises(ImageError, match=reason):
+            loader.load(f"/data/local-files/?d={relative}")
+    small = ImageLoader(BackendSettings(local_files_document_root=bucket, max_image_bytes=100))
+    with pytest.raises(ImageError, match="larger than 100 bytes"):
+        small.load("/data/local-files/?d=scene_002.png")
+
+
 def _count_records(fs, prefix: str) -> int:
     fs.invalidate_cache()
     with contextlib.suppress(FileNotFoundError):

@@ -111,20 +111,27 @@ def remove_tree(location: Location) -> None:
         shutil.rmtree(location, ignore_errors=True)
 
 
-def image_input(location: Location) -> Path | bytes:
+def image_input(location: Location, max_bytes: int | None = None) -> Path | bytes:
     """What :func:`labeler.images.decode_image` reads: a local path as it is, an object's
-    bytes (fetched now, in the calling reading thread).
+    bytes (fetched now, in the calling reading thread; at most ``max_bytes`` when given).
 
     Raises:
-        ImageError: the object cannot be read (the reason, URLs redacted).
+        ImageError: the object cannot be read, or is larger than ``max_bytes`` (the reason,
+            URLs redacted).
     """
     if not isinstance(location, RemotePath):
         return location
     try:
-        return location.read_bytes()
+        if max_bytes is None:
+            return location.read_bytes()
+        with location.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
     except (OSError, ValueError) as err:
         reason = redact_text(str(err)) or type(err).__name__
         raise ImageError(f"cannot read {location}: {reason}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{location} is larger than {max_bytes} bytes")
+    return data
 
 
 @contextlib.contextmanager
