@@ -25,7 +25,7 @@ from PIL import Image
 
 from labeler.commands.pseudo_label import pseudo_label
 from labeler.jobs import storage
-from labeler.jobs.io import atomic_writer, list_images, read_json, stored_stems
+from labeler.jobs.io import atomic_writer, image_input, list_images, read_json, stored_stems
 from labeler.jobs.storage import MissingExtraError, RemotePath, as_location, redact_url
 
 from .pipeline_golden import assert_same_outputs, digest_run
@@ -115,6 +115,11 @@ def _args(images: str, out: str) -> list[str]:
 def test_listing_and_whole_object_writes(bucket):
     names = list_images(bucket)
     assert [p.as_posix() for p in names] == [f"scene_{i:03d}.png" for i in range(COUNT)]
+    fs = storage.filesystem("s3")
+    fs.put_file(str(SCENES / "scene_000.png"), "inbox/odd/a b%20c.png")
+    odd = as_location("s3://inbox/odd")
+    assert list_images(odd) == [Path("a b%20c.png")]  # keys are not URL-quoted
+    assert image_input(odd / "a b%20c.png") == (SCENES / "scene_000.png").read_bytes()
     out = as_location("s3://outbox/unit")
     with atomic_writer(out / "a" / "b.json") as handle:
         handle.write('{"one": ')
@@ -319,7 +324,7 @@ def test_images_listed_by_a_web_server(tmp_path):
     pytest.importorskip("aiohttp")
     folder = tmp_path / "site"
     (folder / "sub").mkdir(parents=True)
-    for name in ("a.png", "sub/b.jpg"):
+    for name in ("a.png", "sub/b c.jpg"):
         Image.new("RGB", (8, 8), "red").save(folder / name)
     (folder / "readme.txt").write_text("not an image")
 
@@ -336,9 +341,8 @@ def test_images_listed_by_a_web_server(tmp_path):
     try:
         root = f"http://127.0.0.1:{server.server_port}/"
         names = list_images(root)
-        assert [p.as_posix() for p in names] == ["a.png", "sub/b.jpg"]
+        assert [p.as_posix() for p in names] == ["a.png", "sub/b c.jpg"]
         from labeler.images import decode_image
-        from labeler.jobs.io import image_input
 
         _image, size = decode_image(image_input(as_location(root) / names[1]))
         assert size == (8, 8)

@@ -35,7 +35,7 @@ from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file,
 from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
-from .storage import RemotePath, as_location
+from .storage import RemotePath
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
@@ -191,7 +191,7 @@ def default_root_url(options: PseudoLabelOptions) -> str:
     Label Studio's local files for a local folder, the bucket URL itself for object storage
     (Label Studio resolves ``s3://`` / ``gs://`` / ``azure-blob://`` URLs through a cloud
     storage connected to the project)."""
-    images = as_location(options.images_dir)
+    images = options.images_dir
     if isinstance(images, RemotePath):
         return images.url.replace("az://", "azure-blob://", 1)
     return f"/data/local-files/?d={images.name}"

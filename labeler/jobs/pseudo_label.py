@@ -52,7 +52,7 @@ from .pipeline import Backlog, StageClock, WriterPool, default_workers
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
-from .storage import as_location, check_writable
+from .storage import check_writable
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def label_images(
                 on_progress(n)
 
     read_plan = ReadPlan(
-        images_dir=as_location(options.images_dir),
+        images_dir=options.images_dir,
         max_pixels=options.max_pixels,
         input_size=model.input_size,
         preview=options.preview,

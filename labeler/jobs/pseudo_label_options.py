@@ -116,6 +116,12 @@ class PseudoLabelOptions:
         ),
     )
 
+    def __post_init__(self) -> None:
+        # A URL or path given as text (from Python: an engine, a notebook) becomes a location
+        # here, once: the job joins paths with ``/``, on disk and in object storage alike.
+        for name in ("images_dir", "out_dir"):
+            object.__setattr__(self, name, as_location(getattr(self, name)))
+
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""
         segmenter = self.segmenter.mask_settings()
@@ -125,7 +131,7 @@ class PseudoLabelOptions:
             segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
         return {
             "format": RUN_FORMAT,
-            "images_dir": describe(as_location(self.images_dir)),
+            "images_dir": describe(self.images_dir),
             "labels": list(self.labels),
             "model": str(self.student or self.model.source),
             "student": self.student is not None,

@@ -251,10 +251,12 @@ class RemotePath:
         except FileNotFoundError:
             return
         prefix = root.rstrip("/") + "/"
+        quoted = self.protocol in ("http", "https")  # links on a page are URL-quoted; keys not
         for item in found:
             item = fs._strip_protocol(item) if _URL.match(item) else item
             if item.startswith(prefix) and not item.endswith("/"):
-                yield PurePosixPath(unquote(item[len(prefix) :]))
+                relative = item[len(prefix) :]
+                yield PurePosixPath(unquote(relative) if quoted else relative)
 
     # ------------------------------------------------------------------ writing
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
