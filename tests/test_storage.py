@@ -25,7 +25,14 @@ from PIL import Image
 
 from labeler.commands.pseudo_label import pseudo_label
 from labeler.jobs import storage
-from labeler.jobs.io import atomic_writer, image_input, list_images, read_json, stored_stems
+from labeler.jobs.io import (
+    atomic_writer,
+    image_input,
+    list_images,
+    read_json,
+    remove_tree,
+    stored_stems,
+)
 from labeler.jobs.storage import MissingExtraError, RemotePath, as_location, redact_url
 
 from .pipeline_golden import assert_same_outputs, digest_run
@@ -131,6 +138,10 @@ def test_listing_and_whole_object_writes(bucket):
         raise RuntimeError("killed")
     assert not (out / "c.json").exists()
     assert stored_stems(out, ".json") == {PurePosixPath("a/b")}
+    fs.pipe_file("outbox/unit/aX/c.json", b"{}")  # a neighbour whose name starts the same
+    remove_tree(out / "a")
+    remove_tree(out / "nothing")
+    assert stored_stems(out, ".json") == {PurePosixPath("aX/c")}
 
 
 def test_refine_pool_from_a_bucket(bucket, tmp_path):
