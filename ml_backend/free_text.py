@@ -159,7 +159,7 @@ def phrase_request(
 def refusal(error: FreeTextError, tasks: list[Any], target: BrushTarget, version: str) -> Outcome:
     """What a refused phrase is answered with (see the module): for each task, the message as a
     suggestion on the TextArea ``error.area``, and the reason among the errors."""
-    from .model import Outcome, _task_id
+    from .model import Outcome, task_id
 
     message = str(error)
     region = {
@@ -169,10 +169,10 @@ def refusal(error: FreeTextError, tasks: list[Any], target: BrushTarget, version
         "value": {"text": [f"Not painted: {message}"]},
     }
     prediction = {"result": [region], "score": 0.0, "model_version": version}
-    ids = [_task_id(task, index) for index, task in enumerate(tasks)]
+    ids = [task_id(task, index) for index, task in enumerate(tasks)]
     return Outcome(
         predictions=[prediction for _ in tasks],
-        errors=[Failure(task_id, message, "task") for task_id in ids],
+        errors=[Failure(item, message, "task") for item in ids],
         model_version=version,
     )
 

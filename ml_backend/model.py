@@ -99,7 +99,7 @@ class StableSegBackend(LabelStudioMLBase):
         ``STABLESEG_DOWNLOAD_BUDGET``: a task it cuts off gets a failure naming it.
         """
         target = self.require_target()
-        ids = [_task_id(task, index) for index, task in enumerate(tasks)]
+        ids = [task_id(task, index) for index, task in enumerate(tasks)]
         budget = DownloadBudget(self.settings.download_budget, self.settings.max_downloads)
         loader = ImageLoader(self.settings, budget)  # never /setup's hostname or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
@@ -138,6 +138,6 @@ class StableSegBackend(LabelStudioMLBase):
         return training.start_training(project_id, target, self.settings, loader)
 
 
-def _task_id(task: Any, index: int) -> Any:
+def task_id(task: Any, index: int) -> Any:
     """The task's Label Studio id (its position in the request when it has none)."""
     return task.get("id", index) if isinstance(task, dict) else index
