@@ -275,7 +275,12 @@ def fetch(
 
 # ---------------------------------------------------------------------- budgets
 class BudgetSpent(Exception):
-    """The request's download budget ran out before this download could finish (or start)."""
+    """The request's download budget ran out before this download could finish (or start);
+    ``waiting``: while it waited for a download slot."""
+
+    def __init__(self, waiting: bool = False) -> None:
+        super().__init__("download budget spent" + (" waiting for a slot" if waiting else ""))
+        self.waiting = waiting
 
 
 class DownloadBudget:
@@ -312,28 +317,39 @@ class DownloadBudget:
                 self._spent += time.monotonic() - self._since
 
     @contextmanager
-    def download(self) -> Iterator[float]:
-        """A download within the budget and a slot: yields its deadline (``time.monotonic``).
+    def download(self) -> Iterator[Slot]:
+        """A download within the budget and a slot: yields when it must end, and whether it
+        had to wait for its slot.
 
         Raises:
             BudgetSpent: the budget is spent, or ran out while waiting for a slot.
         """
-        deadline = self._deadline(time.monotonic())
+        slot = Slot(self._deadline(time.monotonic()))
         try:
             slots = download_slots(self.slots) if self.slots else None
-            if slots is not None:
-                wait = deadline - time.monotonic()
-                if wait <= 0 or not slots.acquire(timeout=min(wait, threading.TIMEOUT_MAX)):
-                    raise BudgetSpent()
-            elif deadline <= time.monotonic():
+            if slot.deadline <= time.monotonic():
                 raise BudgetSpent()
+            if slots is not None and not slots.acquire(blocking=False):
+                slot.waited = True
+                wait = slot.deadline - time.monotonic()
+                if wait <= 0 or not slots.acquire(timeout=min(wait, threading.TIMEOUT_MAX)):
+                    raise BudgetSpent(waiting=True)
             try:
-                yield deadline
+                yield slot
             finally:
                 if slots is not None:
                     slots.release()
         finally:
             self._close()
+
+
+@dataclass
+class Slot:
+    """A download's place in its budget: when it must end (``time.monotonic``), and whether it
+    waited for one of the process's download slots."""
+
+    deadline: float
+    waited: bool = False
 
 
 _slots: tuple[int, int, threading.BoundedSemaphore] | None = None

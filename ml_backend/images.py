@@ -234,21 +234,18 @@ class ImageLoader:
             FetchError: anything else (generic).
         """
         try:
-            with self.budget.download() as deadline:
-                left = deadline - time.monotonic()
+            with self.budget.download() as slot:
+                left = slot.deadline - time.monotonic()
                 timeout = min(self.settings.http_timeout, left)
                 try:
                     return fetch(url, self.policy, max_bytes=max_bytes, timeout=timeout, auth=auth)
                 except FetchError:
-                    if left < self.settings.http_timeout and time.monotonic() >= deadline:
-                        raise BudgetSpent() from None
+                    if left < self.settings.http_timeout and time.monotonic() >= slot.deadline:
+                        raise BudgetSpent(waiting=slot.waited) from None
                     raise
-        except BudgetSpent:
-            logger.warning(
-                "image URL %s: the request's download budget is spent (STABLESEG_DOWNLOAD_BUDGET)",
-                redact(url),
-            )
-            raise download_budget_spent(self.settings) from None
+        except BudgetSpent as spent:
+            logger.warning("image URL %s: %s (STABLESEG_DOWNLOAD_BUDGET)", redact(url), spent)
+            raise download_budget_spent(self.settings, spent.waiting) from None
 
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:

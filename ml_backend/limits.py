@@ -157,10 +157,17 @@ class DownloadBudgetSpent(ImageError):
     request had used up STABLESEG_DOWNLOAD_BUDGET (a per-task failure: see the module)."""
 
 
-def download_budget_spent(settings: BackendSettings) -> DownloadBudgetSpent:
-    """The failure of a task whose download the request's budget cut off."""
+def download_budget_spent(settings: BackendSettings, waiting: bool) -> DownloadBudgetSpent:
+    """The failure of a task whose download the request's budget cut off (``waiting``: it had
+    waited for one of the process's STABLESEG_MAX_DOWNLOADS slots)."""
+    slots = (
+        f", after waiting for one of the {settings.max_downloads} download slots that other "
+        "downloads held (STABLESEG_MAX_DOWNLOADS)"
+        if waiting
+        else ""
+    )
     return DownloadBudgetSpent(
         f"the image downloads of this request used up their budget of "
         f"{settings.download_budget:g} s (STABLESEG_DOWNLOAD_BUDGET) before this task's image "
-        "arrived; predict the task again, or ask for fewer tasks at once"
+        f"arrived{slots}; predict the task again, or ask for fewer tasks at once"
     )

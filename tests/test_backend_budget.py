@@ -116,7 +116,8 @@ def _post(server: Served, path: str, timeout: float = 60, **kwargs) -> requests.
 def test_health_answers_while_every_thread_waits_on_trickling_downloads(server, trickler):
     """Four requests of four trickling images each hold all four threads; /health answers
     within 2 s meanwhile, and each request ends at its download budget with an error per task
-    that names it (not after 4 x STABLESEG_HTTP_TIMEOUT)."""
+    that names it (not after 4 x STABLESEG_HTTP_TIMEOUT). Eight of the sixteen downloads run at
+    once (STABLESEG_MAX_DOWNLOADS), the others wait for a slot within their budget."""
     tasks = [
         {"id": i, "data": {"image": f"http://127.0.0.1:{trickler.port}/slow-{i}.png"}}
         for i in range(4)
@@ -145,6 +146,8 @@ def test_health_answers_while_every_thread_waits_on_trickling_downloads(server, 
     for thread in slow:
         thread.join(timeout=BUDGET_S + 30)
     assert len(replies) == 4
+    reasons = [e["reason"] for _, response in replies for e in response.json()["errors"]]
+    assert any("STABLESEG_MAX_DOWNLOADS" in reason for reason in reasons), reasons  # 16 > 8 slots
     for elapsed, response in replies:
         assert response.status_code == 200, response.text[:300]
         errors = response.json()["errors"]
@@ -207,8 +210,8 @@ def test_the_download_budget_counts_only_while_downloads_run():
     with budget.download():
         time.sleep(0.3)
     time.sleep(0.5)  # no download: the model's time, not the budget's
-    with budget.download() as deadline:
-        assert 0.1 < deadline - time.monotonic() <= 0.3
+    with budget.download() as slot:
+        assert 0.1 < slot.deadline - time.monotonic() <= 0.3
         time.sleep(0.35)
     with pytest.raises(BudgetSpent), budget.download():
         pass
@@ -218,8 +221,9 @@ def test_a_download_waits_for_a_slot_within_its_budget():
     holder, waiter = DownloadBudget(None, slots=1), DownloadBudget(0.3, slots=1)
     with holder.download():
         started = time.monotonic()
-        with pytest.raises(BudgetSpent), waiter.download():
+        with pytest.raises(BudgetSpent) as spent, waiter.download():
             pass
+        assert spent.value.waiting
         assert time.monotonic() - started >= 0.25
     with DownloadBudget(0.3, slots=1).download():  # the slot is free again
         pass
