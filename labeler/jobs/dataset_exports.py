@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .extras import require_extra
 from .io import (
     PNG_OPTIONS,
@@ -26,7 +28,7 @@ from .io import (
     image_bytes,
     read_json,
 )
-from .layout import mask_path, objects_path, record_path, stem_path
+from .layout import mask_path, objects_path, record_path, stem_path, void_free_path
 
 CVAT_ZIP = "cvat-mask.zip"
 HF_FOLDER = "hf"
@@ -48,21 +50,28 @@ def check_format_extras(formats: Iterable[str]) -> None:
             require_extra(module, extra, f"--format {name}")
 
 
-def object_png_bytes(mask: Any, label_ids: Iterable[int] | None = None) -> bytes:
-    """The CVAT object PNG of one (H, W) mask (:func:`exporters.cvat.object_mask`);
-    ``label_ids``: its label ids (1..254) if known, else read from the mask."""
-    from exporters import present_ids
+def write_cvat_files(
+    out: Path, relative: Path, mask: np.ndarray, label_ids: Iterable[int] | None = None
+) -> None:
+    """Store the image's CVAT object PNG (:func:`exporters.cvat.object_mask`), and, only for a
+    mask with void pixels, its class PNG with them as background. ``label_ids``: the mask's
+    label ids (1..254) if known, else read from the mask."""
+    from exporters import mask_to_png, present_ids
     from exporters.cvat import VOID, object_mask, object_png
 
     if label_ids is None:
         label_ids = [int(i) for i in present_ids(mask) if 0 < i < VOID]
     objects = object_png(object_mask(mask, label_ids))
-    return image_bytes(objects, "PNG", **PNG_OPTIONS)
+    atomic_write_bytes(objects_path(out, relative), image_bytes(objects, "PNG", **PNG_OPTIONS))
+    if (mask == VOID).any():
+        classes = mask_to_png(np.where(mask == VOID, 0, mask).astype(np.uint8))
+        data = image_bytes(classes, "PNG", **PNG_OPTIONS)
+        atomic_write_bytes(void_free_path(out, relative), data)
 
 
-def _objects_file(out: Path, relative: Path) -> Path:
-    """The image's object PNG, made from its mask PNG when the run that labelled it did not
-    ask for CVAT (a rerun that adds the format)."""
+def _cvat_files(out: Path, relative: Path) -> tuple[Path, Path]:
+    """The image's class and object PNGs for the zip; made from its mask PNG when the run that
+    labelled it did not ask for CVAT (a rerun that adds the format)."""
     path = objects_path(out, relative)
     if not path.exists():
         from PIL import Image
@@ -71,8 +80,9 @@ def _objects_file(out: Path, relative: Path) -> Path:
 
         with Image.open(mask_path(out, relative)) as png:
             mask = png_to_mask(png)
-        atomic_write_bytes(path, object_png_bytes(mask))
-    return path
+        write_cvat_files(out, relative, mask)
+    void_class = void_free_path(out, relative)
+    return (void_class if void_class.exists() else mask_path(out, relative)), path
 
 
 def write_cvat_mask(out: Path, labelmap: str, done: Sequence[Path]) -> Path:
@@ -95,8 +105,9 @@ def write_cvat_mask(out: Path, labelmap: str, done: Sequence[Path]) -> Path:
         for relative in done:
             name = stem_path(relative).as_posix()
             names.append(name)
-            archive.write(mask_path(out, relative), f"SegmentationClass/{name}.png")
-            archive.write(_objects_file(out, relative), f"SegmentationObject/{name}.png")
+            classes, objects = _cvat_files(out, relative)
+            archive.write(classes, f"SegmentationClass/{name}.png")
+            archive.write(objects, f"SegmentationObject/{name}.png")
         archive.writestr("ImageSets/Segmentation/default.txt", image_set_text(names))
     return target
 

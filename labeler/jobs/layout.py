@@ -6,6 +6,8 @@
                           be numbered and streamed into coco.json / labelstudio.json
     objects/<rel>.png     the image's object mask for --format cvat-mask (one id per
                           connected component of each label, VOC colours)
+    void-free/<rel>.png   CVAT's class mask of an image whose mask has ignore (255) pixels,
+                          which the CVAT label map has no colour for: they become background
     records/<rel>.json    per-image record, written last: its presence means "done"
     preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
     coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
@@ -19,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 RUN_FILE = "run.json"
-PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "objects", "preview")
+PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "objects", "void-free", "preview")
 
 
 def stem_path(relative: Path) -> PurePosixPath:
@@ -37,6 +39,10 @@ def pieces_path(out_dir: Path, relative: Path) -> Path:
 
 def objects_path(out_dir: Path, relative: Path) -> Path:
     return out_dir / "objects" / f"{stem_path(relative)}.png"
+
+
+def void_free_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "void-free" / f"{stem_path(relative)}.png"
 
 
 def record_path(out_dir: Path, relative: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .dataset_exports import object_png_bytes
+from .dataset_exports import write_cvat_files
 from .exports import make_pieces
 from .io import (
     PNG_OPTIONS,
@@ -25,7 +25,7 @@ from .io import (
     atomic_write_text,
     image_bytes,
 )
-from .layout import mask_path, objects_path, pieces_path, preview_path, record_path
+from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
 from .reading import Pictures
 from .stage import Segmented
@@ -131,7 +131,7 @@ def write_image(plan: WritePlan, item: Segmented[Path], clock: StageClock) -> No
         atomic_write_bytes(mask_path(out, relative), png)
     if "cvat-mask" in plan.formats:
         with clock.measure("cvat-mask"):
-            atomic_write_bytes(objects_path(out, relative), object_png_bytes(mask, present))
+            write_cvat_files(out, relative, mask, present)
     pieces = make_pieces(
         mask, present, labels, scores, plan.model_version, plan.formats, clock, counts
     )
