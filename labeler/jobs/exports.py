@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .dataset_exports import write_cvat_mask, write_hf
 from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file
 from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
@@ -204,6 +205,7 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
     outputs["labelmap"] = str(out / "labelmap.txt")
 
     want_coco, want_ls = "coco" in options.formats, "labelstudio" in options.formats
+    done: list[Path] = []  # for the dataset-shaped exports
     root_url = options.image_root_url or f"/data/local-files/?d={Path(options.images_dir).name}"
     with ExitStack() as stack:
 
@@ -217,6 +219,7 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
             if not rec_file.exists():
                 continue
             record = json.loads(rec_file.read_text(encoding="utf-8"))
+            done.append(relative)
             if options.preview:
                 entry = {
                     "overlay": f"{stem_path(relative)}.jpg",
@@ -256,6 +259,10 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                 tasks.copy_to(handle)
                 handle.write("]\n")
             outputs["labelstudio"] = str(out / "labelstudio.json")
+        if "cvat-mask" in options.formats:
+            outputs["cvat-mask"] = str(write_cvat_mask(out, labelmap_text(labels), done))
+        if "hf" in options.formats:
+            outputs.update(write_hf(out, Path(options.images_dir), labels, done))
         if options.preview:
             with atomic_writer(out / "preview" / "index.html") as handle:
                 handle.write(gallery_head(gallery.count))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .dataset_exports import check_format_extras
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -249,6 +250,7 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
+    check_format_extras(options.formats)
     signature = check_run(options)
     images, refused = discover(options)
     if not images and not refused:

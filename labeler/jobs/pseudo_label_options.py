@@ -18,7 +18,7 @@ from labeler.settings import integer, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
 
-FORMATS = ("coco", "png", "labelstudio")
+FORMATS = ("coco", "png", "labelstudio", "cvat-mask", "hf")
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -50,8 +50,10 @@ class PseudoLabelOptions:
     formats: tuple[str, ...] = field(
         default=("coco", "png"),
         metadata=setting(
-            "Exports to write (repeatable). PNG masks are always written: they are the "
-            "per-image record that resuming relies on.",
+            "Exports to write (repeatable): coco (COCO RLE, coco.json), png (indexed masks), "
+            "labelstudio (labelstudio.json), cvat-mask (CVAT Segmentation mask 1.1 zip), hf "
+            "(Hugging Face datasets folder and Parquet; needs the hf extra). PNG masks are "
+            "always written: they are the per-image record that resuming relies on.",
             name="format",  # --format coco --format png; the field holds them all
             choices=FORMATS,
             multiple=True,
