@@ -22,6 +22,7 @@ threads and the model, and peak RSS for 100 against 1,000 images.
 
     python bench/bench_pipeline.py --quick     # a couple of minutes on 2 cores
     python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
+    python bench/bench_pipeline.py --quick --format cvat-mask --format hf   # other exports
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ STAGES = (
     "png",
     "coco",
     "labelstudio",
+    "cvat-mask",
     "preview",
     "record",
     "exports",
@@ -199,12 +201,27 @@ def _line(result: dict[str, Any]) -> str:
 )
 @click.option("--workers", type=int, default=None, help="[default: the job's default]")
 @click.option("--batch", type=int, default=8, show_default=True, help="Images per model call.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=("coco", "png", "labelstudio"),
+    show_default=True,
+    help="The exports every run writes (repeatable), as pseudo-label's --format.",
+)
 @click.option("--one", "one", default=None, hidden=True)
-def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | None) -> None:
+def main(
+    quick: bool,
+    data: Path,
+    workers: int | None,
+    batch: int,
+    formats: tuple[str, ...],
+    one: str | None,
+) -> None:
     if one is not None:
         click.echo(json.dumps(run_one(json.loads(one))))
         return
-    formats = ["coco", "png", "labelstudio"]
+    formats = list(dict.fromkeys((*formats, "png")))
     small_n, big_n = (60, 6) if quick else (300, 24)
     label_counts = (20,) if quick else (5, 20, 150)
     small = generate_folder(data / f"jpeg512x{small_n}", small_n, 512, 512)

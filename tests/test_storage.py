@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from labeler.commands.pseudo_label import pseudo_label
 from labeler.jobs import storage
+from labeler.jobs.extras import MissingExtraError
 from labeler.jobs.io import (
     atomic_writer,
     image_input,
@@ -33,7 +35,7 @@ from labeler.jobs.io import (
     remove_tree,
     stored_stems,
 )
-from labeler.jobs.storage import MissingExtraError, RemotePath, as_location, redact_url
+from labeler.jobs.storage import RemotePath, as_location, redact_url
 
 from .pipeline_golden import assert_same_outputs, digest_run
 
@@ -112,6 +114,8 @@ def _args(images: str, out: str) -> list[str]:
         "coco",
         "--format",
         "labelstudio",
+        "--format",
+        "cvat-mask",
         "--image-root-url",  # as the golden run's labelstudio.json (demo/scenes/images)
         "/data/local-files/?d=images",
         "--out",
@@ -272,6 +276,12 @@ def test_bucket_to_bucket_resumes_after_a_kill_with_the_local_outputs(bucket, s3
     assert read_json(as_location(out) / "run.json")["images_dir"] == bucket
     local = tmp_path / "run"
     fs.get("outbox/run/", str(local), recursive=True)
+    with zipfile.ZipFile(local / "cvat-mask.zip") as archive:  # a whole object, uploaded once
+        entries = archive.namelist()
+    for folder in ("SegmentationClass", "SegmentationObject"):
+        assert sorted(e for e in entries if e.startswith(folder)) == [
+            f"{folder}/{name}.png" for name in names
+        ]
     coco = json.loads((local / "coco.json").read_text())
     assert [(i["id"], i["file_name"]) for i in coco["images"]] == [
         (n, f"{name}.png") for n, name in enumerate(names, start=1)
@@ -324,6 +334,12 @@ def test_outputs_only_where_uploads_are_atomic(tmp_path):
     )
     assert result.exit_code != 0
     assert "not atomic" in result.output
+    pytest.importorskip("s3fs")
+    result = CliRunner().invoke(
+        pseudo_label,
+        [str(images), "--labels", "cat", "--format", "hf", "--out", "s3://outbox/hf"],
+    )
+    assert result.exit_code == 1 and "--format hf writes folders" in result.output
 
 
 def test_urls_in_messages_carry_no_secrets():

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .dataset_exports import check_dataset_formats, check_format_extras
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -254,6 +255,8 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
+    check_format_extras(options.formats)
+    check_dataset_formats(options.formats, options.out_dir)
     signature = check_run(options)
     images, refused = discover(options)
     if not images and not refused:

@@ -17,9 +17,9 @@ from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
-from .storage import Location, as_location, describe
+from .storage import Location, as_location, describe, parse_location
 
-FORMATS = ("coco", "png", "labelstudio")
+FORMATS = ("coco", "png", "labelstudio", "cvat-mask", "hf")
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -35,7 +35,7 @@ class PseudoLabelOptions:
             "Output folder (created), or an object storage URL (s3://bucket/run, gs://..., "
             "az://...; see docs/storage.md). Rerunning into it resumes the run.",
             name="out",  # --out; the field says what it holds
-            parse=as_location,
+            parse=parse_location,
             metavar="DIR|URL",
         )
     )
@@ -53,8 +53,10 @@ class PseudoLabelOptions:
     formats: tuple[str, ...] = field(
         default=("coco", "png"),
         metadata=setting(
-            "Exports to write (repeatable). PNG masks are always written: they are the "
-            "per-image record that resuming relies on.",
+            "Exports to write (repeatable): coco (COCO RLE, coco.json), png (indexed masks), "
+            "labelstudio (labelstudio.json), cvat-mask (CVAT Segmentation mask 1.1 zip), hf "
+            "(Hugging Face datasets folder and Parquet; needs the hf extra). PNG masks are "
+            "always written: they are the per-image record that resuming relies on.",
             name="format",  # --format coco --format png; the field holds them all
             choices=FORMATS,
             multiple=True,
