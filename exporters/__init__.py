@@ -1,7 +1,9 @@
-"""Exporters: segmentation results -> indexed PNG, COCO RLE JSON, Label Studio, previews.
+"""Exporters: segmentation results -> indexed PNG, COCO RLE JSON, Label Studio, polygons,
+previews.
 
 Every function here is pure: it returns arrays, images, dicts or strings, and the caller writes
-them. Optional dependencies (pycocotools, label-studio-converter) are imported when used.
+them. Optional dependencies (pycocotools, label-studio-converter, OpenCV) are imported when
+used.
 """
 
 from exporters.coco import (
@@ -33,6 +35,13 @@ from exporters.png import (
     png_to_mask,
     voc_palette,
 )
+from exporters.polygons import (
+    MaskObject,
+    joined_ring,
+    label_objects,
+    mask_objects,
+    object_pixels,
+)
 from exporters.preview import (
     comparison_strip,
     gallery_figure,
@@ -43,6 +52,7 @@ from exporters.preview import (
 )
 
 __all__ = [
+    "MaskObject",
     "brush_prediction",
     "brush_prediction_json",
     "brush_results",
@@ -61,11 +71,15 @@ __all__ = [
     "id_counts",
     "image_url",
     "import_task",
+    "joined_ring",
     "label_color",
+    "label_objects",
     "labelmap_text",
     "mask_annotations",
+    "mask_objects",
     "mask_to_brush_rle",
     "mask_to_png",
+    "object_pixels",
     "overlay",
     "png_to_mask",
     "prediction",
