@@ -1,5 +1,5 @@
-"""Exporters: segmentation results -> indexed PNG, COCO RLE JSON, Label Studio, polygons,
-previews.
+"""Exporters: segmentation results -> indexed PNG, COCO RLE and polygon JSON, Label Studio, YOLO
+segmentation, previews.
 
 Every function here is pure: it returns arrays, images, dicts or strings, and the caller writes
 them. Optional dependencies (pycocotools, label-studio-converter, OpenCV) are imported when
@@ -12,6 +12,7 @@ from exporters.coco import (
     coco_image,
     encode_rle,
     mask_annotations,
+    polygon_annotations,
     result_to_coco_annotations,
 )
 from exporters.labelstudio import (
@@ -20,9 +21,12 @@ from exporters.labelstudio import (
     brush_results,
     build_import_file,
     decode_brush_result,
+    decode_polygon_result,
     image_url,
     import_task,
     mask_to_brush_rle,
+    polygon_prediction,
+    polygon_results,
     prediction,
     task_score,
 )
@@ -50,6 +54,7 @@ from exporters.preview import (
     gallery_tail,
     overlay,
 )
+from exporters.yolo import yolo_data_yaml, yolo_lines
 
 __all__ = [
     "MaskObject",
@@ -63,6 +68,7 @@ __all__ = [
     "coco_image",
     "comparison_strip",
     "decode_brush_result",
+    "decode_polygon_result",
     "encode_rle",
     "gallery_figure",
     "gallery_head",
@@ -82,9 +88,14 @@ __all__ = [
     "object_pixels",
     "overlay",
     "png_to_mask",
+    "polygon_annotations",
+    "polygon_prediction",
+    "polygon_results",
     "prediction",
     "present_ids",
     "result_to_coco_annotations",
     "task_score",
     "voc_palette",
+    "yolo_data_yaml",
+    "yolo_lines",
 ]
