@@ -28,9 +28,10 @@ def yolo_lines(objects: Sequence[MaskObject], width: int, height: int) -> list[s
     scale = np.array([width, height], dtype=np.float64)
     lines = []
     for obj in objects:
-        points = np.clip(joined_ring(obj) / scale, 0.0, 1.0)  # (N, 2) normalised
-        coordinates = " ".join(f"{v:.{COORDINATE_DIGITS}f}" for v in points.ravel())
-        lines.append(f"{obj.label_id - 1} {coordinates}")
+        points = np.clip(joined_ring(obj) / scale, 0.0, 1.0).ravel()  # (2 N,) normalised
+        # one %-format of the whole line: a few times faster than formatting each number
+        template = " ".join([f"%.{COORDINATE_DIGITS}f"] * points.size)
+        lines.append(f"{obj.label_id - 1} " + template % tuple(points.tolist()))
     return lines
 
 
