@@ -366,8 +366,8 @@ def test_polygon_projects_get_polygons_and_export_them_back(
     label_studio, backend, workspace, cli_out
 ):
     """PolygonLabels: the CLI's labelstudio-polygons.json imported, and the backend's
-    predictions retrieved, come back out of Label Studio's JSON export as polygons that fill to
-    the CLI's masks."""
+    predictions retrieved, are stored as sent and fill to the CLI's masks; accepted as
+    annotations, they come back out of Label Studio's JSON export the same."""
     ls = label_studio
     imported = _create_project(ls, "StableSeg polygon import", workspace / "files", POLYGON_CONFIG)
     import_file = cli_out / "labelstudio-polygons.json"
@@ -389,16 +389,24 @@ def test_polygon_projects_get_polygons_and_export_them_back(
     )
     written = {t["data"]["image"]: t for t in json.loads(import_file.read_text())}
     for project in (imported, predicted):
-        exported = ls.get(
-            f"/api/projects/{project}/export?exportType=JSON&download_all_tasks=true", timeout=120
-        )
-        assert sorted(_relative(t) for t in exported) == sorted(IMAGES)
-        for task in exported:
+        found = _tasks(ls, project)
+        assert sorted(_relative(t) for t in found) == sorted(IMAGES)
+        for task in found:
             (stored,) = task["predictions"]
-            mine = written[task["data"]["image"]]["predictions"][0]
-            assert len(stored["result"]) == len(mine["result"])  # one region per object
-            for got, sent in zip(stored["result"], mine["result"]):
-                np.testing.assert_allclose(got["value"]["points"], sent["value"]["points"])
-            np.testing.assert_array_equal(
-                _decode_polygons(stored), _cli_mask(cli_out, _relative(task))
-            )
+            sent = written[task["data"]["image"]]["predictions"][0]  # the backend's = the CLI's
+            assert len(stored["result"]) == len(sent["result"])  # one region per object
+            for got, mine in zip(stored["result"], sent["result"]):
+                np.testing.assert_allclose(got["value"]["points"], mine["value"]["points"])
+            expected = _cli_mask(cli_out, _relative(task))
+            np.testing.assert_array_equal(_decode_polygons(stored), expected)
+            if project == imported:  # the annotator accepts the prediction as it is
+                result = [{k: v for k, v in r.items() if k != "score"} for r in stored["result"]]
+                ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": result})
+    exported = ls.get(
+        f"/api/projects/{imported}/export?exportType=JSON&download_all_tasks=true", timeout=120
+    )
+    assert sorted(_relative(t) for t in exported) == sorted(IMAGES)
+    for task in exported:
+        (annotation,) = task["annotations"]
+        expected = _cli_mask(cli_out, _relative(task))
+        np.testing.assert_array_equal(_decode_polygons(annotation), expected)

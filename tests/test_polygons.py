@@ -343,3 +343,21 @@ def test_demo_scenes_through_pycocotools_and_ultralytics(tmp_path):
     assert sorted(filled) == sorted(masks)
     for stem, ids in filled.items():
         assert scaled_iou(masks[stem], ids) >= 0.95, stem
+
+
+def test_label_config_with_polygon_labels():
+    from ml_backend.label_config import LabelConfigError, parse_label_config
+
+    image = '<Image name="img" value="$photo"/>'
+    polygons = '<PolygonLabels name="poly" toName="img"><Label value="Car"/></PolygonLabels>'
+    brushes = '<BrushLabels name="brush" toName="img"><Label value="Road"/></BrushLabels>'
+    target = parse_label_config(f"<View>{image}{polygons}</View>")
+    assert (target.kind, target.from_name, target.to_name, target.data_key, target.labels) == (
+        "polygonlabels", "poly", "img", "photo", ("Car",)
+    )  # fmt: skip
+    both = parse_label_config(f"<View>{image}{polygons}{brushes}</View>")
+    assert (both.kind, both.from_name) == ("brushlabels", "brush")
+    with pytest.raises(LabelConfigError, match='PolygonLabels name="poly"> has no <Label>'):
+        parse_label_config(f'<View>{image}<PolygonLabels name="poly" toName="img"/></View>')
+    with pytest.raises(LabelConfigError, match="no <BrushLabels> or <PolygonLabels>"):
+        parse_label_config(f"<View>{image}</View>")
