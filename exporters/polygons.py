@@ -1,7 +1,8 @@
 """Id masks -> objects -> polygons: the one polygon core of the COCO, YOLO and Label Studio
 polygon exports.
 
-An *object* is a connected component (8-connected) of one label's pixels. Each object has one
+An *object* is a connected component (8-connected) of one label's pixels, the components
+:func:`exporters.objects.label_components` numbers for CVAT's object masks. Each object has one
 outer ring and zero or more holes (4-connected background regions it encloses; an island inside
 a hole is an object of its own). Rings run along the pixels' edges, not through their centres:
 vertex ``(x, y)`` is the corner shared by pixels ``x - 1 .. x`` and ``y - 1 .. y``, so pixel
