@@ -110,6 +110,7 @@ def test_the_uploaded_predictions_are_the_backends(root, tiny_model_dir, monkeyp
         assert json.dumps(prediction) == json.dumps(expected.predictions[body["task"] - 11])
 
 
+@pytest.mark.slow
 def test_a_polygon_project_gets_polygons_from_predict_and_the_backend(
     root, tiny_model_dir, monkeypatch
 ):
