@@ -1,4 +1,4 @@
-"""The Label Studio ML backend model: StableSeg brush masks for the project's labels.
+"""The Label Studio ML backend model: StableSeg brush masks (or polygons) for the project's labels.
 
 Label Studio builds this class for every ``/setup`` and the server builds it for every
 ``/predict``, so construction only parses the labeling config; the weights come from the
@@ -44,7 +44,8 @@ class Outcome:
 
 
 class StableSegBackend(LabelStudioMLBase):
-    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds."""
+    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds (one
+    ``polygonlabels`` result per object for a PolygonLabels project)."""
 
     def __init__(
         self,
@@ -77,7 +78,8 @@ class StableSegBackend(LabelStudioMLBase):
         return cache.model_version(self.settings)
 
     def require_target(self) -> BrushTarget:
-        """The BrushLabels target, or the config error (logged) as a :class:`LabelConfigError`."""
+        """The BrushLabels (or PolygonLabels) target, or the config error (logged) as a
+        :class:`LabelConfigError`."""
         if self.target is None:
             logger.error("cannot predict: %s", self.config_error)
             raise LabelConfigError(self.config_error or "no labeling config")
