@@ -1,8 +1,8 @@
 """Id masks -> objects -> polygons: the one polygon core of the COCO, YOLO and Label Studio
 polygon exports.
 
-An *object* is a connected component (8-connected) of one label's pixels, the components
-:func:`exporters.objects.label_components` numbers for CVAT's object masks. Each object has one
+An *object* is a connected component (8-connected) of one label's pixels (numbered pixel by
+pixel by :func:`label_components`, which CVAT's object masks use). Each object has one
 outer ring and zero or more holes (4-connected background regions it encloses; an island inside
 a hole is an object of its own). Rings run along the pixels' edges, not through their centres:
 vertex ``(x, y)`` is the corner shared by pixels ``x - 1 .. x`` and ``y - 1 .. y``, so pixel
@@ -44,6 +44,22 @@ def _cv2() -> Any:
             "polygon exports need OpenCV: pip install opencv-python-headless"
         ) from error
     return cv2
+
+
+def label_components(binary: np.ndarray) -> tuple[int, np.ndarray]:
+    """The objects of an (H, W) boolean mask as pixels: its 8-connected components.
+
+    Returns:
+        ``(count, components)``: ``components`` is (H, W) int32, 0 outside the mask and
+        1..count for the components, numbered in the order their first pixel comes in a
+        row-major scan (top to bottom, then left to right).
+    """
+    cv2 = _cv2()
+    binary = np.ascontiguousarray(binary, dtype=np.uint8)
+    if not binary.any():
+        return 0, np.zeros(binary.shape, np.int32)
+    count, components = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
+    return int(count) - 1, components
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_min_area_drops_objects_and_fills_small_holes():
 def test_random_masks_round_trip_exactly():
     """Unsimplified and at the default tolerance, rings rasterise back to the pixels; the
     objects are the components CVAT's object masks number."""
-    from exporters.objects import label_components
+    from exporters.polygons import label_components
 
     rng = np.random.default_rng(0)
     for _ in range(60):
