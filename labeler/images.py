@@ -92,7 +92,7 @@ def decode_image(
     :data:`REDUCING_GAP` times that size; :func:`reduce_to_rgb`), so a 16-bit or transparent
     picture costs its decode and little more.
 
-    ``on_size`` is called with the full (width, height) as shown before anything is decoded
+    ``on_size`` is called with the full (width, height) as stored before anything is decoded
     (a caller's budget may raise there); ``gate`` bounds the pixels decoded at full size at
     once across threads.
 
@@ -124,18 +124,18 @@ def decode_image(
                 )
             if width == 0 or height == 0:
                 raise ImageError(f"image has zero size ({width}x{height})")
-            orientation = _orientation(image)
-            shown = (height, width) if orientation in _TRANSPOSED else (width, height)
             if on_size is not None:
-                on_size(shown)
-            wanted = None
-            if at_least is not None:
-                wanted = at_least(shown)
-                wanted = wanted[::-1] if orientation in _TRANSPOSED else wanted
-                wanted = (max(1, wanted[0]), max(1, wanted[1]))
-                image.draft(None, wanted)  # JPEG only
+                on_size((width, height))
             holding = gate.hold(width * height) if gate is not None else contextlib.nullcontext()
             with holding:
+                orientation = _orientation(image)  # a PNG's EXIF may come after its pixels
+                shown = (height, width) if orientation in _TRANSPOSED else (width, height)
+                wanted = None
+                if at_least is not None:
+                    wanted = at_least(shown)
+                    wanted = wanted[::-1] if orientation in _TRANSPOSED else wanted
+                    wanted = (max(1, wanted[0]), max(1, wanted[1]))
+                    image.draft(None, wanted)  # JPEG only
                 image.load()
                 picture: Image.Image = image
                 if wanted is not None:

@@ -665,6 +665,10 @@ class StableSeg:
             )
         )
 
+    def num_prompts(self, labels: Sequence[str]) -> int:
+        """Prompts (UNet rows per image) that ``labels`` need, the background prompt included."""
+        return self._prompts(self.prompt_labels(labels)).batch.num_prompts
+
     def prompt_labels(self, labels: Sequence[str]) -> list[str]:
         """The classes the prompt names: the labels, then the background prompt if any."""
         labels = validate_labels(labels, max_labels=None)

@@ -170,6 +170,26 @@ class BackendSettings:
             metavar="N",
         ),
     )
+    max_request_pixels: int = field(
+        default=400_000_000,
+        metadata=setting(
+            "Decoded pixels one /predict may bring in, its images together (32 photos of 12 MP; "
+            "a larger image counts its full size).",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="PIXELS",
+        ),
+    )
+    max_prompt_rows: int = field(
+        default=512,
+        metadata=setting(
+            "UNet rows one /predict may ask for: its tasks times the prompts its labels need "
+            "(one prompt holds about 75 tokens of label names).",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="N",
+        ),
+    )
     request_timeout: float = field(
         default=30.0,
         metadata=setting(
@@ -206,6 +226,8 @@ class BackendSettings:
             "max_labels",
             "max_tasks",
             "request_timeout",
+            "max_request_pixels",
+            "max_prompt_rows",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{variable[name]} must be positive, got {getattr(self, name)}")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from labeler.jobs.io import Failure
 
-from . import cache, training
+from . import cache, limits, training
 from ._lsml import LabelStudioMLBase
 from .backend_settings import BackendSettings
 from .images import ImageLoader
@@ -93,16 +93,24 @@ class StableSegBackend(LabelStudioMLBase):
         while holding the GPU lock (a failing batch image by image), and each result is
         encoded as brush results. The model is loaded when the first image has been read: a
         request whose images all fail loads nothing.
+
+        Images are decoded towards the model's size (the masks keep the full size), their
+        pixels counted against ``STABLESEG_MAX_REQUEST_PIXELS``; the UNet rows the request
+        needs are checked against ``STABLESEG_MAX_PROMPT_ROWS`` once the model is ready. Past
+        either, :class:`~ml_backend.limits.RequestError` (413) ends the request.
         """
         target = self.require_target()
         ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        loader = ImageLoader(self.settings)  # never /setup's hostname or token
+        loader = ImageLoader(self.settings, request_budget=True)  # never /setup's host or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         opened: list[StableSeg] = []
 
         def open_model() -> StableSeg:  # called once, by the stage, on the first readable image
-            opened.append(cache.get_segmenter(self.settings))
-            return opened[0]
+            model = cache.get_segmenter(self.settings)
+            prompts = model.num_prompts(target.prompts)
+            limits.check_prompt_rows(prompts, len(tasks), self.settings)
+            opened.append(model)
+            return model
 
         for item in segment_tasks(
             range(len(tasks)),
