@@ -3,8 +3,9 @@
 Label Studio builds this class for every ``/setup`` and the server builds it for every
 ``/predict``, so construction only parses the labeling config; the weights come from the
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
-pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
-by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
+pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image decoded
+towards the model's size by ``labeler.images.decode_image`` (as ``pseudo-label`` without
+``--preview`` decodes it), encoded by ``exporters.brush_results`` and
 ``exporters.prediction`` (:mod:`ml_backend.predictions`, shared with ``label-studio predict``).
 """
 
