@@ -34,7 +34,8 @@ from PIL import Image
 from labeler.images import ImageError, PixelGate, decode_image
 
 from .backend_settings import BackendSettings
-from .fetch import FetchError, FetchPolicy, fetch, redact
+from .fetch import BudgetSpent, DownloadBudget, FetchError, FetchPolicy, fetch, redact
+from .limits import download_budget_spent, too_many_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +179,27 @@ class ImageLoader:
     The Label Studio server and key are ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` only:
     a ``hostname`` or ``access_token`` that arrives in ``/setup`` or a request body comes from
     whoever can reach the backend and is never used for a URL or a credential.
+
+    Every download takes one of the process's ``STABLESEG_MAX_DOWNLOADS`` slots and runs within
+    ``budget`` (a ``/predict``'s: :class:`ml_backend.fetch.DownloadBudget`; None: each download
+    has only its own ``STABLESEG_HTTP_TIMEOUT``).
     """
 
-    def __init__(self, settings: BackendSettings, request_budget: bool = False) -> None:
-        """``request_budget``: the loader serves one ``/predict``, whose images may hold
-        ``STABLESEG_MAX_REQUEST_PIXELS`` together (a 413 past it)."""
+    def __init__(
+        self,
+        settings: BackendSettings,
+        budget: DownloadBudget | None = None,
+        pixel_budget: bool = False,
+    ) -> None:
+        """``budget``: the request's downloads; ``pixel_budget``: the loader serves one
+        ``/predict``, whose images may hold ``STABLESEG_MAX_REQUEST_PIXELS`` together (a 413
+        past it)."""
         self.settings = settings
         self.base_url = (settings.label_studio_url or "").rstrip("/") or None
         self.api_key = settings.label_studio_api_key or None
         self.policy = FetchPolicy.from_settings(settings)
-        self.max_request_pixels = settings.max_request_pixels if request_budget else None
+        self.budget = budget or DownloadBudget(None, settings.max_downloads)
+        self.max_request_pixels = settings.max_request_pixels if pixel_budget else None
         self.pixels = 0
         """Pixels of the images this loader has opened (full sizes)."""
         self._count_lock = threading.Lock()
@@ -232,8 +244,6 @@ class ImageLoader:
             self.pixels += size[0] * size[1]
             pixels = self.pixels
         if self.max_request_pixels is not None and pixels > self.max_request_pixels:
-            from .limits import too_many_pixels
-
             raise too_many_pixels(pixels, self.settings)
 
     def _load(self, url: Any, task_id: int | None = None) -> Image.Image:
@@ -247,12 +257,7 @@ class ImageLoader:
         if scheme in ("http", "https"):
             if self.policy.is_label_studio(url) and parts.path.startswith("/data/"):
                 return self._from_data_path(parts.path, parts.query, url)
-            data = fetch(
-                url,
-                self.policy,
-                max_bytes=self.settings.max_image_bytes,
-                timeout=self.settings.http_timeout,
-            )
+            data = self._download(url, self.settings.max_image_bytes)
             return self._decode(data, url)
         if scheme:
             raise ImageError(
@@ -278,13 +283,7 @@ class ImageLoader:
             raise ImageError(f"set {missing} so the backend can fetch from Label Studio")
         headers = label_studio_auth(self.base_url, self.api_key).header()
         try:
-            return fetch(
-                self.base_url + path_and_query,
-                self.policy,
-                max_bytes=max_bytes,
-                timeout=self.settings.http_timeout,
-                auth=headers,
-            )
+            return self._download(self.base_url + path_and_query, max_bytes, headers)
         except FetchError as err:
             if err.status in (401, 403) and self.policy.is_label_studio(err.url):
                 raise ImageError(
@@ -292,6 +291,27 @@ class ImageLoader:
                     f"{err.status}): check the key"
                 ) from None
             raise
+
+    def _download(self, url: str, max_bytes: int, auth: dict[str, str] | None = None) -> bytes:
+        """:func:`ml_backend.fetch.fetch` in a slot, within this loader's budget.
+
+        Raises:
+            DownloadBudgetSpent: the budget ran out first (its message names the variable).
+            FetchError: anything else (generic).
+        """
+        try:
+            with self.budget.download() as slot:
+                left = slot.deadline - time.monotonic()
+                timeout = min(self.settings.http_timeout, left)
+                try:
+                    return fetch(url, self.policy, max_bytes=max_bytes, timeout=timeout, auth=auth)
+                except FetchError:
+                    if left < self.settings.http_timeout and time.monotonic() >= slot.deadline:
+                        raise BudgetSpent(waiting=slot.waited) from None
+                    raise
+        except BudgetSpent as spent:
+            logger.warning("image URL %s: %s (STABLESEG_DOWNLOAD_BUDGET)", redact(url), spent)
+            raise download_budget_spent(self.settings, spent.waiting) from None
 
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from exporters import brush_prediction
+from exporters import brush_prediction, id_counts, mask_objects, polygon_prediction
 from labeler.images import ImageError
 from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
 
@@ -74,12 +74,28 @@ def segment_tasks(
 
 
 def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-    """The Label Studio prediction of one SegmentationResult: brush results under the labels'
-    values, each with its label's score, and the task score (``exporters.task_score``)."""
+    """The Label Studio prediction of one SegmentationResult under the labels' values, each
+    result with its label's score, and the task score (``exporters.task_score``): brush
+    results (one per label), or for a PolygonLabels target polygon results (one per object,
+    :mod:`exporters.polygons` with its default minimum area and tolerance)."""
     labels = list(target.labels)
     scores = {
         label: result.scores[prompt]
         for label, prompt in zip(labels, target.prompts, strict=True)
         if prompt in result.scores
     }
+    if target.kind == "polygonlabels":
+        counts = id_counts(result.mask)
+        present = [k for k in range(1, len(labels) + 1) if k < counts.size and counts[k]]
+        objects = mask_objects(result.mask, present)
+        return polygon_prediction(
+            result.mask,
+            objects,
+            labels,
+            scores,
+            version,
+            target.from_name,
+            target.to_name,
+            counts=counts,
+        )
     return brush_prediction(result.mask, labels, scores, version, target.from_name, target.to_name)
