@@ -27,8 +27,9 @@ K = TypeVar("K")
 
 def load_task_image(
     task: Any, task_id: Any, target: BrushTarget, loader: ImageLoader
-) -> Image.Image:
-    """The decoded image of one task, read from its ``$`` field by ``loader``.
+) -> tuple[Image.Image, Any]:
+    """The image of one task, read from its ``$`` field by ``loader`` and decoded for the
+    model (:meth:`ImageLoader.load_for_model`), and its full (width, height).
 
     Raises:
         ImageError: no data, no such field, or an image that cannot be read (see ImageLoader).
@@ -41,7 +42,7 @@ def load_task_image(
             f"${target.data_key}); its fields are {sorted(task['data'])}"
         )
     number = task_id if isinstance(task_id, int) else None
-    return loader.load(task["data"][target.data_key], number)
+    return loader.load_for_model(task["data"][target.data_key], number)
 
 
 def segment_tasks(
@@ -64,7 +65,8 @@ def segment_tasks(
 
     def load(key: K) -> Loaded:
         task, task_id = task_of(key)
-        return Loaded(load_task_image(task, task_id, target, loader))
+        image, size = load_task_image(task, task_id, target, loader)
+        return Loaded(image, size=size)
 
     return segment_stream(
         keys, load, model, target.prompts, workers=workers, model_lock=cache.GPU_LOCK

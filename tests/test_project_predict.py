@@ -91,13 +91,13 @@ def test_the_uploaded_predictions_are_the_backends(root, tiny_model_dir, monkeyp
     monkeypatch.setattr(project, "connect", lambda url, key, timeout: client)
     segmenter = cache.get_segmenter(backend.settings)
     calls: list[int] = []
-    real = segmenter.segment
+    real = segmenter.segment_pending  # what the model stage calls
 
     def counting(images, labels, **kwargs):
         calls.append(len(images))
         return real(images, labels, **kwargs)
 
-    monkeypatch.setattr(segmenter, "segment", counting)
+    monkeypatch.setattr(segmenter, "segment_pending", counting)
 
     summary = run_predict(options)
     assert (summary.total, summary.done, summary.skipped) == (7, 5, 1)
