@@ -19,8 +19,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from .objects import label_components
 from .png import voc_palette
+from .polygons import label_components
 
 MAX_OBJECTS = 254  # ids 1..254 of a VOC object PNG; 255 is void
 VOID = 255

@@ -174,6 +174,27 @@ class BackendSettings:
             metavar="N",
         ),
     )
+    max_request_pixels: int = field(
+        default=400_000_000,
+        metadata=setting(
+            "Decoded pixels one /predict may bring in, its images together at their full sizes "
+            "(413, counted from each image's header before it is decoded): 32 photos of 12 MP.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="PIXELS",
+        ),
+    )
+    max_prompt_rows: int = field(
+        default=512,
+        metadata=setting(
+            "UNet rows one /predict may ask for: its tasks times the prompts its labels need, "
+            "a prompt holding about 75 tokens of label names (413, checked before any UNet "
+            "pass): about 20 s of SD 1.5 on a modest GPU.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="N",
+        ),
+    )
     request_timeout: float = field(
         default=30.0,
         metadata=setting(
@@ -233,6 +254,8 @@ class BackendSettings:
             "max_labels",
             "max_tasks",
             "request_timeout",
+            "max_request_pixels",
+            "max_prompt_rows",
             "download_budget",
             "max_downloads",
         ):

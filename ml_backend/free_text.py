@@ -128,8 +128,8 @@ def phrase_request(
         kind, name, value = result.get("type"), result.get("from_name"), result["value"]
         if kind == "textarea" and name in areas:
             texts += [(t, areas[name]) for t in value.get("text") or [] if isinstance(t, str)]
-        elif kind == "brushlabels" and name == target.from_name:
-            brush_labels += [v for v in value.get("brushlabels") or [] if isinstance(v, str)]
+        elif kind == target.kind and name == target.from_name:  # brush or polygon labels
+            brush_labels += [v for v in value.get(target.kind) or [] if isinstance(v, str)]
     texts = [(text.strip(), area) for text, area in texts if text.strip()]
     if not texts and not brush_labels:
         return None

@@ -1,7 +1,10 @@
-"""The project's labeling config -> what StableSeg paints: a BrushLabels tag on an Image.
+"""The project's labeling config -> what StableSeg paints: a BrushLabels tag on an Image, or
+a PolygonLabels tag (then each object of a label comes back as one polygon region).
 
-``<BrushLabels name="tag" toName="image">`` with ``<Label value="Car" prompt="red car"/>``
-children, pointing at ``<Image name="image" value="$image"/>``. The model sees each label's
+``<BrushLabels name="tag" toName="image">`` (or ``<PolygonLabels ...>``) with
+``<Label value="Car" prompt="red car"/>`` children, pointing at
+``<Image name="image" value="$image"/>``. A config with both predicts for its first
+BrushLabels. The model sees each label's
 prompt: its ``prompt`` attribute, else the first of its ``predicted_values``, else the label
 itself (its ``alias`` when it has one, as Label Studio stores the alias in results).
 
@@ -85,16 +88,22 @@ EXAMPLE_CONFIG = (
 )
 
 
+CONTROL_TYPES = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
+"""The control tags StableSeg predicts for, in order of preference, and their result type."""
+
+
 @dataclass(frozen=True)
 class BrushTarget:
     """Where predictions go and what the model is asked for.
 
     Attributes:
-        from_name: the BrushLabels tag's ``name``.
+        from_name: the BrushLabels (or PolygonLabels) tag's ``name``.
         to_name: the Image tag's ``name``.
         data_key: the task data field holding the image URL (``$image`` -> ``image``).
         labels: label values as results store them, in config order.
         prompts: what the model is prompted with for each label (same order).
+        kind: the results' type: ``"brushlabels"`` (a mask per label) or
+            ``"polygonlabels"`` (a polygon per object).
     """
 
     from_name: str
@@ -102,13 +111,16 @@ class BrushTarget:
     data_key: str
     labels: tuple[str, ...]
     prompts: tuple[str, ...]
+    kind: str = "brushlabels"
 
 
 def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> BrushTarget:
-    """Find the first BrushLabels control on an Image and its labels' prompts.
+    """Find the first BrushLabels control on an Image (else the first PolygonLabels) and its
+    labels' prompts.
 
     Raises:
-        LabelConfigError: not a string, empty or malformed XML, no BrushLabels on an Image, no
+        LabelConfigError: not a string, empty or malformed XML, no BrushLabels or
+            PolygonLabels on an Image, no
             labels, more than ``max_labels`` labels, two labels with the same prompt, or a
             prompt the label rule refuses.
     """
@@ -127,7 +139,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
         for tag in root.iter("Image")
         if tag.get("name") and tag.get("value", "").startswith("$")
     }
-    brushes = [tag for tag in root.iter("BrushLabels") if tag.get("name")]
+    brushes = [tag for control in CONTROL_TYPES for tag in root.iter(control) if tag.get("name")]
     targets = [
         (brush, images[to_name])
         for brush in brushes
@@ -135,15 +147,20 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
         if to_name in images
     ]
     if not targets:
-        what = '<BrushLabels> pointing at an <Image value="$...">' if brushes else "<BrushLabels>"
+        what = (
+            '<BrushLabels> or <PolygonLabels> pointing at an <Image value="$...">'
+            if brushes
+            else "<BrushLabels> or <PolygonLabels>"
+        )
         found = sorted({tag.tag for tag in root.iter() if tag.get("name")}) or ["no named tags"]
         raise LabelConfigError(
             f"the labeling config has no {what} (found: {', '.join(found)}); StableSeg paints "
-            f"brush masks, so add one, for example {EXAMPLE_CONFIG}"
+            f"brush masks (or polygons), so add one, for example {EXAMPLE_CONFIG}"
         )
     if len(targets) > 1:
         logger.warning(
-            "the labeling config has %d BrushLabels tags; predicting for the first, %r",
+            "the labeling config has %d BrushLabels / PolygonLabels tags; predicting for the "
+            "first, %r",
             len(targets),
             targets[0][0].get("name"),
         )
@@ -156,7 +173,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
         if label and label not in labels:
             if len(labels) == max_labels:
                 raise LabelConfigError(
-                    f'<BrushLabels name="{from_name}"> has more than {max_labels} labels, the '
+                    f'<{brush.tag} name="{from_name}"> has more than {max_labels} labels, the '
                     "limit of this backend (STABLESEG_MAX_LABELS; at most "
                     f"{MAX_LABELS}, what a mask holds); split the classes over projects"
                 )
@@ -164,7 +181,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
             prompts.append(_prompt(label, tag.attrib))
     if not labels:
         raise LabelConfigError(
-            f'<BrushLabels name="{from_name}"> has no <Label> children; add the classes to '
+            f'<{brush.tag} name="{from_name}"> has no <Label> children; add the classes to '
             'predict, for example <Label value="Car"/>'
         )
     where = [f"the prompt of label {label!r}" for label in labels]
@@ -184,6 +201,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
         data_key=image.get("value", "")[1:],
         labels=tuple(labels),
         prompts=tuple(prompts),
+        kind=CONTROL_TYPES[brush.tag],
     )
 
 

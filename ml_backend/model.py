@@ -1,10 +1,11 @@
-"""The Label Studio ML backend model: StableSeg brush masks for the project's labels.
+"""The Label Studio ML backend model: StableSeg brush masks (or polygons) for the project's labels.
 
 Label Studio builds this class for every ``/setup`` and the server builds it for every
 ``/predict``, so construction only parses the labeling config; the weights come from the
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
-pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
-by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
+pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image decoded
+towards the model's size by ``labeler.images.decode_image`` (as ``pseudo-label`` without
+``--preview`` decodes it), encoded by ``exporters.brush_results`` and
 ``exporters.prediction`` (:mod:`ml_backend.predictions`, shared with ``label-studio predict``).
 """
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from labeler.jobs.io import Failure
 
-from . import cache, training
+from . import cache, limits, training
 from ._lsml import LabelStudioMLBase
 from .backend_settings import BackendSettings
 from .fetch import DownloadBudget
@@ -44,7 +45,8 @@ class Outcome:
 
 
 class StableSegBackend(LabelStudioMLBase):
-    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds."""
+    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds (one
+    ``polygonlabels`` result per object for a PolygonLabels project)."""
 
     def __init__(
         self,
@@ -77,7 +79,8 @@ class StableSegBackend(LabelStudioMLBase):
         return cache.model_version(self.settings)
 
     def require_target(self) -> BrushTarget:
-        """The BrushLabels target, or the config error (logged) as a :class:`LabelConfigError`."""
+        """The BrushLabels (or PolygonLabels) target, or the config error (logged) as a
+        :class:`LabelConfigError`."""
         if self.target is None:
             logger.error("cannot predict: %s", self.config_error)
             raise LabelConfigError(self.config_error or "no labeling config")
@@ -97,17 +100,25 @@ class StableSegBackend(LabelStudioMLBase):
         encoded as brush results. The model is loaded when the first image has been read: a
         request whose images all fail loads nothing. The downloads share one
         ``STABLESEG_DOWNLOAD_BUDGET``: a task it cuts off gets a failure naming it.
+
+        Images are decoded towards the model's size (the masks keep the full size), their
+        pixels counted against ``STABLESEG_MAX_REQUEST_PIXELS``; the UNet rows the request
+        needs are checked against ``STABLESEG_MAX_PROMPT_ROWS`` once the model is ready. Past
+        either, :class:`~ml_backend.limits.RequestError` (413) ends the request.
         """
         target = self.require_target()
         ids = [task_id(task, index) for index, task in enumerate(tasks)]
         budget = DownloadBudget(self.settings.download_budget, self.settings.max_downloads)
-        loader = ImageLoader(self.settings, budget)  # never /setup's hostname or token
+        loader = ImageLoader(self.settings, budget, pixel_budget=True)  # never /setup's host
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         opened: list[StableSeg] = []
 
         def open_model() -> StableSeg:  # called once, by the stage, on the first readable image
-            opened.append(cache.get_segmenter(self.settings))
-            return opened[0]
+            model = cache.get_segmenter(self.settings)
+            prompts = model.num_prompts(target.prompts)
+            limits.check_prompt_rows(prompts, len(tasks), self.settings)
+            opened.append(model)
+            return model
 
         for item in segment_tasks(
             range(len(tasks)),

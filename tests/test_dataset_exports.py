@@ -16,7 +16,7 @@ from PIL import Image
 
 from exporters import mask_to_png, png_to_mask
 from exporters.cvat import VOID, object_mask
-from exporters.objects import label_components
+from exporters.polygons import label_components
 from labeler.jobs.dataset_exports import write_cvat_mask, write_hf
 from labeler.jobs.extras import MissingExtraError, require_extra
 from labeler.jobs.layout import mask_path, record_path

@@ -10,7 +10,10 @@
                           which the CVAT label map has no colour for: they become background
     records/<rel>.json    per-image record, written last: its presence means "done"
     preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
-    coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
+    yolo/                 --format yolo-seg: images/<rel> (linked or copied), labels/<rel>.txt,
+                          data.yaml
+    coco.json, coco-polygons.json, labelstudio.json, labelstudio-polygons.json, labelmap.txt,
+    classes.json, skipped.jsonl
     cvat-mask.zip, hf/, hf-parquet/   the dataset-shaped exports (labeler.jobs.dataset_exports)
 
 ``<rel>`` is the image's path relative to IMAGES_DIR without its extension. OUT_DIR may be a
@@ -24,7 +27,8 @@ from pathlib import Path, PurePosixPath
 from .storage import Location
 
 RUN_FILE = "run.json"
-PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "objects", "void-free", "preview")
+YOLO_DIR = "yolo"
+PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "objects", "void-free", "preview", YOLO_DIR)
 
 
 def stem_path(relative: Path) -> PurePosixPath:

@@ -12,14 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporters.polygons import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 from labeler.images import DEFAULT_MAX_PIXELS
 from labeler.model_settings import ModelSpec, SegmenterConfig
-from labeler.settings import integer, setting, settings_group
+from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
 from .storage import Location, as_location, describe, parse_location
 
-FORMATS = ("coco", "png", "labelstudio", "cvat-mask", "hf")
+FORMATS = (
+    "coco",
+    "png",
+    "labelstudio",
+    "cvat-mask",
+    "hf",
+    "coco-polygons",
+    "yolo-seg",
+    "labelstudio-polygons",
+)
+POLYGON_FORMATS = ("coco-polygons", "yolo-seg", "labelstudio-polygons")
+"""The formats made of objects (:mod:`exporters.polygons`): ``--min-area`` and
+``--polygon-tolerance`` shape them."""
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -55,11 +68,31 @@ class PseudoLabelOptions:
         metadata=setting(
             "Exports to write (repeatable): coco (COCO RLE, coco.json), png (indexed masks), "
             "labelstudio (labelstudio.json), cvat-mask (CVAT Segmentation mask 1.1 zip), hf "
-            "(Hugging Face datasets folder and Parquet; needs the hf extra). PNG masks are "
-            "always written: they are the per-image record that resuming relies on.",
+            "(Hugging Face datasets folder and Parquet; needs the hf extra), coco-polygons "
+            "(coco-polygons.json), yolo-seg (Ultralytics YOLO segmentation folder yolo/), "
+            "labelstudio-polygons (labelstudio-polygons.json). PNG masks are always written: "
+            "they are the per-image record that resuming relies on.",
             name="format",  # --format coco --format png; the field holds them all
             choices=FORMATS,
             multiple=True,
+        ),
+    )
+    min_area: int = field(
+        default=DEFAULT_MIN_AREA,
+        metadata=setting(
+            "Polygon formats: objects (connected components of a label) and holes of fewer "
+            "pixels are left out (a hole left out is filled).",
+            parse=integer(minimum=1),
+            metavar="PIXELS",
+        ),
+    )
+    polygon_tolerance: float = field(
+        default=DEFAULT_TOLERANCE,
+        metadata=setting(
+            "Polygon formats: how far (pixels) a simplified outline may stray from the "
+            "pixels' edges; 0.5 keeps them exact, larger values give fewer vertices.",
+            parse=number(minimum=0.0),
+            metavar="PIXELS",
         ),
     )
     student: Path | None = field(
@@ -123,6 +156,12 @@ class PseudoLabelOptions:
         # here, once: the job joins paths with ``/``, on disk and in object storage alike.
         for name in ("images_dir", "out_dir"):
             object.__setattr__(self, name, as_location(getattr(self, name)))
+
+    def polygon_settings(self) -> dict[str, Any] | None:
+        """What shapes the polygon pieces (None when no polygon format is asked for)."""
+        if not set(self.formats) & set(POLYGON_FORMATS):
+            return None
+        return {"min_area": self.min_area, "tolerance": self.polygon_tolerance}
 
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""

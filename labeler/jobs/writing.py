@@ -2,9 +2,10 @@
 writer thread.
 
 In order, each written atomically: the mask PNG (:data:`~labeler.jobs.io.PNG_OPTIONS`), the
-object PNG for CVAT (``--format cvat-mask``), the export pieces (COCO annotations and the Label
-Studio prediction, see :mod:`labeler.jobs.exports`), the preview, and last the record, whose
-presence means "done". With ``--crf`` DenseCRF runs here first, on the full-size image.
+object PNG for CVAT (``--format cvat-mask``), the export pieces (COCO annotations, Label
+Studio predictions, YOLO lines, see :mod:`labeler.jobs.exports`), the preview, and last the
+record, whose presence means "done". With ``--crf`` DenseCRF runs here first, on the full-size
+image.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class WritePlan:
     crf: bool
     background_threshold: float | None
     model_version: str
+    polygons: dict[str, Any] | None = None  # PseudoLabelOptions.polygon_settings()
 
 
 def apply_crf(
@@ -134,7 +136,15 @@ def write_image(plan: WritePlan, item: Segmented[Path], clock: StageClock) -> No
         with clock.measure("cvat-mask"):
             write_cvat_files(out, relative, mask, present)
     pieces = make_pieces(
-        mask, present, labels, scores, plan.model_version, plan.formats, clock, counts
+        mask,
+        present,
+        labels,
+        scores,
+        plan.model_version,
+        plan.formats,
+        clock,
+        counts,
+        plan.polygons,
     )
     if plan.preview:
         with clock.measure("preview"):
