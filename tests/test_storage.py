@@ -116,6 +116,8 @@ def _args(images: str, out: str) -> list[str]:
         "labelstudio",
         "--format",
         "cvat-mask",
+        "--format",
+        "yolo-seg",
         "--image-root-url",  # as the golden run's labelstudio.json (demo/scenes/images)
         "/data/local-files/?d=images",
         "--out",
@@ -282,6 +284,11 @@ def test_bucket_to_bucket_resumes_after_a_kill_with_the_local_outputs(bucket, s3
         assert sorted(e for e in entries if e.startswith(folder)) == [
             f"{folder}/{name}.png" for name in names
         ]
+    yolo = local / "yolo"  # images copied from one bucket to the other, labels beside them
+    assert sorted(p.name for p in (yolo / "labels").iterdir()) == [f"{n}.txt" for n in names]
+    assert (yolo / "images" / "scene_005.png").read_bytes() == (
+        SCENES / "scene_005.png"
+    ).read_bytes()
     coco = json.loads((local / "coco.json").read_text())
     assert [(i["id"], i["file_name"]) for i in coco["images"]] == [
         (n, f"{name}.png") for n, name in enumerate(names, start=1)
