@@ -54,7 +54,7 @@ api() { curl -sf -H "Authorization: Bearer $(access)" -H 'Content-Type: applicat
 
 # --8<-- [start:start-backend]
 export LOCAL_FILES_DOCUMENT_ROOT=$FILES_ROOT # the backend and the CLI read local files from disk
-LABEL_STUDIO_URL=$LS_URL stableseg serve --model demo/model --image-size 64 \
+LABEL_STUDIO_URL=$LS_URL stableseg serve --model demo/model \
   --background-prompt background --port "$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 until curl -sf "http://127.0.0.1:$BACKEND_PORT/health" >/dev/null; do sleep 1; done
 # --8<-- [end:start-backend]
@@ -93,7 +93,7 @@ api -X PATCH "$LS_URL/api/projects/$PROJECT" -d "{\"model_version\": \"$VERSION\
 
 # --8<-- [start:predict-all]
 stableseg label-studio predict --url "$LS_URL" --project "$PROJECT" \
-  --model demo/model --image-size 64 --background-prompt background
+  --model demo/model --background-prompt background
 # --8<-- [end:predict-all]
 
 # --8<-- [start:review]

@@ -170,8 +170,6 @@ def _pseudo_label(images: Path, labels: list[str], out: Path) -> Path:
         ",".join(labels),
         "--model",
         "demo/model",
-        "--image-size",
-        "64",
         "--background-prompt",
         "background",
         "--batch-size",
