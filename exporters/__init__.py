@@ -39,6 +39,7 @@ from exporters.preview import (
     gallery_head,
     gallery_html,
     gallery_tail,
+    label_colours,
     overlay,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "image_url",
     "import_task",
     "label_color",
+    "label_colours",
     "labelmap_text",
     "mask_annotations",
     "mask_to_brush_rle",
