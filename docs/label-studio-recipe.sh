@@ -37,13 +37,21 @@ until curl -sf "$LS_URL/health" >/dev/null; do sleep 2; done # about 30 s
 
 # --8<-- [start:token]
 py() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
-jar="$WORK/cookies.txt"
-csrf() { awk '$6 == "csrftoken" {print $7}' "$jar"; }
-curl -sf -c "$jar" -o /dev/null "$LS_URL/user/login/"
-curl -sf -b "$jar" -c "$jar" -o /dev/null "$LS_URL/user/login/" -H "X-CSRFToken: $(csrf)" \
-  --data-urlencode "email=$LS_EMAIL" --data-urlencode "password=$LS_PASSWORD"
-LABEL_STUDIO_API_KEY=$(curl -sf -b "$jar" -X POST "$LS_URL/api/token/" \
-  -H "X-CSRFToken: $(csrf)" | py 'd["token"]')
+TOKEN_FILE=$WORK/token # the personal access token, kept for the next shell (yours alone)
+if [[ ! -s $TOKEN_FILE ]]; then # log in; revoke a token that was not kept; get a new one
+  jar="$WORK/cookies.txt"
+  csrf() { awk '$6 == "csrftoken" {print $7}' "$jar"; }
+  curl -sf -c "$jar" -o /dev/null "$LS_URL/user/login/"
+  curl -sf -b "$jar" -c "$jar" -o /dev/null "$LS_URL/user/login/" -H "X-CSRFToken: $(csrf)" \
+    --data-urlencode "email=$LS_EMAIL" --data-urlencode "password=$LS_PASSWORD"
+  for old in $(curl -sf -b "$jar" "$LS_URL/api/token/" | py '" ".join(t["token"] for t in d)'); do
+    curl -sf -b "$jar" -o /dev/null -X POST "$LS_URL/api/token/blacklist/" \
+      -H "X-CSRFToken: $(csrf)" -H 'Content-Type: application/json' -d "{\"refresh\": \"$old\"}"
+  done
+  (umask 077 && curl -sf -b "$jar" -X POST "$LS_URL/api/token/" -H "X-CSRFToken: $(csrf)" \
+    | py 'd["token"]' >"$TOKEN_FILE")
+fi
+LABEL_STUDIO_API_KEY=$(cat "$TOKEN_FILE")
 export LABEL_STUDIO_API_KEY
 access() {
   curl -sf -X POST "$LS_URL/api/token/refresh/" -H 'Content-Type: application/json' \
