@@ -70,11 +70,18 @@ class _Pass:
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
 
 
+SD_LATENT_SIDE = 64
+"""The latent side Stable Diffusion 1.x and 2.x base were trained at (512 px)."""
+
+
 def native_image_size(unet: torch.nn.Module, vae: torch.nn.Module) -> int:
     """The resolution a Stable Diffusion was trained at: the UNet's latent sample size times the
     VAE's downsampling factor (64 x 8 = 512 for SD 1.x and 2.x base, 96 x 8 = 768 for the 2.x
-    v-models, 16 x 4 = 64 for demo/model). A non-square sample size gives its longer side."""
+    v-models, 16 x 4 = 64 for demo/model). A non-square sample size gives its longer side; a
+    UNet whose configuration states none is taken for SD's (64 latent pixels)."""
     sample = unet.config.sample_size
+    if sample is None:
+        sample = SD_LATENT_SIDE
     side = int(sample if isinstance(sample, int) else max(sample))
     return side * 2 ** (len(vae.config.block_out_channels) - 1)
 

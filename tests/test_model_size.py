@@ -33,7 +33,7 @@ def _parts(sample_size, vae_levels: int) -> tuple[SimpleNamespace, SimpleNamespa
 
 @pytest.mark.parametrize(
     ("sample_size", "vae_levels", "side"),
-    [(64, 4, 512), (96, 4, 768), (16, 3, 64), ((48, 64), 4, 512)],  # SD 1.5, SD 2.1, demo
+    [(64, 4, 512), (96, 4, 768), (16, 3, 64), ((48, 64), 4, 512), (None, 4, 512)],
 )
 def test_the_native_size_is_the_unet_sample_size_times_the_vae_factor(
     sample_size, vae_levels, side
