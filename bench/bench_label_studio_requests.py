@@ -13,8 +13,10 @@ brush results of a ``--side`` x ``--side`` mask with four labels.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from exporters import brush_prediction
-from tests import labelstudio_server as lss  # the tests' Label Studio (the editable install)
+
+
+def _load_labelstudio_server():
+    """The tests' ``labelstudio_server`` module, from this checkout's file: imported as
+    ``tests.labelstudio_server`` it would be looked up in the top-level ``tests`` package that
+    label-studio-converter installs into site-packages, which shadows ours."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "labelstudio_server.py"
+    spec = importlib.util.spec_from_file_location("stableseg_labelstudio_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+lss = _load_labelstudio_server()  # the tests' Label Studio
 
 LABELS = ["red", "green", "blue", "yellow"]
 CONFIG = (

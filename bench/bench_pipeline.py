@@ -18,10 +18,14 @@ fixed (C, 64, 64) score maps, in one of two ways (``--finish``):
 Every configuration runs in a fresh process, so its peak RSS (``ru_maxrss``) is its own. The
 figures printed: images/s of the labelling (and end to end with the exports), CPU ms per image
 of each stage (all threads), peak RSS, the largest number of images held between the reading
-threads and the model, and peak RSS for 100 against 1,000 images.
+threads and the model, and peak RSS for 100 against 1,000 images (every format, the polygon
+formats too). ``polygons`` is the objects' tracing (:mod:`exporters.polygons`), shared by the
+three polygon formats; each format's own stage is its encoding.
 
     python bench/bench_pipeline.py --quick     # a couple of minutes on 2 cores
+    python bench/bench_pipeline.py --polygons  # the polygon formats' rows and the memory runs
     python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
+    python bench/bench_pipeline.py --quick --format cvat-mask --format hf   # other exports
 """
 
 from __future__ import annotations
@@ -47,10 +51,16 @@ STAGES = (
     "png",
     "coco",
     "labelstudio",
+    "cvat-mask",
+    "polygons",
+    "coco-polygons",
+    "yolo-seg",
+    "labelstudio-polygons",
     "preview",
     "record",
     "exports",
 )
+POLYGON_FORMATS = ["coco-polygons", "yolo-seg", "labelstudio-polygons"]
 
 
 # ---------------------------------------------------------------------------- data
@@ -181,6 +191,7 @@ def _line(result: dict[str, Any]) -> str:
         f"{result['size']:>9} {result['labels']:>3} lbl"
         f" preview={'on ' if result['preview'] else 'off'}"
         f" finish={result['finish']:<6} prepared={'yes' if result['prepared'] else 'no '}"
+        f" {'+'.join(f for f in result['formats'] if f != 'png')}"
         f" n={result['images_labelled']:<4} {result['images_per_s']:7.1f} img/s"
         f" ({result['images_per_s_with_exports']:6.1f} with exports)"
         f" cpu {result['cpu_ms_per_image_total']:7.1f} ms/img"
@@ -199,12 +210,35 @@ def _line(result: dict[str, Any]) -> str:
 )
 @click.option("--workers", type=int, default=None, help="[default: the job's default]")
 @click.option("--batch", type=int, default=8, show_default=True, help="Images per model call.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=("coco", "png", "labelstudio"),
+    show_default=True,
+    help="The exports every run writes (repeatable), as pseudo-label's --format.",
+)
+@click.option(
+    "--polygons",
+    "polygons_only",
+    is_flag=True,
+    help="Only the polygon formats' rows (512² and 12 MP, 20 labels) and the memory runs.",
+)
 @click.option("--one", "one", default=None, hidden=True)
-def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | None) -> None:
+def main(
+    quick: bool,
+    data: Path,
+    workers: int | None,
+    batch: int,
+    formats: tuple[str, ...],
+    polygons_only: bool,
+    one: str | None,
+) -> None:
     if one is not None:
         click.echo(json.dumps(run_one(json.loads(one))))
         return
-    formats = ["coco", "png", "labelstudio"]
+    formats = list(dict.fromkeys((*formats, "png")))
+    quick = quick or polygons_only
     small_n, big_n = (60, 6) if quick else (300, 24)
     label_counts = (20,) if quick else (5, 20, 150)
     small = generate_folder(data / f"jpeg512x{small_n}", small_n, 512, 512)
@@ -226,17 +260,21 @@ def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | No
             **extra,
         }
 
+    every_format = list(dict.fromkeys([*formats, *POLYGON_FORMATS]))
     specs = []
-    for labels in label_counts:
-        for preview in (False, True):
-            specs.append(spec(small, "512x512", labels, preview))
-    for labels in label_counts:
-        for preview in (False, True) if not quick else (True,):
-            specs.append(spec(big, "4000x3000", labels, preview))
-    specs.append(spec(big, "4000x3000", 20, True, prepared=True))
-    specs.append(spec(small, "512x512", 20, True, finish="cpu"))
-    if not quick:
-        specs.append(spec(big, "4000x3000", 20, True, finish="cpu"))
+    if not polygons_only:
+        for labels in label_counts:
+            for preview in (False, True):
+                specs.append(spec(small, "512x512", labels, preview))
+        for labels in label_counts:
+            for preview in (False, True) if not quick else (True,):
+                specs.append(spec(big, "4000x3000", labels, preview))
+        specs.append(spec(big, "4000x3000", 20, True, prepared=True))
+        specs.append(spec(small, "512x512", 20, True, finish="cpu"))
+        if not quick:
+            specs.append(spec(big, "4000x3000", 20, True, finish="cpu"))
+    specs.append(spec(small, "512x512", 20, False, formats=["png", *POLYGON_FORMATS]))
+    specs.append(spec(big, "4000x3000", 20, False, formats=["png", *POLYGON_FORMATS]))
 
     report: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "runs": [], "memory": {}}
     for item in specs:
@@ -249,7 +287,8 @@ def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | No
         folder = generate_folder(
             data / f"jpeg{memory_side}x{count}", count, memory_side, memory_side, seed=2
         )
-        result = run_in_subprocess(spec(folder, f"{memory_side}x{memory_side}", 20, True))
+        size = f"{memory_side}x{memory_side}"
+        result = run_in_subprocess(spec(folder, size, 20, True, formats=every_format))
         report["memory"][str(count)] = result
         click.echo(_line(result), err=True)
     small_rss = report["memory"]["100"]["peak_rss_mb"]

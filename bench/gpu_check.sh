@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check, under 8 minutes on one GPU; prints one JSON on stdout:
 #   gpu_tests       pytest -m gpu (the GPU-marked tests)
+#   large_requests  bench/gpu_large_requests.py: a real CUDA out-of-memory answered 503 with
+#                   Retry-After and the model serving on; 254 long labels on a 12 MP image,
+#                   peak memory with UNet calls bounded and with one call
 #   segment         bench/bench_segment.py at 512 px, fp16 and bf16, batches 1, 8 and 32
 #   job             bench/bench_job.py: the whole pseudo-label job on 512 generated 512x512
 #                   images with SD-1.5-shaped random weights (images/s end to end)
@@ -37,12 +40,14 @@ if [[ $SMOKE == 1 ]]; then
     SEGMENT_ARGS=(--tiny --image-size 64 --batch-sizes 1,2 --repeats 1)
     COMPILE_ARGS=(--tiny --image-size 64 --batch-sizes 1 --repeats 1)
     JOB_ARGS=(--tiny --images 16 --size 64 --image-size 64 --batch 4)
+    LARGE_ARGS=(--smoke)
 else
     DEVICE=cuda
     DTYPES=(fp16 bf16)
     SEGMENT_ARGS=(--image-size 512 --batch-sizes 1,8,32 --repeats 3)
     COMPILE_ARGS=("${SEGMENT_ARGS[@]}")
     JOB_ARGS=(--images 512 --size 512 --image-size 512 --batch 32)
+    LARGE_ARGS=()
 fi
 
 # step NAME MAX_SECONDS COMMAND...: run COMMAND for at most MAX_SECONDS (and never past the
@@ -64,6 +69,7 @@ step() {
 }
 
 step gpu_tests 90 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider
+step large_requests 120 "$PYTHON" bench/gpu_large_requests.py "${LARGE_ARGS[@]}"
 for dtype in "${DTYPES[@]}"; do
     step "segment_$dtype" 100 "$PYTHON" bench/bench_segment.py --device "$DEVICE" \
         --dtype "$dtype" "${SEGMENT_ARGS[@]}"

@@ -1,4 +1,5 @@
-"""COCO instance-format JSON with compressed RLE masks, one annotation per (image, label).
+"""COCO instance-format JSON: compressed RLE masks, one annotation per (image, label), or
+polygons, one annotation per object (:func:`polygon_annotations`).
 
 Category ids are the mask ids: the k-th label (1-based) is category k. Background (0) and
 ignore (255) pixels produce no annotation. Needs ``pycocotools`` (imported when used).
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from exporters.polygons import MaskObject
     from labeler.result import SegmentationResult
 
 from exporters.mask_ids import present_ids
@@ -253,8 +255,9 @@ def build_coco(
                 f"build_coco: annotation {ann_id} has category_id {annotation['category_id']}, "
                 f"valid ids are 1..{len(names)}"
             )
-        size = tuple(annotation["segmentation"]["size"])
-        if size != image_sizes[image_id]:
+        segmentation = annotation["segmentation"]
+        size = tuple(segmentation["size"]) if isinstance(segmentation, Mapping) else None
+        if size is not None and size != image_sizes[image_id]:
             raise ValueError(
                 f"build_coco: annotation {ann_id} mask size {size} (H, W) differs from image "
                 f"{image_id}'s {image_sizes[image_id]}"
@@ -270,3 +273,51 @@ def build_coco(
         "annotations": [dict(annotation) for annotation in annotations],
         "categories": categories,
     }
+
+
+def polygon_annotations(
+    mask: np.ndarray,
+    objects: Sequence[MaskObject],
+    *,
+    scores: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
+    """COCO annotations of one mask's objects (see :mod:`exporters.polygons`), one per object,
+    without their ``id`` and ``image_id``.
+
+    An object without holes is one polygon (``segmentation: [[x1, y1, x2, y2, ...]]``, pixel
+    edge coordinates). pycocotools fills every polygon of an annotation and takes their union,
+    so a polygon cannot leave a hole empty: an object with holes is written as compressed RLE
+    of its exact pixels instead (``segmentation: {"size": [H, W], "counts": str}``).
+
+    Args:
+        mask: (H, W) ids the objects were found in.
+        objects: from :func:`exporters.polygons.mask_objects`.
+        scores: optional per-label scores, ``scores[k - 1]`` for label k.
+
+    Returns:
+        Dicts with ``category_id, segmentation, area`` (the pixels the segmentation holds),
+        ``bbox`` ([x, y, w, h]), ``iscrowd: 0`` and, with ``scores``, ``score``.
+    """
+    from exporters.polygons import object_pixels
+
+    annotations = []
+    for obj in objects:
+        segmentation: Any
+        if obj.holes:
+            pixels = object_pixels(mask, obj)  # (H, W) bool
+            segmentation = encode_rle(pixels)
+            area = int(np.count_nonzero(pixels))
+        else:
+            segmentation = [np.rint(obj.outer).astype(np.int64).ravel().tolist()]
+            area = obj.area
+        annotation: dict[str, Any] = {
+            "category_id": obj.label_id,
+            "segmentation": segmentation,
+            "area": area,
+            "bbox": [float(v) for v in obj.bbox],
+            "iscrowd": 0,
+        }
+        if scores is not None:
+            annotation["score"] = float(scores[obj.label_id - 1])
+        annotations.append(annotation)
+    return annotations

@@ -1,10 +1,11 @@
-"""Label Studio brush predictions and import files.
+"""Label Studio brush and polygon predictions, and import files.
 
 A brush result stores one label's pixels as Label Studio's RLE: the rle-pack bit stream of an
 RGBA image of the mask, of which Label Studio draws the alpha channel; masks go in as 0/255 so the
 alpha is opaque. ``exporters.brush_rle`` encodes it (byte for byte what
 ``label_studio_converter.brush.mask2rle`` writes, many times faster); ``label_studio_converter``
-(imported when used) decodes it.
+(imported when used) decodes it. A polygon result is one object's outline (see
+:mod:`exporters.polygons`) in percent of the image's sides.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -21,6 +22,9 @@ import numpy as np
 from exporters.brush_rle import brush_rle_bytes_by_label, encode_brush_rle
 from exporters.mask_ids import present_ids
 from labeler.result import IGNORE
+
+if TYPE_CHECKING:
+    from exporters.polygons import MaskObject
 
 _RGBA_CHANNELS = 4
 
@@ -316,3 +320,100 @@ def image_url(root_url: str, relative_path: str | PurePosixPath) -> str:
     if root_url.endswith(("/", "=")):
         return root_url + quoted
     return f"{root_url}/{quoted}"
+
+
+PERCENT_DIGITS = 4  # decimals of the polygon points' percent coordinates
+
+
+def polygon_results(
+    objects: Sequence[MaskObject],
+    labels: Sequence[str],
+    width: int,
+    height: int,
+    scores: Mapping[str, float] | None = None,
+    from_name: str = "tag",
+    to_name: str = "image",
+) -> list[dict[str, Any]]:
+    """Label Studio ``polygonlabels`` results, one region per object (see
+    :mod:`exporters.polygons`), points in percent of the image's width and height.
+
+    A Label Studio polygon has no holes: an object with holes is one ring with its holes joined
+    by zero-width cuts (:func:`exporters.polygons.joined_ring`), which Label Studio fills with
+    the holes empty.
+
+    Args:
+        objects: the image's objects; ``labels[obj.label_id - 1]`` names each.
+        labels: the label names, as in the project's labeling config.
+        width, height: the image's size in pixels.
+        scores: optional label -> confidence; a result carries its label's score.
+        from_name: the ``name`` of the ``<PolygonLabels>`` control tag.
+        to_name: the ``name`` of the ``<Image>`` object tag.
+    """
+    from exporters.polygons import joined_ring
+
+    if width <= 0 or height <= 0:
+        raise ValueError(
+            f"polygon_results: width and height must be positive, got {width}x{height}"
+        )
+    scale = np.array([100.0 / width, 100.0 / height])
+    results = []
+    for index, obj in enumerate(objects):
+        label = labels[obj.label_id - 1]
+        points = np.round(np.clip(joined_ring(obj) * scale, 0.0, 100.0), PERCENT_DIGITS)
+        result: dict[str, Any] = {
+            "id": _result_id(from_name, to_name, index, label),
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": "polygonlabels",
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": {"points": points.tolist(), "closed": True, "polygonlabels": [label]},
+        }
+        if scores is not None and label in scores:
+            result["score"] = float(scores[label])
+        results.append(result)
+    return results
+
+
+def polygon_prediction(
+    mask: np.ndarray,
+    objects: Sequence[MaskObject],
+    labels: Sequence[str],
+    scores: Mapping[str, float],
+    model_version: str,
+    from_name: str = "tag",
+    to_name: str = "image",
+    *,
+    counts: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The Label Studio prediction of an id mask as polygons: :func:`polygon_results` of its
+    objects and the mask's :func:`task_score`.
+
+    Args:
+        counts: the pixels of each id (:func:`exporters.id_counts` of the mask), if known.
+    """
+    height, width = np.asarray(mask).shape
+    results = polygon_results(objects, labels, width, height, scores, from_name, to_name)
+    if counts is None:
+        counts = np.bincount(np.asarray(mask).ravel(), minlength=len(labels) + 1)
+    return prediction(results, model_version, score=_score_of_areas(counts, labels, scores))
+
+
+def decode_polygon_result(result: Mapping[str, Any]) -> np.ndarray:
+    """The (H, W) boolean mask of one polygon result: the pixels whose centres the polygon
+    holds (non-zero winding, so a hole joined by a cut and run the other way stays empty)."""
+    from matplotlib.path import Path as Outline
+
+    try:
+        points = np.asarray(result["value"]["points"], dtype=np.float64).reshape(-1, 2)
+        width, height = int(result["original_width"]), int(result["original_height"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            "decode_polygon_result: expected a result with value.points ([[x, y], ...] in "
+            f"percent), original_width and original_height; got {error}"
+        ) from error
+    vertices = points * np.array([width / 100.0, height / 100.0])  # (N, 2) pixel edges
+    rows, cols = np.mgrid[0:height, 0:width]  # (H, W) each
+    centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)  # (H * W, 2)
+    return Outline(vertices).contains_points(centres).reshape(height, width)

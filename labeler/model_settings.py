@@ -297,6 +297,8 @@ class ModelSpec:
         dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` or None (fp16 on CUDA, fp32 elsewhere);
             other spellings are normalised by :func:`parse_dtype`.
         compile: ``torch.compile`` the UNet (worth it for long runs on a GPU).
+        unet_memory: MiB one UNet call's prompt rows may take (their recorded attention and
+            activations); None: derived from the device (``StableSeg.unet_memory``).
     """
 
     source: str = field(
@@ -332,6 +334,16 @@ class ModelSpec:
         metadata=setting(
             "torch.compile the UNet (slower start, faster long runs on a GPU).",
             switch=True,
+        ),
+    )
+    unet_memory: int | None = field(
+        default=None,
+        metadata=setting(
+            "MiB one UNet call's prompt rows x images may take (recorded attention and "
+            "activations); more rows go in several calls with the same masks.",
+            parse=integer(minimum=1),
+            metavar="MIB",
+            default_text="half the free GPU memory on CUDA, 2048 on CPU",
         ),
     )
 

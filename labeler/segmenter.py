@@ -40,6 +40,15 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+CPU_UNET_MEMORY = 2 * 2**30
+"""Budget of one UNet call's per-row memory on a CPU (bytes), where free memory says little."""
+CUDA_UNET_FRACTION = 0.5
+"""Share of the GPU memory free (and cached by PyTorch) that one UNet call's rows may take."""
+ACTIVATION_FACTOR = 16
+"""Live (tokens x inner dim) tensors of one transformer block, per row: its input and norms,
+Q, K, V, the attention output and the feed-forward's GEGLU projection (8 wide)."""
+
+
 @dataclass(frozen=True)
 class MapPlan:
     """Which attention layers a pass records, and how their maps are weighted."""
@@ -68,6 +77,65 @@ class _Pass:
     layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
     evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
+
+    @staticmethod
+    def concat(parts: list[_Pass]) -> _Pass:
+        """The passes of consecutive image groups as one pass over all their images."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return _Pass(
+            final=torch.cat([part.final for part in parts]),
+            layer_maps={
+                name: torch.cat([part.layer_maps[name] for part in parts])
+                for name in first.layer_maps
+            },
+            evidence=None
+            if first.evidence is None
+            else torch.cat([part.evidence for part in parts]),  # type: ignore[misc]
+            shares=None
+            if first.shares is None
+            else {
+                name: torch.cat([part.shares[name] for part in parts])  # type: ignore[index]
+                for name in first.shares
+            },
+        )
+
+
+@dataclass
+class _Recorded:
+    """What one UNet call recorded (see :class:`labeler.attention.AttentionStore`)."""
+
+    cross: dict[str, torch.Tensor]  # layer -> (rows, T, h, w)
+    queries: dict[str, torch.Tensor]  # layer -> (rows, heads, N, d)
+    keys: dict[str, torch.Tensor]  # layer -> (rows, heads, N, d)
+    scales: dict[str, float]
+
+
+@dataclass
+class PendingResult:
+    """One image segmented at model resolution, its full-size finish still to do.
+
+    :meth:`StableSeg.segment_pending` makes these while it holds the model; :meth:`finish`
+    (upsampling to the image's size, mask, confidences) can then run outside any lock the
+    caller keeps around model passes.
+    """
+
+    segmenter: StableSeg
+    scores: torch.Tensor  # (C, S, S) final scores at the common size
+    shape: tuple[int, int]  # (H, W) of the mask
+    labels: list[str]
+    return_probs: bool = False
+    evidence: torch.Tensor | None = None  # (labels, S, S)
+    layer_maps: dict[str, np.ndarray] | None = None
+
+    def finish(self) -> SegmentationResult:
+        """The :class:`SegmentationResult` at the image's size."""
+        out = self.segmenter._finish(
+            self.scores, self.shape, self.labels, self.return_probs, self.evidence
+        )
+        out.layer_maps = self.layer_maps
+        return out
 
 
 SD_LATENT_SIDE = 64
@@ -100,6 +168,10 @@ class StableSeg:
 
     band_bytes: int = BAND_BYTES
     """Budget of one row band of the finish step (C x rows x W float32)."""
+    unet_memory: int | None = None
+    """Budget of one UNet call's per-row memory in bytes (recorded Q/K and maps, activations);
+    None: half the free GPU memory on CUDA, :data:`CPU_UNET_MEMORY` elsewhere. Prompt rows x
+    images past it are split over several calls (:meth:`rows_per_call`)."""
 
     def __init__(
         self,
@@ -213,6 +285,7 @@ class StableSeg:
         other = StableSeg(self.unet, self.vae, self.text_encoder, self.tokenizer, config)
         other.source = self.source
         other.band_bytes = self.band_bytes
+        other.unet_memory = self.unet_memory
         return other
 
     # ------------------------------------------------------------------ recording, compile
@@ -355,20 +428,129 @@ class StableSeg:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
+    def row_bytes(self, layers: Sequence[LayerInfo]) -> int:
+        """Bytes one prompt row costs in a UNet call that records ``layers``.
+
+        From the attention modules' shapes and the model's dtype: the Q and K each recorded
+        self-attention layer keeps, the label-token maps of the recorded cross-attention layers
+        (float32, at most the whole text context) and, for the largest layer, the explicit
+        softmax over the text of a recorded cross-attention layer and the transformer block's
+        working tensors (:data:`ACTIVATION_FACTOR`).
+        """
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        context = int(getattr(self.tokenizer, "model_max_length", 77))
+        recorded = {layer.name for layer in layers}
+        kept, working = 0, 0
+        for layer in self.attention_layers():
+            module = self.unet.get_submodule(layer.name)
+            tokens = layer.size[0] * layer.size[1]
+            inner = int(module.to_q.out_features)
+            working = max(working, tokens * inner * itemsize * ACTIVATION_FACTOR)
+            if layer.name not in recorded:
+                continue
+            if layer.kind == "self":
+                kept += 2 * tokens * inner * itemsize  # Q and K
+            else:
+                kept += context * tokens * 4  # label-token maps, float32
+                working = max(working, 2 * int(module.heads) * tokens * context * 4)
+        return kept + working
+
+    def unet_budget(self) -> int:
+        """Bytes one UNet call's rows may take: :attr:`unet_memory` when set, else half the
+        GPU memory free or cached by PyTorch on CUDA, :data:`CPU_UNET_MEMORY` elsewhere."""
+        if self.unet_memory is not None:
+            return int(self.unet_memory)
+        device = self.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int((free + cached) * CUDA_UNET_FRACTION)
+        return CPU_UNET_MEMORY
+
+    def rows_per_call(self, layers: Sequence[LayerInfo]) -> int:
+        """Prompt rows x images one UNet call recording ``layers`` may take (at least 1)."""
+        return max(1, self.unet_budget() // max(1, self.row_bytes(layers)))
+
+    @torch.inference_mode()
+    def _unet_call(
+        self,
+        latents: torch.Tensor,
+        prompts: _Prompts,
+        layers: Sequence[LayerInfo],
+        first: int,
+        last: int,
+    ) -> _Recorded:
+        """One recorded UNet call on every image of ``latents`` with prompts ``first:last``.
+
+        Rows are image-major (image i, prompt p at row i * (last - first) + p - first). Rows
+        never meet inside the UNet (its normalisations are per row), so a row's maps are the
+        same whichever call it runs in.
+        """
+        batch, count = latents.shape[0], last - first
+        rows = latents.repeat_interleave(count, dim=0)  # (B*p, c, h, w)
+        context = prompts.embeddings[first:last].repeat(batch, 1, 1)  # (B*p, L, D)
+        timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
+        token_index = prompts.token_index[first:last].repeat(batch, 1)  # (B*p, T)
+        with self._recorder().recording(layers, token_index) as store:
+            self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+            return _Recorded(
+                dict(store.cross), dict(store.queries), dict(store.keys), dict(store.scales)
+            )
+
     @torch.inference_mode()
     def _attention_pass(self, latents: torch.Tensor, prompts: _Prompts, plan: MapPlan) -> _Pass:
-        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores."""
-        batch, num_prompts = latents.shape[0], prompts.batch.num_prompts
-        num_classes = len(prompts.batch.spans)
-        rows = latents.repeat_interleave(num_prompts, dim=0)  # (B*P, c, h, w)
-        context = prompts.embeddings.repeat(batch, 1, 1)  # (B*P, L, D)
-        timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
-        token_index = prompts.token_index.repeat(batch, 1)  # (B*P, T)
-        with self._recorder().recording(plan.layers, token_index) as store:
-            self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
-            cross, queries, keys = dict(store.cross), dict(store.queries), dict(store.keys)
-            scales = dict(store.scales)
+        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores.
 
+        The UNet takes one row per (image, prompt). When the rows pass :meth:`rows_per_call`,
+        the images go through in groups, and an image whose prompts alone pass it goes through
+        twice, its prompts in pieces: once recording the cross-attention layers (the CA map
+        needs every prompt's), once recording the self-attention layers, each piece's Q and K
+        reduced to its SAR share as soon as it is recorded. Either way the maps are those of one
+        call with every row.
+        """
+        batch, num_prompts = latents.shape[0], prompts.batch.num_prompts
+        limit = self.rows_per_call(plan.layers)
+        if batch > 1 and batch * num_prompts > limit:
+            per_call = max(1, limit // num_prompts)
+            return _Pass.concat(
+                [
+                    self._attention_pass(latents[start : start + per_call], prompts, plan)
+                    for start in range(0, batch, per_call)
+                ]
+            )
+        if batch * num_prompts <= limit:
+            recorded = self._unet_call(latents, prompts, plan.layers, 0, num_prompts)
+            return self._maps(recorded.cross, prompts, plan, batch, recorded)
+        # One image with more prompt rows than a call takes.
+        cross_layers = [layer for layer in plan.layers if layer.kind == "cross"]
+        step = self.rows_per_call(cross_layers)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for first in range(0, num_prompts, step):
+            last = min(num_prompts, first + step)
+            piece = self._unet_call(latents, prompts, cross_layers, first, last)
+            for name, token_maps in piece.cross.items():
+                pieces.setdefault(name, []).append(token_maps)  # (p, T, h, w)
+            del piece
+        cross = {name: torch.cat(maps) for name, maps in pieces.items()}  # (P, T, h, w)
+        return self._maps(cross, prompts, plan, batch, None, latents)
+
+    @torch.inference_mode()
+    def _maps(
+        self,
+        cross: dict[str, torch.Tensor],
+        prompts: _Prompts,
+        plan: MapPlan,
+        batch: int,
+        recorded: _Recorded | None,
+        latents: torch.Tensor | None = None,
+    ) -> _Pass:
+        """Steps 4-7 from the recorded maps: CAPM, CA map, SAR, final scores.
+
+        ``recorded`` holds the self-attention layers' Q and K of every row; when it is None,
+        ``latents`` (one image) go through the UNet again in pieces for them.
+        """
+        num_prompts = prompts.batch.num_prompts
+        num_classes = len(prompts.batch.spans)
         layer_maps: dict[str, torch.Tensor] = {}
         attention: dict[str, torch.Tensor] = {}
         shares: dict[str, torch.Tensor] = {}
@@ -378,6 +560,7 @@ class StableSeg:
             )  # (B, C, h, w) before renormalisation
             # CAPM of the layer (B, C, h, w) and the labels' share of its attention (B, 1, h, w)
             layer_maps[name], shares[name] = renormalise_over_labels(attention[name])
+        cross.clear()
         capm = cross_attention_map(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
         evidence = None
         if self.config.background_threshold is not None:
@@ -388,22 +571,50 @@ class StableSeg:
         del attention
 
         sizes = {layer.name: layer.size for layer in plan.layers}
-        for name in list(queries):
-            size = sizes[name]
-            labels = ca_labels_at(capm, size).flatten(1)  # (B, h*w)
-            # Each layer's Q and K are let go as soon as its map is made; the prompt rows of an
-            # image are refined one at a time and averaged, so memory grows with the labels,
-            # not with labels x prompts (labels past one text context make more prompts).
-            query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
-            key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
-            total = sum(
-                self_attention_class_probs(
-                    query[:, prompt], key[:, prompt], labels, num_classes, scales[name]
-                )  # (B, C, h*w)
-                for prompt in range(num_prompts)
-            )
-            del query, key
-            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
+        labels_at = {
+            layer.name: ca_labels_at(capm, layer.size).flatten(1)  # (B, h*w)
+            for layer in plan.layers
+            if layer.kind == "self"
+        }
+        totals: dict[str, Any] = dict.fromkeys(labels_at, 0)
+        if recorded is not None:
+            queries, keys, scales = recorded.queries, recorded.keys, recorded.scales
+            for name in list(queries):
+                # Each layer's Q and K are let go as soon as its map is made; the prompt rows of
+                # an image are refined one at a time and summed, so memory grows with the
+                # labels, not with labels x prompts.
+                query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
+                key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
+                for prompt in range(num_prompts):
+                    totals[name] = totals[name] + self_attention_class_probs(
+                        query[:, prompt],
+                        key[:, prompt],
+                        labels_at[name],
+                        num_classes,
+                        scales[name],
+                    )  # (B, C, h*w)
+                del query, key
+        elif labels_at:
+            assert latents is not None
+            self_layers = [layer for layer in plan.layers if layer.kind == "self"]
+            step = self.rows_per_call(self_layers)
+            for first in range(0, num_prompts, step):
+                last = min(num_prompts, first + step)
+                piece = self._unet_call(latents, prompts, self_layers, first, last)
+                for name in list(piece.queries):
+                    query, key = piece.queries.pop(name), piece.keys.pop(name)  # (p, h, N, d)
+                    for row in range(last - first):
+                        totals[name] = totals[name] + self_attention_class_probs(
+                            query[row : row + 1],
+                            key[row : row + 1],
+                            labels_at[name],
+                            num_classes,
+                            piece.scales[name],
+                        )  # (1, C, h*w)
+                    del query, key
+                del piece
+        for name, total in totals.items():
+            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *sizes[name])
 
         final = final_scores(
             capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
@@ -473,6 +684,10 @@ class StableSeg:
             )
         )
 
+    def num_prompts(self, labels: Sequence[str]) -> int:
+        """Prompts (UNet rows per image) that ``labels`` need, the background prompt included."""
+        return self._prompts(self.prompt_labels(labels)).batch.num_prompts
+
     def prompt_labels(self, labels: Sequence[str]) -> list[str]:
         """The classes the prompt names: the labels, then the background prompt if any."""
         labels = validate_labels(labels, max_labels=None)
@@ -489,6 +704,38 @@ class StableSeg:
         return_layer_maps: bool = False,
     ) -> Iterator[SegmentationResult]:
         """Like :meth:`segment`, yielding results batch by batch."""
+        for pending in self.iter_pending(
+            images, labels, return_probs=return_probs, return_layer_maps=return_layer_maps
+        ):
+            yield pending.finish()
+
+    def segment_pending(
+        self,
+        images: Any,
+        labels: Sequence[str],
+        *,
+        return_probs: bool = False,
+        return_layer_maps: bool = False,
+    ) -> list[PendingResult]:
+        """Like :meth:`segment`, but each image's full-size finish is left to
+        :meth:`PendingResult.finish`: the model's part (VAE, UNet, maps at model resolution)
+        is done here, so a caller that serialises model passes need not hold its lock for the
+        finish (its cost grows with the image's pixels, not the model's)."""
+        return list(
+            self.iter_pending(
+                images, labels, return_probs=return_probs, return_layer_maps=return_layer_maps
+            )
+        )
+
+    def iter_pending(
+        self,
+        images: Any,
+        labels: Sequence[str],
+        *,
+        return_probs: bool = False,
+        return_layer_maps: bool = False,
+    ) -> Iterator[PendingResult]:
+        """Like :meth:`segment_pending`, yielding batch by batch."""
         labels = validate_labels(labels, max_labels=None)
         prompted = self.prompt_labels(labels)
         if not isinstance(images, (list, tuple)):
@@ -502,15 +749,22 @@ class StableSeg:
             latents = self.encode_images(pixels)
             result = self._attention_pass(latents, prompts, plan)
             for i, shape in enumerate(shapes):
-                evidence = None if result.evidence is None else result.evidence[i]
-                out = self._finish(result.final[i], shape, labels, return_probs, evidence)
+                layer_maps = None
                 if return_layer_maps:
-                    out.layer_maps = {
+                    layer_maps = {
                         name: m[i].half().cpu().numpy() for name, m in result.layer_maps.items()
                     }
                     for name, share in (result.shares or {}).items():
-                        out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
-                yield out
+                        layer_maps[share_key(name)] = share[i].half().cpu().numpy()
+                yield PendingResult(
+                    segmenter=self,
+                    scores=result.final[i],  # (C, S, S)
+                    shape=shape,
+                    labels=labels,
+                    return_probs=return_probs,
+                    evidence=None if result.evidence is None else result.evidence[i],
+                    layer_maps=layer_maps,
+                )
 
     def _model_input(
         self, images: Sequence[Any], first_index: int

@@ -179,3 +179,55 @@ def sd15_components(seed: int = 0) -> dict[str, Any]:
         "text_encoder": text_encoder,
         "tokenizer": tiny_clip_tokenizer(),
     }
+
+
+def compressible_png(width: int, height: int, *, bit_depth: int = 16, alpha: bool = True) -> bytes:
+    """A valid PNG of ``width`` x ``height`` that is tiny on disk and quick to make.
+
+    For tests and benchmarks of large decodes: its first row is a colour ramp and every other
+    row repeats the one above (PNG's "up" filter on zeros), so a 100 MP 16-bit RGBA picture
+    takes well under a megabyte and well under a second to write, yet decodes to its full size.
+    The compressed rows are made once and repeated (a full flush makes deflate output
+    position-independent).
+    """
+    import struct
+    import zlib
+
+    import numpy as np
+
+    channels = 4 if alpha else 3
+    sample = np.dtype(">u2") if bit_depth == 16 else np.dtype(np.uint8)
+    top = 65535 if bit_depth == 16 else 255
+    ramp = (np.arange(width, dtype=np.float64) * top / max(1, width - 1)).astype(np.int64)
+    first = np.stack([ramp, ramp[::-1], np.full(width, top // 3), np.full(width, top)], -1)
+    first = first[:, :channels].astype(sample).tobytes()
+    stride = width * channels * sample.itemsize
+    rows_per_block = max(1, min(height - 1, 8_000_000 // (stride + 1)))
+    block = (b"\x02" + bytes(stride)) * rows_per_block  # "up" filter, nothing changes
+
+    def deflate(data: bytes) -> bytes:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+    head = b"\x00" + first
+    parts, checksum = [deflate(head)], zlib.adler32(head)
+    packed, left = deflate(block), height - 1
+    while left >= rows_per_block:
+        parts.append(packed)
+        checksum = zlib.adler32(block, checksum)
+        left -= rows_per_block
+    if left:
+        tail = block[: left * (stride + 1)]
+        parts.append(deflate(tail))
+        checksum = zlib.adler32(tail, checksum)
+    stream = b"\x78\x01" + b"".join(parts) + b"\x03\x00" + struct.pack(">I", checksum)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    colour_type = 6 if alpha else 2
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    )

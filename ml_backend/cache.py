@@ -147,3 +147,49 @@ def model_version(settings: BackendSettings) -> str:
     """
     _, dtype = _device_and_dtype(settings.model)
     return _version(settings, segmenter_config(settings), dtype)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch is looked at only when it is already imported)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def give_back_memory(device_cache: bool = False) -> None:
+    """Hand memory back after a request: the C heap's free pages to the system (glibc's
+    ``malloc_trim``, where there is one), and with ``device_cache`` the GPU memory PyTorch
+    keeps cached (after an out-of-memory error, so the next request finds it free)."""
+    import gc
+    import sys
+
+    if device_cache:
+        gc.collect()  # the failed pass's tensors, held by reference cycles of its frames
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_trim: list[Any] = []
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    if not _trim:
+        import ctypes
+        import ctypes.util
+
+        function = None
+        try:
+            library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            function = library.malloc_trim
+            function.argtypes = [ctypes.c_size_t]
+            function.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            function = None
+        _trim.append(function)
+    return _trim[0]

@@ -31,10 +31,11 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import requests
 from PIL import Image
 
-from labeler.images import ImageError, open_image
+from labeler.images import ImageError, PixelGate, decode_image
 
 from .backend_settings import BackendSettings
-from .fetch import FetchError, FetchPolicy, fetch, redact
+from .fetch import BudgetSpent, DownloadBudget, FetchError, FetchPolicy, fetch, redact
+from .limits import download_budget_spent, too_many_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ class LabelStudioAuth:
             return self._access
 
 
+_gates: dict[int, PixelGate] = {}
+_gates_lock = threading.Lock()
+
+
+def decode_gate(max_pixels: int) -> PixelGate:
+    """The process's bound on pixels decoded at full size at once: one largest accepted image
+    (``STABLESEG_MAX_PIXELS``), however many requests and reading threads decode."""
+    with _gates_lock:
+        if max_pixels not in _gates:
+            _gates[max_pixels] = PixelGate(max_pixels)
+        return _gates[max_pixels]
+
+
 _auth_cache: dict[tuple[str, str], LabelStudioAuth] = {}
 _auth_lock = threading.Lock()
 
@@ -165,16 +179,74 @@ class ImageLoader:
     The Label Studio server and key are ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` only:
     a ``hostname`` or ``access_token`` that arrives in ``/setup`` or a request body comes from
     whoever can reach the backend and is never used for a URL or a credential.
+
+    Every download takes one of the process's ``STABLESEG_MAX_DOWNLOADS`` slots and runs within
+    ``budget`` (a ``/predict``'s: :class:`ml_backend.fetch.DownloadBudget`; None: each download
+    has only its own ``STABLESEG_HTTP_TIMEOUT``).
     """
 
-    def __init__(self, settings: BackendSettings) -> None:
+    def __init__(
+        self,
+        settings: BackendSettings,
+        budget: DownloadBudget | None = None,
+        pixel_budget: bool = False,
+    ) -> None:
+        """``budget``: the request's downloads; ``pixel_budget``: the loader serves one
+        ``/predict``, whose images may hold ``STABLESEG_MAX_REQUEST_PIXELS`` together (a 413
+        past it)."""
         self.settings = settings
         self.base_url = (settings.label_studio_url or "").rstrip("/") or None
         self.api_key = settings.label_studio_api_key or None
         self.policy = FetchPolicy.from_settings(settings)
+        self.budget = budget or DownloadBudget(None, settings.max_downloads)
+        self.max_request_pixels = settings.max_request_pixels if pixel_budget else None
+        self.pixels = 0
+        """Pixels of the images this loader has opened (full sizes)."""
+        self._count_lock = threading.Lock()
+        self._local = threading.local()  # this thread's decode: reduced for the model or not
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
-        """The decoded, EXIF-transposed image behind a task's URL."""
+        """The decoded, EXIF-transposed image behind a task's URL, at full size."""
+        return self.load_sized(url, task_id, reduce_to=None)[0]
+
+    def load_for_model(self, url: Any, task_id: int | None = None) -> tuple[Image.Image, Any]:
+        """The image behind a task's URL decoded for the model: 8-bit RGB, reduced towards
+        the model's ``image_size`` (:func:`labeler.images.decode_image`), and the (width,
+        height) of the full image, the mask's size."""
+        return self.load_sized(url, task_id, self.settings.stableseg.segmenter.image_size)
+
+    def load_sized(
+        self, url: Any, task_id: int | None, reduce_to: int | None
+    ) -> tuple[Image.Image, Any]:
+        """The image and its full (width, height); reduced towards ``reduce_to`` px a side
+        when given."""
+        self._local.reduce_to = reduce_to
+        self._local.size = None
+        image = self._load(url, task_id)
+        return image, self._local.size or image.size
+
+    def _open(self, source: Any) -> Image.Image:
+        """Decode one image (a path or bytes) under the process's decode gate, counting its
+        pixels against the request's budget before it is decoded."""
+        side = getattr(self._local, "reduce_to", None)
+        image, size = decode_image(
+            source,
+            self.settings.max_pixels,
+            None if side is None else (lambda shown: (side, side)),
+            on_size=self._count,
+            gate=decode_gate(self.settings.max_pixels),
+        )
+        self._local.size = size
+        return image
+
+    def _count(self, size: tuple[int, int]) -> None:
+        with self._count_lock:
+            self.pixels += size[0] * size[1]
+            pixels = self.pixels
+        if self.max_request_pixels is not None and pixels > self.max_request_pixels:
+            raise too_many_pixels(pixels, self.settings)
+
+    def _load(self, url: Any, task_id: int | None = None) -> Image.Image:
         if not isinstance(url, str) or not url.strip():
             raise ImageError(f"task has no image URL (got {url!r})")
         url = url.strip()
@@ -185,12 +257,7 @@ class ImageLoader:
         if scheme in ("http", "https"):
             if self.policy.is_label_studio(url) and parts.path.startswith("/data/"):
                 return self._from_data_path(parts.path, parts.query, url)
-            data = fetch(
-                url,
-                self.policy,
-                max_bytes=self.settings.max_image_bytes,
-                timeout=self.settings.http_timeout,
-            )
+            data = self._download(url, self.settings.max_image_bytes)
             return self._decode(data, url)
         if scheme:
             raise ImageError(
@@ -216,13 +283,7 @@ class ImageLoader:
             raise ImageError(f"set {missing} so the backend can fetch from Label Studio")
         headers = label_studio_auth(self.base_url, self.api_key).header()
         try:
-            return fetch(
-                self.base_url + path_and_query,
-                self.policy,
-                max_bytes=max_bytes,
-                timeout=self.settings.http_timeout,
-                auth=headers,
-            )
+            return self._download(self.base_url + path_and_query, max_bytes, headers)
         except FetchError as err:
             if err.status in (401, 403) and self.policy.is_label_studio(err.url):
                 raise ImageError(
@@ -231,12 +292,33 @@ class ImageLoader:
                 ) from None
             raise
 
+    def _download(self, url: str, max_bytes: int, auth: dict[str, str] | None = None) -> bytes:
+        """:func:`ml_backend.fetch.fetch` in a slot, within this loader's budget.
+
+        Raises:
+            DownloadBudgetSpent: the budget ran out first (its message names the variable).
+            FetchError: anything else (generic).
+        """
+        try:
+            with self.budget.download() as slot:
+                left = slot.deadline - time.monotonic()
+                timeout = min(self.settings.http_timeout, left)
+                try:
+                    return fetch(url, self.policy, max_bytes=max_bytes, timeout=timeout, auth=auth)
+                except FetchError:
+                    if left < self.settings.http_timeout and time.monotonic() >= slot.deadline:
+                        raise BudgetSpent(waiting=slot.waited) from None
+                    raise
+        except BudgetSpent as spent:
+            logger.warning("image URL %s: %s (STABLESEG_DOWNLOAD_BUDGET)", redact(url), spent)
+            raise download_budget_spent(self.settings, spent.waiting) from None
+
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:
         root = self.settings.local_files_document_root
         if path.rstrip("/") == "/data/local-files" and root:
             relative = parse_qs(query).get("d", [""])[0]
-            return open_image(safe_local_path(root, relative), self.settings.max_pixels)
+            return self._open(safe_local_path(root, relative))
         return self._from_server(path + (f"?{query}" if query else ""), original)
 
     def _from_server(self, path_and_query: str, original: str) -> Image.Image:
@@ -261,7 +343,7 @@ class ImageLoader:
         """The image in downloaded bytes; a failure is as generic as a failed download (what a
         third party serves is not echoed to whoever sent the URL)."""
         try:
-            return open_image(data, self.settings.max_pixels)
+            return self._open(data)
         except ImageError as err:
             logger.warning("image URL %s is not a usable image: %s", redact(url), err)
             raise FetchError(f"not a usable image: {err}", url) from None

@@ -15,7 +15,25 @@ STABLESEG_MAX_LABELS       labels of a project's BrushLabels (400 at ``/setup`` 
 STABLESEG_MAX_TASKS        tasks of one ``/predict`` (413)
 STABLESEG_REQUEST_TIMEOUT  sending a request's head (:mod:`ml_backend.worker`), then its body
                            (408, :mod:`ml_backend.guard`)
+STABLESEG_DOWNLOAD_BUDGET  the image downloads of one ``/predict`` together
+                           (:class:`ml_backend.fetch.DownloadBudget`); a task whose image it
+                           cuts off gets no prediction and an error that names it
+STABLESEG_MAX_DOWNLOADS    downloads a worker process runs at once, all requests together
 =========================  ================================================================
+
+What one ``/predict`` may cost the model: ``STABLESEG_MAX_REQUEST_PIXELS`` bounds the decoded
+pixels of its images together (413), counted from each image's header before it is decoded;
+``STABLESEG_MAX_PROMPT_ROWS`` bounds its UNet rows, tasks x the prompts its labels need (413),
+checked when the model is ready, before any UNet pass. A CUDA out-of-memory error answers 503
+with ``Retry-After`` (:func:`out_of_memory`); the model gives its cached memory back and serves
+the next request. Why 512 rows: a row of SD 1.5 at 512 px is about 0.8 TFLOP, some 40 ms on a
+modest GPU, so 512 rows take about 20 s of Label Studio's 100 s.
+
+Why a spent download budget fails the tasks it cut off rather than the whole request: the tasks
+whose images did arrive are predicted and stored, as with any task whose image cannot be read
+(``errors`` of the answer, one :class:`labeler.jobs.io.Failure` each), and Label Studio can ask
+for the rest again; answering 4xx would throw away the work already done while the threads were
+held just the same. The request ends when the budget is spent, whatever its servers do.
 
 Why 32 tasks by default: Label Studio gives a ``/predict`` ``ML_TIMEOUT_PREDICT`` = 100 s. A
 task costs about 2 s on a modest GPU in the worst common case (the paper's 1-2 s an image for the
@@ -31,13 +49,32 @@ for the parser gives a 400 like any other malformed body.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Response
+from labeler.images import ImageError
 
 from .backend_settings import BackendSettings
 
+if TYPE_CHECKING:
+    from flask import Response
+
 PREDICT_CLI = "stableseg label-studio predict"
+
+REQUEST_LIMITS = (
+    "max_body_bytes",
+    "request_timeout",
+    "max_tasks",
+    "max_labels",
+    "download_budget",
+    "max_downloads",
+    "http_timeout",
+    "max_image_bytes",
+    "max_pixels",
+    "max_request_pixels",
+    "max_prompt_rows",
+)
+"""The :class:`BackendSettings` that bound a request, as ``docs/security.md`` lists them
+(generated: ``python -m labeler.commands.settings_table --write docs/security.md``)."""
 
 
 class RequestError(Exception):
@@ -54,6 +91,8 @@ class RequestError(Exception):
 
 def json_error(status: int, detail: str, **headers: str) -> Response:
     """A JSON error response in label-studio-ml's shape: ``{"status": ..., "detail": ...}``."""
+    from flask import Response  # here: ml_backend.images, which the CLI uses, imports this module
+
     body = json.dumps({"status": status, "detail": detail}) + "\n"
     response = Response(body, status=status, mimetype="application/json")
     for name, value in headers.items():
@@ -121,3 +160,63 @@ def check_tasks(tasks: list[Any], settings: BackendSettings) -> None:
             f"prediction timeout. Select fewer tasks, or pre-annotate the whole project with "
             f"`{PREDICT_CLI}`.",
         )
+
+
+RETRY_AFTER_S = 10
+"""Seconds a caller is told to wait after a 503 (CUDA out of memory)."""
+
+
+def too_many_pixels(pixels: int, settings: BackendSettings) -> RequestError:
+    """413 for a /predict whose images hold more than STABLESEG_MAX_REQUEST_PIXELS."""
+    return RequestError(
+        413,
+        f"the images of this /predict hold more than {settings.max_request_pixels} pixels "
+        f"together ({pixels} so far); this backend decodes at most that many per request "
+        "(STABLESEG_MAX_REQUEST_PIXELS). Select fewer or smaller images, or pre-annotate the "
+        f"project with `{PREDICT_CLI}`.",
+    )
+
+
+def check_prompt_rows(prompts: int, tasks: int, settings: BackendSettings) -> None:
+    """413 for a /predict asking more than STABLESEG_MAX_PROMPT_ROWS UNet rows."""
+    if prompts * tasks > settings.max_prompt_rows:
+        raise RequestError(
+            413,
+            f"{tasks} task(s) x {prompts} prompt(s) for this project's labels = "
+            f"{prompts * tasks} UNet rows in one /predict; this backend takes at most "
+            f"{settings.max_prompt_rows} (STABLESEG_MAX_PROMPT_ROWS). Select fewer tasks, "
+            "shorten the label names, or pre-annotate the project with "
+            f"`{PREDICT_CLI}`.",
+        )
+
+
+def out_of_memory() -> Response:
+    """503 with Retry-After: the GPU ran out of memory for this request."""
+    return json_error(
+        503,
+        "the GPU ran out of memory for this request; its memory was given back, try again in "
+        f"{RETRY_AFTER_S} s (fewer tasks or labels at once need less, and STABLESEG_UNET_MEMORY "
+        "bounds each UNet call)",
+        Retry_After=str(RETRY_AFTER_S),
+    )
+
+
+class DownloadBudgetSpent(ImageError):
+    """A task whose image download was cut off, or never started, because the downloads of its
+    request had used up STABLESEG_DOWNLOAD_BUDGET (a per-task failure: see the module)."""
+
+
+def download_budget_spent(settings: BackendSettings, waiting: bool) -> DownloadBudgetSpent:
+    """The failure of a task whose download the request's budget cut off (``waiting``: it had
+    waited for one of the process's STABLESEG_MAX_DOWNLOADS slots)."""
+    slots = (
+        f", after waiting for one of the {settings.max_downloads} download slots that other "
+        "downloads held (STABLESEG_MAX_DOWNLOADS)"
+        if waiting
+        else ""
+    )
+    return DownloadBudgetSpent(
+        f"the image downloads of this request used up their budget of "
+        f"{settings.download_budget:g} s (STABLESEG_DOWNLOAD_BUDGET) before this task's image "
+        f"arrived{slots}; predict the task again, or ask for fewer tasks at once"
+    )

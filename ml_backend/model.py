@@ -1,10 +1,11 @@
-"""The Label Studio ML backend model: StableSeg brush masks for the project's labels.
+"""The Label Studio ML backend model: StableSeg brush masks (or polygons) for the project's labels.
 
 Label Studio builds this class for every ``/setup`` and the server builds it for every
 ``/predict``, so construction only parses the labeling config; the weights come from the
 process-wide cache (:mod:`ml_backend.cache`). A prediction is exactly what ``cli.py
-pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image opened
-by ``labeler.images.open_image``, encoded by ``exporters.brush_results`` and
+pseudo-label`` writes for the same image and labels: ``StableSeg.segment`` on the image decoded
+towards the model's size by ``labeler.images.decode_image`` (as ``pseudo-label`` without
+``--preview`` decodes it), encoded by ``exporters.brush_results`` and
 ``exporters.prediction`` (:mod:`ml_backend.predictions`, shared with ``label-studio predict``).
 """
 
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from labeler.jobs.io import Failure
 
-from . import cache, training
+from . import cache, limits, training
 from ._lsml import LabelStudioMLBase
 from .backend_settings import BackendSettings
+from .fetch import DownloadBudget
 from .images import ImageLoader
 from .label_config import BrushTarget, LabelConfigError, parse_label_config
 from .predictions import build_prediction, segment_tasks
@@ -43,7 +45,8 @@ class Outcome:
 
 
 class StableSegBackend(LabelStudioMLBase):
-    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds."""
+    """Pre-annotates image tasks with one ``brushlabels`` result per label StableSeg finds (one
+    ``polygonlabels`` result per object for a PolygonLabels project)."""
 
     def __init__(
         self,
@@ -52,20 +55,22 @@ class StableSegBackend(LabelStudioMLBase):
         settings: BackendSettings | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            super().__init__(label_config=label_config, train_output=train_output, **kwargs)
-        except Exception:  # the base class parses the XML too; ours reports the error below
-            self.label_config, self.parsed_label_config = label_config, {}
-            self.train_output = train_output or {}
-            self.hostname = kwargs.get("hostname", "")
-            self.access_token = kwargs.get("access_token", "")
         self.settings = settings or BackendSettings.from_env()
         self.target: BrushTarget | None = None
         self.config_error: str | None = None
-        try:
+        try:  # ours first: the base class's parser (lxml) never sees a config ours refuses
             self.target = parse_label_config(label_config, self.settings.max_labels)
         except LabelConfigError as err:
             self.config_error = str(err)
+        try:
+            accepted = label_config if self.config_error is None else None
+            super().__init__(label_config=accepted, train_output=train_output, **kwargs)
+        except Exception:  # the base class parses the XML too; ours has the say
+            self.parsed_label_config = {}
+            self.train_output = train_output or {}
+            self.hostname = kwargs.get("hostname", "")
+            self.access_token = kwargs.get("access_token", "")
+        self.label_config = label_config
 
     # ------------------------------------------------------------------ Label Studio hooks
     @property
@@ -74,7 +79,8 @@ class StableSegBackend(LabelStudioMLBase):
         return cache.model_version(self.settings)
 
     def require_target(self) -> BrushTarget:
-        """The BrushLabels target, or the config error (logged) as a :class:`LabelConfigError`."""
+        """The BrushLabels (or PolygonLabels) target, or the config error (logged) as a
+        :class:`LabelConfigError`."""
         if self.target is None:
             logger.error("cannot predict: %s", self.config_error)
             raise LabelConfigError(self.config_error or "no labeling config")
@@ -92,17 +98,27 @@ class StableSegBackend(LabelStudioMLBase):
         does not hold all their images in memory), StableSeg segments them in full batches
         while holding the GPU lock (a failing batch image by image), and each result is
         encoded as brush results. The model is loaded when the first image has been read: a
-        request whose images all fail loads nothing.
+        request whose images all fail loads nothing. The downloads share one
+        ``STABLESEG_DOWNLOAD_BUDGET``: a task it cuts off gets a failure naming it.
+
+        Images are decoded towards the model's size (the masks keep the full size), their
+        pixels counted against ``STABLESEG_MAX_REQUEST_PIXELS``; the UNet rows the request
+        needs are checked against ``STABLESEG_MAX_PROMPT_ROWS`` once the model is ready. Past
+        either, :class:`~ml_backend.limits.RequestError` (413) ends the request.
         """
         target = self.require_target()
-        ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        loader = ImageLoader(self.settings)  # never /setup's hostname or token
+        ids = [task_id(task, index) for index, task in enumerate(tasks)]
+        budget = DownloadBudget(self.settings.download_budget, self.settings.max_downloads)
+        loader = ImageLoader(self.settings, budget, pixel_budget=True)  # never /setup's host
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         opened: list[StableSeg] = []
 
         def open_model() -> StableSeg:  # called once, by the stage, on the first readable image
-            opened.append(cache.get_segmenter(self.settings))
-            return opened[0]
+            model = cache.get_segmenter(self.settings)
+            prompts = model.num_prompts(target.prompts)
+            limits.check_prompt_rows(prompts, len(tasks), self.settings)
+            opened.append(model)
+            return model
 
         for item in segment_tasks(
             range(len(tasks)),
@@ -133,6 +149,6 @@ class StableSegBackend(LabelStudioMLBase):
         return training.start_training(project_id, target, self.settings, loader)
 
 
-def _task_id(task: Any, index: int) -> Any:
+def task_id(task: Any, index: int) -> Any:
     """The task's Label Studio id (its position in the request when it has none)."""
     return task.get("id", index) if isinstance(task, dict) else index

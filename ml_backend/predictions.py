@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from exporters import brush_prediction
+from exporters import brush_prediction, id_counts, mask_objects, polygon_prediction
 from labeler.images import ImageError
 from labeler.jobs.stage import Loaded, Segmented, StageModel, segment_stream
 
@@ -27,8 +27,9 @@ K = TypeVar("K")
 
 def load_task_image(
     task: Any, task_id: Any, target: BrushTarget, loader: ImageLoader
-) -> Image.Image:
-    """The decoded image of one task, read from its ``$`` field by ``loader``.
+) -> tuple[Image.Image, Any]:
+    """The image of one task, read from its ``$`` field by ``loader`` and decoded for the
+    model (:meth:`ImageLoader.load_for_model`), and its full (width, height).
 
     Raises:
         ImageError: no data, no such field, or an image that cannot be read (see ImageLoader).
@@ -41,7 +42,7 @@ def load_task_image(
             f"${target.data_key}); its fields are {sorted(task['data'])}"
         )
     number = task_id if isinstance(task_id, int) else None
-    return loader.load(task["data"][target.data_key], number)
+    return loader.load_for_model(task["data"][target.data_key], number)
 
 
 def segment_tasks(
@@ -64,7 +65,8 @@ def segment_tasks(
 
     def load(key: K) -> Loaded:
         task, task_id = task_of(key)
-        return Loaded(load_task_image(task, task_id, target, loader))
+        image, size = load_task_image(task, task_id, target, loader)
+        return Loaded(image, size=size)
 
     return segment_stream(
         keys, load, model, target.prompts, workers=workers, model_lock=cache.GPU_LOCK
@@ -72,12 +74,28 @@ def segment_tasks(
 
 
 def build_prediction(result: Any, target: BrushTarget, version: str) -> dict[str, Any]:
-    """The Label Studio prediction of one SegmentationResult: brush results under the labels'
-    values, each with its label's score, and the task score (``exporters.task_score``)."""
+    """The Label Studio prediction of one SegmentationResult under the labels' values, each
+    result with its label's score, and the task score (``exporters.task_score``): brush
+    results (one per label), or for a PolygonLabels target polygon results (one per object,
+    :mod:`exporters.polygons` with its default minimum area and tolerance)."""
     labels = list(target.labels)
     scores = {
         label: result.scores[prompt]
         for label, prompt in zip(labels, target.prompts, strict=True)
         if prompt in result.scores
     }
+    if target.kind == "polygonlabels":
+        counts = id_counts(result.mask)
+        present = [k for k in range(1, len(labels) + 1) if k < counts.size and counts[k]]
+        objects = mask_objects(result.mask, present)
+        return polygon_prediction(
+            result.mask,
+            objects,
+            labels,
+            scores,
+            version,
+            target.from_name,
+            target.to_name,
+            counts=counts,
+        )
     return brush_prediction(result.mask, labels, scores, version, target.from_name, target.to_name)

@@ -172,15 +172,27 @@ def predict() -> Any:
     limits.check_tasks(tasks, _settings())
     project = _project(body.get("project"))
     model = _model(body.get("label_config"), training.project_settings(_settings(), project))
+    out_of_memory = False
     try:
         # Free-text prompts (interactive pre-annotations): see ml_backend.free_text.
         outcome = free_text.predict_phrase(model, tasks, body.get("params"))
         outcome = outcome or model.predict_tasks(tasks)
     except free_text.FreeTextError as err:
         return error(400, str(err))
+    except RequestError:
+        raise  # a request budget (ml_backend.limits): its own 4xx
     except Exception as err:
-        logger.exception("/predict failed")
-        return error(500, f"{type(err).__name__}: {err}")
+        if not cache.is_out_of_memory(err):
+            logger.exception("/predict failed")
+            return error(500, f"{type(err).__name__}: {err}")
+        logger.warning("/predict: CUDA out of memory (%s); answered 503", err)
+        out_of_memory = True
+    finally:
+        if not out_of_memory:
+            cache.give_back_memory()
+    if out_of_memory:  # outside the handler: the error and its frames are gone
+        cache.give_back_memory(device_cache=True)
+        return limits.out_of_memory()
     return jsonify(
         {
             "results": outcome.predictions,

@@ -48,6 +48,7 @@ CONFIG = (
     + "".join(f'<Label value="{label}"/>' for label in LABELS)
     + "</BrushLabels></View>"
 )
+POLYGON_CONFIG = CONFIG.replace("BrushLabels", "PolygonLabels")
 IMAGE_SIZE = "64"  # the tiny model's native size
 BATCH_SIZE = "1"
 AUTH = ("labelstudio", "backend-secret")
@@ -105,6 +106,8 @@ def cli_out(workspace: Path) -> Path:
         "png",
         "--format",
         "labelstudio",
+        "--format",
+        "labelstudio-polygons",
         "--image-root-url",
         "/data/local-files/?d=imgs",
     ]
@@ -176,8 +179,8 @@ def backend(workspace: Path, label_studio: lss.LabelStudio) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _create_project(ls: lss.LabelStudio, title: str, files_root: Path) -> int:
-    project = ls.post("/api/projects", json={"title": title, "label_config": CONFIG})
+def _create_project(ls: lss.LabelStudio, title: str, files_root: Path, config: str = CONFIG) -> int:
+    project = ls.post("/api/projects", json={"title": title, "label_config": config})
     # Label Studio serves /data/local-files only under a local storage of the project.
     ls.post(
         "/api/storages/localfiles",
@@ -234,6 +237,22 @@ def _decode(prediction: dict) -> np.ndarray:
             mask = np.zeros((height, width), np.uint8)
         assert not (painted & (mask > 0)).any(), "brush regions overlap"
         mask[painted] = label_id
+    assert mask is not None, "a prediction without regions"
+    return mask
+
+
+def _decode_polygons(prediction: dict) -> np.ndarray:
+    """A prediction's polygon results -> one (H, W) id mask (0 = no region)."""
+    from exporters import decode_polygon_result
+
+    mask: np.ndarray | None = None
+    for region in prediction["result"]:
+        assert region["type"] == "polygonlabels", region["type"]
+        filled = decode_polygon_result(region)
+        if mask is None:
+            mask = np.zeros(filled.shape, np.uint8)
+        assert not (filled & (mask > 0)).any(), "polygon regions overlap"
+        mask[filled] = LABELS.index(region["value"]["polygonlabels"][0]) + 1
     assert mask is not None, "a prediction without regions"
     return mask
 
@@ -341,3 +360,53 @@ def test_the_cli_import_file_brings_its_predictions_into_label_studio(
         assert stored["model_version"] == written["model_version"]
         assert stored["score"] == pytest.approx(written["score"])
         np.testing.assert_array_equal(_decode(stored), _cli_mask(cli_out, _relative(task)))
+
+
+def test_polygon_projects_get_polygons_and_export_them_back(
+    label_studio, backend, workspace, cli_out
+):
+    """PolygonLabels: the CLI's labelstudio-polygons.json imported, and the backend's
+    predictions retrieved, are stored as sent and fill to the CLI's masks; accepted as
+    annotations, they come back out of Label Studio's JSON export the same."""
+    ls = label_studio
+    imported = _create_project(ls, "StableSeg polygon import", workspace / "files", POLYGON_CONFIG)
+    import_file = cli_out / "labelstudio-polygons.json"
+    with import_file.open("rb") as handle:
+        ls.post(
+            f"/api/projects/{imported}/import",
+            files={"file": ("labelstudio-polygons.json", handle, "application/json")},
+        )
+    predicted = _create_project(
+        ls, "StableSeg polygon backend", workspace / "files", POLYGON_CONFIG
+    )
+    tasks = [{"data": {"image": image_url("/data/local-files/?d=imgs", r)}} for r in IMAGES]
+    ls.post(f"/api/projects/{predicted}/import", json=tasks)
+    _attach_backend(ls, predicted, backend)
+    ls.post(
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={predicted}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+        timeout=300,
+    )
+    written = {t["data"]["image"]: t for t in json.loads(import_file.read_text())}
+    for project in (imported, predicted):
+        found = _tasks(ls, project)
+        assert sorted(_relative(t) for t in found) == sorted(IMAGES)
+        for task in found:
+            (stored,) = task["predictions"]
+            sent = written[task["data"]["image"]]["predictions"][0]  # the backend's = the CLI's
+            assert len(stored["result"]) == len(sent["result"])  # one region per object
+            for got, mine in zip(stored["result"], sent["result"]):
+                np.testing.assert_allclose(got["value"]["points"], mine["value"]["points"])
+            expected = _cli_mask(cli_out, _relative(task))
+            np.testing.assert_array_equal(_decode_polygons(stored), expected)
+            if project == imported:  # the annotator accepts the prediction as it is
+                result = [{k: v for k, v in r.items() if k != "score"} for r in stored["result"]]
+                ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": result})
+    exported = ls.get(
+        f"/api/projects/{imported}/export?exportType=JSON&download_all_tasks=true", timeout=120
+    )
+    assert sorted(_relative(t) for t in exported) == sorted(IMAGES)
+    for task in exported:
+        (annotation,) = task["annotations"]
+        expected = _cli_mask(cli_out, _relative(task))
+        np.testing.assert_array_equal(_decode_polygons(annotation), expected)

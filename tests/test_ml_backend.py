@@ -428,13 +428,13 @@ def test_bad_requests_get_a_clear_400_and_the_server_stays_up(client, body, expe
 def test_the_tasks_of_a_request_go_through_segment_in_full_batches(client, settings, monkeypatch):
     segmenter = cache.get_segmenter(settings)
     calls: list[int] = []
-    real = segmenter.segment
+    real = segmenter.segment_pending  # what the model stage calls
 
     def counting(images, labels, **kwargs):
         calls.append(len(images))
         return real(images, labels, **kwargs)
 
-    monkeypatch.setattr(segmenter, "segment", counting)
+    monkeypatch.setattr(segmenter, "segment_pending", counting)
     names = ["imgs/a.png", "imgs/c.png", "imgs/notes.png", "imgs/a.png"]
     tasks = [_task(i, _local(n)) for i, n in enumerate(names)]
     body = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).get_json()
@@ -450,14 +450,14 @@ def test_the_tasks_of_a_request_go_through_segment_in_full_batches(client, setti
 
 def test_a_failing_batch_is_segmented_image_by_image(client, settings, monkeypatch, caplog):
     segmenter = cache.get_segmenter(settings)
-    real = segmenter.segment
+    real = segmenter.segment_pending  # what the model stage calls
 
     def picky(images, labels, **kwargs):
         if len(images) > 1 or images[0].size == (24, 24):  # c.png, prepared for the model
             raise ValueError("this one is cursed")
         return real(images, labels, **kwargs)
 
-    monkeypatch.setattr(segmenter, "segment", picky)
+    monkeypatch.setattr(segmenter, "segment_pending", picky)
     tasks = [_task(7, _local("imgs/a.png")), _task(8, _local("imgs/c.png"))]
     with caplog.at_level(logging.WARNING, logger="ml_backend"):
         body = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).get_json()
@@ -485,7 +485,7 @@ def test_the_model_is_loaded_once_per_process(client, settings, monkeypatch):
 def test_concurrent_requests_all_succeed_one_pass_at_a_time(settings, monkeypatch):
     app = create_app(settings)
     segmenter = cache.get_segmenter(settings)
-    real = segmenter.segment
+    real = segmenter.segment_pending  # what the model stage calls
     active, peak = [0], [0]
     guard = threading.Lock()
 
@@ -500,7 +500,7 @@ def test_concurrent_requests_all_succeed_one_pass_at_a_time(settings, monkeypatc
             with guard:
                 active[0] -= 1
 
-    monkeypatch.setattr(segmenter, "segment", watched)
+    monkeypatch.setattr(segmenter, "segment_pending", watched)
     task = _task(1, _local("imgs/a.png"))
     statuses, bodies = [], []
 

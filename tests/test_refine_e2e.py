@@ -230,14 +230,14 @@ def test_an_image_that_fails_to_segment_is_skipped_with_the_reason(
     """Its batch is retried image by image (the model stage): the others still get their cache."""
     images, _ = make_pool(tmp_path, count=3, seed=4)
     Image.new("RGB", (33, 77), "red").save(images / "odd.png")
-    segment = StableSeg.segment
+    segment = StableSeg.segment_pending  # what the model stage calls
 
     def failing(self, inputs, labels, **kwargs):
         if any(tuple(image.size) == (33, 77) for image in inputs):
             raise ValueError("no mask for a 33 x 77 image")
         return segment(self, inputs, labels, **kwargs)
 
-    monkeypatch.setattr(StableSeg, "segment", failing)
+    monkeypatch.setattr(StableSeg, "segment_pending", failing)
     result = run_refine(images, tmp_path / "W", fast_options(tiny_model_dir, stages=()))
     odd = str(images / "odd.png")
     assert result.report["stages"]["stableseg"]["skipped"] == {

@@ -66,6 +66,7 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "device": "cpu",
         "dtype": "bf16",
         "compile": True,
+        "unet_memory": 512,
         "image_size": 64,
         "batch_size": 3,
         "timestep": 50,

@@ -232,10 +232,12 @@ def labels_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from ml_backend.logs import configure_logging  # one line a record (labels, paths, URLs)
+
+    configure_logging(
+        logging.DEBUG if verbose else logging.INFO,
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        sys.stderr,
     )
     for noisy in ("PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,26 +1,31 @@
 """Streamed exports of a ``pseudo-label`` run: per-image pieces, assembled in constant memory.
 
-When an image is done, its writer stores ``pieces/<rel>.jsonl`` next to its mask: its COCO
-annotations and its Label Studio prediction, each already serialised, only the ids missing.
-JSON lines:
+When an image is done, its writer stores ``pieces/<rel>.jsonl`` next to its mask: the lines of
+each format asked for (:data:`PIECE_FORMATS`), already serialised, only the ids missing:
 
-    {"size": [H, W], "coco": 2, "labelstudio": 1}     header: how many lines of each kind
+    {"size": [H, W], "coco": 2, "labelstudio": 1, "coco-polygons": null, ...,
+     "polygons": null}                               header: how many lines of each format
     {"category_id": 1, "segmentation": ..., "area": ..., "bbox": ..., "iscrowd": 0, "score": ...}
     {"category_id": 3, ...}
     {"model_version": ..., "score": ..., "result": [...brush results...]}
 
-A count of null means "not made" (that format was not asked for by the run that wrote it).
+A count of null means "not made" (that format was not asked for by the run that wrote it);
+``polygons`` holds the ``--min-area`` and ``--polygon-tolerance`` the polygon formats' lines
+(COCO polygon annotations, a Label Studio polygon prediction, YOLO label lines) were made with.
 
 :func:`assemble_exports` walks the images in sorted order and streams ``coco.json``,
-``labelstudio.json`` and ``preview/index.html`` into temporary files, numbering images and
-annotations as it goes (the same ids as building the whole document in memory), then renames
-them: memory stays constant whatever the number of images, and no mask is decoded again. An
-image whose pieces are missing (a run made by an older version) or lack a format asked for
-now has them made from its mask PNG, once, and stored.
+``coco-polygons.json``, ``labelstudio.json``, ``labelstudio-polygons.json`` and
+``preview/index.html`` into temporary files, numbering images and annotations as it goes (the
+same ids as building the whole document in memory), then renames them, and writes each image's
+YOLO label file: memory stays constant whatever the number of images, and no mask is decoded
+again. An image whose pieces are missing (a run made by an older version), lack a format asked
+for now, or were made with other polygon settings has them made from its mask PNG, once, and
+stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,10 +36,11 @@ from typing import IO, Any
 
 import numpy as np
 
+from .dataset_exports import write_cvat_mask, write_hf
 from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file
-from .layout import mask_path, pieces_path, record_path, stem_path
+from .layout import YOLO_DIR, mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
-from .pseudo_label_options import PseudoLabelOptions
+from .pseudo_label_options import POLYGON_FORMATS, PseudoLabelOptions
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
@@ -44,43 +50,56 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+PIECE_FORMATS = ("coco", "labelstudio", "coco-polygons", "labelstudio-polygons", "yolo-seg")
+"""The formats stored as pieces, in the order of their lines in a pieces file."""
+
+
 @dataclass(frozen=True)
 class Pieces:
-    """One image's export pieces, as serialised JSON texts."""
+    """One image's export pieces, as serialised texts: each format's lines (None: not made),
+    and the polygon settings (``PseudoLabelOptions.polygon_settings``) its polygon formats
+    were made with."""
 
     size: tuple[int, int]  # (H, W) of the mask
-    coco: list[str] | None  # annotations without id / image_id; None: not made
-    labelstudio: str | None  # the prediction; None: not made
+    parts: Mapping[str, list[str] | None]
+    polygons: Mapping[str, Any] | None = None
 
-    def has(self, formats: Iterable[str]) -> bool:
-        """Whether every export in ``formats`` can be assembled from these pieces."""
-        formats = set(formats)
-        return ("coco" not in formats or self.coco is not None) and (
-            "labelstudio" not in formats or self.labelstudio is not None
-        )
+    def lines(self, fmt: str) -> list[str]:
+        """The lines of one format (none when it was not made)."""
+        return list(self.parts.get(fmt) or [])
+
+    def has(self, formats: Iterable[str], polygons: Mapping[str, Any] | None = None) -> bool:
+        """Whether every export in ``formats`` can be assembled from these pieces, the polygon
+        formats made with ``polygons``."""
+        wanted = [fmt for fmt in formats if fmt in PIECE_FORMATS]
+        if any(self.parts.get(fmt) is None for fmt in wanted):
+            return False
+        made_of_objects = any(fmt in POLYGON_FORMATS for fmt in wanted)
+        return not made_of_objects or dict(self.polygons or {}) == dict(polygons or {})
 
     def text(self) -> str:
         """The pieces file's content."""
-        header = {
-            "size": list(self.size),
-            "coco": None if self.coco is None else len(self.coco),
-            "labelstudio": None if self.labelstudio is None else 1,
-        }
-        lines = [_dumps(header), *(self.coco or [])]
-        if self.labelstudio is not None:
-            lines.append(self.labelstudio)
+        header: dict[str, Any] = {"size": list(self.size)}
+        for fmt in PIECE_FORMATS:
+            made = self.parts.get(fmt)
+            header[fmt] = None if made is None else len(made)
+        header["polygons"] = None if self.polygons is None else dict(self.polygons)
+        lines = [_dumps(header), *(line for fmt in PIECE_FORMATS for line in self.lines(fmt))]
         return "\n".join(lines) + "\n"
 
     @classmethod
     def parse(cls, text: str) -> Pieces:
         lines = text.splitlines()
         header = json.loads(lines[0])
-        num_coco, num_ls = header["coco"], header["labelstudio"]
-        coco = None if num_coco is None else lines[1 : 1 + num_coco]
-        labelstudio = None if num_ls is None else lines[1 + (num_coco or 0)]
-        if len(lines) != 1 + (num_coco or 0) + (num_ls or 0):
+        parts: dict[str, list[str] | None] = {}
+        at = 1
+        for fmt in PIECE_FORMATS:
+            count = header.get(fmt)
+            parts[fmt] = None if count is None else lines[at : at + count]
+            at += count or 0
+        if len(lines) != at:
             raise ValueError(f"pieces file has {len(lines)} lines, its header says {header}")
-        return cls(tuple(header["size"]), coco, labelstudio)
+        return cls(tuple(header["size"]), parts, header.get("polygons"))
 
 
 def make_pieces(
@@ -92,6 +111,7 @@ def make_pieces(
     formats: Iterable[str],
     clock: StageClock | None = None,
     counts: np.ndarray | None = None,
+    polygons: Mapping[str, Any] | None = None,
 ) -> Pieces:
     """The export pieces of one image's mask.
 
@@ -99,29 +119,63 @@ def make_pieces(
         mask: (H, W) ids (0 background, k = ``labels[k - 1]``, 255 ignore).
         label_ids: the label ids present in ``mask`` (1-based, sorted), already validated.
         labels: every label of the run.
-        scores: label -> score as the record stores it (rounded): COCO annotations and brush
-            results carry the score of their label, as when built from the record.
+        scores: label -> score as the record stores it (rounded): COCO annotations and Label
+            Studio results carry the score of their label, as when built from the record.
         model_version: the prediction's model version.
-        formats: the exports asked for ("coco", "labelstudio"; others are ignored).
+        formats: the exports asked for (those of :data:`PIECE_FORMATS`; others are ignored).
         clock: adds the CPU time of each format's pieces to its stage.
         counts: the pixels of each id of ``mask`` (:func:`exporters.id_counts`), if known.
+        polygons: ``min_area`` and ``tolerance`` of the objects of the polygon formats
+            (``PseudoLabelOptions.polygon_settings``; the exporters' defaults when None).
     """
-    from exporters import brush_prediction_json, mask_annotations
+    from exporters import (
+        brush_prediction_json,
+        mask_annotations,
+        mask_objects,
+        polygon_annotations,
+        polygon_prediction,
+        yolo_lines,
+    )
 
     formats = set(formats)
-    coco = labelstudio = None
+    parts: dict[str, list[str] | None] = dict.fromkeys(PIECE_FORMATS)
     clock = clock or StageClock()
+    per_label = [float(scores.get(name, 0.0)) for name in labels]
+    height, width = (int(side) for side in mask.shape)
+    if counts is None:
+        from exporters import id_counts
+
+        counts = id_counts(mask)
     if "coco" in formats:
         with clock.measure("coco"):
-            per_label = [float(scores.get(name, 0.0)) for name in labels]
             annotations = mask_annotations(mask, len(labels), scores=per_label, label_ids=label_ids)
-            coco = [_dumps(annotation) for annotation in annotations]
+            parts["coco"] = [_dumps(annotation) for annotation in annotations]
     if "labelstudio" in formats:
         with clock.measure("labelstudio"):
-            labelstudio = brush_prediction_json(
-                mask, labels, scores, model_version, label_ids=label_ids, counts=counts
-            )
-    return Pieces((int(mask.shape[0]), int(mask.shape[1])), coco, labelstudio)
+            parts["labelstudio"] = [
+                brush_prediction_json(
+                    mask, labels, scores, model_version, label_ids=label_ids, counts=counts
+                )
+            ]
+    made_of_objects = formats & set(POLYGON_FORMATS)
+    if made_of_objects:
+        with clock.measure("polygons"):
+            shape = dict(polygons or {})
+            objects = mask_objects(mask, label_ids, **shape)
+    else:
+        shape, objects = None, []
+    if "coco-polygons" in formats:
+        with clock.measure("coco-polygons"):
+            annotations = polygon_annotations(mask, objects, scores=per_label)
+            parts["coco-polygons"] = [_dumps(annotation) for annotation in annotations]
+    if "labelstudio-polygons" in formats:
+        with clock.measure("labelstudio-polygons"):
+            found = polygon_prediction(mask, objects, labels, scores, model_version, counts=counts)
+            parts["labelstudio-polygons"] = [_dumps(found)]
+    if "yolo-seg" in formats:
+        with clock.measure("yolo-seg"):
+            parts["yolo-seg"] = yolo_lines(objects, width, height)
+    return Pieces((height, width), parts, shape)
 
 
 def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
@@ -143,6 +197,7 @@ def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict)
         record["model_version"],
         options.formats,
         counts=counts,
+        polygons=options.polygon_settings(),
     )
     atomic_write_text(pieces_path(options.out_dir, relative), pieces.text())
     return pieces
@@ -152,7 +207,7 @@ def load_pieces(options: PseudoLabelOptions, relative: Path, record: dict) -> Pi
     """The stored pieces of one done image, made from its mask when missing or incomplete."""
     path = pieces_path(options.out_dir, relative)
     pieces = Pieces.parse(path.read_text(encoding="utf-8")) if path.exists() else None
-    if pieces is None or not pieces.has(options.formats):
+    if pieces is None or not pieces.has(options.formats, options.polygon_settings()):
         pieces = _pieces_from_mask(options, relative, record)
     if pieces.size != (record["height"], record["width"]):
         raise ValueError(
@@ -180,12 +235,70 @@ class _Section:
         shutil.copyfileobj(self.handle, target, _COPY_BUFFER)
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s file: a hard link where the filesystem allows, a copy
+    elsewhere; through a temporary name, so a kill leaves no half-copied image."""
+    import os
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_yolo_image(options: PseudoLabelOptions, relative: Path, lines: list[str]) -> None:
+    """An image's label file in ``OUT_DIR/yolo/labels/`` (rewritten only when it changed) and
+    the image in ``OUT_DIR/yolo/images/`` (linked or copied once)."""
+    root = options.out_dir / YOLO_DIR
+    label_file = root / "labels" / f"{stem_path(relative)}.txt"
+    text = "".join(f"{line}\n" for line in lines)
+    if not label_file.exists() or label_file.read_text(encoding="utf-8") != text:
+        atomic_write_text(label_file, text)
+    image = root / "images" / relative
+    if not image.exists():
+        _link_or_copy(Path(options.images_dir) / relative, image)
+
+
+def _write_coco(path: Path, images: _Section, annotations: _Section, labels: Sequence[str]) -> None:
+    """A COCO file from its spooled ``images`` and ``annotations`` arrays."""
+    categories = [
+        {"id": index, "name": name, "supercategory": ""}
+        for index, name in enumerate(labels, start=1)
+    ]
+    with atomic_writer(path) as handle:
+        handle.write(f'{{"info": {_dumps(COCO_INFO)}, "images": [')
+        images.copy_to(handle)
+        handle.write('], "annotations": [')
+        annotations.copy_to(handle)
+        handle.write(f'], "categories": {_dumps(categories)}}}\n')
+
+
+def _write_list(path: Path, items: _Section) -> None:
+    with atomic_writer(path) as handle:
+        handle.write("[")
+        items.copy_to(handle)
+        handle.write("]\n")
+
+
 def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dict[str, str]:
     """Stream every export of the done ``images`` (sorted order). Returns the output paths.
 
     The result is byte for byte what ``json.dumps`` of the whole COCO dataset, of the whole
     import file and :func:`exporters.gallery_html` of every entry would write: image ids count
     the done images from 1 in sorted order, annotation ids count their annotations from 1.
+    ``coco-polygons.json`` and ``labelstudio-polygons.json`` are numbered the same way; the
+    YOLO folder gets each image's label file and image as it comes, and ``data.yaml`` last.
     """
     from exporters import (
         classes_json,
@@ -195,6 +308,7 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         gallery_tail,
         image_url,
         labelmap_text,
+        yolo_data_yaml,
     )
 
     out, labels = options.out_dir, options.labels
@@ -203,20 +317,26 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
     atomic_write_json(out / "classes.json", classes_json(labels), indent=2)
     outputs["labelmap"] = str(out / "labelmap.txt")
 
-    want_coco, want_ls = "coco" in options.formats, "labelstudio" in options.formats
+    wanted = [fmt for fmt in PIECE_FORMATS if fmt in options.formats]
+    cocos = [fmt for fmt in ("coco", "coco-polygons") if fmt in wanted]
+    studios = [fmt for fmt in ("labelstudio", "labelstudio-polygons") if fmt in wanted]
+    done: list[Path] = []  # for the dataset-shaped exports
     root_url = options.image_root_url or f"/data/local-files/?d={Path(options.images_dir).name}"
     with ExitStack() as stack:
 
         def section(name: str, separator: str = ", ") -> _Section:
             return _Section(stack.enter_context(spool_file(out, name)), separator)
 
-        coco_images, annotations = section("coco-images"), section("coco-annotations")
-        tasks, gallery = section("labelstudio-tasks"), section("gallery", "\n")
+        coco_images = {fmt: section(f"{fmt}-images") for fmt in cocos}
+        coco_annotations = {fmt: section(f"{fmt}-annotations") for fmt in cocos}
+        tasks = {fmt: section(f"{fmt}-tasks") for fmt in studios}
+        gallery = section("gallery", "\n")
         for relative in images:
             rec_file = record_path(out, relative)
             if not rec_file.exists():
                 continue
             record = json.loads(rec_file.read_text(encoding="utf-8"))
+            done.append(relative)
             if options.preview:
                 entry = {
                     "overlay": f"{stem_path(relative)}.jpg",
@@ -224,38 +344,36 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                     "labels": record["labels_present"],
                 }
                 gallery.add(gallery_figure(entry, gallery.count))
-            if not (want_coco or want_ls):
+            if not wanted:
                 continue
             pieces = load_pieces(options, relative, record)
-            if want_coco:
-                image_id = coco_images.count + 1
+            for fmt in cocos:
+                image_id = coco_images[fmt].count + 1
                 entry = coco_image(image_id, record["file"], record["width"], record["height"])
-                coco_images.add(_dumps(entry))
-                for piece in pieces.coco or []:
-                    ids = f'{{"id": {annotations.count + 1}, "image_id": {image_id}, '
-                    annotations.add(ids + piece[1:])
-            if want_ls:
+                coco_images[fmt].add(_dumps(entry))
+                for piece in pieces.lines(fmt):
+                    ids = f'{{"id": {coco_annotations[fmt].count + 1}, "image_id": {image_id}, '
+                    coco_annotations[fmt].add(ids + piece[1:])
+            for fmt in studios:
                 url = _dumps(image_url(root_url, record["file"]))
-                tasks.add(f'{{"data": {{"image": {url}}}, "predictions": [{pieces.labelstudio}]}}')
+                (found,) = pieces.lines(fmt)
+                tasks[fmt].add(f'{{"data": {{"image": {url}}}, "predictions": [{found}]}}')
+            if "yolo-seg" in wanted:
+                _write_yolo_image(options, relative, pieces.lines("yolo-seg"))
 
-        if want_coco:
-            categories = [
-                {"id": index, "name": name, "supercategory": ""}
-                for index, name in enumerate(labels, start=1)
-            ]
-            with atomic_writer(out / "coco.json") as handle:
-                handle.write(f'{{"info": {_dumps(COCO_INFO)}, "images": [')
-                coco_images.copy_to(handle)
-                handle.write('], "annotations": [')
-                annotations.copy_to(handle)
-                handle.write(f'], "categories": {_dumps(categories)}}}\n')
-            outputs["coco"] = str(out / "coco.json")
-        if want_ls:
-            with atomic_writer(out / "labelstudio.json") as handle:
-                handle.write("[")
-                tasks.copy_to(handle)
-                handle.write("]\n")
-            outputs["labelstudio"] = str(out / "labelstudio.json")
+        for fmt in cocos:
+            _write_coco(out / f"{fmt}.json", coco_images[fmt], coco_annotations[fmt], labels)
+            outputs[fmt] = str(out / f"{fmt}.json")
+        for fmt in studios:
+            _write_list(out / f"{fmt}.json", tasks[fmt])
+            outputs[fmt] = str(out / f"{fmt}.json")
+        if "yolo-seg" in wanted:
+            atomic_write_text(out / YOLO_DIR / "data.yaml", yolo_data_yaml(labels))
+            outputs["yolo-seg"] = str(out / YOLO_DIR / "data.yaml")
+        if "cvat-mask" in options.formats:
+            outputs["cvat-mask"] = str(write_cvat_mask(out, labelmap_text(labels), done))
+        if "hf" in options.formats:
+            outputs.update(write_hf(out, Path(options.images_dir), labels, done))
         if options.preview:
             with atomic_writer(out / "preview" / "index.html") as handle:
                 handle.write(gallery_head(gallery.count))

@@ -4,9 +4,17 @@
     masks/<rel>.png       indexed PNG per image (0 background, k = k-th label, 255 ignore)
     pieces/<rel>.jsonl    the image's COCO annotations and Label Studio prediction, ready to
                           be numbered and streamed into coco.json / labelstudio.json
+    objects/<rel>.png     the image's object mask for --format cvat-mask (one id per
+                          connected component of each label, VOC colours)
+    void-free/<rel>.png   CVAT's class mask of an image whose mask has ignore (255) pixels,
+                          which the CVAT label map has no colour for: they become background
     records/<rel>.json    per-image record, written last: its presence means "done"
     preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
-    coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
+    yolo/                 --format yolo-seg: images/<rel> (linked or copied), labels/<rel>.txt,
+                          data.yaml
+    coco.json, coco-polygons.json, labelstudio.json, labelstudio-polygons.json, labelmap.txt,
+    classes.json, skipped.jsonl
+    cvat-mask.zip, hf/, hf-parquet/   the dataset-shaped exports (labeler.jobs.dataset_exports)
 
 ``<rel>`` is the image's path relative to IMAGES_DIR without its extension.
 """
@@ -16,7 +24,8 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 RUN_FILE = "run.json"
-PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "preview")
+YOLO_DIR = "yolo"
+PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "objects", "void-free", "preview", YOLO_DIR)
 
 
 def stem_path(relative: Path) -> PurePosixPath:
@@ -30,6 +39,14 @@ def mask_path(out_dir: Path, relative: Path) -> Path:
 
 def pieces_path(out_dir: Path, relative: Path) -> Path:
     return out_dir / "pieces" / f"{stem_path(relative)}.jsonl"
+
+
+def objects_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "objects" / f"{stem_path(relative)}.png"
+
+
+def void_free_path(out_dir: Path, relative: Path) -> Path:
+    return out_dir / "void-free" / f"{stem_path(relative)}.png"
 
 
 def record_path(out_dir: Path, relative: Path) -> Path:

@@ -154,6 +154,8 @@ def load_stableseg(
         except OSError as err:
             where = "the local folder" if os.path.isdir(source) else "the Hugging Face hub"
             raise ValueError(f"cannot load --model {spec.source} from {where}: {err}") from None
+    if spec.unet_memory is not None:
+        model.unet_memory = spec.unet_memory * 2**20
     if spec.compile:
         model.compile()
     log.info("loaded %s in %.1f s", spec.source, time.monotonic() - started)

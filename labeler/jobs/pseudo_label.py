@@ -5,7 +5,8 @@ exports streamed from them at the end.
         | at most batch + readers images ahead of the model
     main thread            the model (segment), one full batch at a time
         | at most batch + writers images waiting for a writer
-    writing threads        CRF, mask PNG, COCO and Label Studio pieces, preview, record
+    writing threads        CRF, mask PNG, export pieces (COCO, Label Studio, YOLO), preview,
+                           record
 
 The first two are the model stage (:func:`labeler.jobs.stage.segment_stream`), which every
 product shares; this job gives it its reading (:mod:`labeler.jobs.reading`) and writes what
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .dataset_exports import check_format_extras
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -190,6 +192,7 @@ def label_images(
         crf=options.crf,
         background_threshold=options.segmenter.background_threshold,
         model_version=model.model_version,
+        polygons=options.polygon_settings(),
     )
 
     def load(relative: Path) -> Loaded:
@@ -262,6 +265,7 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
+    check_format_extras(options.formats)
     signature = check_run(options)
     images, refused = discover(options)
     if not images and not refused:

@@ -12,13 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporters.polygons import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 from labeler.images import DEFAULT_MAX_PIXELS
 from labeler.model_settings import ModelSpec, SegmenterConfig
-from labeler.settings import integer, setting, settings_group
+from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
 
-FORMATS = ("coco", "png", "labelstudio")
+FORMATS = (
+    "coco",
+    "png",
+    "labelstudio",
+    "cvat-mask",
+    "hf",
+    "coco-polygons",
+    "yolo-seg",
+    "labelstudio-polygons",
+)
+POLYGON_FORMATS = ("coco-polygons", "yolo-seg", "labelstudio-polygons")
+"""The formats made of objects (:mod:`exporters.polygons`): ``--min-area`` and
+``--polygon-tolerance`` shape them."""
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -50,11 +63,33 @@ class PseudoLabelOptions:
     formats: tuple[str, ...] = field(
         default=("coco", "png"),
         metadata=setting(
-            "Exports to write (repeatable). PNG masks are always written: they are the "
-            "per-image record that resuming relies on.",
+            "Exports to write (repeatable): coco (COCO RLE, coco.json), png (indexed masks), "
+            "labelstudio (labelstudio.json), cvat-mask (CVAT Segmentation mask 1.1 zip), hf "
+            "(Hugging Face datasets folder and Parquet; needs the hf extra), coco-polygons "
+            "(coco-polygons.json), yolo-seg (Ultralytics YOLO segmentation folder yolo/), "
+            "labelstudio-polygons (labelstudio-polygons.json). PNG masks are always written: "
+            "they are the per-image record that resuming relies on.",
             name="format",  # --format coco --format png; the field holds them all
             choices=FORMATS,
             multiple=True,
+        ),
+    )
+    min_area: int = field(
+        default=DEFAULT_MIN_AREA,
+        metadata=setting(
+            "Polygon formats: objects (connected components of a label) and holes of fewer "
+            "pixels are left out (a hole left out is filled).",
+            parse=integer(minimum=1),
+            metavar="PIXELS",
+        ),
+    )
+    polygon_tolerance: float = field(
+        default=DEFAULT_TOLERANCE,
+        metadata=setting(
+            "Polygon formats: how far (pixels) a simplified outline may stray from the "
+            "pixels' edges; 0.5 keeps them exact, larger values give fewer vertices.",
+            parse=number(minimum=0.0),
+            metavar="PIXELS",
         ),
     )
     student: Path | None = field(
@@ -112,6 +147,12 @@ class PseudoLabelOptions:
             default_text=f"the CPUs this process may use, at most {MAX_DEFAULT_WORKERS}",
         ),
     )
+
+    def polygon_settings(self) -> dict[str, Any] | None:
+        """What shapes the polygon pieces (None when no polygon format is asked for)."""
+        if not set(self.formats) & set(POLYGON_FORMATS):
+            return None
+        return {"min_area": self.min_area, "tolerance": self.polygon_tolerance}
 
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""

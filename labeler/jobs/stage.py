@@ -53,6 +53,8 @@ class StageModel(Protocol):
     images at any size (then ``prepare`` returns the full-size image and readers decode at full
     size). ``prepare(image, size)`` runs in reading threads (``size``: the original's
     (width, height) when ``image`` is a reduced decode); ``segment`` on the calling thread.
+    A model may also have ``segment_pending`` (same arguments, results with a ``finish()``):
+    the stage then finishes each result outside ``model_lock`` (see :func:`segment_stream`).
     """
 
     model_version: str
@@ -271,22 +273,39 @@ def _segment_batch(
     model_lock: contextlib.AbstractContextManager[Any] | None,
 ) -> list[Any]:
     """One ``segment`` call; when it fails, one call per image. A failed image's result is the
-    error's text (a ``str``)."""
+    error's text (a ``str``).
+
+    A model with ``segment_pending`` (:class:`labeler.StableSeg`) does only its model part
+    under ``model_lock``; each image's full-size finish runs after the lock is let go, so a
+    large image's upsampling does not keep other requests from the model.
+    """
+    segment = getattr(model, "segment_pending", None) or model.segment
     lock = model_lock if model_lock is not None else contextlib.nullcontext()
     with lock:
         try:
-            return list(model.segment(inputs, names, **kwargs))
+            results = list(segment(inputs, names, **kwargs))
         except (ValueError, TypeError) as err:
             if len(inputs) == 1:
                 return [f"segmentation failed: {err}"]
             log.warning("a batch failed (%s); segmenting its images one by one", err)
-        results: list[Any] = []
-        for model_input in inputs:
-            try:
-                results.append(model.segment([model_input], names, **kwargs)[0])
-            except (ValueError, TypeError) as err:
-                results.append(f"segmentation failed: {err}")
-        return results
+            results = []
+            for model_input in inputs:
+                try:
+                    results.append(segment([model_input], names, **kwargs)[0])
+                except (ValueError, TypeError) as err:
+                    results.append(f"segmentation failed: {err}")
+    return [_finished(result) for result in results]
+
+
+def _finished(result: Any) -> Any:
+    """A result, its pending finish done (outside the model lock); an error's text stays."""
+    finish = getattr(result, "finish", None)
+    if isinstance(result, str) or finish is None:
+        return result
+    try:
+        return finish()
+    except (ValueError, TypeError) as err:
+        return f"segmentation failed: {err}"
 
 
 def _finish(

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -140,8 +141,20 @@ def _take_run_lock(work_root: Path, key: str) -> int | None:
     return fd
 
 
+HOLDER_WAIT_S = 1.0  # how long a refused run waits for the lock's holder to write its project
+
+
 def _read_project(fd: int) -> str:
-    return os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    """The project written in the lock file by the process holding the lock.
+
+    The holder writes it just after taking the lock, so a reader that finds the lock taken may
+    come in between: it reads again for up to :data:`HOLDER_WAIT_S` before giving up ("")."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        project = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if project or time.monotonic() >= deadline:
+            return project
+        time.sleep(0.02)
 
 
 def running_refine(work_root: str | os.PathLike[str]) -> str | None:
