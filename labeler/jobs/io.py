@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,9 @@ PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 """zlib settings of every mask PNG written: the run-length strategy at level 1, about 3x
 faster than PIL's default and at 12 MP half the bytes of plain level 1 (masks are runs of
 equal ids)."""
+
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -51,22 +55,88 @@ file, so other users and containers can read the outputs when the umask lets the
 FOLDER_MODE = 0o777 & ~_process_umask()  # what mkdir gives (a temporary folder is 0o700)
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
+RUN_MARKER = "run.json"
+"""The file every run of this tool writes first into its folder (``pseudo-label``'s OUT_DIR,
+``refine``'s work dir): a JSON object whose ``format`` starts with :data:`RUN_FORMAT_PREFIX`."""
+RUN_FORMAT_PREFIX = "stableseg-"
+
+
+def is_run_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a run of this tool (its :data:`RUN_MARKER` names a format of
+    ours): its masks and previews are outputs, never inputs."""
+    marker = Path(folder) / RUN_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        with marker.open(encoding="utf-8") as handle:
+            found = json.loads(handle.read(1 << 20))  # a run file is a few KB
+    except (OSError, ValueError):
+        return False
+    fmt = found.get("format") if isinstance(found, dict) else None
+    return isinstance(fmt, str) and fmt.startswith(RUN_FORMAT_PREFIX)
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that UTF-8 can hold: a name's bytes that are not UTF-8 (kept by Python
+    as surrogate escapes on Linux) shown as ``\\xff``, for records and messages."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(name: str) -> bool:
+    """Whether a file name holds bytes that are not UTF-8 (surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def list_images(
+    root: str | os.PathLike[str],
+    exclude: Iterable[str | os.PathLike[str]] = (),
+    refused: list[Failure] | None = None,
+) -> list[Path]:
     """Every image file under ``root``, recursively, as paths relative to it, sorted.
 
-    Hidden files and folders (name starting with '.') are left out; the order is stable across
-    machines (sorted by the posix relative path).
+    Left out: hidden files and folders (name starting with '.'), the folders in ``exclude``
+    (e.g. the run's own output folder) and every folder under ``root`` that holds a run of this
+    tool (:func:`is_run_folder`), so that outputs written inside the input folder are never
+    read as inputs. A file whose name is not valid UTF-8 cannot be named in JSON exports or
+    URLs: it is left out too, and recorded in ``refused`` (a :class:`Failure` with the name
+    shown by :func:`printable_path` and what to do), or logged when ``refused`` is None. The
+    order is stable across machines (sorted by the posix relative path).
     """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
-    found = []
+    excluded = {Path(os.path.realpath(folder)) for folder in exclude}
+    found, bad = [], []
+
+    def wanted(folder: str, name: str) -> bool:
+        if name.startswith("."):
+            return False
+        path = Path(folder, name)
+        if excluded and Path(os.path.realpath(path)) in excluded:
+            return False
+        return not is_run_folder(path)
+
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if wanted(folder, d)]
         for name in files:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            found.append(Path(folder, name).relative_to(root))
+            relative = Path(folder, name).relative_to(root)
+            (bad if _undecodable(str(relative)) else found).append(relative)
+    for relative in sorted(bad, key=lambda p: os.fsencode(p)):
+        failure = Failure(
+            printable_path(relative.as_posix()),
+            "its name is not valid UTF-8, so no export can name it; rename it "
+            "(e.g. with convmv) and run again",
+        )
+        if refused is not None:
+            refused.append(failure)
+        else:
+            log.warning("left out %s: %s", failure.item, failure.reason)
     return sorted(found, key=lambda p: p.as_posix())
 
 

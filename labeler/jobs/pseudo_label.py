@@ -99,10 +99,23 @@ def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
 
 
 def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Failure]]:
-    """The input images, and those refused up front (outputs that would collide)."""
-    images = list_images(options.images_dir)
+    """The input images, and those refused up front (names that are not UTF-8, outputs that
+    would collide). OUT_DIR and every other run folder under IMAGES_DIR are not read (see
+    :func:`labeler.jobs.io.list_images`).
+
+    Raises:
+        ValueError: OUT_DIR is IMAGES_DIR itself (its outputs would be read as inputs).
+    """
+    if Path(options.out_dir).resolve() == Path(options.images_dir).resolve():
+        raise ValueError(
+            f"--out {options.out_dir} is IMAGES_DIR itself: its masks and previews would be "
+            "labelled as images on the next run; give --out a folder of its own (a subfolder "
+            "of IMAGES_DIR is fine)"
+        )
+    refused: list[Failure] = []
+    images = list_images(options.images_dir, exclude=[options.out_dir], refused=refused)
     owners: dict[PurePosixPath, Path] = {}
-    keep, refused = [], []
+    keep = []
     for relative in images:
         key = stem_path(relative)
         if key in owners:
