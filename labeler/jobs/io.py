@@ -193,24 +193,29 @@ def spool_file(folder: str | os.PathLike[str], name: str) -> Iterator[IO[str]]:
             os.unlink(tmp)
 
 
+TMP_FOLDER = ".tmpdir"  # the suffix of atomic_folder's temporary folders
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary folder that replaces the folder ``path`` when the block ends.
 
-    The folder is ``.<name>.<random>.tmp`` beside ``path``, so :func:`remove_stale_temporaries`
+    The folder is ``.<name>.<random>.tmpdir`` beside ``path``, so :func:`remove_stale_temporaries`
     removes it after a kill; it is removed when the block raises. The old folder is moved
     aside, the new one renamed into place and the old one deleted: a kill leaves either the
-    old folder or the new one at ``path`` (and at worst a ``.tmp`` folder to clean up).
+    old folder or the new one at ``path`` (and at worst a ``.tmpdir`` folder to clean up).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_FOLDER, dir=path.parent))
     try:
         os.chmod(tmp, FOLDER_MODE)
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_FOLDER, dir=path.parent)
+            )
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
@@ -221,22 +226,24 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files and folders that :func:`atomic_writer` and
-    :func:`atomic_folder` leave when a process is killed before their rename
-    (``.<name>.<random>.tmp``), anywhere under ``root``.
+    """Delete the temporary files :func:`atomic_writer` leaves (``.<name>.<random>.tmp``) and
+    the temporary folders :func:`atomic_folder` leaves (``.<name>.<random>.tmpdir``) when a
+    process is killed before their rename, anywhere under ``root``. Other folders are kept,
+    whatever their names.
 
     Call it only when no writer is active (at the end of a run, after the last barrier): a
     live writer's temporary file matches too. Returns what was removed.
     """
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp")):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        elif path.is_file():
+        if path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+    for path in sorted(Path(root).rglob(f".*{TMP_FOLDER}")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
