@@ -122,7 +122,7 @@ def evaluate_table(
     base = model.config
     table: dict[str, Any] = {
         "settings": {
-            "image_size": base.image_size,
+            "image_size": model.input_size,
             "cross_sizes": base.cross_sizes,
             "self_sizes": base.self_sizes,
             "background_prompt": base.background_prompt,

@@ -37,13 +37,21 @@ until curl -sf "$LS_URL/health" >/dev/null; do sleep 2; done # about 30 s
 
 # --8<-- [start:token]
 py() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
-jar="$WORK/cookies.txt"
-csrf() { awk '$6 == "csrftoken" {print $7}' "$jar"; }
-curl -sf -c "$jar" -o /dev/null "$LS_URL/user/login/"
-curl -sf -b "$jar" -c "$jar" -o /dev/null "$LS_URL/user/login/" -H "X-CSRFToken: $(csrf)" \
-  --data-urlencode "email=$LS_EMAIL" --data-urlencode "password=$LS_PASSWORD"
-LABEL_STUDIO_API_KEY=$(curl -sf -b "$jar" -X POST "$LS_URL/api/token/" \
-  -H "X-CSRFToken: $(csrf)" | py 'd["token"]')
+TOKEN_FILE=$WORK/token # the personal access token, kept for the next shell (yours alone)
+if [[ ! -s $TOKEN_FILE ]]; then # log in; revoke a token that was not kept; get a new one
+  jar="$WORK/cookies.txt"
+  csrf() { awk '$6 == "csrftoken" {print $7}' "$jar"; }
+  curl -sf -c "$jar" -o /dev/null "$LS_URL/user/login/"
+  curl -sf -b "$jar" -c "$jar" -o /dev/null "$LS_URL/user/login/" -H "X-CSRFToken: $(csrf)" \
+    --data-urlencode "email=$LS_EMAIL" --data-urlencode "password=$LS_PASSWORD"
+  for old in $(curl -sf -b "$jar" "$LS_URL/api/token/" | py '" ".join(t["token"] for t in d)'); do
+    curl -sf -b "$jar" -o /dev/null -X POST "$LS_URL/api/token/blacklist/" \
+      -H "X-CSRFToken: $(csrf)" -H 'Content-Type: application/json' -d "{\"refresh\": \"$old\"}"
+  done
+  (umask 077 && curl -sf -b "$jar" -X POST "$LS_URL/api/token/" -H "X-CSRFToken: $(csrf)" \
+    | py 'd["token"]' >"$TOKEN_FILE")
+fi
+LABEL_STUDIO_API_KEY=$(cat "$TOKEN_FILE")
 export LABEL_STUDIO_API_KEY
 access() {
   curl -sf -X POST "$LS_URL/api/token/refresh/" -H 'Content-Type: application/json' \
@@ -54,7 +62,7 @@ api() { curl -sf -H "Authorization: Bearer $(access)" -H 'Content-Type: applicat
 
 # --8<-- [start:start-backend]
 export LOCAL_FILES_DOCUMENT_ROOT=$FILES_ROOT # the backend and the CLI read local files from disk
-LABEL_STUDIO_URL=$LS_URL stableseg serve --model demo/model --image-size 64 \
+LABEL_STUDIO_URL=$LS_URL stableseg serve --model demo/model \
   --background-prompt background --port "$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 until curl -sf "http://127.0.0.1:$BACKEND_PORT/health" >/dev/null; do sleep 1; done
 # --8<-- [end:start-backend]
@@ -93,7 +101,7 @@ api -X PATCH "$LS_URL/api/projects/$PROJECT" -d "{\"model_version\": \"$VERSION\
 
 # --8<-- [start:predict-all]
 stableseg label-studio predict --url "$LS_URL" --project "$PROJECT" \
-  --model demo/model --image-size 64 --background-prompt background
+  --model demo/model --background-prompt background
 # --8<-- [end:predict-all]
 
 # --8<-- [start:review]

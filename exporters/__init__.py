@@ -52,6 +52,7 @@ from exporters.preview import (
     gallery_head,
     gallery_html,
     gallery_tail,
+    label_colours,
     overlay,
 )
 from exporters.yolo import yolo_data_yaml, yolo_lines
@@ -79,6 +80,7 @@ __all__ = [
     "import_task",
     "joined_ring",
     "label_color",
+    "label_colours",
     "label_objects",
     "labelmap_text",
     "mask_annotations",

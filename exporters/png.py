@@ -3,6 +3,15 @@
 Mask convention (see ``labeler.result``): 0 = background / unlabeled, k = the k-th label
 (1-based), 255 = ignore. A mask PNG stores these ids as palette indices, so any image viewer
 shows colours while ``png_to_mask`` reads the ids back unchanged.
+
+Why the mask PNGs keep the VOC palette while the previews colour "blue" blue
+(:func:`exporters.preview.label_colours`): in a mask file the pixel values are the ids and the
+palette is part of the format. Pascal VOC's colour map is what segmentation tools expect of an
+indexed mask (VOC-style loaders, CVAT's "Segmentation mask" and datumaro read class colours
+from it; some convert the colours back to ids), and it gives id k the same colour in every run
+and for every label list, so two mask folders can be compared by eye. Colours that follow the
+label names would differ between runs whose labels differ, and the files would stop matching
+those tools' colour map.
 """
 
 from __future__ import annotations

@@ -15,10 +15,60 @@ from exporters.png import voc_palette
 from labeler.result import IGNORE
 
 BOUNDARY_COLOR = (255, 255, 255)
-LEGEND_BACKGROUND = (0, 0, 0, 170)
-LEGEND_TEXT = (255, 255, 255, 255)
+LEGEND_BACKGROUND = (32, 32, 32)
+LEGEND_TEXT = (255, 255, 255)
 _LEGEND_PAD = 4
 _SWATCH_GAP = 4
+
+DISTINCT_COLOURS = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)  # fmt: skip
+"""The colours of labels that are not named after a colour, in order: twenty hues chosen to be
+told apart from one another (and at half strength over a photo)."""
+_NEAR = 100.0  # RGB distance under which a palette colour is taken as one a label already has
+
+
+def colour_of_name(label: str) -> tuple[int, int, int] | None:
+    """The colour a label is named after (a CSS colour name: ``red``, ``light blue``,
+    ``Dark-Green``; case, spaces, hyphens and underscores do not matter), or None."""
+    from PIL import ImageColor
+
+    key = "".join(ch for ch in label.lower() if ch not in " -_")
+    if key not in ImageColor.colormap:
+        return None
+    red, green, blue = ImageColor.getrgb(key)[:3]
+    return red, green, blue
+
+
+def label_colours(labels: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The preview colour of each label, in order (id k is ``labels[k - 1]``).
+
+    A label named after a colour (:func:`colour_of_name`) is drawn in that colour, so the demo's
+    "blue" is blue; every other label gets the next of :data:`DISTINCT_COLOURS` that is not
+    close to one of those named colours, then the VOC palette's once those run out. The indexed
+    PNG masks keep the VOC palette: there the palette is part of the file format (see
+    :mod:`exporters.png`), here only what a person sees.
+    """
+    named = [colour_of_name(name) for name in labels]
+    taken = [colour for colour in named if colour is not None]
+    spare = iter(DISTINCT_COLOURS)
+    palette = voc_palette()
+    colours = []
+    for index, colour in enumerate(named, start=1):
+        if colour is None:
+            colour = next(
+                (c for c in spare if all(_distance(c, t) >= _NEAR for t in taken)),
+                tuple(palette[3 * index : 3 * index + 3]),
+            )
+        colours.append(colour)
+    return colours
+
+
+def _distance(a: Sequence[int], b: Sequence[int]) -> float:
+    return float(np.linalg.norm(np.subtract(a, b, dtype=float)))
 
 
 def _boundaries(mask: np.ndarray) -> np.ndarray:
@@ -33,36 +83,31 @@ def _boundaries(mask: np.ndarray) -> np.ndarray:
     return edges
 
 
-def _draw_legend(image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-    """Draw a box in the top-left corner listing ``(name, colour)`` with colour swatches.
-
-    Only the box's region of the image is composited.
-    """
+def _with_legend(
+    image: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]
+) -> Image.Image:
+    """``image`` with a panel on its right listing ``(name, colour)`` with colour swatches: the
+    legend never covers the picture. The canvas grows to the panel's width (and height, for a
+    picture shorter than the list)."""
     if not entries:
-        return
+        return image
     font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     boxes = [measure.textbbox((0, 0), name, font=font) for name, _ in entries]
     line_height = max(box[3] - box[1] for box in boxes) + 2
     text_width = max(box[2] - box[0] for box in boxes)
     swatch = line_height - 2
     width = 2 * _LEGEND_PAD + swatch + _SWATCH_GAP + text_width
     height = 2 * _LEGEND_PAD + line_height * len(entries)
-    region = (0, 0, min(image.width, width + 1), min(image.height, height + 1))
-    overlay = Image.new("RGBA", region[2:], (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    draw.rectangle((0, 0, width, height), fill=LEGEND_BACKGROUND)
+    canvas = Image.new("RGB", (image.width + width, max(image.height, height)), LEGEND_BACKGROUND)
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    left = image.width + _LEGEND_PAD
     for row, ((name, color), box) in enumerate(zip(entries, boxes, strict=True)):
         top = _LEGEND_PAD + row * line_height
-        draw.rectangle(
-            (_LEGEND_PAD, top, _LEGEND_PAD + swatch, top + swatch),
-            fill=(*color, 255),
-            outline=(255, 255, 255, 255),
-        )
-        text_x = _LEGEND_PAD + swatch + _SWATCH_GAP
-        draw.text((text_x, top - box[1]), name, font=font, fill=LEGEND_TEXT)
-    corner = image.crop(region).convert("RGBA")
-    image.paste(Image.alpha_composite(corner, overlay).convert("RGB"), region[:2])
+        draw.rectangle((left, top, left + swatch, top + swatch), fill=color, outline=(255,) * 3)
+        draw.text((left + swatch + _SWATCH_GAP, top - box[1]), name, font=font, fill=LEGEND_TEXT)
+    return canvas
 
 
 def overlay(
@@ -74,12 +119,12 @@ def overlay(
     boundaries: bool = True,
     legend: bool = True,
 ) -> Image.Image:
-    """The RGB image with each label's VOC colour blended over its pixels.
+    """The RGB image with each label's colour (:func:`label_colours`) blended over its pixels.
 
     Background (0) pixels are left as they are; ignore (255) pixels get the VOC ignore colour.
     The blending is PIL's (``Image.blend``, in C).
-    ``boundaries`` draws white lines where the id changes, ``legend`` adds a box listing the
-    labels present with their colours.
+    ``boundaries`` draws white lines where the id changes; ``legend`` adds a panel beside the
+    picture (on its right: the result is wider) listing the labels present with their colours.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
@@ -97,13 +142,15 @@ def overlay(
     if bad:
         raise ValueError(f"overlay: mask ids {bad} are outside 0..{len(names)} and not 255")
 
-    palette = voc_palette()
+    colours = label_colours(names)
+    palette = voc_palette()  # 0 and 255 keep their VOC colours; 1..C are the labels'
+    palette[3 : 3 + 3 * len(colours)] = [value for colour in colours for value in colour]
     ids_u8 = np.ascontiguousarray(mask, dtype=np.uint8)  # (H, W), ids fit 8 bits (checked)
     size = (image.width, image.height)
     base = image.convert("RGB")
-    colors = Image.frombytes("P", size, ids_u8.tobytes())
-    colors.putpalette(palette)
-    blended = Image.blend(base, colors.convert("RGB"), alpha)  # every pixel painted
+    painted_colours = Image.frombytes("P", size, ids_u8.tobytes())
+    painted_colours.putpalette(palette)
+    blended = Image.blend(base, painted_colours.convert("RGB"), alpha)  # every pixel painted
     painted = Image.frombytes("L", size, np.where(ids_u8 != 0, 255, 0).astype(np.uint8).tobytes())
     result = Image.composite(blended, base, painted)  # background (0) left as it was
     if boundaries:
@@ -111,8 +158,7 @@ def overlay(
         result.paste(BOUNDARY_COLOR, (0, 0, *size), edges)
     if legend:
         present = [int(i) for i in ids if 1 <= i <= len(names)]
-        entries = [(names[i - 1], tuple(palette[3 * i : 3 * i + 3])) for i in present]
-        _draw_legend(result, entries)
+        result = _with_legend(result, [(names[i - 1], colours[i - 1]) for i in present])
     return result
 
 
@@ -132,10 +178,12 @@ def comparison_strip(
             the image's size, ids as in :func:`overlay` (0 background, k = ``labels[k - 1]``,
             255 ignore, shown in the VOC ignore colour).
         labels: the class names of the ids.
-        height: every row is scaled to this height (masks nearest, images bilinear).
+        height: every row is scaled to this height (masks nearest, images bilinear); a row
+            whose legend is longer grows to hold it.
 
     Returns:
-        One RGB image with a title line, rows separated by a gap of white.
+        One RGB image with a title line, rows separated by a gap of white; the overlays carry
+        their legends beside them, so their columns are wider than the image column.
     """
     if not rows:
         raise ValueError("comparison_strip: no rows")
@@ -153,18 +201,20 @@ def comparison_strip(
         ]
         pictures.append([scaled, *(overlay(scaled, m, labels) for m in masks)])
     title_height = 16
-    column_width = max(picture[0].width for picture in pictures)
-    total_width = 3 * column_width + 4 * STRIP_GAP
-    total_height = title_height + len(pictures) * (height + STRIP_GAP) + STRIP_GAP
+    widths = [max(picture[column].width for picture in pictures) for column in range(3)]
+    lefts = [STRIP_GAP + sum(widths[:column]) + column * STRIP_GAP for column in range(3)]
+    total_width = sum(widths) + 4 * STRIP_GAP
+    heights = [max(part.height for part in picture) for picture in pictures]  # legends
+    total_height = title_height + sum(heights) + len(pictures) * STRIP_GAP + STRIP_GAP
     strip = Image.new("RGB", (total_width, total_height), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
-    for column, title in enumerate(STRIP_TITLES):
-        left = STRIP_GAP + column * (column_width + STRIP_GAP)
+    for left, title in zip(lefts, STRIP_TITLES, strict=True):
         draw.text((left, 2), title, font=font, fill=(0, 0, 0))
-    for row, picture in enumerate(pictures):
-        top = title_height + row * (height + STRIP_GAP)
-        for column, part in enumerate(picture):
-            strip.paste(part, (STRIP_GAP + column * (column_width + STRIP_GAP), top))
+    top = title_height
+    for picture, row_height in zip(pictures, heights, strict=True):
+        for left, part in zip(lefts, picture, strict=True):
+            strip.paste(part, (left, top))
+        top += row_height + STRIP_GAP
     return strip
 
 

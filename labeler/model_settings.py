@@ -123,8 +123,12 @@ class SegmenterConfig:
     """How StableSeg turns one UNet pass into masks.
 
     Attributes:
-        image_size: side of the square the image is resized to before the VAE (512 for SD 1.x
-            and 2.x base; 768 for SD 2.x v-models). Masks come back at the original size.
+        image_size: side of the square the image is resized to before the VAE; ``None`` (the
+            default) is the model's own resolution, the UNet's sample size times the VAE's
+            factor (512 for SD 1.x and 2.x base, 768 for SD 2.x v-models, 64 for demo/model),
+            resolved by the model (:attr:`labeler.StableSeg.input_size`). Settings, run files
+            and model versions keep ``None``: "the model's own" is a setting of its own. Masks
+            come back at the original size.
         timestep: the UNet timestep of the single pass (the paper uses 1). No noise is added.
         cross_sizes: side lengths of the cross-attention maps averaged into the class map (CAPM):
             a tuple such as ``(8, 16)``, ``"<=32"`` or ``"all"`` (see :func:`parse_sizes`).
@@ -147,13 +151,15 @@ class SegmenterConfig:
             selections above are ignored.
     """
 
-    image_size: int = field(
-        default=512,
+    image_size: int | None = field(
+        default=None,
         metadata=setting(
-            "Side the model sees, a multiple of the VAE factor (512 for SD 1.x/2.x base, 768 for "
-            "SD 2.x v-models, 64 for demo/model).",
+            "Side the model sees, a multiple of the VAE factor; by default the model's own "
+            "(UNet sample size x VAE factor: 512 for SD 1.x/2.x base, 768 for SD 2.x v-models, "
+            "64 for demo/model).",
             parse=integer(minimum=1),
             metavar="PX",
+            default_text="the model's own",
         ),
     )
     timestep: int = field(
@@ -233,7 +239,7 @@ class SegmenterConfig:
     map_weights: Mapping[str, float] | None = field(default=None, compare=True)
 
     def __post_init__(self) -> None:
-        if self.image_size < 8 or self.image_size % 8:
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise ValueError(f"image_size must be a positive multiple of 8, got {self.image_size}")
         if self.timestep < 0:
             raise ValueError(f"timestep must be >= 0, got {self.timestep}")

@@ -138,6 +138,22 @@ class PendingResult:
         return out
 
 
+SD_LATENT_SIDE = 64
+"""The latent side Stable Diffusion 1.x and 2.x base were trained at (512 px)."""
+
+
+def native_image_size(unet: torch.nn.Module, vae: torch.nn.Module) -> int:
+    """The resolution a Stable Diffusion was trained at: the UNet's latent sample size times the
+    VAE's downsampling factor (64 x 8 = 512 for SD 1.x and 2.x base, 96 x 8 = 768 for the 2.x
+    v-models, 16 x 4 = 64 for demo/model). A non-square sample size gives its longer side; a
+    UNet whose configuration states none is taken for SD's (64 latent pixels)."""
+    sample = unet.config.sample_size
+    if sample is None:
+        sample = SD_LATENT_SIDE
+    side = int(sample if isinstance(sample, int) else max(sample))
+    return side * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class StableSeg:
     """The StableSeg zero-shot segmenter.
 
@@ -172,9 +188,11 @@ class StableSeg:
         self.config = config or SegmenterConfig()
         self.source = "components"
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        if self.config.image_size % self.vae_scale_factor:
+        self.native_size = native_image_size(unet, vae)
+        self.image_size = self.config.image_size or self.native_size
+        if self.image_size % self.vae_scale_factor:
             raise ValueError(
-                f"image_size {self.config.image_size} is not a multiple of the VAE's "
+                f"image_size {self.image_size} is not a multiple of the VAE's "
                 f"downsampling factor {self.vae_scale_factor}"
             )
         self._embedding_cache: dict[tuple[str, ...], _Prompts] = {}
@@ -235,8 +253,9 @@ class StableSeg:
 
     @property
     def input_size(self) -> int:
-        """Side of the square image the model sees (``config.image_size``)."""
-        return self.config.image_size
+        """Side of the square image the model sees: ``config.image_size``, or the model's own
+        (``native_size``) when that is None."""
+        return self.image_size
 
     @property
     def batch_size(self) -> int:
@@ -250,7 +269,7 @@ class StableSeg:
         worker threads, so the calling thread never touches full-size pixels. ``size`` is the
         (width, height) of the original when ``image`` is a reduced decode of it.
         """
-        return prepare_image(image, self.config.image_size, size)
+        return prepare_image(image, self.image_size, size)
 
     @property
     def device(self) -> torch.device:
@@ -331,11 +350,11 @@ class StableSeg:
     # ------------------------------------------------------------------ planning
     @property
     def latent_size(self) -> tuple[int, int]:
-        side = self.config.image_size // self.vae_scale_factor
+        side = self.image_size // self.vae_scale_factor
         return side, side
 
     def attention_layers(self) -> list[LayerInfo]:
-        """Every attention layer of the UNet with its grid size at ``config.image_size``."""
+        """Every attention layer of the UNet with its grid size at :attr:`input_size`."""
         return unet_attention_layers(self.unet, self.latent_size)
 
     def plan(self, all_layers: bool = False) -> MapPlan:
@@ -755,7 +774,7 @@ class StableSeg:
         A :class:`PreparedImage` brings its (S, S, 3) pixels and size; anything else is an image
         (PIL or array, any mode) resized here by the same rule (:func:`resize_for_model`).
         """
-        side = self.config.image_size
+        side = self.image_size
         batch, shapes = [], []
         for offset, image in enumerate(images):
             index = first_index + offset

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -428,7 +429,54 @@ def build(cls: type[T], values: Mapping[str, Any], **fields_: Any) -> T:
         raise KeyError(f"unknown settings {unknown}; valid: {sorted(known)}")
     by_path = {known[name].path: value for name, value in values.items()}
     by_path.update({(name,): value for name, value in fields_.items()})
-    return _build(cls, by_path, ())
+    try:
+        return _build(cls, by_path, ())
+    except ValueError as err:
+        raise ValueError(user_names(cls, str(err))) from None
+
+
+def user_names(cls: type, message: str) -> str:
+    """``message`` (a dataclass's ``ValueError``) with the group's settings named the way a user
+    sets them: ``image_size must be ...`` -> ``--image-size must be ...``; a setting that is no
+    option by its variable. ``name=True`` / ``name=False`` of a switch become ``--name`` /
+    ``--no-name``.
+
+    Names with an underscore are replaced wherever they stand; a one-word name (``timeout``)
+    only where it is followed by ``must``, ``needs`` or ``=``, so that prose such as "the
+    model" is left alone.
+    """
+    spellings: dict[str, Setting] = {}
+    for item in settings_of(cls):
+        spellings[item.name] = item
+        spellings.setdefault(item.field, item)
+
+    def shown(item: Setting, flag_value: str | None) -> str:
+        if item.flag is None:
+            return item.env or item.name
+        if flag_value == "=False" and item.declaration.negatable:
+            return f"--no-{item.flag[2:]}"
+        return item.flag
+
+    def replace(match: re.Match[str]) -> str:
+        item = spellings[match.group("name")]
+        flag_value = match.group("value")
+        if flag_value not in (None, "=True", "=False") or not item.declaration.switch:
+            return shown(item, None) + (flag_value or "")
+        return shown(item, flag_value)
+
+    names = sorted(spellings, key=len, reverse=True)
+    joined = "|".join(re.escape(name) for name in names if "_" in name)
+    single = "|".join(re.escape(name) for name in names if "_" not in name)
+    patterns = []
+    if joined:
+        patterns.append(rf"(?<![\w-])(?P<name>{joined})(?![\w-])(?P<value>=True|=False)?")
+    if single:
+        patterns.append(
+            rf"(?<![\w-])(?P<name>{single})(?=\s+(?:must|needs)\b|=)(?P<value>=True|=False)?"
+        )
+    for pattern in patterns:
+        message = re.sub(pattern, replace, message)
+    return message
 
 
 def _build(cls: type[T], by_path: Mapping[tuple[str, ...], Any], prefix: tuple[str, ...]) -> T:

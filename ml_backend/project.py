@@ -59,6 +59,9 @@ TASK_FIELDS = "id,data,predictions_model_versions"
 """What a task listing asks for: no predictions' results (they hold whole brush RLEs)."""
 ORDER_BY_ID = json.dumps({"ordering": ["tasks:id"]})
 MAX_BACKOFF_S = 30.0
+EXTRA_PAGES = 2
+"""Pages a listing may run past those the project's task count fills (tasks added while the
+run lists them) before the listing is taken for a server that pages forever."""
 MAX_UPLOAD_BYTES = 8_000_000
 """An upload request is sent early when its JSON would grow past this."""
 
@@ -223,6 +226,8 @@ def connect(url: str, api_key: str, timeout: float) -> LabelStudio:
         return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
     except ApiError as err:  # an expired personal access token is refused here
         raise LabelStudioUsageError(f"LABEL_STUDIO_API_KEY: {_api_detail(err)}") from None
+    except _UNREADABLE as err:  # the token exchange's answer
+        raise _unreadable(err, url, "exchanging LABEL_STUDIO_API_KEY") from None
 
 
 def project_target(
@@ -234,8 +239,14 @@ def project_target(
         options,
         f"reading project {project}",
     )
+    config = getattr(found, "label_config", None)
+    if not isinstance(config, str):
+        raise LabelStudioUnavailable(
+            f"reading project {project}: Label Studio at {options.url} answered without a "
+            "labeling config"
+        )
     try:
-        return parse_label_config(found.label_config, max_labels)
+        return parse_label_config(config, max_labels)
     except LabelConfigError as err:
         raise LabelStudioUsageError(f"project {project}: {err}") from None
 
@@ -252,29 +263,69 @@ def backend_settings(options: PredictOptions) -> BackendSettings:
 
 
 # ---------------------------------------------------------------------- stages
-def list_tasks(client: LabelStudio, options: PredictOptions) -> Iterator[Task]:
+def list_tasks(client: LabelStudio, options: PredictOptions, expected: int) -> Iterator[Task]:
     """Every task of the project, a page of ``page_size`` at a time, in id order.
 
     Pages are numbered: adding predictions does not move tasks between pages, since the order
-    is by id. Each page is one small request, retried like every other.
+    is by id. Each page is one small request, retried like every other. The listing is bounded:
+    by the project's task count ``expected`` (the pages it fills, plus :data:`EXTRA_PAGES` for
+    tasks added meanwhile) and by the ids, which must grow from page to page.
+
+    Raises:
+        LabelStudioUnavailable: the server pages past that bound, lists a task again, or
+            answers with a listing that cannot be read.
     """
+    last_page = -(-max(expected, 1) // options.page_size) + EXTRA_PAGES
     page = 1
     seen = 0
+    last_id = 0
     while True:
-        listing = _call(
-            lambda page=page: _task_page(client, options, page),
-            options,
-            f"listing page {page} of project {options.project}'s tasks",
-        )
+        what = f"listing page {page} of project {options.project}'s tasks"
+        if page > last_page:
+            raise LabelStudioUnavailable(
+                f"{what}: Label Studio at {options.url} still lists tasks past page "
+                f"{last_page}, though the project had {expected} tasks ({options.page_size} a "
+                "page); its listing does not end, so the run stops here (if tasks were being "
+                "added, run the command again: it resumes)"
+            )
+        listing = _call(lambda page=page: _task_page(client, options, page), options, what)
         if listing is None:
             return
-        tasks = listing.tasks or []
+        tasks, total = _page_tasks(listing, options, what)
         for task in tasks:
-            yield Task(int(task.id), dict(task.data or {}), _versions(task))
+            if task.id <= last_id:
+                raise LabelStudioUnavailable(
+                    f"{what}: Label Studio at {options.url} listed task {task.id} after task "
+                    f"{last_id}; the listing is not in id order, so the run stops here"
+                )
+            last_id = task.id
+            yield task
         seen += len(tasks)
-        if not tasks or seen >= int(listing.total or 0):
+        if not tasks or seen >= total:
             return
         page += 1
+
+
+def _page_tasks(listing: Any, options: PredictOptions, what: str) -> tuple[list[Task], int]:
+    """A listed page's tasks and the total it states, checked: a malformed answer is an error
+    that says so, not an ``AttributeError`` deep in the run."""
+    try:
+        raw = listing.tasks or []
+        if not isinstance(raw, list):
+            raise TypeError(f"'tasks' is {type(raw).__name__}, not a list")
+        total = int(listing.total or 0)
+        tasks = []
+        for task in raw:
+            data = task.data or {}
+            if not isinstance(data, dict):
+                raise TypeError(f"task {task.id!r}'s data is {type(data).__name__}, not an object")
+            tasks.append(Task(int(task.id), dict(data), _versions(task)))
+    except (AttributeError, TypeError, ValueError) as err:
+        raise LabelStudioUnavailable(
+            f"{what}: Label Studio at {options.url} answered with a task listing this tool "
+            f"cannot read ({err})"
+        ) from None
+    return tasks, total
 
 
 def encode(
@@ -363,7 +414,7 @@ class Uploader:
                     delay = min(2 * delay, MAX_BACKOFF_S)
                     continue
                 if not isinstance(err, ApiError):
-                    raise
+                    raise _failure(err, self.options, "uploading predictions") from None
                 if err.status_code in (401, 403, 404):  # the key or the project, not the data
                     raise _failure(err, self.options, "uploading predictions") from None
                 if batch[1:]:  # find the prediction Label Studio refuses
@@ -445,7 +496,7 @@ def run_predict(
                 yield task
 
     uploader = Uploader(client, options, version, done, failed)
-    tasks = unpredicted(list_tasks(client, options))
+    tasks = unpredicted(list_tasks(client, options, total))
     segmented = segment_tasks(
         tasks,
         lambda task: ({"data": task.data}, task.id),
@@ -506,7 +557,13 @@ def _task_count(client: LabelStudio, options: PredictOptions) -> int:
         options,
         f"counting project {options.project}'s tasks",
     )
-    return int(listing.total or 0)
+    try:
+        return int(listing.total or 0)
+    except (AttributeError, TypeError, ValueError):
+        raise LabelStudioUnavailable(
+            f"counting project {options.project}'s tasks: Label Studio at {options.url} "
+            f"answered with a total this tool cannot read ({getattr(listing, 'total', None)!r})"
+        ) from None
 
 
 def _versions(task: Any) -> frozenset[str]:
@@ -554,12 +611,33 @@ def _call(call: Callable[[], T], options: PredictOptions, what: str) -> T:
     raise AssertionError("unreachable")
 
 
+_UNREADABLE = (RecursionError, ValueError, TypeError)
+"""What reading an answer raises when it is not the JSON expected: nested too deep for the
+parser (``RecursionError``), not JSON at all or not of the expected shape."""
+
+
+def _unreadable(err: BaseException, url: str, what: str) -> LabelStudioUnavailable:
+    """The error for an answer that cannot be read (``err``: one of :data:`_UNREADABLE`)."""
+    if isinstance(err, RecursionError):
+        why = "JSON nested too deeply to read"
+    else:
+        why = f"an answer that is not the JSON expected ({str(err)[:200]})"
+    return LabelStudioUnavailable(f"{what}: Label Studio at {url} answered with {why}")
+
+
 def _failure(err: Exception, options: PredictOptions, what: str) -> Exception:
     """The error to raise for a failure that another try will not mend."""
     from label_studio_sdk.core.api_error import ApiError
 
+    if isinstance(err, _UNREADABLE):
+        return _unreadable(err, options.url, what)
     if not isinstance(err, ApiError):
         return err
+    if err.status_code is not None and 200 <= err.status_code < 300:  # the SDK: not JSON
+        return LabelStudioUnavailable(
+            f"{what}: Label Studio at {options.url} answered HTTP {err.status_code} with "
+            f"something that is not JSON: {_api_detail(err)[:200]!r}"
+        )
     if err.status_code in (401, 403):
         return LabelStudioUsageError(
             f"Label Studio at {options.url} refused LABEL_STUDIO_API_KEY ({what}: HTTP "

@@ -78,7 +78,7 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     keep = ["a.json", "sub/b.png", ".hidden", "c.tmp", "sub/.d.png"]
-    stale = [".a.json.x1y2.tmp", "sub/deeper/.b.png.z9.tmp"]
+    stale = [".a.json.x1y2.tmp", "sub/deeper/.b.png.z9.tmp", "sub/.hf.k3.tmpdir/data.arrow"]
     for name in keep + stale:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
@@ -86,7 +86,8 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 
     removed = remove_stale_temporaries(tmp_path)
 
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(stale)
+    removed_names = sorted(p.relative_to(tmp_path).as_posix() for p in removed)
+    assert removed_names == sorted([*stale[:2], "sub/.hf.k3.tmpdir"])  # the folder, whole
     left = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert left == set(keep)
     assert (tmp_path / ".folder.tmp").is_dir()

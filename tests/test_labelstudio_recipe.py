@@ -170,8 +170,6 @@ def _pseudo_label(images: Path, labels: list[str], out: Path) -> Path:
         ",".join(labels),
         "--model",
         "demo/model",
-        "--image-size",
-        "64",
         "--background-prompt",
         "background",
         "--batch-size",
@@ -574,3 +572,43 @@ def test_a_prediction_label_studio_refuses_fails_alone_with_its_reason(recipe: R
     assert uploader.requests == 1 + len(ids) + 1  # the batch, then each prediction alone
     stored = recipe.api.tasks(project, include="id,total_predictions")
     assert [t["total_predictions"] for t in stored] == [1] * len(ids)
+
+
+# ---------------------------------------------------------------------- the token in a new shell
+RECIPE_STEP = re.compile(r"^# --8<-- \[start:([\w-]+)\]\n(.*?)^# --8<-- \[end:\1\]\n", re.M | re.S)
+
+
+def _new_shell(recipe: Recipe, *steps: str, then: str) -> subprocess.CompletedProcess:
+    """Some of the recipe's steps, then ``then``, in a new bash with the recipe's settings."""
+    found = dict(RECIPE_STEP.findall(RECIPE.read_text()))
+    script = "set -euo pipefail\n" + "".join(found[step] for step in steps) + then
+    return subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=recipe.env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_the_token_is_kept_for_a_new_shell_and_a_lost_one_is_replaced(recipe: Recipe) -> None:
+    """Last in the module: replacing the lost token revokes every token of the user, the tests'
+    own too, which is minted again at the end."""
+    token_file = Path(recipe.env["WORK"]) / "token"
+    kept = token_file.read_text().strip()
+    assert kept and token_file.stat().st_mode & 0o077 == 0  # the owner's alone
+    project = f'api "$LS_URL/api/projects/{recipe.project}" | py \'d["id"]\'\n'
+    show = project + 'echo "$LABEL_STUDIO_API_KEY"\n'
+    again = _new_shell(recipe, "settings", "token", then=show)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split() == [str(recipe.project), kept]  # the same token, reused
+
+    token_file.unlink()  # lost: the step revokes the old token and gets another
+    lost = _new_shell(recipe, "settings", "token", then=show)
+    assert lost.returncode == 0, lost.stderr[-3000:]
+    fresh = token_file.read_text().strip()
+    assert lost.stdout.split() == [str(recipe.project), fresh] and fresh != kept
+    refused = requests.post(f"{recipe.url}/api/token/refresh/", json={"refresh": kept}, timeout=30)
+    assert refused.status_code == 401, refused.text
+
+    venv = Path(recipe.env["LABEL_STUDIO_VENV"])
+    data = Path(recipe.env["WORK"]) / "label-studio-data"
+    recipe.token = lss.mint_personal_token(venv, data, recipe.env["SECRET_KEY"])
+    recipe.api = lss.TokenClient(recipe.url, recipe.token)

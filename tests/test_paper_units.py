@@ -219,18 +219,20 @@ def test_per_image_label_files(tmp_path: Path) -> None:
 
 
 def test_comparison_strip_rows() -> None:
-    from exporters import comparison_strip
-    from exporters.png import label_color
+    from exporters import comparison_strip, label_colours
 
     image = Image.new("RGB", (20, 10), (100, 100, 100))
     gt = np.zeros((10, 20), np.uint8)
     gt[:, 10:] = 1
     pred = np.full((10, 20), 2, np.uint8)
     strip = comparison_strip([(image, gt, pred)] * 2, ["cat", "dog"], height=40)
-    # Three 80 px columns with 4 px gaps; a 16 px title line and two 40 px rows.
-    assert strip.size == (3 * 80 + 4 * 4, 16 + 2 * (40 + 4) + 4)
+    # An 80 px image column and two overlay columns with their legends beside them, 4 px gaps;
+    # a 16 px title line and two 40 px rows.
+    assert strip.size[1] == 16 + 2 * (40 + 4) + 4
+    assert strip.size[0] > 3 * 80 + 4 * 4
     left = np.asarray(strip)[16 + 30, 4 + 40]  # image column, untouched grey
     assert tuple(left) == (100, 100, 100)
-    blended = np.asarray(strip)[16 + 35, 4 + 2 * 84 + 70]  # prediction column: dog's colour
-    expected = np.rint(0.5 * 100 + 0.5 * np.array(label_color(2)))
-    np.testing.assert_array_equal(blended, expected)
+    prediction_left = strip.size[0] - 4 - (strip.size[0] - 4 * 4 - 80) // 2
+    blended = np.asarray(strip)[16 + 35, prediction_left + 70]  # prediction column: dog's
+    expected = np.rint(0.5 * 100 + 0.5 * np.array(label_colours(["cat", "dog"])[1]))
+    np.testing.assert_allclose(blended, expected, atol=1)

@@ -369,7 +369,7 @@ def test_model_settings_are_what_the_commands_receive():
     assert settings.model == ModelSpec(dtype="fp16")
     assert settings.segmenter == SegmenterConfig(image_size=128, self_only=True, timestep=3)
     bad = CliRunner().invoke(probe, ["--no-sar", "--self-only"])
-    assert bad.exit_code == 2 and "self_only=True needs use_sar=True" in bad.output
+    assert bad.exit_code == 2 and "--self-only needs --sar" in bad.output
 
 
 # ---------------------------------------------------------------------------- one declaration

@@ -132,6 +132,12 @@ def test_listing_and_whole_object_writes(bucket):
     fs.put_file(str(SCENES / "scene_000.png"), "inbox/odd/a b%20c.png")
     odd = as_location("s3://inbox/odd")
     assert list_images(odd) == [Path("a b%20c.png")]  # keys are not URL-quoted
+    # A run's folder inside the prefix (its run.json is ours) and --out are never inputs.
+    fs.pipe_file("inbox/odd/run1/run.json", b'{"format": "stableseg-pseudo-label/2"}')
+    fs.pipe_file("inbox/odd/run1/masks/x.png", b"mask")
+    fs.pipe_file("inbox/odd/out/masks/y.png", b"mask")
+    listed = list_images(odd, exclude=[as_location("s3://inbox/odd/out")])
+    assert listed == [Path("a b%20c.png")]
     assert image_input(odd / "a b%20c.png") == (SCENES / "scene_000.png").read_bytes()
     out = as_location("s3://outbox/unit")
     with atomic_writer(out / "a" / "b.json") as handle:

@@ -22,6 +22,7 @@ import numpy as np
 from .extras import require_extra
 from .io import (
     PNG_OPTIONS,
+    TMP_FOLDER,
     atomic_folder,
     atomic_write_bytes,
     atomic_writer,
@@ -186,7 +187,7 @@ def write_hf(
     bars = datasets.is_progress_bar_enabled()  # the run has its own progress bar
     datasets.disable_progress_bars()
     with atomic_folder(out / HF_FOLDER) as folder, atomic_folder(out / HF_PARQUET) as parquet:
-        cache = folder.parent / f".{HF_FOLDER}-cache.tmp"
+        cache = folder.parent / f".{HF_FOLDER}-cache{TMP_FOLDER}"
         try:
             if done:
                 dataset = datasets.Dataset.from_generator(

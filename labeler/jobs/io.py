@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 """zlib settings of every mask PNG written: the run-length strategy at level 1, about 3x
 faster than PIL's default and at 12 MP half the bytes of plain level 1 (masks are runs of
 equal ids)."""
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -59,32 +62,122 @@ file, so other users and containers can read the outputs when the umask lets the
 FOLDER_MODE = 0o777 & ~_process_umask()  # what mkdir gives (a temporary folder is 0o700)
 
 
+RUN_MARKER = "run.json"
+"""The file every run of this tool writes first into its folder (``pseudo-label``'s OUT_DIR,
+``refine``'s work dir): a JSON object whose ``format`` starts with :data:`RUN_FORMAT_PREFIX`."""
+RUN_FORMAT_PREFIX = "stableseg-"
+
+
+def is_run_folder(folder: str | os.PathLike[str] | RemotePath) -> bool:
+    """Whether ``folder`` (on disk or in object storage) holds a run of this tool (its
+    :data:`RUN_MARKER` names a format of ours): its masks and previews are outputs, never
+    inputs."""
+    marker = as_location(folder) / RUN_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        with marker.open(encoding="utf-8") as handle:
+            found = json.loads(handle.read(1 << 20))  # a run file is a few KB
+    except (OSError, ValueError):
+        return False
+    fmt = found.get("format") if isinstance(found, dict) else None
+    return isinstance(fmt, str) and fmt.startswith(RUN_FORMAT_PREFIX)
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that UTF-8 can hold: a name's bytes that are not UTF-8 (kept by Python
+    as surrogate escapes on Linux) shown as ``\\xff``, for records and messages."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(name: str) -> bool:
+    """Whether a file name holds bytes that are not UTF-8 (surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _is_image(relative: PurePosixPath) -> bool:
     return relative.name.lower().endswith(IMAGE_EXTENSIONS) and not any(
         part.startswith(".") for part in relative.parts
     )
 
 
-def list_images(root: str | os.PathLike[str] | RemotePath) -> list[Path]:
-    """Every image file under ``root`` (a folder or a URL prefix), recursively, as paths
-    relative to it, sorted.
+def _list_remote(root: RemotePath, exclude: Iterable[Any]) -> list[Path]:
+    """:func:`list_images` for a prefix in object storage: one listing; run folders (a
+    ``run.json`` of ours) and the prefixes in ``exclude`` are left out."""
+    from .storage import relative_posix
 
-    Hidden files and folders (name starting with '.') are left out; the order is stable across
-    machines (sorted by the posix relative path).
+    keys = list(root.walk_files())
+    skip = {
+        key.parent
+        for key in keys
+        if key.name == RUN_MARKER and key.parent != PurePosixPath(".")
+        if is_run_folder(root / key.parent)
+    }
+    for folder in exclude:
+        inside = relative_posix(as_location(folder), root)
+        if inside:
+            skip.add(PurePosixPath(inside))
+    found = [
+        Path(key)
+        for key in keys
+        if _is_image(key) and not any(parent in skip for parent in key.parents)
+    ]
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def list_images(
+    root: str | os.PathLike[str] | RemotePath,
+    exclude: Iterable[Any] = (),
+    refused: list[Failure] | None = None,
+) -> list[Path]:
+    """Every image file under ``root`` (a folder or an object storage prefix), recursively, as
+    paths relative to it, sorted.
+
+    Left out: hidden files and folders (name starting with '.'), the folders in ``exclude``
+    (e.g. the run's own output folder) and every folder under ``root`` that holds a run of this
+    tool (:func:`is_run_folder`), so that outputs written inside the input folder are never
+    read as inputs. A file whose name is not valid UTF-8 cannot be named in JSON exports or
+    URLs: it is left out too, and recorded in ``refused`` (a :class:`Failure` with the name
+    shown by :func:`printable_path` and what to do), or logged when ``refused`` is None. The
+    order is stable across machines (sorted by the posix relative path).
     """
     root = as_location(root)
     if isinstance(root, RemotePath):
-        found = [Path(rel) for rel in root.walk_files() if _is_image(rel)]
-        return sorted(found, key=lambda p: p.as_posix())
+        return _list_remote(root, exclude)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
-    found = []
+    excluded = {Path(os.path.realpath(folder)) for folder in exclude}
+    found, bad = [], []
+
+    def wanted(folder: str, name: str) -> bool:
+        if name.startswith("."):
+            return False
+        path = Path(folder, name)
+        if excluded and Path(os.path.realpath(path)) in excluded:
+            return False
+        return not is_run_folder(path)
+
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if wanted(folder, d)]
         for name in files:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            found.append(Path(folder, name).relative_to(root))
+            relative = Path(folder, name).relative_to(root)
+            (bad if _undecodable(str(relative)) else found).append(relative)
+    for relative in sorted(bad, key=lambda p: os.fsencode(p)):
+        failure = Failure(
+            printable_path(relative.as_posix()),
+            "its name is not valid UTF-8, so no export can name it; rename it "
+            "(e.g. with convmv) and run again",
+        )
+        if refused is not None:
+            refused.append(failure)
+        else:
+            log.warning("left out %s: %s", failure.item, failure.reason)
     return sorted(found, key=lambda p: p.as_posix())
 
 
@@ -230,24 +323,29 @@ def spool_file(folder: str | os.PathLike[str] | RemotePath, name: str) -> Iterat
             os.unlink(tmp)
 
 
+TMP_FOLDER = ".tmpdir"  # the suffix of atomic_folder's temporary folders
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary folder that replaces the folder ``path`` when the block ends.
 
-    The folder is ``.<name>.<random>.tmp`` beside ``path``, so :func:`remove_stale_temporaries`
+    The folder is ``.<name>.<random>.tmpdir`` beside ``path``, so :func:`remove_stale_temporaries`
     removes it after a kill; it is removed when the block raises. The old folder is moved
     aside, the new one renamed into place and the old one deleted: a kill leaves either the
-    old folder or the new one at ``path`` (and at worst a ``.tmp`` folder to clean up).
+    old folder or the new one at ``path`` (and at worst a ``.tmpdir`` folder to clean up).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_FOLDER, dir=path.parent))
     try:
         os.chmod(tmp, FOLDER_MODE)
         yield tmp
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_FOLDER, dir=path.parent)
+            )
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
@@ -258,9 +356,10 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(root: str | os.PathLike[str] | RemotePath) -> list[Path]:
-    """Delete the temporary files and folders that :func:`atomic_writer` and
-    :func:`atomic_folder` leave when a process is killed before their rename
-    (``.<name>.<random>.tmp``), anywhere under ``root``.
+    """Delete the temporary files :func:`atomic_writer` leaves (``.<name>.<random>.tmp``) and
+    the temporary folders :func:`atomic_folder` leaves (``.<name>.<random>.tmpdir``) when a
+    process is killed before their rename, anywhere under ``root``. Other folders are kept,
+    whatever their names.
 
     Call it only when no writer is active (at the end of a run, after the last barrier): a
     live writer's temporary file matches too. Returns what was removed (nothing in object
@@ -270,13 +369,14 @@ def remove_stale_temporaries(root: str | os.PathLike[str] | RemotePath) -> list[
         return []
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp")):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        elif path.is_file():
+        if path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+    for path in sorted(Path(root).rglob(f".*{TMP_FOLDER}")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 

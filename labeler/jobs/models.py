@@ -68,6 +68,54 @@ def resolve_source(source: str) -> str:
     return source
 
 
+HUB_PROBE_TIMEOUT_S = 10.0
+"""How long the one request that checks the Hugging Face hub answers may take."""
+
+
+def hub_load_options(source: str) -> dict[str, Any]:
+    """What ``from_pretrained`` needs to load ``source`` (a resolved --model) without the
+    libraries' retries: one request asks the Hugging Face hub for the model's
+    ``model_index.json`` first.
+
+    A local folder needs nothing; with ``HF_HUB_OFFLINE`` set the libraries read the cache
+    alone. When the hub answers (even "not found" or "gated") the load goes on and says what
+    it found. When it cannot be reached, a model already in the Hugging Face cache is loaded
+    from there (``local_files_only``); otherwise loading would retry for half a minute and then
+    report a missing ``config.json``, which reads like a broken model: this says what happened.
+
+    Raises:
+        ValueError: the hub cannot be reached and the model is not in the cache.
+    """
+    if os.path.isdir(source):
+        return {}
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import try_to_load_from_cache as cached_file
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if constants.HF_HUB_OFFLINE:
+        return {}
+    url = hf_hub_url(source, "model_index.json", endpoint=constants.ENDPOINT)
+    try:
+        get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
+    except (HfHubHTTPError, OfflineModeIsEnabled):
+        return {}  # the hub answered, or the libraries are offline: their load says the rest
+    except Exception as err:  # DNS, refused, timeout, proxy: nothing answered
+        if isinstance(cached_file(source, "model_index.json"), str):
+            log.warning(
+                "could not reach the Hugging Face hub (%s); loading %s from the cache",
+                err,
+                source,
+            )
+            return {"local_files_only": True}
+        raise ValueError(
+            f"--model {source}: could not reach the Hugging Face hub at {constants.ENDPOINT} "
+            "\u2014 offline? pass a local folder (a diffusers Stable Diffusion such as "
+            "demo/model) with --model, or set HF_HUB_OFFLINE=1 to use the models already in "
+            f"the Hugging Face cache ({type(err).__name__}: {err})"
+        ) from None
+    return {}
+
+
 def quiet_model_loading() -> None:
     """Hide diffusers' and transformers' per-file loading bars (ours show the run)."""
     import diffusers
@@ -84,14 +132,16 @@ def load_stableseg(
     over ``spec.device`` when given.
 
     Raises:
-        ValueError: a bad local path, an image size the VAE cannot take, or weights that cannot
-            be loaded (the message says what was tried).
+        ValueError: a bad local path, a hub that cannot be reached (:func:`hub_load_options`),
+            an image size the VAE cannot take, or weights that cannot be loaded (the message
+            says what was tried).
     """
     from labeler import StableSeg
 
     source = resolve_source(spec.source)
     quiet_model_loading()
     started = time.monotonic()
+    load_options = hub_load_options(source)
     with LOAD_LOCK:
         try:
             model = StableSeg.from_pretrained(
@@ -99,6 +149,7 @@ def load_stableseg(
                 device=device or spec.device,
                 dtype=torch_dtype(spec.dtype),
                 config=config,
+                **load_options,
             )
         except OSError as err:
             where = "the local folder" if os.path.isdir(source) else "the Hugging Face hub"

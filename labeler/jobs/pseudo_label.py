@@ -54,7 +54,7 @@ from .pipeline import Backlog, StageClock, WriterPool, default_workers
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
-from .storage import check_writable
+from .storage import check_writable, describe
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,23 @@ def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
 
 
 def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Failure]]:
-    """The input images, and those refused up front (outputs that would collide)."""
-    images = list_images(options.images_dir)
+    """The input images, and those refused up front (names that are not UTF-8, outputs that
+    would collide). OUT_DIR and every other run folder under IMAGES_DIR are not read (see
+    :func:`labeler.jobs.io.list_images`).
+
+    Raises:
+        ValueError: OUT_DIR is IMAGES_DIR itself (its outputs would be read as inputs).
+    """
+    if describe(options.out_dir) == describe(options.images_dir):  # a path or a URL
+        raise ValueError(
+            f"--out {options.out_dir} is IMAGES_DIR itself: its masks and previews would be "
+            "labelled as images on the next run; give --out a folder of its own (a subfolder "
+            "of IMAGES_DIR is fine)"
+        )
+    refused: list[Failure] = []
+    images = list_images(options.images_dir, exclude=[options.out_dir], refused=refused)
     owners: dict[PurePosixPath, Path] = {}
-    keep, refused = [], []
+    keep = []
     for relative in images:
         key = stem_path(relative)
         if key in owners:
