@@ -30,6 +30,7 @@ from .io import (
     read_json,
 )
 from .layout import mask_path, objects_path, record_path, stem_path, void_free_path
+from .storage import Location, RemotePath
 
 CVAT_ZIP = "cvat-mask.zip"
 HF_FOLDER = "hf"
@@ -42,6 +43,20 @@ HF_PARQUET_ROWS = 1000  # rows per Parquet file
 FORMAT_EXTRAS = {"hf": ("datasets", "hf")}
 
 
+def check_dataset_formats(formats: Iterable[str], out: Location) -> None:
+    """Refuse ``--format hf`` into object storage at once: its two folders replace the old ones
+    by a rename (:func:`~labeler.jobs.io.atomic_folder`), which object stores do not have.
+
+    Raises:
+        ValueError: saying what to do instead.
+    """
+    if "hf" in formats and isinstance(out, RemotePath):
+        raise ValueError(
+            f"--format hf writes folders, which cannot be replaced atomically in object storage "
+            f"({out}): write it to a local --out, or choose coco, labelstudio or cvat-mask"
+        )
+
+
 def check_format_extras(formats: Iterable[str]) -> None:
     """Fail at once (:class:`~labeler.jobs.extras.MissingExtraError`) when a format in
     ``formats`` needs a package that is not installed."""
@@ -52,7 +67,7 @@ def check_format_extras(formats: Iterable[str]) -> None:
 
 
 def write_cvat_files(
-    out: Path, relative: Path, mask: np.ndarray, label_ids: Iterable[int] | None = None
+    out: Location, relative: Path, mask: np.ndarray, label_ids: Iterable[int] | None = None
 ) -> None:
     """Store the image's CVAT object PNG (:func:`exporters.cvat.object_mask`), and, only for a
     mask with void pixels, its class PNG with them as background. ``label_ids``: the mask's
@@ -70,23 +85,25 @@ def write_cvat_files(
         atomic_write_bytes(void_free_path(out, relative), data)
 
 
-def _cvat_files(out: Path, relative: Path) -> tuple[Path, Path]:
+def _cvat_files(out: Location, relative: Path) -> tuple[Location, Location]:
     """The image's class and object PNGs for the zip; made from its mask PNG when the run that
     labelled it did not ask for CVAT (a rerun that adds the format)."""
     path = objects_path(out, relative)
     if not path.exists():
+        import io
+
         from PIL import Image
 
         from exporters import png_to_mask
 
-        with Image.open(mask_path(out, relative)) as png:
+        with Image.open(io.BytesIO(mask_path(out, relative).read_bytes())) as png:
             mask = png_to_mask(png)
         write_cvat_files(out, relative, mask)
     void_class = void_free_path(out, relative)
     return (void_class if void_class.exists() else mask_path(out, relative)), path
 
 
-def write_cvat_mask(out: Path, labelmap: str, done: Sequence[Path]) -> Path:
+def write_cvat_mask(out: Location, labelmap: str, done: Sequence[Path]) -> Location:
     """``OUT/cvat-mask.zip`` from the done images (``done``: their paths under IMAGES_DIR,
     sorted), streamed entry by entry.
 
@@ -107,13 +124,16 @@ def write_cvat_mask(out: Path, labelmap: str, done: Sequence[Path]) -> Path:
             name = stem_path(relative).as_posix()
             names.append(name)
             classes, objects = _cvat_files(out, relative)
-            archive.write(classes, f"SegmentationClass/{name}.png")
-            archive.write(objects, f"SegmentationObject/{name}.png")
+            for source, entry in ((classes, "SegmentationClass"), (objects, "SegmentationObject")):
+                if isinstance(source, RemotePath):  # an object in storage: one PNG in memory
+                    archive.writestr(f"{entry}/{name}.png", source.read_bytes())
+                else:
+                    archive.write(source, f"{entry}/{name}.png")
         archive.writestr("ImageSets/Segmentation/default.txt", image_set_text(names))
     return target
 
 
-def _hf_rows(images_dir: Path, out: Path, done: Sequence[Path]) -> Iterable[dict[str, Any]]:
+def _hf_rows(images_dir: Location, out: Path, done: Sequence[Path]) -> Iterable[dict[str, Any]]:
     for relative in done:
         record = read_json(record_path(out, relative))
         yield {
@@ -150,7 +170,7 @@ def hf_features(labels: Sequence[str]) -> Any:
 
 def write_hf(
     out: Path,
-    images_dir: Path,
+    images_dir: Location,
     labels: Sequence[str],
     done: Sequence[Path],
 ) -> dict[str, str]:

@@ -37,10 +37,18 @@ from typing import IO, Any
 import numpy as np
 
 from .dataset_exports import write_cvat_mask, write_hf
-from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    spool_file,
+    stored_stems,
+)
 from .layout import YOLO_DIR, mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
 from .pseudo_label_options import POLYGON_FORMATS, PseudoLabelOptions
+from .storage import RemotePath
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
@@ -181,11 +189,13 @@ def make_pieces(
 def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """Pieces made again from the stored mask PNG (a run of an older version, or a rerun
     that asks for a format the first run did not), and stored for the next assembly."""
+    import io
+
     from PIL import Image
 
     from exporters import id_counts, png_to_mask
 
-    with Image.open(mask_path(options.out_dir, relative)) as png:
+    with Image.open(io.BytesIO(mask_path(options.out_dir, relative).read_bytes())) as png:
         mask = png_to_mask(png)
     counts = id_counts(mask)
     present = [i for i in range(1, len(options.labels) + 1) if i < counts.size and counts[i]]
@@ -206,7 +216,10 @@ def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict)
 def load_pieces(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """The stored pieces of one done image, made from its mask when missing or incomplete."""
     path = pieces_path(options.out_dir, relative)
-    pieces = Pieces.parse(path.read_text(encoding="utf-8")) if path.exists() else None
+    try:
+        pieces: Pieces | None = Pieces.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pieces = None
     if pieces is None or not pieces.has(options.formats, options.polygon_settings()):
         pieces = _pieces_from_mask(options, relative, record)
     if pieces.size != (record["height"], record["width"]):
@@ -233,6 +246,17 @@ class _Section:
         self.handle.flush()
         self.handle.seek(0)
         shutil.copyfileobj(self.handle, target, _COPY_BUFFER)
+
+
+def default_root_url(options: PseudoLabelOptions) -> str:
+    """How ``labelstudio.json`` reaches the images when ``--image-root-url`` is not given:
+    Label Studio's local files for a local folder, the bucket URL itself for object storage
+    (Label Studio resolves ``s3://`` / ``gs://`` / ``azure-blob://`` URLs through a cloud
+    storage connected to the project)."""
+    images = options.images_dir
+    if isinstance(images, RemotePath):
+        return images.url.replace("az://", "azure-blob://", 1)
+    return f"/data/local-files/?d={images.name}"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -267,7 +291,11 @@ def _write_yolo_image(options: PseudoLabelOptions, relative: Path, lines: list[s
         atomic_write_text(label_file, text)
     image = root / "images" / relative
     if not image.exists():
-        _link_or_copy(Path(options.images_dir) / relative, image)
+        source = options.images_dir / relative
+        if isinstance(source, RemotePath) or isinstance(image, RemotePath):
+            atomic_write_bytes(image, source.read_bytes())  # in object storage: one upload
+        else:
+            _link_or_copy(source, image)
 
 
 def _write_coco(path: Path, images: _Section, annotations: _Section, labels: Sequence[str]) -> None:
@@ -321,7 +349,8 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
     cocos = [fmt for fmt in ("coco", "coco-polygons") if fmt in wanted]
     studios = [fmt for fmt in ("labelstudio", "labelstudio-polygons") if fmt in wanted]
     done: list[Path] = []  # for the dataset-shaped exports
-    root_url = options.image_root_url or f"/data/local-files/?d={Path(options.images_dir).name}"
+    root_url = options.image_root_url or default_root_url(options)
+    recorded = stored_stems(out / "records", ".json")  # the manifest: one listing
     with ExitStack() as stack:
 
         def section(name: str, separator: str = ", ") -> _Section:
@@ -332,9 +361,9 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         tasks = {fmt: section(f"{fmt}-tasks") for fmt in studios}
         gallery = section("gallery", "\n")
         for relative in images:
-            rec_file = record_path(out, relative)
-            if not rec_file.exists():
+            if stem_path(relative) not in recorded:
                 continue
+            rec_file = record_path(out, relative)
             record = json.loads(rec_file.read_text(encoding="utf-8"))
             done.append(relative)
             if options.preview:
@@ -373,7 +402,7 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         if "cvat-mask" in options.formats:
             outputs["cvat-mask"] = str(write_cvat_mask(out, labelmap_text(labels), done))
         if "hf" in options.formats:
-            outputs.update(write_hf(out, Path(options.images_dir), labels, done))
+            outputs.update(write_hf(out, options.images_dir, labels, done))
         if options.preview:
             with atomic_writer(out / "preview" / "index.html") as handle:
                 handle.write(gallery_head(gallery.count))

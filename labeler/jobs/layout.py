@@ -16,12 +16,15 @@
     classes.json, skipped.jsonl
     cvat-mask.zip, hf/, hf-parquet/   the dataset-shaped exports (labeler.jobs.dataset_exports)
 
-``<rel>`` is the image's path relative to IMAGES_DIR without its extension.
+``<rel>`` is the image's path relative to IMAGES_DIR without its extension. OUT_DIR may be a
+folder in object storage (:mod:`labeler.jobs.storage`): the same names under its prefix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+
+from .storage import Location
 
 RUN_FILE = "run.json"
 YOLO_DIR = "yolo"
@@ -33,25 +36,25 @@ def stem_path(relative: Path) -> PurePosixPath:
     return PurePosixPath(relative.as_posix()).with_suffix("")
 
 
-def mask_path(out_dir: Path, relative: Path) -> Path:
+def mask_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "masks" / f"{stem_path(relative)}.png"
 
 
-def pieces_path(out_dir: Path, relative: Path) -> Path:
+def pieces_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "pieces" / f"{stem_path(relative)}.jsonl"
 
 
-def objects_path(out_dir: Path, relative: Path) -> Path:
+def objects_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "objects" / f"{stem_path(relative)}.png"
 
 
-def void_free_path(out_dir: Path, relative: Path) -> Path:
+def void_free_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "void-free" / f"{stem_path(relative)}.png"
 
 
-def record_path(out_dir: Path, relative: Path) -> Path:
+def record_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "records" / f"{stem_path(relative)}.json"
 
 
-def preview_path(out_dir: Path, relative: Path) -> Path:
+def preview_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "preview" / f"{stem_path(relative)}.jpg"

@@ -17,14 +17,15 @@ writers only when they are the bottleneck. ``--workers N`` sets both pools (defa
 this process may use). See :mod:`labeler.jobs.layout` for OUT_DIR's files; every file is
 written atomically, so a kill at any moment leaves either the old file or the new one, and a
 rerun labels only the images without a record and assembles the exports again
-(:mod:`labeler.jobs.exports`).
+(:mod:`labeler.jobs.exports`). IMAGES_DIR and OUT_DIR may be in object storage
+(``s3://bucket/prefix``, :mod:`labeler.jobs.storage`) with the same guarantees: every object is
+uploaded whole and the records, uploaded last, are the manifest a resume trusts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .dataset_exports import check_format_extras
+from .dataset_exports import check_dataset_formats, check_format_extras
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -44,13 +45,16 @@ from .io import (
     list_images,
     read_jsonl,
     remove_stale_temporaries,
+    remove_tree,
+    stored_stems,
     write_jsonl,
 )
-from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
+from .layout import PER_IMAGE_FOLDERS, RUN_FILE, stem_path
 from .pipeline import Backlog, StageClock, WriterPool, default_workers
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
+from .storage import check_writable, describe
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ class Summary:
 def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
     """Compare the options with OUT_DIR/run.json. Returns the signature to write."""
     signature = options.signature()
+    check_writable(options.out_dir, "--out")
     if not options.overwrite:
         check_run_file(
             options.out_dir / RUN_FILE,
@@ -106,7 +111,7 @@ def discover(options: PseudoLabelOptions) -> tuple[list[Path], list[Failure]]:
     Raises:
         ValueError: OUT_DIR is IMAGES_DIR itself (its outputs would be read as inputs).
     """
-    if Path(options.out_dir).resolve() == Path(options.images_dir).resolve():
+    if describe(options.out_dir) == describe(options.images_dir):  # a path or a URL
         raise ValueError(
             f"--out {options.out_dir} is IMAGES_DIR itself: its masks and previews would be "
             "labelled as images on the next run; give --out a folder of its own (a subfolder "
@@ -176,7 +181,7 @@ def label_images(
                 on_progress(n)
 
     read_plan = ReadPlan(
-        images_dir=Path(options.images_dir),
+        images_dir=options.images_dir,
         max_pixels=options.max_pixels,
         input_size=model.input_size,
         preview=options.preview,
@@ -266,6 +271,7 @@ def run(
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
     check_format_extras(options.formats)
+    check_dataset_formats(options.formats, options.out_dir)
     signature = check_run(options)
     images, refused = discover(options)
     if not images and not refused:
@@ -277,8 +283,9 @@ def run(
     out = options.out_dir
     if options.overwrite:
         pending = list(images)
-    else:
-        pending = [r for r in images if not record_path(out, r).exists()]
+    else:  # one listing of the records (the manifest), not one request an image
+        done = stored_stems(out / "records", ".json")
+        pending = [r for r in images if stem_path(r) not in done]
     mine = pending[dist.rank :: dist.world_size]
     if mine and model is None:
         # Loaded before anything is written into OUT_DIR: a model that cannot load leaves no
@@ -287,8 +294,8 @@ def run(
         model = load_model(options, dist.device())
     if dist.is_main:
         if options.overwrite:
-            for sub in PER_IMAGE_FOLDERS:
-                shutil.rmtree(out / sub, ignore_errors=True)
+            for sub in PER_IMAGE_FOLDERS:  # records first: no mask outlives its record
+                remove_tree(out / sub)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_FILE, signature, indent=2)
     dist.barrier()
@@ -316,7 +323,7 @@ def run(
             rows = list(read_jsonl(options.out_dir / ".parts" / f"rank{rank}.jsonl"))
             total_labelled += sum(r.get("labelled", 0) for r in rows)
             all_skipped += [Failure(r["path"], r["reason"]) for r in rows if "path" in r]
-        shutil.rmtree(options.out_dir / ".parts", ignore_errors=True)
+        remove_tree(options.out_dir / ".parts")
         all_skipped.sort(key=lambda s: s.item)
         write_jsonl(options.out_dir / "skipped.jsonl", [s.to_dict() for s in all_skipped])
         summary.labelled, summary.skipped = total_labelled, all_skipped

@@ -18,6 +18,7 @@ from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
+from .storage import Location, as_location, describe, parse_location
 
 FORMATS = (
     "coco",
@@ -41,12 +42,14 @@ class PseudoLabelOptions:
     """A pseudo-label run: the folders and labels, the model and segmenter, and the job's own
     choices (CRF, formats, previews, ...)."""
 
-    images_dir: Path
-    out_dir: Path = field(
+    images_dir: Location
+    out_dir: Location = field(
         metadata=setting(
-            "Output folder (created). Rerunning into it resumes the run.",
+            "Output folder (created), or an object storage URL (s3://bucket/run, gs://..., "
+            "az://...; see docs/storage.md). Rerunning into it resumes the run.",
             name="out",  # --out; the field says what it holds
-            path="dir",
+            parse=parse_location,
+            metavar="DIR|URL",
         )
     )
     labels: list[str]
@@ -148,6 +151,12 @@ class PseudoLabelOptions:
         ),
     )
 
+    def __post_init__(self) -> None:
+        # A URL or path given as text (from Python: an engine, a notebook) becomes a location
+        # here, once: the job joins paths with ``/``, on disk and in object storage alike.
+        for name in ("images_dir", "out_dir"):
+            object.__setattr__(self, name, as_location(getattr(self, name)))
+
     def polygon_settings(self) -> dict[str, Any] | None:
         """What shapes the polygon pieces (None when no polygon format is asked for)."""
         if not set(self.formats) & set(POLYGON_FORMATS):
@@ -163,7 +172,7 @@ class PseudoLabelOptions:
             segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
         return {
             "format": RUN_FORMAT,
-            "images_dir": str(Path(self.images_dir).resolve()),
+            "images_dir": describe(self.images_dir),
             "labels": list(self.labels),
             "model": str(self.student or self.model.source),
             "student": self.student is not None,

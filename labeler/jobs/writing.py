@@ -30,6 +30,7 @@ from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
 from .reading import Pictures
 from .stage import Segmented
+from .storage import Location
 
 PREVIEW_MIN_SIDE = 256  # smaller previews are enlarged (nearest) so the legend stays readable
 PREVIEW_QUALITY = 88  # JPEG quality of the previews
@@ -40,7 +41,7 @@ SCORE_DIGITS = 6  # scores are stored rounded
 class WritePlan:
     """What the writers make for each image."""
 
-    out_dir: Path
+    out_dir: Location
     labels: Sequence[str]
     formats: Sequence[str]
     preview: bool
