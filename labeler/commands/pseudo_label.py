@@ -50,12 +50,14 @@ def pseudo_label(
     \b
     The run resumes: rerun the same command after an interruption and only
     missing images are labelled; exports are rebuilt. Under torchrun or
-    accelerate launch the images are split across the processes.
+    accelerate launch the images are split across the processes; with
+    --engine ray, across the actors of a Ray cluster.
 
     \b
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
+    from labeler.jobs.extras import MissingExtraError
     from labeler.jobs.pseudo_label import NoImagesError, RunMismatchError, run
     from labeler.settings import build
 
@@ -82,7 +84,7 @@ def pseudo_label(
         raise click.BadParameter(str(err), param_hint="IMAGES_DIR") from None
     except RunMismatchError as err:
         raise click.UsageError(str(err)) from None
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MissingExtraError) as err:
         raise click.ClickException(str(err)) from None
     if summary.outputs:
         click.echo(

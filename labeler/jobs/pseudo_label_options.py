@@ -19,6 +19,7 @@ from labeler.settings import integer, setting, settings_group
 from .pipeline import MAX_DEFAULT_WORKERS
 
 FORMATS = ("coco", "png", "labelstudio")
+ENGINES = ("local", "ray")
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -112,6 +113,51 @@ class PseudoLabelOptions:
             default_text=f"the CPUs this process may use, at most {MAX_DEFAULT_WORKERS}",
         ),
     )
+    engine: str = field(
+        default="local",
+        metadata=setting(
+            "What runs the labelling: `local` (this process's threads; torchrun/accelerate for "
+            "the GPUs of one node) or `ray` (Ray Data over a Ray cluster: reading tasks, an "
+            "actor pool of models, writing tasks; needs the `ray` extra).",
+            choices=ENGINES,
+            metavar="|".join(ENGINES),
+        ),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=setting(
+            "With --engine ray: the cluster to join (`auto`, `ray://HOST:10001`, HOST:6379).",
+            metavar="ADDRESS",
+            default_text="RAY_ADDRESS, else a Ray started on this machine",
+        ),
+    )
+    ray_min_actors: int = field(
+        default=1,
+        metadata=setting(
+            "With --engine ray: the fewest model actors (each loads the model once).",
+            parse=integer(minimum=1),
+            metavar="N",
+        ),
+    )
+    ray_max_actors: int | None = field(
+        default=None,
+        metadata=setting(
+            "With --engine ray: the most model actors; each takes one GPU when the cluster has "
+            "GPUs.",
+            parse=integer(minimum=1),
+            metavar="N",
+            default_text="the cluster's GPUs, or 1 without GPUs",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown --engine {self.engine!r}; choose from {list(ENGINES)}")
+        if self.ray_max_actors is not None and self.ray_max_actors < self.ray_min_actors:
+            raise ValueError(
+                f"--ray-max-actors {self.ray_max_actors} is below --ray-min-actors "
+                f"{self.ray_min_actors}"
+            )
 
     def signature(self) -> dict[str, Any]:
         """The settings that change the masks; a rerun into the same OUT_DIR must match."""

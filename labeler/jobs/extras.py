@@ -1,0 +1,36 @@
+"""Optional parts of the install (``pip install "stableseg-labeler[EXTRA]"``): imported when a
+run asks for them, and a clear error at once, with the install line, when they are missing."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+PACKAGE = "stableseg-labeler"
+
+
+class MissingExtraError(ImportError):
+    """An option needs an optional part of the install that is not there."""
+
+
+def install_hint(extra: str) -> str:
+    """The commands that add ``extra`` to an install (a release, or a checkout)."""
+    return f'pip install "{PACKAGE}[{extra}]"  (from a checkout: pip install -e ".[{extra}]")'
+
+
+def require(module: str, extra: str, wanted_by: str) -> ModuleType:
+    """Import ``module`` of the optional ``extra``.
+
+    Args:
+        wanted_by: what needs it, for the message (``"--engine ray"``).
+
+    Raises:
+        MissingExtraError: the module cannot be imported; says which extra installs it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"{wanted_by} needs the optional '{extra}' dependencies ({module} cannot be "
+            f"imported: {err}). Install them with: {install_hint(extra)}"
+        ) from None
