@@ -22,6 +22,17 @@ threads and the model, and peak RSS for 100 against 1,000 images.
 
     python bench/bench_pipeline.py --quick     # a couple of minutes on 2 cores
     python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
+
+``--engine ray`` compares the two engines on the same machine instead (``pseudo-label
+--engine ray``, :mod:`labeler.jobs.ray_engine`, on a Ray started by the run's process with
+``--ray-cpus`` CPUs, against the local engine; StableSeg's input preparation, 512², 20 labels,
+every format, previews): the time per image once the run is going (between 10% and 90% of the
+images done, so Ray's start and the actors' model loading are left out; they are printed
+apart), the CPU time per image of every process (the Ray workers and daemons included), and the
+peak memory of each Ray worker process (RSS less the shared object store pages it touched) for
+100 against 1,000 images.
+
+    python bench/bench_pipeline.py --engine ray [--quick]
 """
 
 from __future__ import annotations
@@ -82,8 +93,75 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class ProcessTree:
+    """CPU time and peak memory of this process and its descendants (Ray's daemons and
+    workers), sampled every 0.25 s: per process, with its title (``ray::MapWorker(...)``).
+
+    A Ray worker maps the node's shared object store, and the store's pages it has touched
+    count in its RSS: a worker's own memory is its RSS less its shared pages (what Ray's
+    dashboard shows too), which is the figure kept for the workers."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.root = psutil.Process()
+        self.last_cpu: dict[int, float] = {}  # every process seen, its latest CPU seconds
+        self.cpu_at_start = self.cpu_seconds()
+        self.peak_rss: dict[int, int] = {}
+        self.titles: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _processes(self) -> list[Any]:
+        return [self.root, *self.root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every process seen so far (those that ended: their last reading)."""
+        import psutil
+
+        for proc in self._processes():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            self.last_cpu[proc.pid] = times.user + times.system
+        return sum(self.last_cpu.values())
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.25):
+            self.cpu_seconds()
+            for proc in self._processes():
+                try:
+                    memory = proc.memory_info()
+                    title = " ".join(proc.cmdline()[:1])
+                except psutil.Error:
+                    continue
+                own = memory.rss - memory.shared
+                self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), own)
+                if title.startswith("ray::") and "IDLE" not in title:
+                    self.titles[proc.pid] = title
+
+    def stop(self) -> float:
+        """Stop sampling; the CPU seconds every process spent since the start."""
+        self._stop.set()
+        self._thread.join()
+        return self.cpu_seconds() - self.cpu_at_start
+
+    def workers_mb(self) -> dict[str, float]:
+        """Peak RSS less shared pages (MB) of each Ray worker that ran a task or an actor."""
+        return {
+            f"{self.titles[pid]} [{pid}]": round(self.peak_rss[pid] / 2**20)
+            for pid in sorted(self.titles)
+            if pid in self.peak_rss
+        }
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the job once in this process; ``spec`` names the folder and the settings."""
+    import functools
     import shutil
 
     from bench.stand_in import StandInSegmenter
@@ -94,12 +172,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     images_dir, out_dir = Path(spec["images"]), Path(spec["out"])
     shutil.rmtree(out_dir, ignore_errors=True)
     labels = [f"label{i:03d}" for i in range(spec["labels"])]
-    model = StandInSegmenter(
+    engine = spec.get("engine", "local")
+    make_model = functools.partial(
+        StandInSegmenter,
         image_size=spec["image_size"],
         finish=spec["finish"],
         prepared=spec["prepared"],
         batch_size=spec["batch"],
     )
+    model = make_model()
     first = images_dir / list_images(images_dir)[0]
     from PIL import Image
 
@@ -115,7 +196,32 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         formats=tuple(spec["formats"]),
         preview=spec["preview"],
         workers=spec["workers"],
+        engine=engine,
+        ray_actor_cpus=spec.get("ray_actor_cpus", 1.0),
     )
+    ray_start = 0.0
+    if engine == "ray":  # started here, outside the measured run
+        import ray
+
+        started = time.perf_counter()
+        ray.init(num_cpus=spec["ray_cpus"], include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - started
+    tree = ProcessTree()
+    done_at: list[float] = []  # perf_counter of each image done
+    steady_cpu: list[float] = []  # CPU seconds of every process at 10% and at 90% done
+    count = len(list_images(images_dir))
+    marks = (count // 10, count * 9 // 10)
+
+    class Progress:
+        def update(self, n: int) -> None:
+            for _ in range(n):
+                done_at.append(time.perf_counter())
+                if len(done_at) - 1 in marks:
+                    steady_cpu.append(tree.cpu_seconds())
+
+        def close(self) -> None:
+            pass
+
     baseline = _rss_bytes()
     trace: list[tuple[int, float]] = []  # (images done, RSS MB), sampled every 0.25 s
     stop = threading.Event()
@@ -129,10 +235,21 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cpu_started = time.process_time()
-    summary = run(options, model=model)
+    run_started = time.perf_counter()
+    summary = run(
+        options,
+        progress=lambda total, initial: Progress(),
+        model=make_model if engine == "ray" else model,
+    )
     cpu = time.process_time() - cpu_started
+    every_cpu = tree.stop()
     stop.set()
     sampler.join()
+    if engine == "ray":
+        ray.shutdown()
+    first, last = marks
+    steady_ms = 1000 * (done_at[last] - done_at[first]) / max(1, last - first)
+    steady_cpu_ms = 1000 * (steady_cpu[-1] - steady_cpu[0]) / max(1, last - first)
     stats = summary.stats
     assert stats is not None
     label_s = stats.seconds["label"]
@@ -154,6 +271,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "workers": stats.readers,
         "load_average_1min": os.getloadavg()[0],  # this run's threads count in it too
         "rss_trace_mb": [(n, round(mb)) for n, mb in trace],
+        "engine": engine,
+        "ray_start_s": ray_start,
+        "first_image_s": (done_at[0] - run_started) if done_at else 0.0,
+        "steady_ms_per_image": steady_ms,
+        "steady_cpu_ms_per_image": steady_cpu_ms,
+        "cpu_ms_per_image_every_process": 1000 * every_cpu / max(1, summary.labelled),
+        "ray_worker_peak_rss_mb": tree.workers_mb(),
     }
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
@@ -188,6 +312,79 @@ def _line(result: dict[str, Any]) -> str:
     )
 
 
+def _engine_line(result: dict[str, Any]) -> str:
+    workers = result["ray_worker_peak_rss_mb"]
+    largest = max(workers.values(), default=0)
+    return (
+        f"{result['engine']:>5} n={result['images_labelled']:<5}"
+        f" steady {result['steady_ms_per_image']:6.1f} ms/img"
+        f" ({result['images_labelled'] / result['seconds_label']:5.1f} img/s overall,"
+        f" first image after {result['first_image_s']:4.1f} s, Ray start"
+        f" {result['ray_start_s']:4.1f} s)"
+        f" cpu {result['steady_cpu_ms_per_image']:6.1f} ms/img steady,"
+        f" {result['cpu_ms_per_image_every_process']:6.1f} overall (every process)"
+        f" driver rss {result['peak_rss_mb']:5.0f} MB, largest Ray worker {largest} MB"
+        f" load {result['load_average_1min']:.1f}"
+    )
+
+
+def compare_engines(data: Path, quick: bool, workers: int | None, batch: int, cpus: int) -> None:
+    """The local engine against the Ray engine on the same folder, then the Ray workers' peak
+    RSS for 100 against 1,000 images (see the module)."""
+    count = 100 if quick else 300
+    folder = generate_folder(data / f"jpeg512x{count}", count, 512, 512)
+
+    def spec(images: Path, engine: str) -> dict[str, Any]:
+        return {
+            "images": str(images),
+            "out": str(data / "out"),
+            "size": "512x512",
+            "labels": 20,
+            "formats": ["coco", "png", "labelstudio"],
+            "preview": True,
+            "finish": "device",
+            "prepared": True,
+            "image_size": 512,
+            "batch": batch,
+            "workers": workers,
+            "engine": engine,
+            "ray_cpus": cpus,
+            "ray_actor_cpus": 0.0,  # the stand-in's model work is a GPU run's host share
+        }
+
+    report: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "runs": [], "memory": {}}
+    for engine in ("local", "ray"):
+        result = run_in_subprocess(spec(folder, engine))
+        report["runs"].append(result)
+        click.echo(_engine_line(result), err=True)
+    local, ray = report["runs"]
+    click.echo(
+        f"ray / local: steady time per image x"
+        f"{ray['steady_ms_per_image'] / local['steady_ms_per_image']:.2f}, CPU per image x"
+        f"{ray['steady_cpu_ms_per_image'] / local['steady_cpu_ms_per_image']:.2f}"
+        f" ({count} JPEGs 512x512, 20 labels, every format, previews, batch {batch}, "
+        f"Ray with {cpus} CPUs)",
+        err=True,
+    )
+    for size in (100, 1000):
+        images = generate_folder(data / f"jpeg512x{size}", size, 512, 512, seed=2)
+        result = run_in_subprocess(spec(images, "ray"))
+        report["memory"][str(size)] = result
+        click.echo(_engine_line(result), err=True)
+        for name, mb in result["ray_worker_peak_rss_mb"].items():
+            click.echo(f"    {mb:5.0f} MB  {name}", err=True)
+    small = max(report["memory"]["100"]["ray_worker_peak_rss_mb"].values())
+    large = max(report["memory"]["1000"]["ray_worker_peak_rss_mb"].values())
+    click.echo(
+        f"largest Ray worker peak RSS (less shared pages): 100 images {small:.0f} MB, "
+        f"1000 images {large:.0f} MB "
+        f"(x{large / small:.3f}); driver {report['memory']['100']['peak_rss_mb']:.0f} MB and "
+        f"{report['memory']['1000']['peak_rss_mb']:.0f} MB",
+        err=True,
+    )
+    click.echo(json.dumps(report, indent=1))
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="A small grid: a couple of minutes on 2 cores.")
 @click.option(
@@ -199,10 +396,29 @@ def _line(result: dict[str, Any]) -> str:
 )
 @click.option("--workers", type=int, default=None, help="[default: the job's default]")
 @click.option("--batch", type=int, default=8, show_default=True, help="Images per model call.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: the grid of the local engine; ray: the Ray engine against the local one.",
+)
+@click.option("--ray-cpus", type=int, default=2, show_default=True, help="CPUs of the Ray started.")
 @click.option("--one", "one", default=None, hidden=True)
-def main(quick: bool, data: Path, workers: int | None, batch: int, one: str | None) -> None:
+def main(
+    quick: bool,
+    data: Path,
+    workers: int | None,
+    batch: int,
+    engine: str,
+    ray_cpus: int,
+    one: str | None,
+) -> None:
     if one is not None:
         click.echo(json.dumps(run_one(json.loads(one))))
+        return
+    if engine == "ray":
+        compare_engines(data, quick, workers, batch, ray_cpus)
         return
     formats = ["coco", "png", "labelstudio"]
     small_n, big_n = (60, 6) if quick else (300, 24)

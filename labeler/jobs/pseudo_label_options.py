@@ -14,7 +14,7 @@ from typing import Any
 
 from labeler.images import DEFAULT_MAX_PIXELS
 from labeler.model_settings import ModelSpec, SegmenterConfig
-from labeler.settings import integer, setting, settings_group
+from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
 
@@ -147,6 +147,16 @@ class PseudoLabelOptions:
             parse=integer(minimum=1),
             metavar="N",
             default_text="the cluster's GPUs, or 1 without GPUs",
+        ),
+    )
+    ray_actor_cpus: float = field(
+        default=1.0,
+        metadata=setting(
+            "With --engine ray: the CPUs each model actor reserves on its node. A model on a "
+            "GPU mostly waits for it: less (0.5, or 0 on a machine with few cores) leaves the "
+            "CPUs to the reading and writing tasks.",
+            parse=number(minimum=0),
+            metavar="CPUS",
         ),
     )
 

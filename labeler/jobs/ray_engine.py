@@ -175,11 +175,12 @@ def write_batch(batch: dict[str, np.ndarray], plan: WritePlan) -> dict[str, Any]
 # ---------------------------------------------------------------------------- the run
 @dataclass(frozen=True)
 class ActorPlan:
-    """How many model actors, and what each takes."""
+    """How many model actors, and what each reserves (``--ray-actor-cpus``)."""
 
     min_actors: int
     max_actors: int
     num_gpus: float
+    num_cpus: float
 
 
 def actor_plan(options: PseudoLabelOptions, cluster_gpus: float) -> ActorPlan:
@@ -189,7 +190,9 @@ def actor_plan(options: PseudoLabelOptions, cluster_gpus: float) -> ActorPlan:
     gpus = cluster_gpus >= 1 and (device is None or device.startswith("cuda"))
     default = max(1, int(cluster_gpus)) if gpus else 1
     most = options.ray_max_actors or max(default, options.ray_min_actors)
-    return ActorPlan(min(options.ray_min_actors, most), most, 1.0 if gpus else 0.0)
+    return ActorPlan(
+        min(options.ray_min_actors, most), most, 1.0 if gpus else 0.0, options.ray_actor_cpus
+    )
 
 
 def connect(address: str | None) -> bool:
@@ -302,7 +305,7 @@ def _dataset(
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        num_cpus=1,
+        num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )
     return dataset.map_batches(
