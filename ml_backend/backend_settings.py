@@ -81,8 +81,9 @@ class BackendSettings:
     local_files_document_root: str | None = field(
         default=None,
         metadata=setting(
-            "Read /data/local-files/?d=... from this folder instead of downloading; paths that "
-            "leave it are refused.",
+            "Read /data/local-files/?d=... from this folder (or object storage URL, "
+            "s3://bucket/prefix: docs/storage.md) instead of downloading; paths that leave it "
+            "are refused.",
             env_prefix="",
             aliases=("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",),
             option=False,

@@ -266,14 +266,11 @@ def fetch(
 
 def redact(url: str) -> str:
     """``url`` for logs: no ``user:password@``, no query (pre-signed URLs carry keys there),
-    except Label Studio's local-files URLs, whose query is the file's path."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        query = parts.query if "local-files" in parts.path else ""
-        return parts._replace(netloc=netloc, query=query, fragment="").geturl()
-    except ValueError:
-        return "<unparsable URL>"
+    except Label Studio's local-files URLs, whose query is the file's path (the one rule,
+    :func:`labeler.jobs.storage.redact_url`, which the jobs' object storage uses too)."""
+    from labeler.jobs.storage import redact_url
+
+    return redact_url(url)
 
 
 def _requote(url: str) -> str:

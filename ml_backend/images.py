@@ -3,7 +3,9 @@
 * ``/data/upload/...``: from the Label Studio server (``LABEL_STUDIO_URL``), authenticated with
   ``LABEL_STUDIO_API_KEY``.
 * ``/data/local-files/?d=PATH``: read from ``LOCAL_FILES_DOCUMENT_ROOT/PATH`` when that root is
-  set (any path leaving the root is refused, symlinks included), else through the server.
+  set (any path leaving the root is refused, symlinks included), else through the server. The
+  root may be an object storage URL (``s3://bucket/prefix``: :mod:`labeler.jobs.storage`), read
+  with the storage client's own credentials.
 * ``s3://``, ``gs://``, ``azure-blob://``: through the server's ``/tasks/ID/presign/`` resolver.
 * ``http(s)://``: downloaded by :func:`ml_backend.fetch.fetch` (public addresses,
   ``LABEL_STUDIO_URL``'s origin and ``STABLESEG_ALLOWED_HOSTS`` only; a byte cap and a deadline),
@@ -32,6 +34,8 @@ import requests
 from PIL import Image
 
 from labeler.images import ImageError, open_image
+from labeler.jobs.io import image_input
+from labeler.jobs.storage import RemotePath, as_location, is_url
 
 from .backend_settings import BackendSettings
 from .fetch import FetchError, FetchPolicy, fetch, redact
@@ -129,12 +133,11 @@ def label_studio_auth(base_url: str, api_key: str) -> LabelStudioAuth:
         return _auth_cache[key]
 
 
-def safe_local_path(root: str | Path, relative: str) -> Path:
-    """``root / relative`` as a real file inside ``root``.
+def _relative_part(relative: str) -> PurePosixPath:
+    """A local-files ``?d=`` path, checked: relative, without ``..`` or a drive.
 
     Raises:
-        ImageError: an empty, absolute or ``..`` path, one that leaves the root through a
-            symlink, or one that is not an existing file.
+        ImageError: an empty, absolute or ``..`` path.
     """
     if not relative:
         raise ImageError("local-files URL has an empty ?d= path")
@@ -145,6 +148,29 @@ def safe_local_path(root: str | Path, relative: str) -> Path:
             f"refused local-files path {relative!r}: it must be relative to "
             "LOCAL_FILES_DOCUMENT_ROOT, without '..'"
         )
+    return posix
+
+
+def storage_path(root: str, relative: str) -> RemotePath:
+    """``root / relative`` for a LOCAL_FILES_DOCUMENT_ROOT in object storage (the same checks
+    of ``relative`` as :func:`safe_local_path`; an object store has no symlinks).
+
+    Raises:
+        ImageError: an empty, absolute or ``..`` path.
+    """
+    location = as_location(root)
+    assert isinstance(location, RemotePath)
+    return location / _relative_part(relative)
+
+
+def safe_local_path(root: str | Path, relative: str) -> Path:
+    """``root / relative`` as a real file inside ``root``.
+
+    Raises:
+        ImageError: an empty, absolute or ``..`` path, one that leaves the root through a
+            symlink, or one that is not an existing file.
+    """
+    posix = _relative_part(relative)
     real_root = Path(root).resolve()
     try:
         real = (real_root / posix).resolve(strict=True)
@@ -236,6 +262,9 @@ class ImageLoader:
         root = self.settings.local_files_document_root
         if path.rstrip("/") == "/data/local-files" and root:
             relative = parse_qs(query).get("d", [""])[0]
+            if is_url(root):
+                source = image_input(storage_path(root, relative), self.settings.max_image_bytes)
+                return open_image(source, self.settings.max_pixels)
             return open_image(safe_local_path(root, relative), self.settings.max_pixels)
         return self._from_server(path + (f"?{query}" if query else ""), original)
 

@@ -33,6 +33,31 @@ class _SettingType(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+class Location(click.ParamType):
+    """A folder on this machine (it must exist) or an object storage URL (``s3://``, ``gs://``,
+    ``az://``, ``https://``): a :data:`labeler.jobs.storage.Location`. A URL whose client is not
+    installed is a usage error with the install hint."""
+
+    name = "DIR|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from labeler.jobs.storage import as_location
+
+        if not isinstance(value, str):
+            return value
+        try:
+            location = as_location(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        if isinstance(location, Path) and not location.is_dir():
+            self.fail(
+                f"{value!r} is not a folder (nor an s3://, gs://, az:// or https:// URL)",
+                param,
+                ctx,
+            )
+        return location
+
+
 class _SettingChoice(click.Choice):
     """One of a setting's choices, then its parser (``--encoder-weights none`` -> None)."""
 
@@ -239,6 +264,10 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Object storage clients: at DEBUG they log signed requests (the access key id, signatures);
+    # credentials are never logged, even with -v.
+    for client in ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "adlfs", "azure"):
+        logging.getLogger(client).setLevel(logging.WARNING)
     # The hub client logs each retry of an unreachable host; the final error says it all.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 

@@ -12,6 +12,7 @@ from labeler.jobs.pseudo_label_options import PseudoLabelOptions
 from labeler.model_settings import ModelSettings
 
 from .common import (
+    Location,
     check_model_source,
     labels_options,
     parse_labels,
@@ -23,13 +24,13 @@ from .common import (
 
 
 @click.command("pseudo-label")
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images_dir", type=Location())
 @labels_options
 @settings_options(PseudoLabelOptions, "choices", build=False)
 @segmenter_options
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def pseudo_label(
-    images_dir: Path,
+    images_dir: Any,
     labels: str | None,
     labels_file: Path | None,
     choices: dict[str, Any],
@@ -37,6 +38,9 @@ def pseudo_label(
     verbose: bool,
 ) -> None:
     """Label every image under IMAGES_DIR (recursively) with the given labels.
+
+    IMAGES_DIR and --out may be object storage URLs (s3://bucket/prefix,
+    gs://..., az://...; https://... for IMAGES_DIR): see docs/storage.md.
 
     \b
     Inputs: jpg, jpeg, png, bmp, webp, tif, tiff; EXIF orientation is applied.

@@ -11,6 +11,7 @@ from labeler.jobs.refine_options import RefineOptions
 from labeler.model_settings import ModelSettings
 
 from .common import (
+    Location,
     check_model_source,
     labels_options,
     parse_labels,
@@ -21,7 +22,7 @@ from .common import (
 
 
 @click.command("refine")
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images_dir", type=Location())
 @labels_options
 @click.option(
     "--work-dir",
@@ -49,7 +50,7 @@ from .common import (
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def refine(
-    images_dir: Path,
+    images_dir: Any,
     labels: str | None,
     labels_file: Path | None,
     work_dir: Path,
@@ -60,6 +61,9 @@ def refine(
     verbose: bool,
 ) -> None:
     """Improve the pseudo-labels of IMAGES_DIR without any human annotation.
+
+    IMAGES_DIR may be an object storage URL (s3://bucket/prefix, gs://..., az://...,
+    https://...; see docs/storage.md); the work dir stays on this machine.
 
     \b
     1. StableSeg pseudo-masks for every image, and a cache of every

@@ -105,6 +105,7 @@ def _settings(values: dict[str, Any]) -> BackendSettings:
     import os
     from dataclasses import replace
 
+    from labeler.jobs.storage import is_url
     from labeler.settings import build
 
     try:
@@ -123,7 +124,9 @@ def _settings(values: dict[str, Any]) -> BackendSettings:
     return replace(
         settings,
         stableseg=stableseg,
-        local_files_document_root=os.path.abspath(root) if root else None,
+        local_files_document_root=(root if is_url(root) else os.path.abspath(root))
+        if root
+        else None,
     )
 
 

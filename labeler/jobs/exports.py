@@ -31,10 +31,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file
+from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file, stored_stems
 from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
+from .storage import RemotePath, as_location
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
@@ -127,11 +128,13 @@ def make_pieces(
 def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """Pieces made again from the stored mask PNG (a run of an older version, or a rerun
     that asks for a format the first run did not), and stored for the next assembly."""
+    import io
+
     from PIL import Image
 
     from exporters import id_counts, png_to_mask
 
-    with Image.open(mask_path(options.out_dir, relative)) as png:
+    with Image.open(io.BytesIO(mask_path(options.out_dir, relative).read_bytes())) as png:
         mask = png_to_mask(png)
     counts = id_counts(mask)
     present = [i for i in range(1, len(options.labels) + 1) if i < counts.size and counts[i]]
@@ -151,7 +154,10 @@ def _pieces_from_mask(options: PseudoLabelOptions, relative: Path, record: dict)
 def load_pieces(options: PseudoLabelOptions, relative: Path, record: dict) -> Pieces:
     """The stored pieces of one done image, made from its mask when missing or incomplete."""
     path = pieces_path(options.out_dir, relative)
-    pieces = Pieces.parse(path.read_text(encoding="utf-8")) if path.exists() else None
+    try:
+        pieces: Pieces | None = Pieces.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pieces = None
     if pieces is None or not pieces.has(options.formats):
         pieces = _pieces_from_mask(options, relative, record)
     if pieces.size != (record["height"], record["width"]):
@@ -180,6 +186,17 @@ class _Section:
         shutil.copyfileobj(self.handle, target, _COPY_BUFFER)
 
 
+def default_root_url(options: PseudoLabelOptions) -> str:
+    """How ``labelstudio.json`` reaches the images when ``--image-root-url`` is not given:
+    Label Studio's local files for a local folder, the bucket URL itself for object storage
+    (Label Studio resolves ``s3://`` / ``gs://`` / ``azure-blob://`` URLs through a cloud
+    storage connected to the project)."""
+    images = as_location(options.images_dir)
+    if isinstance(images, RemotePath):
+        return images.url.replace("az://", "azure-blob://", 1)
+    return f"/data/local-files/?d={images.name}"
+
+
 def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dict[str, str]:
     """Stream every export of the done ``images`` (sorted order). Returns the output paths.
 
@@ -204,7 +221,8 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
     outputs["labelmap"] = str(out / "labelmap.txt")
 
     want_coco, want_ls = "coco" in options.formats, "labelstudio" in options.formats
-    root_url = options.image_root_url or f"/data/local-files/?d={Path(options.images_dir).name}"
+    root_url = options.image_root_url or default_root_url(options)
+    done = stored_stems(out / "records", ".json")  # the manifest: one listing
     with ExitStack() as stack:
 
         def section(name: str, separator: str = ", ") -> _Section:
@@ -213,9 +231,9 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         coco_images, annotations = section("coco-images"), section("coco-annotations")
         tasks, gallery = section("labelstudio-tasks"), section("gallery", "\n")
         for relative in images:
-            rec_file = record_path(out, relative)
-            if not rec_file.exists():
+            if stem_path(relative) not in done:
                 continue
+            rec_file = record_path(out, relative)
             record = json.loads(rec_file.read_text(encoding="utf-8"))
             if options.preview:
                 entry = {

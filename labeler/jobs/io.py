@@ -1,7 +1,10 @@
 """Files in, files out: image discovery, atomic writes, JSON lines, run files.
 
-Decoding one image (and :class:`~labeler.images.ImageError`) is the core's
-(:mod:`labeler.images`)."""
+Every function here takes a local path or a location in object storage
+(:class:`~labeler.jobs.storage.RemotePath`, from :func:`~labeler.jobs.storage.as_location`):
+on disk a write goes through a temporary file and a rename, in object storage through one
+whole upload (see :mod:`labeler.jobs.storage`). Decoding one image (and
+:class:`~labeler.images.ImageError`) is the core's (:mod:`labeler.images`)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,18 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from PIL import Image
+
+from labeler.images import ImageError
+
+from .storage import Location, RemotePath, as_location, redact_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -44,13 +52,23 @@ the umask the process started with (0o644 under the usual 022), not the 0o600 of
 file, so other users and containers can read the outputs when the umask lets them."""
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Every image file under ``root``, recursively, as paths relative to it, sorted.
+def _is_image(relative: PurePosixPath) -> bool:
+    return relative.name.lower().endswith(IMAGE_EXTENSIONS) and not any(
+        part.startswith(".") for part in relative.parts
+    )
+
+
+def list_images(root: str | os.PathLike[str] | RemotePath) -> list[Path]:
+    """Every image file under ``root`` (a folder or a URL prefix), recursively, as paths
+    relative to it, sorted.
 
     Hidden files and folders (name starting with '.') are left out; the order is stable across
     machines (sorted by the posix relative path).
     """
-    root = Path(root)
+    root = as_location(root)
+    if isinstance(root, RemotePath):
+        found = [Path(rel) for rel in root.walk_files() if _is_image(rel)]
+        return sorted(found, key=lambda p: p.as_posix())
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
     found = []
@@ -63,8 +81,63 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
+def stored_stems(folder: Location, suffix: str) -> set[PurePosixPath]:
+    """The files ``<folder>/<stem><suffix>`` that exist, as their stems (``a/b`` for
+    ``a/b.json``): one listing, on disk or in object storage (a resume asks once, not once an
+    image). Temporary files (``.<name>.<random>.tmp``) are not listed."""
+    if isinstance(folder, RemotePath):
+        names: Iterator[PurePosixPath] = folder.walk_files()
+    elif folder.is_dir():
+        names = (
+            PurePosixPath(Path(parent, name).relative_to(folder).as_posix())
+            for parent, _, files in os.walk(folder)
+            for name in files
+        )
+    else:
+        return set()
+    return {
+        name.with_suffix("")
+        for name in names
+        if name.name.endswith(suffix) and not name.name.startswith(".")
+    }
+
+
+def remove_tree(location: Location) -> None:
+    """Delete a folder and everything in it (in object storage: every object under the
+    prefix); nothing when it does not exist."""
+    if isinstance(location, RemotePath):
+        location.remove_tree()
+    else:
+        shutil.rmtree(location, ignore_errors=True)
+
+
+def image_input(location: Location, max_bytes: int | None = None) -> Path | bytes:
+    """What :func:`labeler.images.decode_image` reads: a local path as it is, an object's
+    bytes (fetched now, in the calling reading thread; at most ``max_bytes`` when given).
+
+    Raises:
+        ImageError: the object cannot be read, or is larger than ``max_bytes`` (the reason,
+            URLs redacted).
+    """
+    if not isinstance(location, RemotePath):
+        return location
+    try:
+        if max_bytes is None:
+            return location.read_bytes()
+        with location.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except (OSError, ValueError) as err:
+        reason = redact_text(str(err)) or type(err).__name__
+        raise ImageError(f"cannot read {location}: {reason}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{location} is larger than {max_bytes} bytes")
+    return data
+
+
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], binary: bool = False) -> Iterator[IO[Any]]:
+def atomic_writer(
+    path: str | os.PathLike[str] | RemotePath, binary: bool = False
+) -> Iterator[IO[Any]]:
     """A handle whose content replaces ``path`` when the block ends: text (UTF-8) or binary.
 
     The handle is a temporary file in the same folder (``.<name>.<random>.tmp``, so
@@ -72,8 +145,14 @@ def atomic_writer(path: str | os.PathLike[str], binary: bool = False) -> Iterato
     flushed, fsynced and renamed over ``path`` when the block ends, and removed when the block
     raises: a kill at any moment leaves the old file or the new one. For files written piece by
     piece (exports assembled in constant memory) as for whole ones.
+
+    In object storage the handle is a local temporary file, uploaded whole when the block ends.
     """
-    path = Path(path)
+    path = as_location(path)
+    if isinstance(path, RemotePath):
+        with _upload_when_done(path, binary) as handle:
+            yield handle
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -93,21 +172,49 @@ def atomic_writer(path: str | os.PathLike[str], binary: bool = False) -> Iterato
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def _upload_when_done(path: RemotePath, binary: bool) -> Iterator[IO[Any]]:
+    """A local temporary file that is uploaded to ``path`` in one piece when the block ends
+    without an error, and deleted either way."""
+    from .storage import check_writable
+
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        mode = "wb" if binary else "w"
+        encoding = None if binary else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding, newline=None if binary else "") as handle:
+            yield handle
+        path.upload(tmp)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str] | RemotePath, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename
+    (in object storage: one upload)."""
+    path = as_location(path)
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+        return
     with atomic_writer(path, binary=True) as handle:
         handle.write(data)
 
 
 @contextlib.contextmanager
-def spool_file(folder: str | os.PathLike[str], name: str) -> Iterator[IO[str]]:
+def spool_file(folder: str | os.PathLike[str] | RemotePath, name: str) -> Iterator[IO[str]]:
     """A temporary UTF-8 text file in ``folder`` (read and write), deleted when the block ends.
 
     Named ``.<name>.<random>.tmp`` like the other temporaries, so a killed run's spools are
-    removed by :func:`remove_stale_temporaries`.
+    removed by :func:`remove_stale_temporaries`. For a folder in object storage it is a local
+    temporary file (the system's temporary folder).
     """
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    local = as_location(folder)
+    where = None if isinstance(local, RemotePath) else local
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=where)
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="") as handle:
             yield handle
@@ -116,13 +223,16 @@ def spool_file(folder: str | os.PathLike[str], name: str) -> Iterator[IO[str]]:
             os.unlink(tmp)
 
 
-def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temporaries(root: str | os.PathLike[str] | RemotePath) -> list[Path]:
     """Delete the temporary files :func:`atomic_write_bytes` leaves when a process is killed
     between creating one and renaming it (``.<name>.<random>.tmp``), anywhere under ``root``.
 
     Call it only when no writer is active (at the end of a run, after the last barrier): a
-    live writer's temporary file matches too. Returns what was removed.
+    live writer's temporary file matches too. Returns what was removed (nothing in object
+    storage, where no temporary is ever stored).
     """
+    if isinstance(root, RemotePath):
+        return []
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp")):
         if path.is_file():
@@ -132,11 +242,13 @@ def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str] | RemotePath, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
+def atomic_write_json(
+    path: str | os.PathLike[str] | RemotePath, obj: Any, indent: int | None = None
+) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
@@ -147,9 +259,9 @@ def image_bytes(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
     return buffer.getvalue()
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+def read_jsonl(path: str | os.PathLike[str] | RemotePath) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file; a torn last line (from a killed writer) is ignored."""
-    path = Path(path)
+    path = as_location(path)
     if not path.exists():
         return
     with path.open(encoding="utf-8") as handle:
@@ -163,15 +275,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 continue
 
 
-def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
+def write_jsonl(
+    path: str | os.PathLike[str] | RemotePath, records: Iterable[dict[str, Any]]
+) -> None:
     """Atomically replace ``path`` with these records, one JSON object a line."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(path, text)
 
 
-def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+def read_json(path: str | os.PathLike[str] | RemotePath, default: Any = None) -> Any:
     """The parsed JSON file, or ``default`` when it does not exist."""
-    path = Path(path)
+    path = as_location(path)
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
 
 
@@ -198,7 +312,9 @@ def _differences(old: Any, new: Any, key: str = "") -> list[str]:
     return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
-def check_run_file(path: str | os.PathLike[str], expected: dict[str, Any], advice: str) -> None:
+def check_run_file(
+    path: str | os.PathLike[str] | RemotePath, expected: dict[str, Any], advice: str
+) -> None:
     """Refuse to continue a run whose ``run.json`` at ``path`` differs from ``expected``.
 
     Nothing happens when the file does not exist (a new run). ``expected`` must carry a
@@ -207,7 +323,7 @@ def check_run_file(path: str | os.PathLike[str], expected: dict[str, Any], advic
     Raises:
         RunMismatchError: listing what differs, then ``advice`` (how to start again).
     """
-    path = Path(path)
+    path = as_location(path)
     previous = read_json(path)
     if previous is None:
         return

@@ -8,12 +8,15 @@
     preview/<rel>.jpg     overlays (--preview), preview/index.html gallery
     coco.json, labelstudio.json, labelmap.txt, classes.json, skipped.jsonl
 
-``<rel>`` is the image's path relative to IMAGES_DIR without its extension.
+``<rel>`` is the image's path relative to IMAGES_DIR without its extension. OUT_DIR may be a
+folder in object storage (:mod:`labeler.jobs.storage`): the same names under its prefix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+
+from .storage import Location
 
 RUN_FILE = "run.json"
 PER_IMAGE_FOLDERS = ("records", "masks", "pieces", "preview")
@@ -24,17 +27,17 @@ def stem_path(relative: Path) -> PurePosixPath:
     return PurePosixPath(relative.as_posix()).with_suffix("")
 
 
-def mask_path(out_dir: Path, relative: Path) -> Path:
+def mask_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "masks" / f"{stem_path(relative)}.png"
 
 
-def pieces_path(out_dir: Path, relative: Path) -> Path:
+def pieces_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "pieces" / f"{stem_path(relative)}.jsonl"
 
 
-def record_path(out_dir: Path, relative: Path) -> Path:
+def record_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "records" / f"{stem_path(relative)}.json"
 
 
-def preview_path(out_dir: Path, relative: Path) -> Path:
+def preview_path(out_dir: Location, relative: Path) -> Location:
     return out_dir / "preview" / f"{stem_path(relative)}.jpg"

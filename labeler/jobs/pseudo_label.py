@@ -16,7 +16,9 @@ writers only when they are the bottleneck. ``--workers N`` sets both pools (defa
 this process may use). See :mod:`labeler.jobs.layout` for OUT_DIR's files; every file is
 written atomically, so a kill at any moment leaves either the old file or the new one, and a
 rerun labels only the images without a record and assembles the exports again
-(:mod:`labeler.jobs.exports`).
+(:mod:`labeler.jobs.exports`). IMAGES_DIR and OUT_DIR may be in object storage
+(``s3://bucket/prefix``, :mod:`labeler.jobs.storage`) with the same guarantees: every object is
+uploaded whole and the records, uploaded last, are the manifest a resume trusts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,13 +44,16 @@ from .io import (
     list_images,
     read_jsonl,
     remove_stale_temporaries,
+    remove_tree,
+    stored_stems,
     write_jsonl,
 )
-from .layout import PER_IMAGE_FOLDERS, RUN_FILE, record_path, stem_path
+from .layout import PER_IMAGE_FOLDERS, RUN_FILE, stem_path
 from .pipeline import Backlog, StageClock, WriterPool, default_workers
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
+from .storage import as_location, check_writable
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,7 @@ class Summary:
 def check_run(options: PseudoLabelOptions) -> dict[str, Any]:
     """Compare the options with OUT_DIR/run.json. Returns the signature to write."""
     signature = options.signature()
+    check_writable(options.out_dir, "--out")
     if not options.overwrite:
         check_run_file(
             options.out_dir / RUN_FILE,
@@ -162,7 +167,7 @@ def label_images(
                 on_progress(n)
 
     read_plan = ReadPlan(
-        images_dir=Path(options.images_dir),
+        images_dir=as_location(options.images_dir),
         max_pixels=options.max_pixels,
         input_size=model.input_size,
         preview=options.preview,
@@ -272,8 +277,9 @@ def run(
     out = options.out_dir
     if options.overwrite:
         pending = list(images)
-    else:
-        pending = [r for r in images if not record_path(out, r).exists()]
+    else:  # one listing of the records (the manifest), not one request an image
+        done = stored_stems(out / "records", ".json")
+        pending = [r for r in images if stem_path(r) not in done]
     mine = pending[dist.rank :: dist.world_size]
     opener: Callable[[], StageModel] | None = None  # --engine ray: each actor loads its model
     if options.engine == "ray":
@@ -290,8 +296,8 @@ def run(
         model = load_model(options, dist.device())
     if dist.is_main:
         if options.overwrite:
-            for sub in PER_IMAGE_FOLDERS:
-                shutil.rmtree(out / sub, ignore_errors=True)
+            for sub in PER_IMAGE_FOLDERS:  # records first: no mask outlives its record
+                remove_tree(out / sub)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_FILE, signature, indent=2)
     dist.barrier()
@@ -324,7 +330,7 @@ def run(
             rows = list(read_jsonl(options.out_dir / ".parts" / f"rank{rank}.jsonl"))
             total_labelled += sum(r.get("labelled", 0) for r in rows)
             all_skipped += [Failure(r["path"], r["reason"]) for r in rows if "path" in r]
-        shutil.rmtree(options.out_dir / ".parts", ignore_errors=True)
+        remove_tree(options.out_dir / ".parts")
         all_skipped.sort(key=lambda s: s.item)
         write_jsonl(options.out_dir / "skipped.jsonl", [s.to_dict() for s in all_skipped])
         summary.labelled, summary.skipped = total_labelled, all_skipped

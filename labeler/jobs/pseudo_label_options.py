@@ -17,6 +17,7 @@ from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
+from .storage import Location, as_location, describe
 
 FORMATS = ("coco", "png", "labelstudio")
 ENGINES = ("local", "ray")
@@ -29,12 +30,14 @@ class PseudoLabelOptions:
     """A pseudo-label run: the folders and labels, the model and segmenter, and the job's own
     choices (CRF, formats, previews, ...)."""
 
-    images_dir: Path
-    out_dir: Path = field(
+    images_dir: Location
+    out_dir: Location = field(
         metadata=setting(
-            "Output folder (created). Rerunning into it resumes the run.",
+            "Output folder (created), or an object storage URL (s3://bucket/run, gs://..., "
+            "az://...; see docs/storage.md). Rerunning into it resumes the run.",
             name="out",  # --out; the field says what it holds
-            path="dir",
+            parse=as_location,
+            metavar="DIR|URL",
         )
     )
     labels: list[str]
@@ -178,7 +181,7 @@ class PseudoLabelOptions:
             segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
         return {
             "format": RUN_FORMAT,
-            "images_dir": str(Path(self.images_dir).resolve()),
+            "images_dir": describe(as_location(self.images_dir)),
             "labels": list(self.labels),
             "model": str(self.student or self.model.source),
             "student": self.student is not None,

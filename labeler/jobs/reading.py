@@ -32,8 +32,10 @@ import numpy as np
 
 from labeler.images import ImageError, decode_image, open_image
 
+from .io import image_input
 from .layout import stem_path
 from .stage import Loaded
+from .storage import Location
 
 PREVIEW_CAP = 1024  # long side of a preview, in pixels
 
@@ -53,7 +55,7 @@ class ReadPlan:
     """What the reading step makes of each image.
 
     Attributes:
-        images_dir: the folder the relative paths are in.
+        images_dir: the folder (or object storage prefix) the relative paths are in.
         max_pixels: larger images are refused (skipped).
         input_size: the model's input side (``model.input_size``); None for a model that takes
             images at any size.
@@ -63,7 +65,7 @@ class ReadPlan:
         num_labels: how many labels the run has (ids of ``gt_dir``'s masks above are ignored).
     """
 
-    images_dir: Path
+    images_dir: Location
     max_pixels: int
     input_size: int | None = None
     preview: bool = False
@@ -135,7 +137,8 @@ def read_image(plan: ReadPlan, relative: Path) -> Loaded:
             wanted = preview_size(size) if plan.preview else (1, 1)
             return max(side, wanted[0]), max(side, wanted[1])
 
-    image, size = decode_image(plan.images_dir / relative, plan.max_pixels, at_least)
+    source = image_input(plan.images_dir / relative)  # a path, or the object's bytes
+    image, size = decode_image(source, plan.max_pixels, at_least)
     picture = _rgb(image)  # PIL RGB image or (h, w, 3) uint8 array
     pictures = Pictures()
     if plan.keep_rgb:

@@ -24,6 +24,7 @@ from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
 from .reading import Pictures
 from .stage import Segmented
+from .storage import Location
 
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}  # the mask PNGs' zlib
 PREVIEW_MIN_SIDE = 256  # smaller previews are enlarged (nearest) so the legend stays readable
@@ -35,7 +36,7 @@ SCORE_DIGITS = 6  # scores are stored rounded
 class WritePlan:
     """What the writers make for each image."""
 
-    out_dir: Path
+    out_dir: Location
     labels: Sequence[str]
     formats: Sequence[str]
     preview: bool

@@ -15,9 +15,17 @@ from PIL import Image
 from labeler.images import open_image
 from labeler.result import BACKGROUND, IGNORE
 
-from ..io import RunMismatchError, atomic_write_bytes, check_run_file, image_bytes, list_images
+from ..io import (
+    RunMismatchError,
+    atomic_write_bytes,
+    check_run_file,
+    image_bytes,
+    image_input,
+    list_images,
+)
 from ..pseudo_label import stem_path
 from ..refine_options import ImageLabels, RefineOptions
+from ..storage import Location, RemotePath, as_location, relative_posix
 
 RUN_FORMAT = "stableseg-refine/3"
 
@@ -27,21 +35,23 @@ RefineMismatchError = RunMismatchError
 
 @dataclass(frozen=True)
 class PoolItem:
-    """One pool image: ``key`` names its outputs (``a/b`` for ``a/b.jpg``)."""
+    """One pool image: ``key`` names its outputs (``a/b`` for ``a/b.jpg``); ``path`` is a local
+    file or an object in storage (:mod:`labeler.jobs.storage`)."""
 
     key: str
-    path: Path
+    path: Location
 
 
-def pool_from_folder(images_dir: str | os.PathLike[str]) -> list[PoolItem]:
-    """Every image under the folder; keys are relative paths without the extension."""
-    root = Path(images_dir)
+def pool_from_folder(images_dir: str | os.PathLike[str] | RemotePath) -> list[PoolItem]:
+    """Every image under the folder (or object storage prefix); keys are relative paths
+    without the extension."""
+    root = as_location(images_dir)
     items: dict[str, PoolItem] = {}
     for relative in list_images(root):
         key = str(stem_path(relative))
         if key in items:
             raise ValueError(
-                f"{relative.as_posix()} and {items[key].path.relative_to(root).as_posix()} would "
+                f"{relative.as_posix()} and {relative_posix(items[key].path, root)} would "
                 f"share the output name {key}.png; rename one of them"
             )
         items[key] = PoolItem(key, root / relative)
@@ -89,7 +99,7 @@ def labels_from_gt(
 
 def labels_from_jsonl(
     pool: Sequence[PoolItem],
-    images_dir: str | os.PathLike[str],
+    images_dir: str | os.PathLike[str] | RemotePath,
     path: str | os.PathLike[str],
     labels: Sequence[str],
 ) -> ImageLabels:
@@ -106,12 +116,13 @@ def labels_from_jsonl(
     """
     from labeler.labels import normalise_label
 
-    root = Path(images_dir)
+    root = as_location(images_dir)
     by_name: dict[str, str] = {}
     for item in pool:
         by_name[item.key] = item.key
-        if item.path.is_relative_to(root):
-            by_name[item.path.relative_to(root).as_posix()] = item.key
+        relative = relative_posix(item.path, root)
+        if relative is not None:
+            by_name[relative] = item.key
     label_ids = {label.casefold(): k for k, label in enumerate(labels, start=1)}
     ids: dict[str, tuple[int, ...]] = {}
     source = f"--image-labels {path}"
@@ -171,12 +182,12 @@ def working_rgb(image: Image.Image, max_side: int) -> np.ndarray:
     return resize_rgb(rgb, work_size(rgb.shape[1], rgb.shape[0], max_side))
 
 
-def load_rgb(path: Path, max_side: int) -> np.ndarray:
+def load_rgb(path: Location, max_side: int) -> np.ndarray:
     """(H, W, 3) uint8 at the working size (longer side at most ``max_side``)."""
-    return working_rgb(open_image(path), max_side)
+    return working_rgb(open_image(image_input(path)), max_side)
 
 
-def load_pair(path: Path, mask_path: Path, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(path: Location, mask_path: Path, max_side: int) -> tuple[np.ndarray, np.ndarray]:
     """(image at the working size, its pseudo-mask): one training sample."""
     return load_rgb(path, max_side), read_mask(mask_path)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from labeler.images import open_image
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_input
 from ..stage import Loaded, Segmented, segment_stream
 from .files import PoolItem, write_mask
 from .workdir import CACHE, PLAN_FILE
@@ -93,7 +93,7 @@ def _read(run: RefineRun, item: PoolItem) -> Loaded:
     subset = run.subset(item)
     if isinstance(subset, str):
         raise NoLabelsError(subset)
-    image = open_image(item.path)
+    image = open_image(image_input(item.path))  # a local file, or an object's bytes
     return Loaded(image, subset.ids, extra=image.size)
 
 

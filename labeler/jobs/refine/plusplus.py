@@ -16,7 +16,7 @@ import numpy as np
 
 from labeler.images import open_image
 
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, image_input
 from ..stage import Loaded, Segmented, segment_stream
 from .cached_maps import cached, pseudo, pseudo_finish, weights_for
 from .files import PoolItem, read_mask, working_rgb, write_mask
@@ -145,7 +145,7 @@ def _read(run: RefineRun, item: PoolItem) -> Loaded:
     subset = run.subset(item)
     if isinstance(subset, str):  # stage 1 cached it, so it has labels: the run changed
         raise ValueError(subset)
-    image = open_image(item.path)
+    image = open_image(image_input(item.path))
     rgb = working_rgb(image, run.options.pseudo.max_side)  # (h, w, 3)
     return Loaded(image, subset.ids, extra=rgb)
 

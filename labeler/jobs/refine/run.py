@@ -28,6 +28,7 @@ from ..io import (
     remove_stale_temporaries,
 )
 from ..refine_options import STAGES, RefineOptions
+from ..storage import RemotePath
 from .files import PoolItem, check_work_dir, pool_from_folder
 from .report import assemble_report
 from .steps import BY_NAME, Step, stage_outputs, steps_of
@@ -144,7 +145,7 @@ def _check_encoder(options: RefineOptions, dist: Distributed) -> None:
 
 
 def run_refine(
-    images: str | os.PathLike[str] | Sequence[PoolItem],
+    images: str | os.PathLike[str] | RemotePath | Sequence[PoolItem],
     work_dir: str | os.PathLike[str],
     options: RefineOptions,
     on_event: Callable[[str], None] | None = None,
@@ -152,7 +153,8 @@ def run_refine(
     """Run (or resume) StableSeg -> StableSeg+ -> StableSeg++ on a pool of images.
 
     Args:
-        images: a folder (searched recursively) or a list of :class:`PoolItem`.
+        images: a folder or object storage URL (searched recursively) or a list of
+            :class:`PoolItem`.
         work_dir: where every product and the resumable state live.
         on_event: called with ``"<step>.done"`` after each step and
             ``"<stage>.train.epoch<N>"`` after each checkpoint (progress hooks, tests).
@@ -162,7 +164,8 @@ def run_refine(
         labeler.train.model.EncoderWeightsUnavailable: ImageNet weights cannot be downloaded.
     """
     work = Path(work_dir)
-    pool = pool_from_folder(images) if isinstance(images, (str, os.PathLike)) else list(images)
+    folder = isinstance(images, str | os.PathLike | RemotePath)
+    pool = pool_from_folder(images) if folder else list(images)
     if not pool:
         raise ValueError("the pool is empty")
     if options.val_gt is not None and not Path(options.val_gt).is_dir():
