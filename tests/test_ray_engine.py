@@ -19,11 +19,14 @@ from labeler.jobs.pseudo_label import PseudoLabelOptions, load_model, run
 from labeler.labels import parse_labels_file
 from labeler.model_settings import ModelSpec, SegmenterConfig
 
+from . import test_storage
 from .pipeline_golden import assert_same_outputs, digest_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo" / "scenes" / "images"
 LABELS = ROOT / "demo" / "scenes" / "colours.txt"
+s3_server = test_storage.s3_server  # moto's S3 server on loopback, and its variables
+bucket = test_storage.bucket  # the first demo scenes in s3://inbox/scenes, an outbox bucket
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "pseudo_label_demo.json").read_text())
 
 
@@ -52,8 +55,9 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for the module (two CPUs, as CI); the engine joins it."""
+def ray_cluster(s3_server):
+    """One local Ray for the module (two CPUs, as CI); the engine joins it. Started after the
+    S3 server, so that its workers have the variables that point them at it."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -122,6 +126,29 @@ def test_a_killed_actor_is_replaced_and_every_image_is_labelled_once(ray_cluster
     masks = digest_run(out)["masks"]
     for name in names:  # the local engine's masks, those of the killed batch too
         assert masks[name] == GOLDEN["masks"][name], name
+
+
+@pytest.mark.slow
+def test_bucket_to_bucket_through_ray(ray_cluster, bucket, tmp_path):
+    """The demo scenes from an S3 bucket to another through Ray's workers: the local engine's
+    outputs (the golden digest, cut to the scenes in the bucket)."""
+    from labeler.commands.pseudo_label import pseudo_label
+    from labeler.jobs import storage
+
+    args = [*test_storage._args(bucket, "s3://outbox/ray"), "--engine", "ray"]
+    result = CliRunner().invoke(pseudo_label, args)
+    assert result.exit_code == 0, result.output
+    local = tmp_path / "ray"
+    storage.filesystem("s3").get("outbox/ray/", str(local), recursive=True)
+    found = digest_run(local)
+    coco = json.loads((local / "coco.json").read_text())
+    names = [image["file_name"] for image in coco["images"]]
+    assert names == sorted(path.name for path in DEMO.iterdir())[: len(names)]
+    del found["coco"]["images"]
+    expected = test_storage._golden_first(
+        len(names), len(coco["annotations"]), len(found["labelstudio"]["scores"])
+    )
+    assert_same_outputs(found, expected)
 
 
 def test_without_the_extra_the_command_fails_at_once_with_the_install_line(monkeypatch, tmp_path):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .storage import MissingExtraError
+
 PACKAGE = "stableseg-labeler"
-
-
-class MissingExtraError(ImportError):
-    """An option needs an optional part of the install that is not there."""
 
 
 def install_hint(extra: str) -> str:
@@ -25,7 +23,9 @@ def require(module: str, extra: str, wanted_by: str) -> ModuleType:
         wanted_by: what needs it, for the message (``"--engine ray"``).
 
     Raises:
-        MissingExtraError: the module cannot be imported; says which extra installs it.
+        MissingExtraError: (:mod:`labeler.jobs.storage`'s, a ``ValueError`` too: the
+            commands report it as a bad value) the module cannot be imported; says which extra
+            installs it.
     """
     try:
         return importlib.import_module(module)

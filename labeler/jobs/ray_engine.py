@@ -3,7 +3,7 @@
 The same three steps as the local engine (:mod:`labeler.jobs.pseudo_label`), each a Ray Data
 operator, streaming, with Ray's backpressure between them:
 
-    CPU tasks        the listing of pending images, in blocks of one model batch: decode
+    CPU tasks        the listing of pending images, in chunks of ``TASK_IMAGES``: decode
         |            (:func:`labeler.jobs.reading.read_image`) and bring to the model's input
         |            (:func:`labeler.jobs.stage.prepare_item`), so only the model input and
         |            the preview base travel on
@@ -25,8 +25,9 @@ batch again on another one; a task whose worker died is run again. Every file is
 atomically and an image's record comes last, so a batch written twice leaves the same files,
 and the driver checks that every pending image came back once.
 
-Where the files are: every node reads IMAGES_DIR and writes OUT_DIR by the same paths (a shared
-file system on a cluster; on one machine, the local folders).
+Where the files are: every node reads IMAGES_DIR and writes OUT_DIR by the same names: object
+storage URLs (:mod:`labeler.jobs.storage`; each worker makes its own client, with the
+credentials of its node), a shared file system, or on one machine its folders.
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Prepared, Segmented, StageModel, prepare_item, segment_prepared
+from .storage import as_location
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
 
+TASK_IMAGES = 32
+"""Images a reading task, an actor call and a writing task handle (rounded up to whole model
+batches): fewer, larger tasks cost Ray less scheduling per image, and a chunk's batches are
+the local engine's (the same consecutive images)."""
+
 READ_TASK_MEMORY = 256 * 2**20
-"""Bytes a reading task declares to the scheduler: one model batch of decoded images (the
-reduced JPEG decode, the model input and the preview base of each). Declaring it also keeps
+"""Bytes a reading task declares to the scheduler: its decoded images (the reduced JPEG decode,
+the model input and the preview base of each, a few MB at 512 px). Declaring it also keeps
 Ray Data from fusing the reading into the model actors (their resources differ), so decoding
 runs in tasks of its own beside the model."""
 
@@ -94,10 +101,18 @@ class InputRule:
 
 
 # ---------------------------------------------------------------------------- the rows
-# Each row carries one image as a pickled stage item (Prepared, then Segmented): numpy arrays
-# pickle as their bytes (protocol 5), and the items keep their own types across processes.
+# Each row carries one image: "path", "item" (the pickled stage item, Prepared and then
+# Segmented: numpy arrays pickle as their bytes, protocol 5) and "extra" (the pickled pictures
+# for the writers: the preview base, the full-size RGB for --crf), which the actors pass on
+# without unpickling it.
 def _pack(item: Any) -> bytes:
     return pickle.dumps(item, protocol=5)
+
+
+def _split(item: Any) -> tuple[bytes, bytes]:
+    """A stage item and its ``extra``, pickled apart."""
+    extra, item.extra = item.extra, None
+    return _pack(item), _pack(extra)
 
 
 def _column(values: Sequence[Any]) -> np.ndarray:
@@ -107,10 +122,16 @@ def _column(values: Sequence[Any]) -> np.ndarray:
 
 
 def read_batch(batch: dict[str, np.ndarray], plan: ReadPlan, rule: InputRule) -> dict[str, Any]:
-    """The reading tasks: each listed image decoded and brought to the model's input."""
+    """The reading tasks: each image of the listed chunks (a row each) decoded and brought to
+    the model's input, a row each."""
     load = functools.partial(read_image, plan)
-    items = [prepare_item(Path(str(path)), load, rule) for path in batch["path"]]
-    return {"path": batch["path"], "item": _column([_pack(item) for item in items])}
+    paths = [str(path) for chunk in batch["paths"] for path in chunk]
+    rows = [_split(prepare_item(Path(path), load, rule)) for path in paths]
+    return {
+        "path": _column(paths),
+        "item": _column([item for item, _ in rows]),
+        "extra": _column([extra for _, extra in rows]),
+    }
 
 
 class ModelActor:
@@ -143,6 +164,7 @@ class ModelActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         reads: list[Prepared[Path]] = [pickle.loads(data) for data in batch["item"]]
+        extras = dict(zip(batch["path"], batch["extra"], strict=True))
         done: list[Segmented[Path]] = []
         for item in segment_prepared(
             reads, self.model, self.labels, return_probs=self.return_probs, clock=self.clock
@@ -150,9 +172,11 @@ class ModelActor:
             if not self.return_probs:
                 item.result = None  # the writers need the mask, the scores and the pictures
             done.append(item)
+        paths = [item.key.as_posix() for item in done]  # the stage's order
         return {
-            "path": _column([item.key.as_posix() for item in done]),
+            "path": _column(paths),
             "item": _column([_pack(item) for item in done]),
+            "extra": _column([extras[path] for path in paths]),
             "model_version": _column([self.model.model_version] * len(done)),
         }
 
@@ -162,11 +186,13 @@ def write_batch(batch: dict[str, np.ndarray], plan: WritePlan) -> dict[str, Any]
     returns every image's path and error (empty when written)."""
     clock = StageClock()
     errors = []
-    for data, version in zip(batch["item"], batch["model_version"], strict=True):
+    rows = zip(batch["item"], batch["extra"], batch["model_version"], strict=True)
+    for data, extra, version in rows:
         item: Segmented[Path] = pickle.loads(data)
         if item.error is not None:
             errors.append(item.error)
             continue
+        item.extra = pickle.loads(extra)
         write_image(dataclasses.replace(plan, model_version=str(version)), item, clock)
         errors.append("")
     return {"path": batch["path"], "error": _column(errors)}
@@ -266,7 +292,7 @@ def _dataset(
     rule = InputRule.of(options)
     batch_size = max(1, options.segmenter.batch_size)
     read_plan = ReadPlan(
-        images_dir=Path(options.images_dir),
+        images_dir=as_location(options.images_dir),
         max_pixels=options.max_pixels,
         input_size=rule.input_size,
         preview=options.preview,
@@ -283,9 +309,14 @@ def _dataset(
         background_threshold=options.segmenter.background_threshold,
         model_version="",  # each image's, from the actor that segmented it
     )
-    listing = [{"path": relative.as_posix()} for relative in pending]
-    blocks = max(1, math.ceil(len(listing) / batch_size))  # one model batch per reading task
-    dataset = ray.data.from_items(listing, override_num_blocks=blocks)
+    # The listing in chunks of whole model batches, one block each: each actor call segments
+    # one chunk, batched by the stage as the local engine batches (the same images together).
+    task_images = batch_size * math.ceil(TASK_IMAGES / batch_size)
+    names = [relative.as_posix() for relative in pending]
+    chunks = [
+        {"paths": names[start : start + task_images]} for start in range(0, len(names), task_images)
+    ]
+    dataset = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
     dataset = dataset.map_batches(
         read_batch,
         fn_kwargs={"plan": read_plan, "rule": rule},
@@ -302,7 +333,7 @@ def _dataset(
             "input_size": rule.input_size,
             "return_probs": options.crf,
         },
-        batch_size=batch_size,
+        batch_size=None,  # a whole chunk a call
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=plan.num_cpus,
