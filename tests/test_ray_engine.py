@@ -164,7 +164,7 @@ def test_without_the_extra_the_command_fails_at_once_with_the_install_line(monke
          "--engine", "ray", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 1, result.output
-    assert "--engine ray needs the optional 'ray' dependencies" in result.output
+    assert "--engine ray needs the 'ray' package, which is not installed" in result.output
     assert 'pip install "stableseg-labeler[ray]"' in result.output
     assert 'pip install -e ".[ray]"' in result.output
     assert not out.exists()  # nothing written

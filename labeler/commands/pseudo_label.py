@@ -61,6 +61,7 @@ def pseudo_label(
     Exit status: 0 every image labelled, 3 some images skipped (see
     skipped.jsonl), 2 usage error, 1 other error.
     """
+    from labeler.jobs.extras import MissingExtraError
     from labeler.jobs.pseudo_label import NoImagesError, RunMismatchError, run
     from labeler.settings import build
 
@@ -87,7 +88,7 @@ def pseudo_label(
         raise click.BadParameter(str(err), param_hint="IMAGES_DIR") from None
     except RunMismatchError as err:
         raise click.UsageError(str(err)) from None
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MissingExtraError) as err:
         raise click.ClickException(str(err)) from None
     if summary.outputs:
         click.echo(

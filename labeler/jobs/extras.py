@@ -1,36 +1,26 @@
-"""Optional parts of the install (``pip install "stableseg-labeler[EXTRA]"``): imported when a
-run asks for them, and a clear error at once, with the install line, when they are missing."""
+"""Optional extras: a feature whose package is not installed fails at once, with the command
+that installs it, before any work starts."""
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
-from .storage import MissingExtraError
-
-PACKAGE = "stableseg-labeler"
+import importlib.util
 
 
-def install_hint(extra: str) -> str:
-    """The commands that add ``extra`` to an install (a release, or a checkout)."""
-    return f'pip install "{PACKAGE}[{extra}]"  (from a checkout: pip install -e ".[{extra}]")'
+class MissingExtraError(RuntimeError):
+    """A feature needs a package of an optional extra that is not installed."""
 
 
-def require(module: str, extra: str, wanted_by: str) -> ModuleType:
-    """Import ``module`` of the optional ``extra``.
+def require_extra(module: str, extra: str, feature: str) -> None:
+    """Raise :class:`MissingExtraError` when ``module`` cannot be imported.
 
     Args:
-        wanted_by: what needs it, for the message (``"--engine ray"``).
-
-    Raises:
-        MissingExtraError: (:mod:`labeler.jobs.storage`'s, a ``ValueError`` too: the
-            commands report it as a bad value) the module cannot be imported; says which extra
-            installs it.
+        module: the top-level module the feature imports (``"datasets"``).
+        extra: the project's extra that installs it (``"hf"``).
+        feature: what needs it, as the user asked for it (``"--format hf"``).
     """
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
+    if importlib.util.find_spec(module) is None:
         raise MissingExtraError(
-            f"{wanted_by} needs the optional '{extra}' dependencies ({module} cannot be "
-            f"imported: {err}). Install them with: {install_hint(extra)}"
-        ) from None
+            f"{feature} needs the {module!r} package, which is not installed: "
+            f'pip install "stableseg-labeler[{extra}]" (from a checkout: '
+            f'pip install -e ".[{extra}]")'
+        )

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .extras import require
+from .extras import require_extra
 from .io import Failure
 from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
@@ -68,10 +68,15 @@ runs in tasks of its own beside the model."""
 
 
 def require_ray() -> Any:
-    """Ray and Ray Data, or :class:`~labeler.jobs.extras.MissingExtraError` with the install
-    line (the ``ray`` extra)."""
-    require("ray.data", "ray", "--engine ray")
-    return require("ray", "ray", "--engine ray")
+    """Ray with Ray Data (``ray``, ``ray.data`` imported), or
+    :class:`~labeler.jobs.extras.MissingExtraError` with the install line (the ``ray`` extra:
+    ``ray[data]``, which brings pyarrow)."""
+    for module in ("ray", "pyarrow"):
+        require_extra(module, "ray", "--engine ray")
+    import ray
+    import ray.data
+
+    return ray
 
 
 @dataclass(frozen=True)
