@@ -26,11 +26,11 @@ threads and the model, and peak RSS for 100 against 1,000 images.
 ``--engine ray`` compares the two engines on the same machine instead (``pseudo-label
 --engine ray``, :mod:`labeler.jobs.ray_engine`, on a Ray started by the run's process with
 ``--ray-cpus`` CPUs, against the local engine; StableSeg's input preparation, 512², 20 labels,
-every format, previews): the time per image once the run is going (between 10% and 90% of the
-images done, so Ray's start and the actors' model loading are left out; they are printed
-apart), the CPU time per image of every process (the Ray workers and daemons included), and the
-peak memory of each Ray worker process (RSS less the shared object store pages it touched) for
-100 against 1,000 images.
+every format, previews): the time and the CPU time of every process (the Ray workers and
+daemons included) per image once the run is going (from the first image done to the last, so
+Ray's start and the actors' start and model loading are left out; they are printed apart), and
+the peak memory of each Ray worker process (RSS less the shared object store pages it touched)
+for 100 against 1,000 images.
 
     python bench/bench_pipeline.py --engine ray [--quick]
 """
@@ -109,6 +109,7 @@ class ProcessTree:
         self.cpu_at_start = self.cpu_seconds()
         self.peak_rss: dict[int, int] = {}
         self.titles: dict[int, str] = {}
+        self.trace: list[tuple[float, int]] = []  # (perf_counter, largest worker's own bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -133,6 +134,7 @@ class ProcessTree:
 
         while not self._stop.wait(0.25):
             self.cpu_seconds()
+            largest = 0
             for proc in self._processes():
                 try:
                     memory = proc.memory_info()
@@ -143,6 +145,9 @@ class ProcessTree:
                 self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), own)
                 if title.startswith("ray::") and "IDLE" not in title:
                     self.titles[proc.pid] = title
+                if proc.pid in self.titles:
+                    largest = max(largest, own)
+            self.trace.append((time.perf_counter(), largest))
 
     def stop(self) -> float:
         """Stop sampling; the CPU seconds every process spent since the start."""
@@ -208,15 +213,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         ray_start = time.perf_counter() - started
     tree = ProcessTree()
     done_at: list[float] = []  # perf_counter of each image done
-    steady_cpu: list[float] = []  # CPU seconds of every process at 10% and at 90% done
+    steady_cpu: list[float] = []  # CPU seconds of every process at the first and last image
     count = len(list_images(images_dir))
-    marks = (count // 10, count * 9 // 10)
 
     class Progress:
         def update(self, n: int) -> None:
             for _ in range(n):
                 done_at.append(time.perf_counter())
-                if len(done_at) - 1 in marks:
+                if len(done_at) in (1, count):
                     steady_cpu.append(tree.cpu_seconds())
 
         def close(self) -> None:
@@ -247,9 +251,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     sampler.join()
     if engine == "ray":
         ray.shutdown()
-    first, last = marks
-    steady_ms = 1000 * (done_at[last] - done_at[first]) / max(1, last - first)
-    steady_cpu_ms = 1000 * (steady_cpu[-1] - steady_cpu[0]) / max(1, last - first)
+    # Once going: from the first image done to the last. The Ray engine hands images back a
+    # chunk at a time: those of the first chunk, done together, are not counted.
+    first = sum(1 for at in done_at if at - done_at[0] < 0.05)
+    steady_ms = 1000 * (done_at[-1] - done_at[0]) / max(1, len(done_at) - first)
+    steady_cpu_ms = 1000 * (steady_cpu[-1] - steady_cpu[0]) / max(1, len(done_at) - first)
     stats = summary.stats
     assert stats is not None
     label_s = stats.seconds["label"]
@@ -278,6 +284,21 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "steady_cpu_ms_per_image": steady_cpu_ms,
         "cpu_ms_per_image_every_process": 1000 * every_cpu / max(1, summary.labelled),
         "ray_worker_peak_rss_mb": tree.workers_mb(),
+        # the largest Ray worker's own memory (MB) while the first 100 images were done, and
+        # while the images from the 500th on were
+        "ray_worker_mb_first_100_vs_from_500": [
+            round(
+                max((b for t, b in tree.trace if len(done_at) > 99 and t <= done_at[99]), default=0)
+                / 2**20
+            ),
+            round(
+                max(
+                    (b for t, b in tree.trace if len(done_at) > 499 and t >= done_at[499]),
+                    default=0,
+                )
+                / 2**20
+            ),
+        ],
     }
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
@@ -375,6 +396,12 @@ def compare_engines(data: Path, quick: bool, workers: int | None, batch: int, cp
             click.echo(f"    {mb:5.0f} MB  {name}", err=True)
     small = max(report["memory"]["100"]["ray_worker_peak_rss_mb"].values())
     large = max(report["memory"]["1000"]["ray_worker_peak_rss_mb"].values())
+    early, late = report["memory"]["1000"]["ray_worker_mb_first_100_vs_from_500"]
+    click.echo(
+        f"within the 1000-image run, the largest Ray worker holds {early} MB over the first "
+        f"100 images and {late} MB from the 500th on",
+        err=True,
+    )
     click.echo(
         f"largest Ray worker peak RSS (less shared pages): 100 images {small:.0f} MB, "
         f"1000 images {large:.0f} MB "
