@@ -107,9 +107,11 @@ class ProcessTree:
         self.root = psutil.Process()
         self.last_cpu: dict[int, float] = {}  # every process seen, its latest CPU seconds
         self.cpu_at_start = self.cpu_seconds()
+        self.cpu_at_start_by_pid = dict(self.last_cpu)
         self.peak_rss: dict[int, int] = {}
         self.titles: dict[int, str] = {}
         self.trace: list[tuple[float, int]] = []  # (perf_counter, largest worker's own bytes)
+        self.names: dict[int, str] = {}  # every process's title, as first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -145,6 +147,7 @@ class ProcessTree:
                 self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), own)
                 if title.startswith("ray::") and "IDLE" not in title:
                     self.titles[proc.pid] = title
+                self.names.setdefault(proc.pid, title.rsplit("/", 1)[-1][:60])
                 if proc.pid in self.titles:
                     largest = max(largest, own)
             self.trace.append((time.perf_counter(), largest))
@@ -154,6 +157,14 @@ class ProcessTree:
         self._stop.set()
         self._thread.join()
         return self.cpu_seconds() - self.cpu_at_start
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds each process spent since the start, by title, the most first."""
+        spent: dict[str, float] = {}
+        for pid, cpu in self.last_cpu.items():
+            name = self.titles.get(pid) or self.names.get(pid, "?")
+            spent[name] = spent.get(name, 0.0) + cpu - self.cpu_at_start_by_pid.get(pid, 0.0)
+        return dict(sorted(((k, round(v, 2)) for k, v in spent.items()), key=lambda kv: -kv[1]))
 
     def workers_mb(self) -> dict[str, float]:
         """Peak RSS less shared pages (MB) of each Ray worker that ran a task or an actor."""
@@ -284,6 +295,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "steady_cpu_ms_per_image": steady_cpu_ms,
         "cpu_ms_per_image_every_process": 1000 * every_cpu / max(1, summary.labelled),
         "ray_worker_peak_rss_mb": tree.workers_mb(),
+        "cpu_s_by_process": tree.cpu_by_process(),
         # the largest Ray worker's own memory (MB) while the first 100 images were done, and
         # while the images from the 500th on were
         "ray_worker_mb_first_100_vs_from_500": [
