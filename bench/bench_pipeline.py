@@ -22,6 +22,7 @@ threads and the model, and peak RSS for 100 against 1,000 images.
 
     python bench/bench_pipeline.py --quick     # a couple of minutes on 2 cores
     python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
+    python bench/bench_pipeline.py --quick --format cvat-mask --format hf   # other exports
 
 ``--engine ray`` compares the two engines on the same machine instead (``pseudo-label
 --engine ray``, :mod:`labeler.jobs.ray_engine`, on a Ray started by the run's process with
@@ -58,6 +59,7 @@ STAGES = (
     "png",
     "coco",
     "labelstudio",
+    "cvat-mask",
     "preview",
     "record",
     "exports",
@@ -436,6 +438,14 @@ def compare_engines(data: Path, quick: bool, workers: int | None, batch: int, cp
 @click.option("--workers", type=int, default=None, help="[default: the job's default]")
 @click.option("--batch", type=int, default=8, show_default=True, help="Images per model call.")
 @click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=("coco", "png", "labelstudio"),
+    show_default=True,
+    help="The exports every run writes (repeatable), as pseudo-label's --format.",
+)
+@click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -449,6 +459,7 @@ def main(
     data: Path,
     workers: int | None,
     batch: int,
+    formats: tuple[str, ...],
     engine: str,
     ray_cpus: int,
     one: str | None,
@@ -459,7 +470,7 @@ def main(
     if engine == "ray":
         compare_engines(data, quick, workers, batch, ray_cpus)
         return
-    formats = ["coco", "png", "labelstudio"]
+    formats = list(dict.fromkeys((*formats, "png")))
     small_n, big_n = (60, 6) if quick else (300, 24)
     label_counts = (20,) if quick else (5, 20, 150)
     small = generate_folder(data / f"jpeg512x{small_n}", small_n, 512, 512)

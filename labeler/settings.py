@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -547,11 +547,7 @@ def markdown_table(cls: type) -> str:
         variable = f"`{item.env}`" if item.env else "—"
         if declaration.aliases:
             variable += " (or " + ", ".join(f"`{a}`" for a in declaration.aliases) + ")"
-        shown = item.shown_default()
-        if shown is None:
-            default = "required" if item.required else ("off" if declaration.switch else "none")
-        else:
-            default = _prose(shown) if declaration.default_text is not None else f"`{shown}`"
+        default = default_cell(item)
         meaning = _prose(declaration.help)
         if declaration.choices:
             meaning += " One of " + ", ".join(f"`{c}`" for c in declaration.choices) + "."
@@ -559,6 +555,26 @@ def markdown_table(cls: type) -> str:
             old = ", ".join(f"`{d}`" for d in declaration.deprecated)
             meaning += f" Formerly {old} (deprecated, still read until the next release)."
         cells = [option, variable, default, meaning]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def default_cell(item: Setting) -> str:
+    """A setting's default as a Markdown table cell shows it."""
+    shown = item.shown_default()
+    if shown is None:
+        return "required" if item.required else ("off" if item.declaration.switch else "none")
+    return _prose(shown) if item.declaration.default_text is not None else f"`{shown}`"
+
+
+def limits_table(cls: type, names: Sequence[str]) -> str:
+    """The settings ``names`` of ``cls``, in that order, as a Markdown table: variable, default,
+    what each bounds (``docs/security.md``'s limits)."""
+    found = {item.name: item for item in own_settings(cls)}
+    rows = ["| Variable | Default | Bounds |", "| --- | --- | --- |"]
+    for name in names:
+        item = found[name]
+        cells = [f"`{item.env}`", default_cell(item), _prose(item.declaration.help)]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -12,16 +12,13 @@ thread starts loading it as the server starts), ``sync`` (before serving; what g
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from ml_backend.backend_settings import BackendSettings
+from ml_backend.logs import configure_logging
 from ml_backend.server import create_app
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-    format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
-)
+configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
 
 
 def build_app() -> object:

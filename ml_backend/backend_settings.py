@@ -93,7 +93,7 @@ class BackendSettings:
     max_image_bytes: int = field(
         default=50_000_000,
         metadata=setting(
-            "Largest image download accepted, in bytes.",
+            "Largest image download accepted, in bytes (the task fails).",
             parse=integer(minimum=1),
             option=False,
             metavar="BYTES",
@@ -146,7 +146,8 @@ class BackendSettings:
     max_body_bytes: int = field(
         default=8_000_000,
         metadata=setting(
-            "Largest request body, in bytes.",
+            "Largest request body, in bytes (413, checked after basic auth and before anything "
+            "reads the body).",
             parse=integer(minimum=1),
             option=False,
             metavar="BYTES",
@@ -155,8 +156,8 @@ class BackendSettings:
     max_labels: int = field(
         default=MAX_LABELS,
         metadata=setting(
-            "Labels a project may have (may only be lowered: the most an 8-bit mask holds next "
-            "to background and ignore).",
+            "Labels a project may have (400 at /setup and /predict; may only be lowered: the "
+            "most an 8-bit mask holds next to background and ignore).",
             parse=integer(minimum=1),
             option=False,
             metavar="N",
@@ -165,7 +166,9 @@ class BackendSettings:
     max_tasks: int = field(
         default=32,
         metadata=setting(
-            "Tasks one /predict may carry (what fits Label Studio's 100 s).",
+            "Tasks one /predict may carry (413): what fits Label Studio's 100 s "
+            "ML_TIMEOUT_PREDICT on a GPU; pre-annotate larger selections with `stableseg "
+            "label-studio predict`.",
             parse=integer(minimum=1),
             option=False,
             metavar="N",
@@ -174,10 +177,33 @@ class BackendSettings:
     request_timeout: float = field(
         default=30.0,
         metadata=setting(
-            "Seconds a client has to send a request's head, and again its body.",
+            "Seconds a client has to send a request's head (else the connection is closed), "
+            "and again its body (else 408).",
             parse=number(above=0.0),
             option=False,
             metavar="S",
+        ),
+    )
+    download_budget: float = field(
+        default=60.0,
+        metadata=setting(
+            "Seconds the image downloads of one /predict may take together (while any of them "
+            "runs or waits for a slot; the model's time does not count). A task whose image it "
+            "cuts off gets no prediction and an error naming this variable; the others are "
+            "predicted.",
+            parse=number(above=0.0),
+            option=False,
+            metavar="S",
+        ),
+    )
+    max_downloads: int = field(
+        default=8,
+        metadata=setting(
+            "Image downloads a worker process runs at once, all requests together; the others "
+            "wait for a slot within their request's download budget.",
+            parse=integer(minimum=1),
+            option=False,
+            metavar="N",
         ),
     )
     warm_up: str = field(
@@ -207,6 +233,8 @@ class BackendSettings:
             "max_labels",
             "max_tasks",
             "request_timeout",
+            "download_budget",
+            "max_downloads",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{variable[name]} must be positive, got {getattr(self, name)}")

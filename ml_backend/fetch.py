@@ -33,6 +33,13 @@ request and parses the response over that socket (it never resolves or connects:
 wrapped with ``server_hostname`` set to the URL's host name, so SNI and certificate
 verification are against the name, not the address. Proxies (``HTTP_PROXY``) are not used.
 
+Besides each download's own deadline, the downloads of one ``/predict`` share a budget
+(:class:`DownloadBudget`, ``STABLESEG_DOWNLOAD_BUDGET``): the seconds during which at least one
+of them is running or waiting for a slot, so a request of 32 tasks whose servers trickle holds
+its thread for the budget, not for 32 deadlines; the model's own time does not count. And a
+worker process runs at most ``STABLESEG_MAX_DOWNLOADS`` downloads at once, all requests
+together (:func:`download_slots`).
+
 Failures raise :class:`FetchError`: its message, which goes back to whoever sent the URL, is
 always :data:`GENERIC_ERROR` (no status codes, no "connection refused": nothing to scan ports
 with); the detail is logged as a warning and kept on the exception for the caller's own
@@ -49,10 +56,12 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
@@ -262,6 +271,99 @@ def fetch(
             err.detail,
         )
         raise
+
+
+# ---------------------------------------------------------------------- budgets
+class BudgetSpent(Exception):
+    """The request's download budget ran out before this download could finish (or start);
+    ``waiting``: while it waited for a download slot."""
+
+    def __init__(self, waiting: bool = False) -> None:
+        super().__init__("download budget spent" + (" waiting for a slot" if waiting else ""))
+        self.waiting = waiting
+
+
+class DownloadBudget:
+    """The seconds the downloads of one request may take together (None: no bound).
+
+    The clock runs while at least one of the request's downloads is running or waiting for a
+    slot, and stops while none is (the model's time is not the downloads'). A download that
+    starts when ``left`` seconds remain must end by ``now + left``: while it runs the clock runs,
+    so that moment is exact whatever the others do.
+    """
+
+    def __init__(self, seconds: float | None, slots: int | None = None) -> None:
+        self.seconds = seconds
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._spent = 0.0  # closed busy periods
+        self._active = 0
+        self._since = 0.0  # start of the busy period now open (when _active > 0)
+
+    def _deadline(self, now: float) -> float:
+        """Open one download; when it must end."""
+        with self._lock:
+            if self._active == 0:
+                self._since = now
+            self._active += 1
+            if self.seconds is None:
+                return float("inf")
+            return now + self.seconds - self._spent - (now - self._since)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._spent += time.monotonic() - self._since
+
+    @contextmanager
+    def download(self) -> Iterator[Slot]:
+        """A download within the budget and a slot: yields when it must end, and whether it
+        had to wait for its slot.
+
+        Raises:
+            BudgetSpent: the budget is spent, or ran out while waiting for a slot.
+        """
+        slot = Slot(self._deadline(time.monotonic()))
+        try:
+            slots = download_slots(self.slots) if self.slots else None
+            if slot.deadline <= time.monotonic():
+                raise BudgetSpent()
+            if slots is not None and not slots.acquire(blocking=False):
+                slot.waited = True
+                wait = slot.deadline - time.monotonic()
+                if wait <= 0 or not slots.acquire(timeout=min(wait, threading.TIMEOUT_MAX)):
+                    raise BudgetSpent(waiting=True)
+            try:
+                yield slot
+            finally:
+                if slots is not None:
+                    slots.release()
+        finally:
+            self._close()
+
+
+@dataclass
+class Slot:
+    """A download's place in its budget: when it must end (``time.monotonic``), and whether it
+    waited for one of the process's download slots."""
+
+    deadline: float
+    waited: bool = False
+
+
+_slots: tuple[int, int, threading.BoundedSemaphore] | None = None
+_slots_lock = threading.Lock()
+
+
+def download_slots(count: int) -> threading.BoundedSemaphore:
+    """The process's ``count`` download slots (one set per process and count, made after a
+    fork: gunicorn's workers each have their own)."""
+    global _slots
+    with _slots_lock:
+        if _slots is None or _slots[:2] != (os.getpid(), count):
+            _slots = (os.getpid(), count, threading.BoundedSemaphore(count))
+        return _slots[2]
 
 
 def redact(url: str) -> str:

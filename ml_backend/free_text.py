@@ -32,6 +32,20 @@ selected, so the label comes from the request, in this order:
 StableSeg then segments the phrase as the single label against a background prompt (the
 TextArea's ``backgroundPrompt`` attribute, else the backend's ``--background-prompt``, else
 "background"), and the phrase's pixels come back as one brush region under the label.
+
+**A phrase that cannot be used** (no label found, unknown label, empty, too long, invisible
+characters, the background prompt itself) is logged at WARNING with what to type, and answered
+where Label Studio 1.23.2 shows it to the annotator. Its ``interactive-annotating`` view passes a
+backend's non-2xx answer on only as ``requests``' "400 Client Error: BAD REQUEST for url: ..."
+(the body is dropped: ``ml/api_connector.py`` appends ``response.text`` only when the response
+is truthy, which a 4xx never is), under ``errors``, and its labeling page ignores ``errors``
+altogether: it loads ``data.result`` as suggestions and nothing else. So the refusal comes back
+as HTTP 200 with, for each task, a prediction holding one ``textarea`` region on the TextArea the
+phrase was typed in, whose text is the message (it appears under the box, where the annotator
+typed; they delete it and type again), and the reason in the answer's ``errors``, as for any task
+without a mask. A refusal that does not come from a TextArea (an API caller's unknown brush
+label) stays a 400 with the message in ``detail``. The length (:data:`MAX_LABEL_CHARS`) is
+checked before anything normalises the text, so a phrase of megabytes is refused at once.
 """
 
 from __future__ import annotations
@@ -42,7 +56,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from labeler.labels import validate_labels
+from labeler.jobs.io import Failure
+from labeler.labels import MAX_LABEL_CHARS, validate_labels
 
 from .label_config import BrushTarget, PromptArea, parse_prompt_areas
 
@@ -56,7 +71,14 @@ DEFAULT_BACKGROUND_PROMPT = "background"
 
 
 class FreeTextError(ValueError):
-    """A free-text request that cannot be answered; the message is for the annotator."""
+    """A free-text request that cannot be answered; the message is for the annotator.
+
+    ``area`` is the TextArea the phrase was typed in (None when it came from elsewhere).
+    """
+
+    def __init__(self, message: str, area: str | None = None) -> None:
+        super().__init__(message)
+        self.area = area
 
 
 @dataclass(frozen=True)
@@ -111,24 +133,48 @@ def phrase_request(
     texts = [(text.strip(), area) for text, area in texts if text.strip()]
     if not texts and not brush_labels:
         return None
+    if texts:
+        _check_length(*texts[-1])
     for label in brush_labels:
         if label not in target.labels:
             raise FreeTextError(
                 f"unknown brush label {label!r}; the labels are {', '.join(target.labels)}"
             )
     chosen = brush_labels[-1] if brush_labels else None
-    if texts:
-        text, area = texts[-1]  # the newest submission
+    if not texts:
+        assert chosen is not None
+        phrase = target.prompts[target.labels.index(chosen)]
+        background = settings_background or DEFAULT_BACKGROUND_PROMPT
+        return PhraseRequest(_check_phrase(phrase, background), chosen, background)
+    text, area = texts[-1]  # the newest submission
+    background = area.background_prompt or settings_background or DEFAULT_BACKGROUND_PROMPT
+    try:
         phrase, label = _split_label(text, target)
         label = label or chosen or _label_for(phrase, target)
-        background = area.background_prompt
-    else:
-        assert chosen is not None
-        label = chosen
-        phrase = target.prompts[target.labels.index(label)]
-        background = None
-    background = background or settings_background or DEFAULT_BACKGROUND_PROMPT
-    return PhraseRequest(_check_phrase(phrase, background), label, background)
+        return PhraseRequest(_check_phrase(phrase, background), label, background)
+    except FreeTextError as err:
+        raise FreeTextError(str(err), area.name) from None
+
+
+def refusal(error: FreeTextError, tasks: list[Any], target: BrushTarget, version: str) -> Outcome:
+    """What a refused phrase is answered with (see the module): for each task, the message as a
+    suggestion on the TextArea ``error.area``, and the reason among the errors."""
+    from .model import Outcome, task_id
+
+    message = str(error)
+    region = {
+        "from_name": error.area,
+        "to_name": target.to_name,
+        "type": "textarea",
+        "value": {"text": [f"Not painted: {message}"]},
+    }
+    prediction = {"result": [region], "score": 0.0, "model_version": version}
+    ids = [task_id(task, index) for index, task in enumerate(tasks)]
+    return Outcome(
+        predictions=[prediction for _ in tasks],
+        errors=[Failure(item, message, "task") for item in ids],
+        model_version=version,
+    )
 
 
 def phrase_target(target: BrushTarget, request: PhraseRequest) -> BrushTarget:
@@ -148,16 +194,25 @@ def phrase_settings(settings: BackendSettings, request: PhraseRequest) -> Backen
 def predict_phrase(model: StableSegBackend, tasks: list[Any], params: Any) -> Outcome | None:
     """The phrase's mask for each task, when ``params`` holds a free-text request; else None.
 
+    A phrase typed in a TextArea that cannot be used gets :func:`refusal`'s answer.
+
     Raises:
         LabelConfigError: the project's config has no BrushLabels on an Image.
-        FreeTextError: see :func:`phrase_request`.
+        FreeTextError: an unusable request that did not come from a TextArea (see
+            :func:`phrase_request`).
     """
     context = context_of(params)
     if context is None:
         return None
     target = model.require_target()
     background = model.settings.stableseg.segmenter.background_prompt
-    request = phrase_request(context, model.label_config, target, background)
+    try:
+        request = phrase_request(context, model.label_config, target, background)
+    except FreeTextError as err:
+        logger.warning("free-text prompt refused: %s", err)
+        if err.area is None:
+            raise
+        return refusal(err, tasks, target, model.model_version)
     if request is None:
         return None
     logger.info(
@@ -201,11 +256,27 @@ def _label_for(phrase: str, target: BrushTarget) -> str:
     )
 
 
+def _check_length(text: str, area: PromptArea) -> None:
+    """Refuse a text too long for any label and phrase before anything else reads it."""
+    if len(text) > 2 * MAX_LABEL_CHARS + 1:  # "Label:phrase", each at most MAX_LABEL_CHARS
+        raise FreeTextError(
+            f"the text is {len(text)} characters long; type a label, a colon and a phrase of "
+            f"at most {MAX_LABEL_CHARS} characters, e.g. 'Car: red car'",
+            area.name,
+        )
+
+
 def _check_phrase(phrase: str, background: str) -> str:
     """The phrase in canonical form, checked by the one label rule (labeler.labels: no
-    invisible characters, at most 200 characters, not the background prompt)."""
+    invisible characters, at most 200 characters, not the background prompt); its length is
+    checked first, before anything normalises it."""
     if not phrase:
         raise FreeTextError("the phrase is empty: type what to segment after the label's colon")
+    if len(phrase) > MAX_LABEL_CHARS:
+        raise FreeTextError(
+            f"the phrase is {len(phrase)} characters long, more than {MAX_LABEL_CHARS}: type a "
+            f"shorter one after the label's colon, e.g. 'Car: red car'"
+        )
     try:
         phrase, _ = validate_labels(
             [phrase, background], where=["the phrase", "the background prompt"], max_labels=None

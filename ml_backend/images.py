@@ -38,7 +38,8 @@ from labeler.jobs.io import image_input
 from labeler.jobs.storage import RemotePath, as_location, is_url
 
 from .backend_settings import BackendSettings
-from .fetch import FetchError, FetchPolicy, fetch, redact
+from .fetch import BudgetSpent, DownloadBudget, FetchError, FetchPolicy, fetch, redact
+from .limits import download_budget_spent
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +192,18 @@ class ImageLoader:
     The Label Studio server and key are ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` only:
     a ``hostname`` or ``access_token`` that arrives in ``/setup`` or a request body comes from
     whoever can reach the backend and is never used for a URL or a credential.
+
+    Every download takes one of the process's ``STABLESEG_MAX_DOWNLOADS`` slots and runs within
+    ``budget`` (a ``/predict``'s: :class:`ml_backend.fetch.DownloadBudget`; None: each download
+    has only its own ``STABLESEG_HTTP_TIMEOUT``).
     """
 
-    def __init__(self, settings: BackendSettings) -> None:
+    def __init__(self, settings: BackendSettings, budget: DownloadBudget | None = None) -> None:
         self.settings = settings
         self.base_url = (settings.label_studio_url or "").rstrip("/") or None
         self.api_key = settings.label_studio_api_key or None
         self.policy = FetchPolicy.from_settings(settings)
+        self.budget = budget or DownloadBudget(None, settings.max_downloads)
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
         """The decoded, EXIF-transposed image behind a task's URL."""
@@ -211,12 +217,7 @@ class ImageLoader:
         if scheme in ("http", "https"):
             if self.policy.is_label_studio(url) and parts.path.startswith("/data/"):
                 return self._from_data_path(parts.path, parts.query, url)
-            data = fetch(
-                url,
-                self.policy,
-                max_bytes=self.settings.max_image_bytes,
-                timeout=self.settings.http_timeout,
-            )
+            data = self._download(url, self.settings.max_image_bytes)
             return self._decode(data, url)
         if scheme:
             raise ImageError(
@@ -242,13 +243,7 @@ class ImageLoader:
             raise ImageError(f"set {missing} so the backend can fetch from Label Studio")
         headers = label_studio_auth(self.base_url, self.api_key).header()
         try:
-            return fetch(
-                self.base_url + path_and_query,
-                self.policy,
-                max_bytes=max_bytes,
-                timeout=self.settings.http_timeout,
-                auth=headers,
-            )
+            return self._download(self.base_url + path_and_query, max_bytes, headers)
         except FetchError as err:
             if err.status in (401, 403) and self.policy.is_label_studio(err.url):
                 raise ImageError(
@@ -256,6 +251,27 @@ class ImageLoader:
                     f"{err.status}): check the key"
                 ) from None
             raise
+
+    def _download(self, url: str, max_bytes: int, auth: dict[str, str] | None = None) -> bytes:
+        """:func:`ml_backend.fetch.fetch` in a slot, within this loader's budget.
+
+        Raises:
+            DownloadBudgetSpent: the budget ran out first (its message names the variable).
+            FetchError: anything else (generic).
+        """
+        try:
+            with self.budget.download() as slot:
+                left = slot.deadline - time.monotonic()
+                timeout = min(self.settings.http_timeout, left)
+                try:
+                    return fetch(url, self.policy, max_bytes=max_bytes, timeout=timeout, auth=auth)
+                except FetchError:
+                    if left < self.settings.http_timeout and time.monotonic() >= slot.deadline:
+                        raise BudgetSpent(waiting=slot.waited) from None
+                    raise
+        except BudgetSpent as spent:
+            logger.warning("image URL %s: %s (STABLESEG_DOWNLOAD_BUDGET)", redact(url), spent)
+            raise download_budget_spent(self.settings, spent.waiting) from None
 
     # ------------------------------------------------------------------ sources
     def _from_data_path(self, path: str, query: str, original: str) -> Image.Image:

@@ -10,15 +10,25 @@ no invisible characters, unique ignoring case); label values stay exactly as the
 them, since results must name them so. A project has at most ``max_labels`` labels
 (``STABLESEG_MAX_LABELS``, 254 by default): the count is checked while the labels are read,
 before any of them reaches the model.
+
+A config comes from whoever can reach the backend, so it is parsed by :func:`parse_xml`:
+defusedxml's parser with DTDs refused (no entities, internal or external: no "billion laughs",
+no file reads) and at most :data:`MAX_CONFIG_DEPTH` nested elements, checked while parsing, so a
+config nested 500,000 deep is refused after its first hundred tags. Label Studio's own configs
+are a few levels deep and never carry a DTD.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import iterparse
 
 from labeler.labels import validate_labels
 from labeler.result import MAX_LABELS
@@ -26,8 +36,46 @@ from labeler.result import MAX_LABELS
 logger = logging.getLogger(__name__)
 
 
+MAX_CONFIG_DEPTH = 100
+"""Elements nested in a labeling config at most (Label Studio's are a few levels deep)."""
+
+
 class LabelConfigError(ValueError):
     """The labeling config has nothing StableSeg can predict; the message says what to add."""
+
+
+def parse_xml(label_config: str) -> ElementTree.Element:
+    """The config's root element, parsed without DTDs and at most :data:`MAX_CONFIG_DEPTH`
+    deep (see the module).
+
+    Raises:
+        LabelConfigError: malformed XML, a DTD or entity, or nesting deeper than the limit.
+    """
+    depth = 0
+    root: ElementTree.Element | None = None
+    try:
+        for event, element in iterparse(
+            io.StringIO(label_config), events=("start", "end"), forbid_dtd=True
+        ):
+            if event == "end":
+                depth -= 1
+                continue
+            depth += 1
+            root = element if root is None else root
+            if depth > MAX_CONFIG_DEPTH:
+                raise LabelConfigError(
+                    f"the labeling config nests elements more than {MAX_CONFIG_DEPTH} deep; "
+                    "Label Studio's configs are a few levels deep"
+                )
+    except DefusedXmlException as err:
+        raise LabelConfigError(
+            f"the labeling config must not have a DTD or entities ({type(err).__name__})"
+        ) from None
+    except ElementTree.ParseError as err:
+        raise LabelConfigError(f"the labeling config is not valid XML: {err}") from None
+    if root is None:
+        raise LabelConfigError("the labeling config is not valid XML: no element")
+    return root
 
 
 EXAMPLE_CONFIG = (
@@ -73,11 +121,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
             "the project has no labeling config; set one with a <BrushLabels> on an <Image>, "
             f"for example {EXAMPLE_CONFIG}"
         )
-    try:
-        root = ElementTree.fromstring(label_config)
-    except ElementTree.ParseError as err:
-        raise LabelConfigError(f"the labeling config is not valid XML: {err}") from None
-
+    root = parse_xml(label_config)
     images = {
         tag.get("name"): tag
         for tag in root.iter("Image")
@@ -177,8 +221,8 @@ def parse_prompt_areas(label_config: str | None, target: BrushTarget) -> dict[st
     if not label_config:
         return {}
     try:
-        root = ElementTree.fromstring(label_config)
-    except ElementTree.ParseError:
+        root = parse_xml(label_config)
+    except LabelConfigError:
         return {}
     areas: dict[str, PromptArea] = {}
     for tag in root.iter("TextArea"):

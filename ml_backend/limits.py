@@ -15,7 +15,17 @@ STABLESEG_MAX_LABELS       labels of a project's BrushLabels (400 at ``/setup`` 
 STABLESEG_MAX_TASKS        tasks of one ``/predict`` (413)
 STABLESEG_REQUEST_TIMEOUT  sending a request's head (:mod:`ml_backend.worker`), then its body
                            (408, :mod:`ml_backend.guard`)
+STABLESEG_DOWNLOAD_BUDGET  the image downloads of one ``/predict`` together
+                           (:class:`ml_backend.fetch.DownloadBudget`); a task whose image it
+                           cuts off gets no prediction and an error that names it
+STABLESEG_MAX_DOWNLOADS    downloads a worker process runs at once, all requests together
 =========================  ================================================================
+
+Why a spent download budget fails the tasks it cut off rather than the whole request: the tasks
+whose images did arrive are predicted and stored, as with any task whose image cannot be read
+(``errors`` of the answer, one :class:`labeler.jobs.io.Failure` each), and Label Studio can ask
+for the rest again; answering 4xx would throw away the work already done while the threads were
+held just the same. The request ends when the budget is spent, whatever its servers do.
 
 Why 32 tasks by default: Label Studio gives a ``/predict`` ``ML_TIMEOUT_PREDICT`` = 100 s. A
 task costs about 2 s on a modest GPU in the worst common case (the paper's 1-2 s an image for the
@@ -31,13 +41,30 @@ for the parser gives a 400 like any other malformed body.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Response
+from labeler.images import ImageError
 
 from .backend_settings import BackendSettings
 
+if TYPE_CHECKING:
+    from flask import Response
+
 PREDICT_CLI = "stableseg label-studio predict"
+
+REQUEST_LIMITS = (
+    "max_body_bytes",
+    "request_timeout",
+    "max_tasks",
+    "max_labels",
+    "download_budget",
+    "max_downloads",
+    "http_timeout",
+    "max_image_bytes",
+    "max_pixels",
+)
+"""The :class:`BackendSettings` that bound a request, as ``docs/security.md`` lists them
+(generated: ``python -m labeler.commands.settings_table --write docs/security.md``)."""
 
 
 class RequestError(Exception):
@@ -54,6 +81,8 @@ class RequestError(Exception):
 
 def json_error(status: int, detail: str, **headers: str) -> Response:
     """A JSON error response in label-studio-ml's shape: ``{"status": ..., "detail": ...}``."""
+    from flask import Response  # here: ml_backend.images, which the CLI uses, imports this module
+
     body = json.dumps({"status": status, "detail": detail}) + "\n"
     response = Response(body, status=status, mimetype="application/json")
     for name, value in headers.items():
@@ -121,3 +150,24 @@ def check_tasks(tasks: list[Any], settings: BackendSettings) -> None:
             f"prediction timeout. Select fewer tasks, or pre-annotate the whole project with "
             f"`{PREDICT_CLI}`.",
         )
+
+
+class DownloadBudgetSpent(ImageError):
+    """A task whose image download was cut off, or never started, because the downloads of its
+    request had used up STABLESEG_DOWNLOAD_BUDGET (a per-task failure: see the module)."""
+
+
+def download_budget_spent(settings: BackendSettings, waiting: bool) -> DownloadBudgetSpent:
+    """The failure of a task whose download the request's budget cut off (``waiting``: it had
+    waited for one of the process's STABLESEG_MAX_DOWNLOADS slots)."""
+    slots = (
+        f", after waiting for one of the {settings.max_downloads} download slots that other "
+        "downloads held (STABLESEG_MAX_DOWNLOADS)"
+        if waiting
+        else ""
+    )
+    return DownloadBudgetSpent(
+        f"the image downloads of this request used up their budget of "
+        f"{settings.download_budget:g} s (STABLESEG_DOWNLOAD_BUDGET) before this task's image "
+        f"arrived{slots}; predict the task again, or ask for fewer tasks at once"
+    )

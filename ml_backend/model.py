@@ -20,6 +20,7 @@ from labeler.jobs.io import Failure
 from . import cache, training
 from ._lsml import LabelStudioMLBase
 from .backend_settings import BackendSettings
+from .fetch import DownloadBudget
 from .images import ImageLoader
 from .label_config import BrushTarget, LabelConfigError, parse_label_config
 from .predictions import build_prediction, segment_tasks
@@ -52,20 +53,22 @@ class StableSegBackend(LabelStudioMLBase):
         settings: BackendSettings | None = None,
         **kwargs: Any,
     ) -> None:
-        try:
-            super().__init__(label_config=label_config, train_output=train_output, **kwargs)
-        except Exception:  # the base class parses the XML too; ours reports the error below
-            self.label_config, self.parsed_label_config = label_config, {}
-            self.train_output = train_output or {}
-            self.hostname = kwargs.get("hostname", "")
-            self.access_token = kwargs.get("access_token", "")
         self.settings = settings or BackendSettings.from_env()
         self.target: BrushTarget | None = None
         self.config_error: str | None = None
-        try:
+        try:  # ours first: the base class's parser (lxml) never sees a config ours refuses
             self.target = parse_label_config(label_config, self.settings.max_labels)
         except LabelConfigError as err:
             self.config_error = str(err)
+        try:
+            accepted = label_config if self.config_error is None else None
+            super().__init__(label_config=accepted, train_output=train_output, **kwargs)
+        except Exception:  # the base class parses the XML too; ours has the say
+            self.parsed_label_config = {}
+            self.train_output = train_output or {}
+            self.hostname = kwargs.get("hostname", "")
+            self.access_token = kwargs.get("access_token", "")
+        self.label_config = label_config
 
     # ------------------------------------------------------------------ Label Studio hooks
     @property
@@ -92,11 +95,13 @@ class StableSegBackend(LabelStudioMLBase):
         does not hold all their images in memory), StableSeg segments them in full batches
         while holding the GPU lock (a failing batch image by image), and each result is
         encoded as brush results. The model is loaded when the first image has been read: a
-        request whose images all fail loads nothing.
+        request whose images all fail loads nothing. The downloads share one
+        ``STABLESEG_DOWNLOAD_BUDGET``: a task it cuts off gets a failure naming it.
         """
         target = self.require_target()
-        ids = [_task_id(task, index) for index, task in enumerate(tasks)]
-        loader = ImageLoader(self.settings)  # never /setup's hostname or token
+        ids = [task_id(task, index) for index, task in enumerate(tasks)]
+        budget = DownloadBudget(self.settings.download_budget, self.settings.max_downloads)
+        loader = ImageLoader(self.settings, budget)  # never /setup's hostname or token
         outcome = Outcome(predictions=[[] for _ in tasks], errors=[], model_version="")
         opened: list[StableSeg] = []
 
@@ -133,6 +138,6 @@ class StableSegBackend(LabelStudioMLBase):
         return training.start_training(project_id, target, self.settings, loader)
 
 
-def _task_id(task: Any, index: int) -> Any:
+def task_id(task: Any, index: int) -> Any:
     """The task's Label Studio id (its position in the request when it has none)."""
     return task.get("id", index) if isinstance(task, dict) else index

@@ -17,6 +17,12 @@ own wall-clock deadline (:mod:`ml_backend.guard`). A head that is not complete w
 worker's connection slots either; a head larger than gunicorn's own header limits goes to the
 parser at once, which refuses it.
 
+``/health`` has threads of its own: a head whose request line is ``GET /health`` (or ``HEAD``)
+goes to a small pool of :data:`HEALTH_THREADS` threads that nothing else uses, so Label
+Studio's health check is answered at once while every thread of the main pool is busy with
+predictions (a request's downloads are bounded by ``STABLESEG_DOWNLOAD_BUDGET``, its model time
+by the GPU). It goes through the same app, basic auth included.
+
 The same holds for the next request on a kept-alive connection. TLS connections (gunicorn's
 ``--certfile``) and HTTP/2 are passed to gthread unchanged: their bytes cannot be read before
 the handshake, which happens in the thread.
@@ -33,18 +39,23 @@ from __future__ import annotations
 import contextlib
 import selectors
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.workers import gthread
 
 from .backend_settings import BackendSettings
+from .logs import SafeFormatter
 
 HEAD_END = b"\r\n\r\n"
 _RECV_SIZE = 1 << 16
 _DEFAULT_FIELD_SIZE = 8190  # gunicorn's, when limit_request_field_size is 0 (no limit)
 _MAX_FIELDS = 32768  # gunicorn's ceiling of limit_request_fields
+HEALTH_THREADS = 2
+"""Threads of a worker that answer ``/health`` only (see the module)."""
 
 
 def supported() -> bool:
@@ -89,6 +100,12 @@ class HeadBufferingWorker(gthread.ThreadWorker):
         super().__init__(*args, **kwargs)
         self.head_timeout = request_timeout()
         self._heads: dict[Any, _Head] = {}
+        self.health_pool: ThreadPoolExecutor | None = None
+
+    def init_process(self) -> None:
+        """gthread's start, with the ``/health`` pool made in the worker process."""
+        self.health_pool = ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
+        super().init_process()
 
     # ------------------------------------------------------------------ gthread hooks
     def enqueue_req(self, conn: Any) -> None:
@@ -170,6 +187,12 @@ class HeadBufferingWorker(gthread.ThreadWorker):
         if data:
             conn.parser.unreader.unread(data)
         conn.data_ready = True
+        if self.health_pool is not None and is_health_check(data):
+            future = self.health_pool.submit(self.handle, conn)
+            future.add_done_callback(
+                lambda done: self.method_queue.defer(self.finish_request, conn, done)
+            )
+            return
         super().enqueue_req(conn)
 
     def _forget(self, conn: Any) -> None:
@@ -181,6 +204,27 @@ class HeadBufferingWorker(gthread.ThreadWorker):
         self._forget(conn)
         self.nr_conns -= 1
         conn.close()
+
+
+def is_health_check(head: bytes) -> bool:
+    """Whether a request head asks for ``/health`` (its request line, exactly)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return (
+        len(parts) == 3 and parts[0] in (b"GET", b"HEAD") and parts[1].split(b"?")[0] == b"/health"
+    )
+
+
+class SafeGunicornLogger(glogging.Logger):
+    """gunicorn's logger whose error and access logs write one line a record
+    (:class:`ml_backend.logs.SafeFormatter` around gunicorn's own layouts): the access log
+    carries the request line, the referrer and the user agent, all the caller's. Used as
+    ``gunicorn --logger-class ml_backend.worker.SafeGunicornLogger``."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(SafeFormatter.wrapping(handler.formatter))
 
 
 def _peer(conn: Any) -> str:

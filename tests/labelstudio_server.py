@@ -25,12 +25,11 @@ from typing import Any
 
 import requests
 
+from .tool_env import LABEL_STUDIO, ToolUnavailable
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALL_SCRIPT = ROOT / "scripts" / "labelstudio_env.sh"
-DEFAULT_VENV = Path.home() / ".cache" / "stableseg" / "ls-venv"
-INSTALL_TIMEOUT_S = 1200
 START_TIMEOUT_S = 180
 USER = "admin@example.com"
 PASSWORD = "stableseg-test-password"
@@ -51,35 +50,16 @@ print(json.dumps({{"pat": LSAPIToken.for_user(user).get_full_jwt()}}))
 """
 
 
-class LabelStudioUnavailable(RuntimeError):
-    """Label Studio could not be installed here (no registry, no compiler, no disk)."""
+LabelStudioUnavailable = ToolUnavailable
 
 
 def venv_dir() -> Path:
-    return Path(os.environ.get("LABEL_STUDIO_VENV") or DEFAULT_VENV).expanduser()
+    return LABEL_STUDIO.venv()
 
 
 def ensure_installed(venv: Path | None = None) -> Path:
     """The Label Studio environment, installed by ``scripts/labelstudio_env.sh`` if missing."""
-    venv = venv or venv_dir()
-    if (venv / "bin" / "label-studio").exists():
-        return venv
-    logger.warning("Label Studio is not in %s: installing it (about 1 GB)", venv)
-    try:
-        done = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT), str(venv)],
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise LabelStudioUnavailable(f"installing Label Studio failed: {err}") from None
-    if done.returncode != 0 or not (venv / "bin" / "label-studio").exists():
-        raise LabelStudioUnavailable(
-            f"installing Label Studio into {venv} failed (exit {done.returncode}):\n"
-            + done.stderr[-3000:]
-        )
-    return venv
+    return LABEL_STUDIO.ensure_installed(venv)
 
 
 def free_port() -> int:
@@ -257,20 +237,7 @@ def _personal_token(venv: Path, env: dict[str, str]) -> str:
 def installed_or_skip() -> Path:
     """The Label Studio environment, or a loud skip where it cannot be installed (a failure
     instead with STABLESEG_REQUIRE_LABEL_STUDIO=1)."""
-    import pytest
-
-    try:
-        return ensure_installed()
-    except LabelStudioUnavailable as err:
-        message = (
-            "\n" + "!" * 78 + "\nLABEL STUDIO INTEGRATION TEST SKIPPED: Label Studio could not be "
-            f"installed into {venv_dir()}:\n{err}\n" + "!" * 78
-        )
-        logger.error(message)
-        sys.stderr.write(message + "\n")
-        if os.environ.get("STABLESEG_REQUIRE_LABEL_STUDIO"):
-            pytest.fail(message)
-        pytest.skip(message)
+    return LABEL_STUDIO.installed_or_skip()
 
 
 def stop_group(pgid: int, timeout: float = 30) -> None:

@@ -7,6 +7,7 @@ tests/test_labelstudio_recipe.py.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,10 +185,40 @@ def test_a_phrase_is_segmented_against_background_and_painted_under_its_label(
     assert body["model_version"] == phrase_model.model_version
 
 
-def test_a_phrase_without_a_label_is_a_400_that_says_what_to_type(client):
-    status, body = _predict(client, TWO_LABELS, [_text("red car")])
-    assert status == 400
-    assert "'Car: red car'" in body["detail"]
+@pytest.mark.parametrize(
+    ("text", "what_to_type"),
+    [("red car", "'Car: red car'"), ("Car: " + "red car " * 900_000, "'Car: red car'")],
+    ids=["no-label", "7-MB"],
+)
+def test_a_refused_phrase_comes_back_where_label_studio_shows_it(
+    client, caplog, text, what_to_type
+):
+    """Label Studio 1.23.2 shows the annotator suggestions only (see ml_backend.free_text): the
+    message is a suggestion on the TextArea, the reason in ``errors``, the log at WARNING. A
+    7 MB phrase is refused by its length, before anything normalises it."""
+    caplog.set_level("WARNING", logger="ml_backend.free_text")
+    started = time.monotonic()
+    status, body = _predict(client, TWO_LABELS, [_text(text)])
+    elapsed = time.monotonic() - started
+    assert status == 200, body
+    [region] = body["results"][0]["result"]
+    assert (region["from_name"], region["to_name"], region["type"]) == (
+        "prompt",
+        "image",
+        "textarea",
+    )
+    assert what_to_type in region["value"]["text"][0]
+    assert body["errors"] == [
+        {"task": 4, "reason": region["value"]["text"][0][len("Not painted: ") :]}
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(what_to_type in message for message in warnings), warnings
+    assert elapsed < 2, f"{elapsed:.1f} s to refuse"
+
+
+def test_an_unknown_brush_label_from_an_api_caller_is_a_400(client):
+    status, body = _predict(client, TWO_LABELS, [_brush("Boat")])
+    assert status == 400 and "unknown brush label 'Boat'" in body["detail"]
 
 
 def test_requests_without_a_free_text_context_get_every_label(client):

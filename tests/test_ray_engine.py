@@ -25,8 +25,6 @@ from .pipeline_golden import assert_same_outputs, digest_run
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo" / "scenes" / "images"
 LABELS = ROOT / "demo" / "scenes" / "colours.txt"
-s3_server = test_storage.s3_server  # moto's S3 server on loopback, and its variables
-bucket = test_storage.bucket  # the first demo scenes in s3://inbox/scenes, an outbox bucket
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "pseudo_label_demo.json").read_text())
 
 
@@ -52,6 +50,20 @@ def files(out: Path) -> dict[str, bytes]:
         for path in sorted(out.rglob("*"))
         if path.is_file()
     }
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """tests/test_storage.py's S3 server (moto's, on loopback) and its variables: one of this
+    module's own."""
+    yield from test_storage.s3_server.__wrapped__()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """The first demo scenes in s3://inbox/scenes, and an empty outbox bucket (as
+    tests/test_storage.py's)."""
+    return test_storage.bucket.__wrapped__(s3_server)
 
 
 @pytest.fixture(scope="module")

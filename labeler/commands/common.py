@@ -41,12 +41,12 @@ class Location(click.ParamType):
     name = "DIR|URL"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from labeler.jobs.storage import as_location
+        from labeler.jobs.storage import parse_location
 
         if not isinstance(value, str):
             return value
         try:
-            location = as_location(value)
+            location = parse_location(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
         if isinstance(location, Path) and not location.is_dir():
@@ -257,10 +257,12 @@ def labels_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from ml_backend.logs import configure_logging  # one line a record (labels, paths, URLs)
+
+    configure_logging(
+        logging.DEBUG if verbose else logging.INFO,
+        "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        sys.stderr,
     )
     for noisy in ("PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -193,6 +193,8 @@ def _exec_gunicorn(
         log_level.lower(),
         "--access-logfile",
         "-",
+        "--logger-class",
+        "ml_backend.worker.SafeGunicornLogger",
     ]
     if preload:
         args.append("--preload")
@@ -206,12 +208,9 @@ def _exec_gunicorn(
 
 
 def _run_dev_server(settings: BackendSettings, host: str, port: int, log_level: str) -> None:
-    import logging
+    from ml_backend.logs import configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
-    )
+    configure_logging(log_level)
     from ml_backend.server import create_app
     from ml_backend.serving import run_dev_server
 

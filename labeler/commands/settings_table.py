@@ -2,8 +2,11 @@
 
 ``python -m labeler.commands.settings_table`` prints it; ``--write docs/settings.md`` puts it
 between the page's ``<!-- settings-table:start -->`` and ``<!-- settings-table:end -->`` markers
-(tests/test_settings.py checks that the page holds what this prints). Not a command: it imports
-every command to say which one takes which options.
+(tests/test_settings.py checks that the page holds what this prints). ``--write
+docs/security.md`` writes the backend's request limits (``ml_backend.limits.REQUEST_LIMITS``)
+between ``<!-- limits-table:start -->`` and ``<!-- limits-table:end -->`` the same way, so
+every default is written once, in its declaration. Not a command: it imports every command to
+say which one takes which options.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import click
 
 START = "<!-- settings-table:start -->"
 END = "<!-- settings-table:end -->"
+LIMITS_START = "<!-- limits-table:start -->"
+LIMITS_END = "<!-- limits-table:end -->"
 
 
 def groups() -> tuple[type, ...]:
@@ -81,17 +86,32 @@ def settings_markdown() -> str:
     return "\n".join(parts)
 
 
+def limits_markdown() -> str:
+    """The backend's request limits: variable, default, what each bounds."""
+    from labeler.settings import limits_table
+    from ml_backend.backend_settings import BackendSettings
+    from ml_backend.limits import REQUEST_LIMITS
+
+    return limits_table(BackendSettings, REQUEST_LIMITS)
+
+
 def with_table(page: str) -> str:
-    """``page`` with the generated table between its markers.
+    """``page`` with the generated tables between their markers (the settings, the limits).
 
     Raises:
-        ValueError: the page lacks the markers.
+        ValueError: the page has neither pair of markers.
     """
-    if START not in page or END not in page:
-        raise ValueError(f"the page has no {START} ... {END} markers")
-    head, rest = page.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n\n{settings_markdown()}\n{END}{tail}"
+    tables = ((START, END, settings_markdown), (LIMITS_START, LIMITS_END, limits_markdown))
+    found = False
+    for start, end, markdown in tables:
+        if start in page and end in page:
+            head, rest = page.split(start, 1)
+            _, tail = rest.split(end, 1)
+            page = f"{head}{start}\n\n{markdown()}\n{end}{tail}"
+            found = True
+    if not found:
+        raise ValueError(f"the page has no {START} ... {END} or {LIMITS_START} ... markers")
+    return page
 
 
 def main(argv: Sequence[str] | None = None) -> None:

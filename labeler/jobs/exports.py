@@ -31,11 +31,12 @@ from typing import IO, Any
 
 import numpy as np
 
+from .dataset_exports import write_cvat_mask, write_hf
 from .io import atomic_write_json, atomic_write_text, atomic_writer, spool_file, stored_stems
 from .layout import mask_path, pieces_path, record_path, stem_path
 from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
-from .storage import RemotePath, as_location
+from .storage import RemotePath
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
@@ -191,7 +192,7 @@ def default_root_url(options: PseudoLabelOptions) -> str:
     Label Studio's local files for a local folder, the bucket URL itself for object storage
     (Label Studio resolves ``s3://`` / ``gs://`` / ``azure-blob://`` URLs through a cloud
     storage connected to the project)."""
-    images = as_location(options.images_dir)
+    images = options.images_dir
     if isinstance(images, RemotePath):
         return images.url.replace("az://", "azure-blob://", 1)
     return f"/data/local-files/?d={images.name}"
@@ -221,8 +222,9 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
     outputs["labelmap"] = str(out / "labelmap.txt")
 
     want_coco, want_ls = "coco" in options.formats, "labelstudio" in options.formats
+    done: list[Path] = []  # for the dataset-shaped exports
     root_url = options.image_root_url or default_root_url(options)
-    done = stored_stems(out / "records", ".json")  # the manifest: one listing
+    recorded = stored_stems(out / "records", ".json")  # the manifest: one listing
     with ExitStack() as stack:
 
         def section(name: str, separator: str = ", ") -> _Section:
@@ -231,10 +233,11 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         coco_images, annotations = section("coco-images"), section("coco-annotations")
         tasks, gallery = section("labelstudio-tasks"), section("gallery", "\n")
         for relative in images:
-            if stem_path(relative) not in done:
+            if stem_path(relative) not in recorded:
                 continue
             rec_file = record_path(out, relative)
             record = json.loads(rec_file.read_text(encoding="utf-8"))
+            done.append(relative)
             if options.preview:
                 entry = {
                     "overlay": f"{stem_path(relative)}.jpg",
@@ -274,6 +277,10 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                 tasks.copy_to(handle)
                 handle.write("]\n")
             outputs["labelstudio"] = str(out / "labelstudio.json")
+        if "cvat-mask" in options.formats:
+            outputs["cvat-mask"] = str(write_cvat_mask(out, labelmap_text(labels), done))
+        if "hf" in options.formats:
+            outputs.update(write_hf(out, options.images_dir, labels, done))
         if options.preview:
             with atomic_writer(out / "preview" / "index.html") as handle:
                 handle.write(gallery_head(gallery.count))

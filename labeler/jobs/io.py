@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,11 @@ from PIL import Image
 from labeler.images import ImageError
 
 from .storage import Location, RemotePath, as_location, redact_text
+
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+"""zlib settings of every mask PNG written: the run-length strategy at level 1, about 3x
+faster than PIL's default and at 12 MP half the bytes of plain level 1 (masks are runs of
+equal ids)."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -50,6 +56,7 @@ FILE_MODE = 0o666 & ~_process_umask()
 """The mode of every file :func:`atomic_write_bytes` writes: what ``open()`` would give under
 the umask the process started with (0o644 under the usual 022), not the 0o600 of a temporary
 file, so other users and containers can read the outputs when the umask lets them."""
+FOLDER_MODE = 0o777 & ~_process_umask()  # what mkdir gives (a temporary folder is 0o700)
 
 
 def _is_image(relative: PurePosixPath) -> bool:
@@ -223,9 +230,37 @@ def spool_file(folder: str | os.PathLike[str] | RemotePath, name: str) -> Iterat
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder that replaces the folder ``path`` when the block ends.
+
+    The folder is ``.<name>.<random>.tmp`` beside ``path``, so :func:`remove_stale_temporaries`
+    removes it after a kill; it is removed when the block raises. The old folder is moved
+    aside, the new one renamed into place and the old one deleted: a kill leaves either the
+    old folder or the new one at ``path`` (and at worst a ``.tmp`` folder to clean up).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, FOLDER_MODE)
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def remove_stale_temporaries(root: str | os.PathLike[str] | RemotePath) -> list[Path]:
-    """Delete the temporary files :func:`atomic_write_bytes` leaves when a process is killed
-    between creating one and renaming it (``.<name>.<random>.tmp``), anywhere under ``root``.
+    """Delete the temporary files and folders that :func:`atomic_writer` and
+    :func:`atomic_folder` leave when a process is killed before their rename
+    (``.<name>.<random>.tmp``), anywhere under ``root``.
 
     Call it only when no writer is active (at the end of a run, after the last barrier): a
     live writer's temporary file matches too. Returns what was removed (nothing in object
@@ -235,7 +270,10 @@ def remove_stale_temporaries(root: str | os.PathLike[str] | RemotePath) -> list[
         return []
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp")):
-        if path.is_file():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.is_file():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

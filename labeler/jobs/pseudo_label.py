@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
+from .dataset_exports import check_dataset_formats, check_format_extras
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -53,7 +54,7 @@ from .pipeline import Backlog, StageClock, WriterPool, default_workers
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
-from .storage import as_location, check_writable
+from .storage import check_writable
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def label_images(
                 on_progress(n)
 
     read_plan = ReadPlan(
-        images_dir=as_location(options.images_dir),
+        images_dir=options.images_dir,
         max_pixels=options.max_pixels,
         input_size=model.input_size,
         preview=options.preview,
@@ -257,6 +258,8 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
+    check_format_extras(options.formats)
+    check_dataset_formats(options.formats, options.out_dir)
     if options.engine == "ray":
         from .ray_engine import require_ray
 

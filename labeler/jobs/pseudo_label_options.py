@@ -17,9 +17,9 @@ from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, number, setting, settings_group
 
 from .pipeline import MAX_DEFAULT_WORKERS
-from .storage import Location, as_location, describe
+from .storage import Location, as_location, describe, parse_location
 
-FORMATS = ("coco", "png", "labelstudio")
+FORMATS = ("coco", "png", "labelstudio", "cvat-mask", "hf")
 ENGINES = ("local", "ray")
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
@@ -36,7 +36,7 @@ class PseudoLabelOptions:
             "Output folder (created), or an object storage URL (s3://bucket/run, gs://..., "
             "az://...; see docs/storage.md). Rerunning into it resumes the run.",
             name="out",  # --out; the field says what it holds
-            parse=as_location,
+            parse=parse_location,
             metavar="DIR|URL",
         )
     )
@@ -54,8 +54,10 @@ class PseudoLabelOptions:
     formats: tuple[str, ...] = field(
         default=("coco", "png"),
         metadata=setting(
-            "Exports to write (repeatable). PNG masks are always written: they are the "
-            "per-image record that resuming relies on.",
+            "Exports to write (repeatable): coco (COCO RLE, coco.json), png (indexed masks), "
+            "labelstudio (labelstudio.json), cvat-mask (CVAT Segmentation mask 1.1 zip), hf "
+            "(Hugging Face datasets folder and Parquet; needs the hf extra). PNG masks are "
+            "always written: they are the per-image record that resuming relies on.",
             name="format",  # --format coco --format png; the field holds them all
             choices=FORMATS,
             multiple=True,
@@ -164,6 +166,10 @@ class PseudoLabelOptions:
     )
 
     def __post_init__(self) -> None:
+        # A URL or path given as text (from Python: an engine, a notebook) becomes a location
+        # here, once: the job joins paths with ``/``, on disk and in object storage alike.
+        for name in ("images_dir", "out_dir"):
+            object.__setattr__(self, name, as_location(getattr(self, name)))
         if self.engine not in ENGINES:
             raise ValueError(f"unknown --engine {self.engine!r}; choose from {list(ENGINES)}")
         if self.ray_max_actors is not None and self.ray_max_actors < self.ray_min_actors:
@@ -181,7 +187,7 @@ class PseudoLabelOptions:
             segmenter["map_weights_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
         return {
             "format": RUN_FORMAT,
-            "images_dir": describe(as_location(self.images_dir)),
+            "images_dir": describe(self.images_dir),
             "labels": list(self.labels),
             "model": str(self.student or self.model.source),
             "student": self.student is not None,

@@ -50,7 +50,6 @@ from .pipeline import StageClock
 from .pseudo_label_options import PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Prepared, Segmented, StageModel, prepare_item, segment_prepared
-from .storage import as_location
 from .writing import WritePlan, write_image
 
 log = logging.getLogger(__name__)
@@ -297,7 +296,7 @@ def _dataset(
     rule = InputRule.of(options)
     batch_size = max(1, options.segmenter.batch_size)
     read_plan = ReadPlan(
-        images_dir=as_location(options.images_dir),
+        images_dir=options.images_dir,
         max_pixels=options.max_pixels,
         input_size=rule.input_size,
         preview=options.preview,

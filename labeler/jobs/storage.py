@@ -42,11 +42,13 @@ carry their signature there).
 
 **Clients are optional extras.** ``s3://`` needs ``s3fs`` (``pip install -e ".[s3]"``),
 ``gs://`` ``gcsfs`` (``[gcs]``), ``az://`` ``adlfs`` (``[azure]``), ``https://`` ``aiohttp``
-(``[http]``); a missing one fails at once (:class:`MissingExtraError`) with the install hint.
+(``[http]``); a missing one fails at once (:class:`~labeler.jobs.extras.MissingExtraError`)
+with the install hint; :func:`parse_location` makes it a :class:`ValueError` for the commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -55,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, Any, TypeAlias
 from urllib.parse import unquote, urlsplit
+
+from .extras import MissingExtraError, require_extra
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 _URL_ANYWHERE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://[^\s'\"<>]+")
@@ -79,12 +83,6 @@ EXTRA_PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs", "http": "aioht
 ATOMIC_WRITES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 """Schemes where an upload becomes visible whole or not at all: the only ones allowed as
 outputs (``memory://``: fsspec's in-process store, for tests)."""
-
-
-class MissingExtraError(ImportError, ValueError):
-    """The client library of a URL's scheme is not installed; the message says what to install.
-
-    A :class:`ValueError` too: the commands report it as a bad value (exit 2), not a crash."""
 
 
 def is_url(text: str) -> bool:
@@ -124,6 +122,9 @@ def filesystem(protocol: str) -> Any:
         ValueError: a scheme fsspec does not know.
     """
     protocol = protocol.lower()
+    extra = EXTRAS.get(protocol)
+    if extra is not None:
+        require_extra(EXTRA_PACKAGES[extra], extra, f"a {protocol}:// URL")
     key = (protocol, os.getpid())
     with _lock:
         found = _filesystems.get(key)
@@ -133,16 +134,8 @@ def filesystem(protocol: str) -> Any:
 
         try:
             cls = fsspec.get_filesystem_class(protocol)
-        except ImportError:
-            extra = EXTRAS.get(protocol)
-            if extra is None:
-                raise MissingExtraError(
-                    f"{protocol}:// URLs need a client library that is not installed"
-                ) from None
-            raise MissingExtraError(
-                f"{protocol}:// URLs need {EXTRA_PACKAGES[extra]}: "
-                f'pip install -e ".[{extra}]" (or pip install {EXTRA_PACKAGES[extra]})'
-            ) from None
+        except ImportError as err:
+            raise MissingExtraError(f"a {protocol}:// URL needs a client: {err}") from None
         except ValueError:
             raise ValueError(
                 f"unknown URL scheme {protocol}://; use a local path or one of "
@@ -251,10 +244,12 @@ class RemotePath:
         except FileNotFoundError:
             return
         prefix = root.rstrip("/") + "/"
+        quoted = self.protocol in ("http", "https")  # links on a page are URL-quoted; keys not
         for item in found:
             item = fs._strip_protocol(item) if _URL.match(item) else item
             if item.startswith(prefix) and not item.endswith("/"):
-                yield PurePosixPath(unquote(item[len(prefix) :]))
+                relative = item[len(prefix) :]
+                yield PurePosixPath(unquote(relative) if quoted else relative)
 
     # ------------------------------------------------------------------ writing
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
@@ -271,12 +266,13 @@ class RemotePath:
         self.fs.put_file(os.fspath(local), self.path)
 
     def remove_tree(self) -> None:
-        """Delete every object under this prefix (and the object itself, if one)."""
+        """Delete every object under this prefix (batched by the client: S3 deletes 1,000 keys
+        a request); nothing when it holds none."""
+        check_writable(self)
         fs, root = self.fs, self.path
-        for relative in list(self.walk_files()):
-            fs.rm_file(f"{root}/{relative.as_posix()}")
-        if fs.isfile(root):
-            fs.rm_file(root)
+        fs.invalidate_cache(root)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(root, recursive=True)
         fs.invalidate_cache(root)
 
 
@@ -286,7 +282,8 @@ Location: TypeAlias = Path | RemotePath
 
 def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:
     """A location from a command-line value: a URL becomes a :class:`RemotePath` (its client is
-    checked at once: :class:`MissingExtraError`), ``file://`` and anything else a
+    checked at once: :class:`~labeler.jobs.extras.MissingExtraError`), ``file://`` and anything
+    else a
     :class:`~pathlib.Path` (``~`` expanded)."""
     if isinstance(value, RemotePath | Path):
         return value
@@ -308,6 +305,15 @@ def relative_posix(location: Location, root: Location) -> str | None:
         prefix = root.url + "/"
         return location.url[len(prefix) :] if location.url.startswith(prefix) else None
     return location.relative_to(root).as_posix() if location.is_relative_to(root) else None
+
+
+def parse_location(text: str) -> Location:
+    """:func:`as_location` as a setting's or an argument's parser: a missing client is a
+    :class:`ValueError` (a usage error, with the install hint)."""
+    try:
+        return as_location(text)
+    except MissingExtraError as err:
+        raise ValueError(str(err)) from None
 
 
 def check_writable(location: Location, what: str = "the output") -> None:

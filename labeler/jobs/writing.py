@@ -1,16 +1,14 @@
 """The writing step of ``pseudo-label``: one image out of the model stage -> its files, in a
 writer thread.
 
-In order, each written atomically: the mask PNG (zlib's run-length strategy, level 1: about
-3x faster than PIL's default, and at 12 MP half the bytes of plain level 1, since masks are
-runs of equal ids), the export pieces (COCO annotations and the Label
+In order, each written atomically: the mask PNG (:data:`~labeler.jobs.io.PNG_OPTIONS`), the
+object PNG for CVAT (``--format cvat-mask``), the export pieces (COCO annotations and the Label
 Studio prediction, see :mod:`labeler.jobs.exports`), the preview, and last the record, whose
 presence means "done". With ``--crf`` DenseCRF runs here first, on the full-size image.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from .dataset_exports import write_cvat_files
 from .exports import make_pieces
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_bytes
+from .io import (
+    PNG_OPTIONS,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    image_bytes,
+)
 from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
 from .reading import Pictures
 from .stage import Segmented
 from .storage import Location
 
-PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}  # the mask PNGs' zlib
 PREVIEW_MIN_SIDE = 256  # smaller previews are enlarged (nearest) so the legend stays readable
 PREVIEW_QUALITY = 88  # JPEG quality of the previews
 SCORE_DIGITS = 6  # scores are stored rounded
@@ -126,6 +130,9 @@ def write_image(plan: WritePlan, item: Segmented[Path], clock: StageClock) -> No
     with clock.measure("png"):
         png = image_bytes(mask_to_png(mask), "PNG", **PNG_OPTIONS)
         atomic_write_bytes(mask_path(out, relative), png)
+    if "cvat-mask" in plan.formats:
+        with clock.measure("cvat-mask"):
+            write_cvat_files(out, relative, mask, present)
     pieces = make_pieces(
         mask, present, labels, scores, plan.model_version, plan.formats, clock, counts
     )
