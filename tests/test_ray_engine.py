@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,11 +60,20 @@ def s3_server():
     yield from test_storage.s3_server.__wrapped__()
 
 
+def _reset_moto(s3_server: dict[str, str]) -> None:
+    """Empty moto's S3 (its buckets live in the process, whichever server started them)."""
+    url = s3_server["AWS_ENDPOINT_URL"] + "/moto-api/reset"
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30).close()
+    test_storage._forget_clients()
+
+
 @pytest.fixture(scope="module")
 def bucket(s3_server):
     """The first demo scenes in s3://inbox/scenes, and an empty outbox bucket (as
-    tests/test_storage.py's)."""
-    return test_storage.bucket.__wrapped__(s3_server)
+    tests/test_storage.py's), in an S3 emptied before and after."""
+    _reset_moto(s3_server)
+    yield test_storage.bucket.__wrapped__(s3_server)
+    _reset_moto(s3_server)
 
 
 @pytest.fixture(scope="module")
