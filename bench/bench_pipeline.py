@@ -26,6 +26,17 @@ three polygon formats; each format's own stage is its encoding.
     python bench/bench_pipeline.py --polygons  # the polygon formats' rows and the memory runs
     python bench/bench_pipeline.py             # the full grid (about 15 minutes on 2 cores)
     python bench/bench_pipeline.py --quick --format cvat-mask --format hf   # other exports
+
+``--engine ray`` compares the two engines on the same machine instead (``pseudo-label
+--engine ray``, :mod:`labeler.jobs.ray_engine`, on a Ray started by the run's process with
+``--ray-cpus`` CPUs, against the local engine; StableSeg's input preparation, 512², 20 labels,
+every format, previews): the time and the CPU time of every process (the Ray workers and
+daemons included) per image once the run is going (from the first image done to the last, so
+Ray's start and the actors' start and model loading are left out; they are printed apart), and
+the peak memory of each Ray worker process (RSS less the shared object store pages it touched)
+for 100 against 1,000 images.
+
+    python bench/bench_pipeline.py --engine ray [--quick]
 """
 
 from __future__ import annotations
@@ -92,8 +103,91 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class ProcessTree:
+    """CPU time and peak memory of this process and its descendants (Ray's daemons and
+    workers), sampled every 0.25 s: per process, with its title (``ray::MapWorker(...)``).
+
+    A Ray worker maps the node's shared object store, and the store's pages it has touched
+    count in its RSS: a worker's own memory is its RSS less its shared pages (what Ray's
+    dashboard shows too), which is the figure kept for the workers."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.root = psutil.Process()
+        self.last_cpu: dict[int, float] = {}  # every process seen, its latest CPU seconds
+        self.cpu_at_start = self.cpu_seconds()
+        self.cpu_at_start_by_pid = dict(self.last_cpu)
+        self.peak_rss: dict[int, int] = {}
+        self.titles: dict[int, str] = {}
+        self.trace: list[tuple[float, int]] = []  # (perf_counter, largest worker's own bytes)
+        self.names: dict[int, str] = {}  # every process's title, as first seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _processes(self) -> list[Any]:
+        return [self.root, *self.root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every process seen so far (those that ended: their last reading)."""
+        import psutil
+
+        for proc in self._processes():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            self.last_cpu[proc.pid] = times.user + times.system
+        return sum(self.last_cpu.values())
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.25):
+            self.cpu_seconds()
+            largest = 0
+            for proc in self._processes():
+                try:
+                    memory = proc.memory_info()
+                    title = " ".join(proc.cmdline()[:1])
+                except psutil.Error:
+                    continue
+                own = memory.rss - memory.shared
+                self.peak_rss[proc.pid] = max(self.peak_rss.get(proc.pid, 0), own)
+                if title.startswith("ray::") and "IDLE" not in title:
+                    self.titles[proc.pid] = title
+                self.names.setdefault(proc.pid, title.rsplit("/", 1)[-1][:60])
+                if proc.pid in self.titles:
+                    largest = max(largest, own)
+            self.trace.append((time.perf_counter(), largest))
+
+    def stop(self) -> float:
+        """Stop sampling; the CPU seconds every process spent since the start."""
+        self._stop.set()
+        self._thread.join()
+        return self.cpu_seconds() - self.cpu_at_start
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds each process spent since the start, by title, the most first."""
+        spent: dict[str, float] = {}
+        for pid, cpu in self.last_cpu.items():
+            name = self.titles.get(pid) or self.names.get(pid, "?")
+            spent[name] = spent.get(name, 0.0) + cpu - self.cpu_at_start_by_pid.get(pid, 0.0)
+        return dict(sorted(((k, round(v, 2)) for k, v in spent.items()), key=lambda kv: -kv[1]))
+
+    def workers_mb(self) -> dict[str, float]:
+        """Peak RSS less shared pages (MB) of each Ray worker that ran a task or an actor."""
+        return {
+            f"{self.titles[pid]} [{pid}]": round(self.peak_rss[pid] / 2**20)
+            for pid in sorted(self.titles)
+            if pid in self.peak_rss
+        }
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the job once in this process; ``spec`` names the folder and the settings."""
+    import functools
     import shutil
 
     from bench.stand_in import StandInSegmenter
@@ -104,12 +198,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     images_dir, out_dir = Path(spec["images"]), Path(spec["out"])
     shutil.rmtree(out_dir, ignore_errors=True)
     labels = [f"label{i:03d}" for i in range(spec["labels"])]
-    model = StandInSegmenter(
+    engine = spec.get("engine", "local")
+    make_model = functools.partial(
+        StandInSegmenter,
         image_size=spec["image_size"],
         finish=spec["finish"],
         prepared=spec["prepared"],
         batch_size=spec["batch"],
     )
+    model = make_model()
     first = images_dir / list_images(images_dir)[0]
     from PIL import Image
 
@@ -125,7 +222,31 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         formats=tuple(spec["formats"]),
         preview=spec["preview"],
         workers=spec["workers"],
+        engine=engine,
+        ray_actor_cpus=spec.get("ray_actor_cpus", 1.0),
     )
+    ray_start = 0.0
+    if engine == "ray":  # started here, outside the measured run
+        import ray
+
+        started = time.perf_counter()
+        ray.init(num_cpus=spec["ray_cpus"], include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - started
+    tree = ProcessTree()
+    done_at: list[float] = []  # perf_counter of each image done
+    steady_cpu: list[float] = []  # CPU seconds of every process at the first and last image
+    count = len(list_images(images_dir))
+
+    class Progress:
+        def update(self, n: int) -> None:
+            for _ in range(n):
+                done_at.append(time.perf_counter())
+                if len(done_at) in (1, count):
+                    steady_cpu.append(tree.cpu_seconds())
+
+        def close(self) -> None:
+            pass
+
     baseline = _rss_bytes()
     trace: list[tuple[int, float]] = []  # (images done, RSS MB), sampled every 0.25 s
     stop = threading.Event()
@@ -139,10 +260,23 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cpu_started = time.process_time()
-    summary = run(options, model=model)
+    run_started = time.perf_counter()
+    summary = run(
+        options,
+        progress=lambda total, initial: Progress(),
+        model=make_model if engine == "ray" else model,
+    )
     cpu = time.process_time() - cpu_started
+    every_cpu = tree.stop()
     stop.set()
     sampler.join()
+    if engine == "ray":
+        ray.shutdown()
+    # Once going: from the first image done to the last. The Ray engine hands images back a
+    # chunk at a time: those of the first chunk, done together, are not counted.
+    first = sum(1 for at in done_at if at - done_at[0] < 0.05)
+    steady_ms = 1000 * (done_at[-1] - done_at[0]) / max(1, len(done_at) - first)
+    steady_cpu_ms = 1000 * (steady_cpu[-1] - steady_cpu[0]) / max(1, len(done_at) - first)
     stats = summary.stats
     assert stats is not None
     label_s = stats.seconds["label"]
@@ -164,6 +298,29 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "workers": stats.readers,
         "load_average_1min": os.getloadavg()[0],  # this run's threads count in it too
         "rss_trace_mb": [(n, round(mb)) for n, mb in trace],
+        "engine": engine,
+        "ray_start_s": ray_start,
+        "first_image_s": (done_at[0] - run_started) if done_at else 0.0,
+        "steady_ms_per_image": steady_ms,
+        "steady_cpu_ms_per_image": steady_cpu_ms,
+        "cpu_ms_per_image_every_process": 1000 * every_cpu / max(1, summary.labelled),
+        "ray_worker_peak_rss_mb": tree.workers_mb(),
+        "cpu_s_by_process": tree.cpu_by_process(),
+        # the largest Ray worker's own memory (MB) while the first 100 images were done, and
+        # while the images from the 500th on were
+        "ray_worker_mb_first_100_vs_from_500": [
+            round(
+                max((b for t, b in tree.trace if len(done_at) > 99 and t <= done_at[99]), default=0)
+                / 2**20
+            ),
+            round(
+                max(
+                    (b for t, b in tree.trace if len(done_at) > 499 and t >= done_at[499]),
+                    default=0,
+                )
+                / 2**20
+            ),
+        ],
     }
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
@@ -199,6 +356,85 @@ def _line(result: dict[str, Any]) -> str:
     )
 
 
+def _engine_line(result: dict[str, Any]) -> str:
+    workers = result["ray_worker_peak_rss_mb"]
+    largest = max(workers.values(), default=0)
+    return (
+        f"{result['engine']:>5} n={result['images_labelled']:<5}"
+        f" steady {result['steady_ms_per_image']:6.1f} ms/img"
+        f" ({result['images_labelled'] / result['seconds_label']:5.1f} img/s overall,"
+        f" first image after {result['first_image_s']:4.1f} s, Ray start"
+        f" {result['ray_start_s']:4.1f} s)"
+        f" cpu {result['steady_cpu_ms_per_image']:6.1f} ms/img steady,"
+        f" {result['cpu_ms_per_image_every_process']:6.1f} overall (every process)"
+        f" driver rss {result['peak_rss_mb']:5.0f} MB, largest Ray worker {largest} MB"
+        f" load {result['load_average_1min']:.1f}"
+    )
+
+
+def compare_engines(data: Path, quick: bool, workers: int | None, batch: int, cpus: int) -> None:
+    """The local engine against the Ray engine on the same folder, then the Ray workers' peak
+    RSS for 100 against 1,000 images (see the module)."""
+    count = 100 if quick else 300
+    folder = generate_folder(data / f"jpeg512x{count}", count, 512, 512)
+
+    def spec(images: Path, engine: str) -> dict[str, Any]:
+        return {
+            "images": str(images),
+            "out": str(data / "out"),
+            "size": "512x512",
+            "labels": 20,
+            "formats": ["coco", "png", "labelstudio"],
+            "preview": True,
+            "finish": "device",
+            "prepared": True,
+            "image_size": 512,
+            "batch": batch,
+            "workers": workers,
+            "engine": engine,
+            "ray_cpus": cpus,
+            "ray_actor_cpus": 0.0,  # the stand-in's model work is a GPU run's host share
+        }
+
+    report: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "runs": [], "memory": {}}
+    for engine in ("local", "ray"):
+        result = run_in_subprocess(spec(folder, engine))
+        report["runs"].append(result)
+        click.echo(_engine_line(result), err=True)
+    local, ray = report["runs"]
+    click.echo(
+        f"ray / local: steady time per image x"
+        f"{ray['steady_ms_per_image'] / local['steady_ms_per_image']:.2f}, CPU per image x"
+        f"{ray['steady_cpu_ms_per_image'] / local['steady_cpu_ms_per_image']:.2f}"
+        f" ({count} JPEGs 512x512, 20 labels, every format, previews, batch {batch}, "
+        f"Ray with {cpus} CPUs)",
+        err=True,
+    )
+    for size in (100, 1000):
+        images = generate_folder(data / f"jpeg512x{size}", size, 512, 512, seed=2)
+        result = run_in_subprocess(spec(images, "ray"))
+        report["memory"][str(size)] = result
+        click.echo(_engine_line(result), err=True)
+        for name, mb in result["ray_worker_peak_rss_mb"].items():
+            click.echo(f"    {mb:5.0f} MB  {name}", err=True)
+    small = max(report["memory"]["100"]["ray_worker_peak_rss_mb"].values())
+    large = max(report["memory"]["1000"]["ray_worker_peak_rss_mb"].values())
+    early, late = report["memory"]["1000"]["ray_worker_mb_first_100_vs_from_500"]
+    click.echo(
+        f"within the 1000-image run, the largest Ray worker holds {early} MB over the first "
+        f"100 images and {late} MB from the 500th on",
+        err=True,
+    )
+    click.echo(
+        f"largest Ray worker peak RSS (less shared pages): 100 images {small:.0f} MB, "
+        f"1000 images {large:.0f} MB "
+        f"(x{large / small:.3f}); driver {report['memory']['100']['peak_rss_mb']:.0f} MB and "
+        f"{report['memory']['1000']['peak_rss_mb']:.0f} MB",
+        err=True,
+    )
+    click.echo(json.dumps(report, indent=1))
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="A small grid: a couple of minutes on 2 cores.")
 @click.option(
@@ -224,6 +460,14 @@ def _line(result: dict[str, Any]) -> str:
     is_flag=True,
     help="Only the polygon formats' rows (512² and 12 MP, 20 labels) and the memory runs.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: the grid of the local engine; ray: the Ray engine against the local one.",
+)
+@click.option("--ray-cpus", type=int, default=2, show_default=True, help="CPUs of the Ray started.")
 @click.option("--one", "one", default=None, hidden=True)
 def main(
     quick: bool,
@@ -232,10 +476,15 @@ def main(
     batch: int,
     formats: tuple[str, ...],
     polygons_only: bool,
+    engine: str,
+    ray_cpus: int,
     one: str | None,
 ) -> None:
     if one is not None:
         click.echo(json.dumps(run_one(json.loads(one))))
+        return
+    if engine == "ray":
+        compare_engines(data, quick, workers, batch, ray_cpus)
         return
     formats = list(dict.fromkeys((*formats, "png")))
     quick = quick or polygons_only

@@ -54,7 +54,8 @@ def pseudo_label(
     \b
     The run resumes: rerun the same command after an interruption and only
     missing images are labelled; exports are rebuilt. Under torchrun or
-    accelerate launch the images are split across the processes.
+    accelerate launch the images are split across the processes; with
+    --engine ray, across the actors of a Ray cluster.
 
     \b
     Exit status: 0 every image labelled, 3 some images skipped (see

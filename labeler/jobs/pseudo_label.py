@@ -25,13 +25,14 @@ uploaded whole and the records, uploaded last, are the manifest a resume trusts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from .dataset_exports import check_dataset_formats, check_format_extras
 from .distributed import Distributed
@@ -254,17 +255,19 @@ def load_model(options: PseudoLabelOptions, device: str | None) -> StageModel:
 def run(
     options: PseudoLabelOptions,
     progress: Callable[[int, int], Any] | None = None,
-    model: StageModel | None = None,
+    model: StageModel | Callable[[], StageModel] | None = None,
 ) -> Summary:
     """Label every image of the folder that is not done yet, then rebuild the exports.
 
     Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) each process labels its share
-    and process 0 assembles the exports once all are done.
+    and process 0 assembles the exports once all are done. With ``--engine ray`` the
+    labelling runs on a Ray cluster (:mod:`labeler.jobs.ray_engine`), the rest here.
 
     Args:
         progress: ``progress(total, initial)`` returns an object with ``update(n)`` and
             ``close()`` (a tqdm bar); only process 0 shows one.
-        model: an already loaded model (the model options are then not used to load one).
+        model: an already loaded model (the model options are then not used to load one), or
+            a function that loads it (picklable for ``--engine ray``: each actor calls it).
     """
     started = time.monotonic()
     unknown = sorted(set(options.formats) - set(FORMATS))
@@ -272,6 +275,10 @@ def run(
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
     check_format_extras(options.formats)
     check_dataset_formats(options.formats, options.out_dir)
+    if options.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()  # a missing extra fails before anything is read or written
     signature = check_run(options)
     images, refused = discover(options)
     if not images and not refused:
@@ -280,6 +287,11 @@ def run(
             "recursively; hidden files and folders are left out)"
         )
     dist = Distributed.from_environment(options.model.device)
+    if options.engine == "ray" and dist.world_size > 1:
+        raise ValueError(
+            "--engine ray spreads the work over a Ray cluster from one process: run it without "
+            "torchrun / accelerate launch"
+        )
     out = options.out_dir
     if options.overwrite:
         pending = list(images)
@@ -287,7 +299,15 @@ def run(
         done = stored_stems(out / "records", ".json")
         pending = [r for r in images if stem_path(r) not in done]
     mine = pending[dist.rank :: dist.world_size]
-    if mine and model is None:
+    opener: Callable[[], StageModel] | None = None  # --engine ray: each actor loads its model
+    if options.engine == "ray":
+        opener = functools.partial(load_model, options, None) if model is None else model
+        if hasattr(opener, "segment"):  # a loaded model: shipped to each actor
+            opener = functools.partial(_same, opener)
+        model = None
+    elif mine and model is not None and not hasattr(model, "segment"):
+        model = cast(Callable[[], StageModel], model)()
+    if mine and model is None and opener is None:
         # Loaded before anything is written into OUT_DIR: a model that cannot load leaves no
         # run.json behind to refuse the corrected command. Its input size decides how the
         # images are decoded. A process with nothing to label loads nothing.
@@ -306,7 +326,12 @@ def run(
     label_started = time.monotonic()
     skipped: list[Failure]
     labelled, skipped = 0, []  # a process with nothing to label
-    if model is not None and mine:
+    if opener is not None and mine:
+        from .ray_engine import label_with_ray
+
+        labelled, skipped = label_with_ray(options, mine, opener, bar.update if bar else None)
+    elif model is not None and mine:
+        model = cast(StageModel, model)
         labelled, skipped = label_images(model, options, mine, bar.update if bar else None, stats)
     summary.stats = stats
     stats.seconds["label"] = time.monotonic() - label_started
@@ -337,6 +362,12 @@ def run(
     dist.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _same(model: StageModel) -> StageModel:
+    """The model given (``--engine ray`` with an already loaded model: each actor gets a
+    copy)."""
+    return model
 
 
 def summary_dict(summary: Summary) -> dict[str, Any]:

@@ -33,6 +33,7 @@ FORMATS = (
 POLYGON_FORMATS = ("coco-polygons", "yolo-seg", "labelstudio-polygons")
 """The formats made of objects (:mod:`exporters.polygons`): ``--min-area`` and
 ``--polygon-tolerance`` shape them."""
+ENGINES = ("local", "ray")
 RUN_FORMAT = "stableseg-pseudo-label/2"
 
 
@@ -150,12 +151,65 @@ class PseudoLabelOptions:
             default_text=f"the CPUs this process may use, at most {MAX_DEFAULT_WORKERS}",
         ),
     )
+    engine: str = field(
+        default="local",
+        metadata=setting(
+            "What runs the labelling: `local` (this process's threads; torchrun/accelerate for "
+            "the GPUs of one node) or `ray` (Ray Data over a Ray cluster: reading tasks, an "
+            "actor pool of models, writing tasks; needs the `ray` extra).",
+            choices=ENGINES,
+            metavar="|".join(ENGINES),
+        ),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=setting(
+            "With --engine ray: the cluster to join (`auto`, `ray://HOST:10001`, HOST:6379).",
+            metavar="ADDRESS",
+            default_text="RAY_ADDRESS, else a Ray started on this machine",
+        ),
+    )
+    ray_min_actors: int = field(
+        default=1,
+        metadata=setting(
+            "With --engine ray: the fewest model actors (each loads the model once).",
+            parse=integer(minimum=1),
+            metavar="N",
+        ),
+    )
+    ray_max_actors: int | None = field(
+        default=None,
+        metadata=setting(
+            "With --engine ray: the most model actors; each takes one GPU when the cluster has "
+            "GPUs.",
+            parse=integer(minimum=1),
+            metavar="N",
+            default_text="the cluster's GPUs, or 1 without GPUs",
+        ),
+    )
+    ray_actor_cpus: float = field(
+        default=1.0,
+        metadata=setting(
+            "With --engine ray: the CPUs each model actor reserves on its node. A model on a "
+            "GPU mostly waits for it: less (0.5, or 0 on a machine with few cores) leaves the "
+            "CPUs to the reading and writing tasks.",
+            parse=number(minimum=0),
+            metavar="CPUS",
+        ),
+    )
 
     def __post_init__(self) -> None:
         # A URL or path given as text (from Python: an engine, a notebook) becomes a location
         # here, once: the job joins paths with ``/``, on disk and in object storage alike.
         for name in ("images_dir", "out_dir"):
             object.__setattr__(self, name, as_location(getattr(self, name)))
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown --engine {self.engine!r}; choose from {list(ENGINES)}")
+        if self.ray_max_actors is not None and self.ray_max_actors < self.ray_min_actors:
+            raise ValueError(
+                f"--ray-max-actors {self.ray_max_actors} is below --ray-min-actors "
+                f"{self.ray_min_actors}"
+            )
 
     def polygon_settings(self) -> dict[str, Any] | None:
         """What shapes the polygon pieces (None when no polygon format is asked for)."""

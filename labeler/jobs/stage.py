@@ -18,6 +18,11 @@ input order when every item is prompted with every label; with per-item label su
 waits for a full batch of its subset (or until ``max_waiting`` items are held), so items of a
 rare subset may come out after later ones: consumers key their outputs by ``Segmented.key``.
 
+The two halves are functions of their own, for engines that run them in other processes
+(``pseudo-label --engine ray``: reading in CPU tasks, the model in an actor pool):
+:func:`prepare_item` is the reading threads' step for one item, :func:`segment_prepared` the
+calling thread's batching and segmenting of prepared items.
+
 A model is anything with the :class:`StageModel` protocol: :class:`labeler.StableSeg`, or the
 trained student of ``refine`` (``labeler.jobs.models``); or a function that returns one, called
 when the first item that needs the model has been read (the backend loads its weights only for a
@@ -119,8 +124,9 @@ class Segmented(Generic[K]):
 
 
 @dataclass
-class _Read(Generic[K]):
-    """An item after its reading thread: prepared for the model, or failed."""
+class Prepared(Generic[K]):
+    """An item after its reading step (:func:`prepare_item`): brought to the model's input
+    (``model_input``), or failed (``error``); what :func:`segment_prepared` batches."""
 
     key: K
     model_input: Any = None
@@ -163,30 +169,83 @@ def segment_stream(
         max_waiting: the most prepared items held back waiting for a full batch of their
             subset (default ``4 * batch_size``); past it, the fullest waiting batch runs.
     """
-    labels = list(labels)
     opened = _Opened(model)
-    batch_size = 0  # the model's, read once it is open
+    clock = clock or StageClock()
+
+    def read(key: K) -> Prepared[K]:
+        return prepare_item(key, load, opened, clock)
+
+    def ahead() -> int:  # the model's batch size once it is open, and the readers
+        return (_batch_size(opened.model) if opened.model is not None else 0) + workers
+
+    reads = ordered_map(read, items, workers, ahead=ahead)
+    with contextlib.closing(reads):  # on an error: stop the readers now, not when collected
+        yield from segment_prepared(
+            reads,
+            opened,
+            labels,
+            return_probs=return_probs,
+            return_layer_maps=return_layer_maps,
+            model_lock=model_lock,
+            clock=clock,
+            max_waiting=max_waiting,
+        )
+
+
+def prepare_item(
+    key: K,
+    load: Callable[[K], Loaded],
+    model: StageModel | Callable[[], StageModel],
+    clock: StageClock | None = None,
+) -> Prepared[K]:
+    """One item's reading step: ``load(key)``, then ``model.prepare`` (see
+    :func:`segment_stream`). An unreadable item comes back with ``error`` set.
+
+    ``model`` needs only ``prepare`` here: the model, or (an engine that reads in other
+    processes than the model's) an object with the model's input rule; or a function that
+    returns one, called for each item that needs it (:func:`segment_stream` gives one that
+    opens the model once).
+    """
+    clock = clock or StageClock()
+    with clock.measure("read"):
+        try:
+            loaded = load(key)
+        except (ImageError, ValueError) as err:
+            return Prepared(key, error=str(err) or type(err).__name__)
+        read = Prepared(key, subset=loaded.subset, size=loaded.size, extra=loaded.extra)
+        if loaded.subset == ():
+            return read
+        ready = model() if not hasattr(model, "prepare") else model
+        ready = cast(StageModel, ready)  # outside the try: a model that cannot load ends it
+        try:
+            read.model_input = ready.prepare(loaded.image, loaded.size)
+        except (ImageError, ValueError) as err:
+            return Prepared(key, error=str(err) or type(err).__name__)
+        read.size = _size_of(read.model_input)
+        return read
+
+
+def segment_prepared(
+    reads: Iterable[Prepared[K]],
+    model: StageModel | Callable[[], StageModel],
+    labels: Sequence[str],
+    *,
+    return_probs: bool = False,
+    return_layer_maps: bool = False,
+    model_lock: contextlib.AbstractContextManager[Any] | None = None,
+    clock: StageClock | None = None,
+    max_waiting: int | None = None,
+) -> Iterator[Segmented[K]]:
+    """Prepared items in full batches through the model, yielded as they are segmented: the
+    calling thread's half of :func:`segment_stream` (its arguments); what is still waiting
+    for a full batch runs when ``reads`` ends."""
+    labels = list(labels)
+    opened = model if isinstance(model, _Opened) else _Opened(model)
     clock = clock or StageClock()
     every = LabelSubset.every(len(labels)) if labels else None
+    batch_size = _batch_size(opened.model) if opened.model is not None else 0
 
-    def read(key: K) -> _Read[K]:
-        with clock.measure("read"):
-            try:
-                loaded = load(key)
-            except (ImageError, ValueError) as err:
-                return _Read(key, error=str(err) or type(err).__name__)
-            read = _Read(key, subset=loaded.subset, size=loaded.size, extra=loaded.extra)
-            if loaded.subset == ():
-                return read
-            ready = opened()  # outside the try: a model that cannot load ends the stream
-            try:
-                read.model_input = ready.prepare(loaded.image, loaded.size)
-            except (ImageError, ValueError) as err:
-                return _Read(key, error=str(err) or type(err).__name__)
-            read.size = _size_of(read.model_input)
-            return read
-
-    def run(group: list[_Read[K]]) -> list[Segmented[K]]:
+    def run(group: list[Prepared[K]]) -> list[Segmented[K]]:
         subset = every if group[0].subset is None else LabelSubset(group[0].subset)
         assert subset is not None
         names = subset.names(labels)
@@ -202,33 +261,29 @@ def segment_stream(
             for item, result in zip(group, results, strict=True)
         ]
 
-    if opened.model is not None:
-        batch_size = _batch_size(opened.model)
-    waiting: dict[tuple[int, ...] | None, list[_Read[K]]] = {}
+    waiting: dict[tuple[int, ...] | None, list[Prepared[K]]] = {}
     held = 0
-    reads = ordered_map(read, items, workers, ahead=lambda: batch_size + workers)
-    with contextlib.closing(reads):  # on an error: stop the readers now, not when collected
-        for item in reads:
-            if item.error is not None:
-                yield Segmented(item.key, extra=item.extra, error=item.error)
-                continue
-            if item.subset == ():
-                yield _background(item, labels)
-                continue
-            if not batch_size:  # a deferred model, opened for this item
-                batch_size = _batch_size(opened())
-            group = waiting.setdefault(item.subset, [])
-            group.append(item)
-            held += 1
-            if len(group) >= batch_size:
-                held -= len(group)
-                yield from run(waiting.pop(item.subset))
-            elif held > (max_waiting or 4 * batch_size):
-                fullest = max(waiting, key=lambda subset: len(waiting[subset]))
-                held -= len(waiting[fullest])
-                yield from run(waiting.pop(fullest))
-        for subset in list(waiting):
-            yield from run(waiting.pop(subset))
+    for item in reads:
+        if item.error is not None:
+            yield Segmented(item.key, extra=item.extra, error=item.error)
+            continue
+        if item.subset == ():
+            yield _background(item, labels)
+            continue
+        if not batch_size:  # a deferred model, opened for this item
+            batch_size = _batch_size(opened())
+        group = waiting.setdefault(item.subset, [])
+        group.append(item)
+        held += 1
+        if len(group) >= batch_size:
+            held -= len(group)
+            yield from run(waiting.pop(item.subset))
+        elif held > (max_waiting or 4 * batch_size):
+            fullest = max(waiting, key=lambda subset: len(waiting[subset]))
+            held -= len(waiting[fullest])
+            yield from run(waiting.pop(fullest))
+    for subset in list(waiting):
+        yield from run(waiting.pop(subset))
 
 
 def _batch_size(model: StageModel) -> int:
@@ -309,7 +364,7 @@ def _finished(result: Any) -> Any:
 
 
 def _finish(
-    item: _Read[K],
+    item: Prepared[K],
     result: Any,
     subset: LabelSubset,
     labels: list[str],
@@ -324,7 +379,7 @@ def _finish(
     return Segmented(item.key, mask, scores, result, subset, item.extra)
 
 
-def _background(item: _Read[K], labels: list[str]) -> Segmented[K]:
+def _background(item: Prepared[K], labels: list[str]) -> Segmented[K]:
     """An item prompted with no label: all background, every score 0."""
     if item.size is None:
         raise ValueError("Loaded(subset=()) needs the mask's size")
