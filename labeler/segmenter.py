@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import weakref
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from .background import layers_evidence
 from .finish import BAND_BYTES, finish_scores
 from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
 from .model_settings import SegmenterConfig, SizeSelection, select_sizes
+from .presence import gate, judge_presence, presence_evidence
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (
@@ -68,6 +70,16 @@ class _Pass:
     layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
     evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
+    present: torch.Tensor | None = None  # (B, C) bool, with a presence threshold
+
+
+@dataclass(frozen=True)
+class _View:
+    """One member of a test-time ensemble: a prompt template, a timestep, mirrored or not."""
+
+    template: str
+    timestep: int
+    flipped: bool
 
 
 class StableSeg:
@@ -307,12 +319,11 @@ class StableSeg:
         return prompts.batch, prompts.embeddings
 
     @torch.inference_mode()
-    def _prompts(self, labels: Sequence[str]) -> _Prompts:
-        key = (*labels, "\x00", self.config.prompt_template, self.config.label_separator)
+    def _prompts(self, labels: Sequence[str], template: str | None = None) -> _Prompts:
+        template = self.config.prompt_template if template is None else template
+        key = (*labels, "\x00", template, self.config.label_separator)
         if key not in self._embedding_cache:
-            batch = build_prompts(
-                self.tokenizer, labels, self.config.prompt_template, self.config.label_separator
-            )
+            batch = build_prompts(self.tokenizer, labels, template, self.config.label_separator)
             ids = batch.input_ids.to(self.device)
             embeddings = self.text_encoder(ids)[0]  # (P, L, D)
             if len(self._embedding_cache) > 32:
@@ -336,17 +347,73 @@ class StableSeg:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
+    def views(self) -> list[_View]:
+        """The members of the test-time ensemble, the configured pass first; one UNet pass
+        each (templates x timesteps x mirrored)."""
+        cfg = self.config
+        templates = (cfg.prompt_template, *cfg.ensemble_templates)
+        timesteps = (cfg.timestep, *cfg.ensemble_timesteps)
+        flips = (False, True) if cfg.flip else (False,)
+        return [_View(*view) for view in itertools.product(templates, timesteps, flips)]
+
     @torch.inference_mode()
-    def _attention_pass(self, latents: torch.Tensor, prompts: _Prompts, plan: MapPlan) -> _Pass:
-        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores."""
+    def _ensemble_pass(self, latents: torch.Tensor, labels: list[str], plan: MapPlan) -> _Pass:
+        """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
+
+        The first member decides which labels are present (with a presence threshold) for all
+        of them; a mirrored member sees the mirrored latents and its maps are mirrored back.
+        The per-layer maps returned are the first member's.
+        """
+        views = self.views()
+        first: _Pass | None = None
+        final: torch.Tensor | None = None
+        evidence: torch.Tensor | None = None
+        for view in views:
+            inputs = latents.flip(-1) if view.flipped else latents  # (B, c, h, w)
+            present = None if first is None else first.present
+            result = self._attention_pass(
+                inputs, self._prompts(labels, view.template), plan, view.timestep, present
+            )
+            scores, seen = result.final, result.evidence  # (B, C, S, S), (B, labels, S, S)
+            if view.flipped:
+                scores = scores.flip(-1)
+                seen = None if seen is None else seen.flip(-1)
+            final = scores if final is None else final + scores
+            if seen is not None:
+                evidence = seen if evidence is None else evidence + seen
+            if first is None:
+                first = result
+        assert first is not None and final is not None
+        if len(views) == 1:
+            return first
+        first.final = final / len(views)
+        first.evidence = None if evidence is None else evidence / len(views)
+        return first
+
+    @torch.inference_mode()
+    def _attention_pass(
+        self,
+        latents: torch.Tensor,
+        prompts: _Prompts,
+        plan: MapPlan,
+        timestep: int | None = None,
+        present: torch.Tensor | None = None,
+    ) -> _Pass:
+        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores.
+
+        ``timestep`` defaults to the configuration's; ``present`` (B, C) bool says which
+        classes take part (None: judged here when the configuration has a presence threshold,
+        else all).
+        """
         batch, num_prompts = latents.shape[0], prompts.batch.num_prompts
         num_classes = len(prompts.batch.spans)
         rows = latents.repeat_interleave(num_prompts, dim=0)  # (B*P, c, h, w)
         context = prompts.embeddings.repeat(batch, 1, 1)  # (B*P, L, D)
-        timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
+        step = self.config.timestep if timestep is None else timestep
+        timestep_rows = torch.full((rows.shape[0],), step, device=self.device)
         token_index = prompts.token_index.repeat(batch, 1)  # (B*P, T)
         with self._recorder().recording(plan.layers, token_index) as store:
-            self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+            self.unet(rows, timestep_rows, encoder_hidden_states=context, return_dict=False)
             cross, queries, keys = dict(store.cross), dict(store.queries), dict(store.keys)
             scales = dict(store.scales)
 
@@ -368,28 +435,54 @@ class StableSeg:
             )  # (B, labels, S, S)
         del attention
 
-        sizes = {layer.name: layer.size for layer in plan.layers}
-        for name in list(queries):
-            size = sizes[name]
-            labels = ca_labels_at(capm, size).flatten(1)  # (B, h*w)
-            # Each layer's Q and K are let go as soon as its map is made; the prompt rows of an
-            # image are refined one at a time and averaged, so memory grows with the labels,
-            # not with labels x prompts (labels past one text context make more prompts).
-            query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
-            key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, heads, N, d)
-            total = sum(
-                self_attention_class_probs(
-                    query[:, prompt], key[:, prompt], labels, num_classes, scales[name]
-                )  # (B, C, h*w)
-                for prompt in range(num_prompts)
-            )
-            del query, key
-            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
+        if present is None and self.config.presence_threshold is not None:
+            num_labels = num_classes - (self.config.background_prompt is not None)
+            present = judge_presence(
+                presence_evidence(layer_maps, plan.cross),
+                self.config.presence_threshold,
+                num_labels,
+            )  # (B, C)
+        seed = capm
+        if present is not None:
+            seed = gate(capm, present, -1.0)  # absent classes never win the CA map
+            capm = gate(capm, present, 0.0)
 
-        final = final_scores(
-            capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
-        )  # (B, C, S, S)
-        return _Pass(final=final, layer_maps=layer_maps, evidence=evidence, shares=shares)
+        sizes = {layer.name: layer.size for layer in plan.layers}
+        rounds = self.config.sar_rounds if queries else 1
+        final = capm
+        for round_ in range(rounds):
+            last = round_ == rounds - 1
+            for name in list(queries):
+                size = sizes[name]
+                labels = ca_labels_at(seed, size).flatten(1)  # (B, h*w)
+                # Each layer's Q and K are let go as soon as its last round's map is made; the
+                # prompt rows of an image are refined one at a time and averaged, so memory
+                # grows with the labels, not with labels x prompts (labels past one text
+                # context make more prompts).
+                query = (queries.pop(name) if last else queries[name]).unflatten(
+                    0, (batch, num_prompts)
+                )  # (B, P, heads, N, d)
+                key = (keys.pop(name) if last else keys[name]).unflatten(
+                    0, (batch, num_prompts)
+                )  # (B, P, heads, N, d)
+                total = sum(
+                    self_attention_class_probs(
+                        query[:, prompt], key[:, prompt], labels, num_classes, scales[name]
+                    )  # (B, C, h*w)
+                    for prompt in range(num_prompts)
+                )
+                del query, key
+                layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
+
+            final = final_scores(
+                capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
+            )  # (B, C, S, S)
+            if present is not None:
+                final = gate(final, present, 0.0)
+            seed = final if present is None else gate(final, present, -1.0)
+        return _Pass(
+            final=final, layer_maps=layer_maps, evidence=evidence, shares=shares, present=present
+        )
 
     @torch.inference_mode()
     def _finish(
@@ -475,13 +568,12 @@ class StableSeg:
         if not isinstance(images, (list, tuple)):
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
-        prompts = self._prompts(prompted)
         size = self.config.batch_size
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
             pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
             latents = self.encode_images(pixels)
-            result = self._attention_pass(latents, prompts, plan)
+            result = self._ensemble_pass(latents, prompted, plan)
             for i, shape in enumerate(shapes):
                 evidence = None if result.evidence is None else result.evidence[i]
                 out = self._finish(result.final[i], shape, labels, return_probs, evidence)
