@@ -161,7 +161,7 @@ class SegmenterConfig:
             whose presence evidence (:mod:`labeler.presence`) is below this value is judged
             absent from the image: it takes no part in SAR's class vectors or the argmax.
         flip: also segment the horizontally flipped image and average the two final maps
-            (flipped back): two UNet passes per image.
+            (flipped back): two VAE encodes and two UNet passes per image.
         ensemble_timesteps: further UNet timesteps whose final maps are averaged with
             ``timestep``'s (one more pass each).
         ensemble_templates: further prompt templates whose final maps are averaged with

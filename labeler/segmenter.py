@@ -357,19 +357,24 @@ class StableSeg:
         return [_View(*view) for view in itertools.product(templates, timesteps, flips)]
 
     @torch.inference_mode()
-    def _ensemble_pass(self, latents: torch.Tensor, labels: list[str], plan: MapPlan) -> _Pass:
+    def _ensemble_pass(self, pixels: torch.Tensor, labels: list[str], plan: MapPlan) -> _Pass:
         """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
 
         The first member decides which labels are present (with a presence threshold) for all
-        of them; a mirrored member sees the mirrored latents and its maps are mirrored back.
-        The per-layer maps returned are the first member's.
+        of them; a mirrored member sees the mirrored image (``pixels``, (B, 3, S, S), encoded
+        once per orientation) and its maps are mirrored back. The per-layer maps returned are
+        the first member's.
         """
         views = self.views()
+        latents_of: dict[bool, torch.Tensor] = {}
         first: _Pass | None = None
         final: torch.Tensor | None = None
         evidence: torch.Tensor | None = None
         for view in views:
-            inputs = latents.flip(-1) if view.flipped else latents  # (B, c, h, w)
+            if view.flipped not in latents_of:
+                seen_pixels = pixels.flip(-1) if view.flipped else pixels
+                latents_of[view.flipped] = self.encode_images(seen_pixels)  # (B, c, h, w)
+            inputs = latents_of[view.flipped]
             present = None if first is None else first.present
             result = self._attention_pass(
                 inputs, self._prompts(labels, view.template), plan, view.timestep, present
@@ -572,8 +577,7 @@ class StableSeg:
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
             pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
-            latents = self.encode_images(pixels)
-            result = self._ensemble_pass(latents, prompted, plan)
+            result = self._ensemble_pass(pixels, prompted, plan)
             for i, shape in enumerate(shapes):
                 evidence = None if result.evidence is None else result.evidence[i]
                 out = self._finish(result.final[i], shape, labels, return_probs, evidence)
