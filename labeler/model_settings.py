@@ -117,6 +117,24 @@ def _format_sizes(value: Any) -> str:
     return value if isinstance(value, str) else ",".join(str(v) for v in value)
 
 
+def _parse_timesteps(value: str | Iterable[int]) -> tuple[int, ...]:
+    """``"50,100"`` -> ``(50, 100)`` (an empty text: none)."""
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        steps = tuple(int(part) for part in parts if part != "")
+    except ValueError:
+        raise ValueError(f"cannot read timesteps {value!r}: give integers like 50,100") from None
+    if any(step < 0 for step in steps):
+        raise ValueError(f"timesteps must be >= 0, got {value!r}")
+    return steps
+
+
+def _parse_templates(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``"a photo of {}|a picture of {}"`` -> the templates (an empty text: none)."""
+    parts = value.split("|") if isinstance(value, str) else list(value)
+    return tuple(part for part in parts if part.strip())
+
+
 @settings_group("Segmenter", env_prefix=ENV_PREFIX)
 @dataclass(frozen=True)
 class SegmenterConfig:
@@ -143,6 +161,17 @@ class SegmenterConfig:
             normalised probability is below this value become background (0).
         background_prompt: a word (e.g. ``"background"``) prompted after the labels as one more
             class; pixels it wins become background (0). ``None``: no such class.
+        presence_threshold: ``None`` lets every label compete everywhere; otherwise a label
+            whose presence evidence (:mod:`labeler.presence`) is below this value is judged
+            absent from the image: it takes no part in SAR's class vectors or the argmax.
+        flip: also segment the horizontally flipped image and average the two final maps
+            (flipped back): two VAE encodes and two UNet passes per image.
+        ensemble_timesteps: further UNet timesteps whose final maps are averaged with
+            ``timestep``'s (one more pass each).
+        ensemble_templates: further prompt templates whose final maps are averaged with
+            ``prompt_template``'s (one more pass each).
+        sar_rounds: rounds of Self-Attention Refinement; each round after the first takes its
+            class vectors from the previous round's final map (no further UNet pass).
         batch_size: images per UNet pass.
         map_weights: learned weight per attention layer (layer name -> weight), as written by
             the StableSeg++ trainer. ``None`` means uniform: the CAPM is the mean of the chosen
@@ -232,6 +261,55 @@ class SegmenterConfig:
             default_text="none",
         ),
     )
+    presence_threshold: float | None = field(
+        default=None,
+        metadata=setting(
+            "Judge which labels are in each image (every label prompted): a label whose "
+            "presence evidence is below this value takes no part in SAR or the argmax; the "
+            "same meaning for any number of labels (docs/benchmark.md).",
+            parse=number(0.0, 1.0),
+            metavar="0..1",
+            default_text="every label competes",
+        ),
+    )
+    flip: bool = field(
+        default=False,
+        metadata=setting(
+            "Average the final maps of the image and its horizontal mirror (2 UNet passes).",
+            switch=True,
+        ),
+    )
+    ensemble_timesteps: tuple[int, ...] = field(
+        default=(),
+        metadata=setting(
+            "Further UNet timesteps, e.g. 50,100, whose maps are averaged with --timestep's "
+            "(one more UNet pass each).",
+            parse=_parse_timesteps,
+            format=_format_sizes,
+            metavar="T,T",
+            default_text="none",
+        ),
+    )
+    ensemble_templates: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            "Further prompt templates separated by |, e.g. 'a photo of {}|a picture of {}', "
+            "whose maps are averaged with --prompt-template's (one more UNet pass each).",
+            parse=_parse_templates,
+            format="|".join,
+            metavar="TEMPLATES",
+            default_text="none",
+        ),
+    )
+    sar_rounds: int = field(
+        default=1,
+        metadata=setting(
+            "Rounds of Self-Attention Refinement; each further round takes its class vectors "
+            "from the previous round's map (no further UNet pass).",
+            parse=integer(minimum=1),
+            metavar="N",
+        ),
+    )
     batch_size: int = field(
         default=4,
         metadata=setting("Images per UNet pass.", parse=integer(minimum=1), metavar="N"),
@@ -250,6 +328,19 @@ class SegmenterConfig:
                 "prompt_template must contain '{}' exactly once (where the label names go), "
                 f"got {self.prompt_template!r}"
             )
+        object.__setattr__(self, "ensemble_timesteps", _parse_timesteps(self.ensemble_timesteps))
+        object.__setattr__(self, "ensemble_templates", _parse_templates(self.ensemble_templates))
+        for template in self.ensemble_templates:
+            if template.count("{}") != 1:
+                raise ValueError(
+                    "every ensemble template must contain '{}' exactly once (where the label "
+                    f"names go), got {template!r}"
+                )
+        if self.sar_rounds < 1:
+            raise ValueError(f"sar_rounds must be >= 1, got {self.sar_rounds}")
+        presence = self.presence_threshold
+        if presence is not None and not 0.0 <= presence <= 1.0:
+            raise ValueError(f"presence_threshold must be in [0, 1] or None, got {presence}")
         thr = self.background_threshold
         if thr is not None and not 0.0 <= thr <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1] or None, got {thr}")
@@ -280,7 +371,7 @@ class SegmenterConfig:
         only and is left out). Run files, cache keys and model versions derive from it."""
         data = asdict(self)
         data.pop("batch_size")
-        for name in ("cross_sizes", "self_sizes"):
+        for name in ("cross_sizes", "self_sizes", "ensemble_timesteps", "ensemble_templates"):
             if isinstance(data[name], tuple):
                 data[name] = list(data[name])
         return data

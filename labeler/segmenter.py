@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import weakref
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from .background import layers_evidence
 from .finish import BAND_BYTES, finish_scores
 from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
 from .model_settings import SegmenterConfig, SizeSelection, select_sizes
+from .presence import gate, judge_presence, presence_evidence
 from .prompts import PromptBatch, build_prompts, validate_labels
 from .result import SegmentationResult, share_key
 from .sar import (
@@ -77,6 +79,7 @@ class _Pass:
     layer_maps: dict[str, torch.Tensor]  # layer -> (B, C, h, w)
     evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
+    present: torch.Tensor | None = None  # (B, C) bool, with a presence threshold
 
     @staticmethod
     def concat(parts: list[_Pass]) -> _Pass:
@@ -99,7 +102,17 @@ class _Pass:
                 name: torch.cat([part.shares[name] for part in parts])  # type: ignore[index]
                 for name in first.shares
             },
+            present=None if first.present is None else torch.cat([part.present for part in parts]),  # type: ignore[misc]
         )
+
+
+@dataclass(frozen=True)
+class _View:
+    """One member of a test-time ensemble: a prompt template, a timestep, mirrored or not."""
+
+    template: str
+    timestep: int
+    flipped: bool
 
 
 @dataclass
@@ -399,12 +412,11 @@ class StableSeg:
         return prompts.batch, prompts.embeddings
 
     @torch.inference_mode()
-    def _prompts(self, labels: Sequence[str]) -> _Prompts:
-        key = (*labels, "\x00", self.config.prompt_template, self.config.label_separator)
+    def _prompts(self, labels: Sequence[str], template: str | None = None) -> _Prompts:
+        template = self.config.prompt_template if template is None else template
+        key = (*labels, "\x00", template, self.config.label_separator)
         if key not in self._embedding_cache:
-            batch = build_prompts(
-                self.tokenizer, labels, self.config.prompt_template, self.config.label_separator
-            )
+            batch = build_prompts(self.tokenizer, labels, template, self.config.label_separator)
             ids = batch.input_ids.to(self.device)
             embeddings = self.text_encoder(ids)[0]  # (P, L, D)
             if len(self._embedding_cache) > 32:
@@ -479,6 +491,7 @@ class StableSeg:
         layers: Sequence[LayerInfo],
         first: int,
         last: int,
+        timestep: int | None = None,
     ) -> _Recorded:
         """One recorded UNet call on every image of ``latents`` with prompts ``first:last``.
 
@@ -489,17 +502,77 @@ class StableSeg:
         batch, count = latents.shape[0], last - first
         rows = latents.repeat_interleave(count, dim=0)  # (B*p, c, h, w)
         context = prompts.embeddings[first:last].repeat(batch, 1, 1)  # (B*p, L, D)
-        timestep = torch.full((rows.shape[0],), self.config.timestep, device=self.device)
+        step = self.config.timestep if timestep is None else timestep
+        timestep_rows = torch.full((rows.shape[0],), step, device=self.device)
         token_index = prompts.token_index[first:last].repeat(batch, 1)  # (B*p, T)
         with self._recorder().recording(layers, token_index) as store:
-            self.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
+            self.unet(rows, timestep_rows, encoder_hidden_states=context, return_dict=False)
             return _Recorded(
                 dict(store.cross), dict(store.queries), dict(store.keys), dict(store.scales)
             )
 
+    def views(self) -> list[_View]:
+        """The members of the test-time ensemble, the configured pass first; one UNet pass
+        each (templates x timesteps x mirrored)."""
+        cfg = self.config
+        templates = (cfg.prompt_template, *cfg.ensemble_templates)
+        timesteps = (cfg.timestep, *cfg.ensemble_timesteps)
+        flips = (False, True) if cfg.flip else (False,)
+        return [_View(*view) for view in itertools.product(templates, timesteps, flips)]
+
     @torch.inference_mode()
-    def _attention_pass(self, latents: torch.Tensor, prompts: _Prompts, plan: MapPlan) -> _Pass:
+    def _ensemble_pass(self, pixels: torch.Tensor, labels: list[str], plan: MapPlan) -> _Pass:
+        """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
+
+        The first member decides which labels are present (with a presence threshold) for all
+        of them; a mirrored member sees the mirrored image (``pixels``, (B, 3, S, S), encoded
+        once per orientation) and its maps are mirrored back. The per-layer maps returned are
+        the first member's.
+        """
+        views = self.views()
+        latents_of: dict[bool, torch.Tensor] = {}
+        first: _Pass | None = None
+        final: torch.Tensor | None = None
+        evidence: torch.Tensor | None = None
+        for view in views:
+            if view.flipped not in latents_of:
+                seen_pixels = pixels.flip(-1) if view.flipped else pixels
+                latents_of[view.flipped] = self.encode_images(seen_pixels)  # (B, c, h, w)
+            inputs = latents_of[view.flipped]
+            present = None if first is None else first.present
+            result = self._attention_pass(
+                inputs, self._prompts(labels, view.template), plan, view.timestep, present
+            )
+            scores, seen = result.final, result.evidence  # (B, C, S, S), (B, labels, S, S)
+            if view.flipped:
+                scores = scores.flip(-1)
+                seen = None if seen is None else seen.flip(-1)
+            final = scores if final is None else final + scores
+            if seen is not None:
+                evidence = seen if evidence is None else evidence + seen
+            if first is None:
+                first = result
+        assert first is not None and final is not None
+        if len(views) == 1:
+            return first
+        first.final = final / len(views)
+        first.evidence = None if evidence is None else evidence / len(views)
+        return first
+
+    @torch.inference_mode()
+    def _attention_pass(
+        self,
+        latents: torch.Tensor,
+        prompts: _Prompts,
+        plan: MapPlan,
+        timestep: int | None = None,
+        present: torch.Tensor | None = None,
+    ) -> _Pass:
         """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores.
+
+        ``timestep`` defaults to the configuration's; ``present`` (B, C) bool says which
+        classes take part (None: judged here when the configuration has a presence threshold,
+        else all).
 
         The UNet takes one row per (image, prompt). When the rows pass :meth:`rows_per_call`,
         the images go through in groups, and an image whose prompts alone pass it goes through
@@ -514,25 +587,31 @@ class StableSeg:
             per_call = max(1, limit // num_prompts)
             return _Pass.concat(
                 [
-                    self._attention_pass(latents[start : start + per_call], prompts, plan)
+                    self._attention_pass(
+                        latents[start : start + per_call],
+                        prompts,
+                        plan,
+                        timestep,
+                        None if present is None else present[start : start + per_call],
+                    )
                     for start in range(0, batch, per_call)
                 ]
             )
         if batch * num_prompts <= limit:
-            recorded = self._unet_call(latents, prompts, plan.layers, 0, num_prompts)
-            return self._maps(recorded.cross, prompts, plan, batch, recorded)
+            recorded = self._unet_call(latents, prompts, plan.layers, 0, num_prompts, timestep)
+            return self._maps(recorded.cross, prompts, plan, batch, recorded, present=present)
         # One image with more prompt rows than a call takes.
         cross_layers = [layer for layer in plan.layers if layer.kind == "cross"]
         step = self.rows_per_call(cross_layers)
         pieces: dict[str, list[torch.Tensor]] = {}
         for first in range(0, num_prompts, step):
             last = min(num_prompts, first + step)
-            piece = self._unet_call(latents, prompts, cross_layers, first, last)
+            piece = self._unet_call(latents, prompts, cross_layers, first, last, timestep)
             for name, token_maps in piece.cross.items():
                 pieces.setdefault(name, []).append(token_maps)  # (p, T, h, w)
             del piece
         cross = {name: torch.cat(maps) for name, maps in pieces.items()}  # (P, T, h, w)
-        return self._maps(cross, prompts, plan, batch, None, latents)
+        return self._maps(cross, prompts, plan, batch, None, latents, timestep, present)
 
     @torch.inference_mode()
     def _maps(
@@ -543,11 +622,16 @@ class StableSeg:
         batch: int,
         recorded: _Recorded | None,
         latents: torch.Tensor | None = None,
+        timestep: int | None = None,
+        present: torch.Tensor | None = None,
     ) -> _Pass:
         """Steps 4-7 from the recorded maps: CAPM, CA map, SAR, final scores.
 
         ``recorded`` holds the self-attention layers' Q and K of every row; when it is None,
-        ``latents`` (one image) go through the UNet again in pieces for them.
+        ``latents`` (one image) go through the UNet again in pieces for them (at ``timestep``),
+        and SAR runs one round whatever ``sar_rounds`` says (another round would need those
+        passes again). ``present`` (B, C): the classes that take part (see
+        :mod:`labeler.presence`); None with a presence threshold: judged here.
         """
         num_prompts = prompts.batch.num_prompts
         num_classes = len(prompts.batch.spans)
@@ -570,56 +654,79 @@ class StableSeg:
             )  # (B, labels, S, S)
         del attention
 
+        if present is None and self.config.presence_threshold is not None:
+            num_labels = num_classes - (self.config.background_prompt is not None)
+            present = judge_presence(
+                presence_evidence(layer_maps, plan.cross),
+                self.config.presence_threshold,
+                num_labels,
+            )  # (B, C)
+        seed = capm
+        if present is not None:
+            seed = gate(capm, present, -1.0)  # absent classes never win the CA map
+            capm = gate(capm, present, 0.0)
+
         sizes = {layer.name: layer.size for layer in plan.layers}
-        labels_at = {
-            layer.name: ca_labels_at(capm, layer.size).flatten(1)  # (B, h*w)
-            for layer in plan.layers
-            if layer.kind == "self"
-        }
-        totals: dict[str, Any] = dict.fromkeys(labels_at, 0)
-        if recorded is not None:
-            queries, keys, scales = recorded.queries, recorded.keys, recorded.scales
-            for name in list(queries):
-                # Each layer's Q and K are let go as soon as its map is made; the prompt rows of
-                # an image are refined one at a time and summed, so memory grows with the
-                # labels, not with labels x prompts.
-                query = queries.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
-                key = keys.pop(name).unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
-                for prompt in range(num_prompts):
-                    totals[name] = totals[name] + self_attention_class_probs(
-                        query[:, prompt],
-                        key[:, prompt],
-                        labels_at[name],
-                        num_classes,
-                        scales[name],
-                    )  # (B, C, h*w)
-                del query, key
-        elif labels_at:
-            assert latents is not None
-            self_layers = [layer for layer in plan.layers if layer.kind == "self"]
-            step = self.rows_per_call(self_layers)
-            for first in range(0, num_prompts, step):
-                last = min(num_prompts, first + step)
-                piece = self._unet_call(latents, prompts, self_layers, first, last)
-                for name in list(piece.queries):
-                    query, key = piece.queries.pop(name), piece.keys.pop(name)  # (p, h, N, d)
-                    for row in range(last - first):
+        self_names = [layer.name for layer in plan.layers if layer.kind == "self"]
+        rounds = self.config.sar_rounds if (recorded is not None and self_names) else 1
+        final = capm
+        for round_ in range(rounds):
+            last_round = round_ == rounds - 1
+            labels_at = {
+                name: ca_labels_at(seed, sizes[name]).flatten(1)  # (B, h*w)
+                for name in self_names
+            }
+            totals: dict[str, Any] = dict.fromkeys(labels_at, 0)
+            if recorded is not None:
+                queries, keys, scales = recorded.queries, recorded.keys, recorded.scales
+                for name in list(queries):
+                    # Each layer's Q and K are let go as soon as its last round's map is made;
+                    # the prompt rows of an image are refined one at a time and summed, so
+                    # memory grows with the labels, not with labels x prompts.
+                    query = queries.pop(name) if last_round else queries[name]
+                    key = keys.pop(name) if last_round else keys[name]
+                    query = query.unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
+                    key = key.unflatten(0, (batch, num_prompts))  # (B, P, h, N, d)
+                    for prompt in range(num_prompts):
                         totals[name] = totals[name] + self_attention_class_probs(
-                            query[row : row + 1],
-                            key[row : row + 1],
+                            query[:, prompt],
+                            key[:, prompt],
                             labels_at[name],
                             num_classes,
-                            piece.scales[name],
-                        )  # (1, C, h*w)
+                            scales[name],
+                        )  # (B, C, h*w)
                     del query, key
-                del piece
-        for name, total in totals.items():
-            layer_maps[name] = (total / num_prompts).view(batch, num_classes, *sizes[name])
+            elif labels_at:
+                assert latents is not None
+                self_layers = [layer for layer in plan.layers if layer.kind == "self"]
+                step = self.rows_per_call(self_layers)
+                for first in range(0, num_prompts, step):
+                    last = min(num_prompts, first + step)
+                    piece = self._unet_call(latents, prompts, self_layers, first, last, timestep)
+                    for name in list(piece.queries):
+                        query, key = piece.queries.pop(name), piece.keys.pop(name)  # (p, h, N, d)
+                        for row in range(last - first):
+                            totals[name] = totals[name] + self_attention_class_probs(
+                                query[row : row + 1],
+                                key[row : row + 1],
+                                labels_at[name],
+                                num_classes,
+                                piece.scales[name],
+                            )  # (1, C, h*w)
+                        del query, key
+                    del piece
+            for name, total in totals.items():
+                layer_maps[name] = (total / num_prompts).view(batch, num_classes, *sizes[name])
 
-        final = final_scores(
-            capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
-        )  # (B, C, S, S)
-        return _Pass(final=final, layer_maps=layer_maps, evidence=evidence, shares=shares)
+            final = final_scores(
+                capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
+            )  # (B, C, S, S)
+            if present is not None:
+                final = gate(final, present, 0.0)
+            seed = final if present is None else gate(final, present, -1.0)
+        return _Pass(
+            final=final, layer_maps=layer_maps, evidence=evidence, shares=shares, present=present
+        )
 
     @torch.inference_mode()
     def _finish(
@@ -741,13 +848,11 @@ class StableSeg:
         if not isinstance(images, (list, tuple)):
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
-        prompts = self._prompts(prompted)
         size = self.config.batch_size
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
             pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
-            latents = self.encode_images(pixels)
-            result = self._attention_pass(latents, prompts, plan)
+            result = self._ensemble_pass(pixels, prompted, plan)
             for i, shape in enumerate(shapes):
                 layer_maps = None
                 if return_layer_maps:

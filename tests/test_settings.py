@@ -77,6 +77,11 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "prompt_template": "a photo of {}",
         "background_prompt": "background",
         "background_threshold": 0.25,
+        "presence_threshold": 0.9,
+        "flip": True,
+        "ensemble_timesteps": (50, 100),
+        "ensemble_templates": ("a {}", "the {}"),
+        "sar_rounds": 2,
         "weights": str(weights),
     }
     assert set(values) == set(by_name(ModelSettings))  # the test covers every setting

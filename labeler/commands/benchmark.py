@@ -114,7 +114,8 @@ def _folder_options(
     help="Measure every combination: key=v1,v2 items (repeatable, or space-separated in one "
     "value). cross=16,32,64 self=16,32,64 prints Table 3's grid (a value is one side, "
     "8+16 a list, <=32 every side up to 32); timestep=1,50,100,200 Table 4's row; "
-    "sar=on,off,self-only Table 2's.",
+    "sar=on,off,self-only Table 2's; presence=off,1 flip=off,on timesteps=1,1+50+100 "
+    "sar-rounds=1,2 compare the test-time additions (docs/benchmark.md).",
 )
 @click.option(
     "--preview",

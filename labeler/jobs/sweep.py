@@ -8,6 +8,11 @@ A sweep is one or more axes, each written ``key=v1,v2,...``:
     timestep=1,50,100   the UNet timestep (Table 4)
     sar=on,off,self-only  SAR on, off (cross-attention alone), or the final map from SAR alone
                         (Table 2)
+    presence=off,1,0.9  label presence threshold (off: every label competes everywhere)
+    flip=off,on         horizontal-flip ensemble
+    timesteps=1,1+50+100  the timesteps averaged (the first is --timestep, the others the
+                        ensemble's)
+    sar-rounds=1,2,3    rounds of Self-Attention Refinement
 
 Every combination of the axes' values is one point: the base :class:`SegmenterConfig` with
 those fields changed.
@@ -35,6 +40,37 @@ def _timestep(text: str) -> dict[str, Any]:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return {"timestep": value}
+
+
+def _presence(text: str) -> dict[str, Any]:
+    key = text.strip().lower()
+    if key in ("off", "none"):
+        return {"presence_threshold": None}
+    value = float(key)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be off or in [0, 1], got {text}")
+    return {"presence_threshold": value}
+
+
+def _flip(text: str) -> dict[str, Any]:
+    key = text.strip().lower()
+    if key not in ("on", "off"):
+        raise ValueError("choose from on, off")
+    return {"flip": key == "on"}
+
+
+def _timesteps(text: str) -> dict[str, Any]:
+    steps = [int(part) for part in text.split("+")]
+    if any(step < 0 for step in steps):
+        raise ValueError(f"must be >= 0, got {text}")
+    return {"timestep": steps[0], "ensemble_timesteps": tuple(steps[1:])}
+
+
+def _rounds(text: str) -> dict[str, Any]:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return {"sar_rounds": value}
 
 
 SAR_MODES = {
@@ -67,6 +103,10 @@ SWEEP_KEYS: dict[str, SweepKey] = {
         SweepKey("self", _sizes("self_sizes"), "self-attention sides for SAR (Table 3 columns)"),
         SweepKey("timestep", _timestep, "UNet timestep (Table 4)"),
         SweepKey("sar", _sar, "on, off or self-only (Table 2)"),
+        SweepKey("presence", _presence, "label presence threshold, or off"),
+        SweepKey("flip", _flip, "horizontal-flip ensemble, on or off"),
+        SweepKey("timesteps", _timesteps, "timesteps averaged, joined by + (1+50+100)"),
+        SweepKey("sar-rounds", _rounds, "rounds of Self-Attention Refinement"),
     )
 }
 SIZE_KEYS = ("cross", "self")
