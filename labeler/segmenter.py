@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from .sar import (
     cross_attention_map,
     final_scores,
     label_attention_from_tokens,
+    normalise,
     renormalise_over_labels,
     self_attention_class_probs,
 )
+from .tiles import TileCanvas, tile_windows, window_labels, working_size
 
 
 def default_device() -> torch.device:
@@ -163,7 +166,10 @@ class StableSeg:
 
     @property
     def input_size(self) -> int:
-        """Side of the square image the model sees (``config.image_size``)."""
+        """Side of the square image the model sees (``config.image_size``); with tiles, the
+        longer side of the working image (readers decode images at least this large)."""
+        if self.config.tiles is not None:
+            return math.ceil(self.config.tiles * self.config.image_size)
         return self.config.image_size
 
     @property
@@ -178,7 +184,21 @@ class StableSeg:
         worker threads, so the calling thread never touches full-size pixels. ``size`` is the
         (width, height) of the original when ``image`` is a reduced decode of it.
         """
+        if self.config.tiles is not None:
+            return prepare_image(image, self._working_size, size)
         return prepare_image(image, self.config.image_size, size)
+
+    def _working_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the working image of tiles for an original of ``size``."""
+        assert self.config.tiles is not None
+        return working_size(size, self.config.image_size, self.config.tiles, self._cell_pixels)
+
+    @property
+    def _cell_pixels(self) -> int:
+        """Input pixels per cell of the final scores (8 for SD at 512 px)."""
+        latent = self.config.image_size // self.vae_scale_factor
+        cells = max(layer.side for layer in unet_attention_layers(self.unet, (latent, latent)))
+        return self.config.image_size // cells
 
     @property
     def device(self) -> torch.device:
@@ -337,8 +357,18 @@ class StableSeg:
         return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.inference_mode()
-    def _attention_pass(self, latents: torch.Tensor, prompts: _Prompts, plan: MapPlan) -> _Pass:
-        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores."""
+    def _attention_pass(
+        self,
+        latents: torch.Tensor,
+        prompts: _Prompts,
+        plan: MapPlan,
+        allowed: torch.Tensor | None = None,
+    ) -> _Pass:
+        """Steps 3-7 for one batch of latents: UNet pass, CAPM, CA map, SAR, final scores.
+
+        ``allowed`` (B, C) bool, for tiles' windows: the classes each image may use; the others
+        win no pixel of the CA map (so SAR gets no class vector for them) and score 0.
+        """
         batch, num_prompts = latents.shape[0], prompts.batch.num_prompts
         num_classes = len(prompts.batch.spans)
         rows = latents.repeat_interleave(num_prompts, dim=0)  # (B*P, c, h, w)
@@ -360,6 +390,9 @@ class StableSeg:
             # CAPM of the layer (B, C, h, w) and the labels' share of its attention (B, 1, h, w)
             layer_maps[name], shares[name] = renormalise_over_labels(attention[name])
         capm = cross_attention_map(layer_maps, plan.cross, plan.common_size)  # (B, C, S, S)
+        if allowed is not None:
+            gate = allowed[:, :, None, None].to(capm.device)  # (B, C, 1, 1)
+            capm = normalise(capm * gate, dim=1).masked_fill(~gate, -1.0)  # never the argmax
         evidence = None
         if self.config.background_threshold is not None:
             num_labels = num_classes - (self.config.background_prompt is not None)
@@ -386,6 +419,8 @@ class StableSeg:
             del query, key
             layer_maps[name] = (total / num_prompts).view(batch, num_classes, *size)
 
+        if allowed is not None:
+            capm = capm.clamp(min=0.0)
         final = final_scores(
             capm, layer_maps, plan.self_, plan.common_size, self.config.self_only
         )  # (B, C, S, S)
@@ -476,6 +511,15 @@ class StableSeg:
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
         prompts = self._prompts(prompted)
+        if self.config.tiles is not None:
+            if return_layer_maps:
+                raise ValueError(
+                    "tiles do not make one set of layer maps per image (StableSeg++ map "
+                    "weights are fitted without tiles): leave tiles off for this run"
+                )
+            for index, image in enumerate(images):
+                yield self._segment_tiles(image, index, labels, prompts, plan, return_probs)
+            return
         size = self.config.batch_size
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
@@ -492,6 +536,76 @@ class StableSeg:
                     for name, share in (result.shares or {}).items():
                         out.layer_maps[share_key(name)] = share[i].half().cpu().numpy()
                 yield out
+
+    @torch.inference_mode()
+    def _segment_tiles(
+        self,
+        image: Any,
+        index: int,
+        labels: list[str],
+        prompts: _Prompts,
+        plan: MapPlan,
+        return_probs: bool,
+    ) -> SegmentationResult:
+        """One image with tiles (:mod:`labeler.tiles`): a whole-image pass chooses each
+        window's labels, the windows' final scores are blended at score resolution, and the
+        blend is finished as one image's scores are."""
+        side, step = self.config.image_size, self._cell_pixels
+        pixels, shape = self._working_image(image, index, step)  # (h, w, 3), (H, W)
+        height, width = pixels.shape[:2]
+        whole = self._attention_pass(
+            self.encode_images(_pixels_tensor([resize_for_model(pixels, side)])), prompts, plan
+        )
+        whole_probs = normalise(whole.final[0], dim=0)  # (C, s, s)
+        windows = tile_windows((width, height), side, self.config.tile_overlap, step)
+        num_classes = whole.final.shape[1]
+        canvas = TileCanvas(num_classes, (height // step, width // step), self.device)
+        evidence = None
+        if whole.evidence is not None:
+            evidence = TileCanvas(whole.evidence.shape[1], canvas.weight.shape, self.device)
+        background = self.config.background_prompt is not None
+        gate = self.config.tile_gate
+        for start in range(0, len(windows), self.config.batch_size):
+            chunk = windows[start : start + self.config.batch_size]
+            crops = [pixels[w.top : w.top + side, w.left : w.left + side] for w in chunk]
+            allowed = torch.stack(
+                [window_labels(whole_probs, w, (width, height), gate) for w in chunk]
+            )  # (B, C)
+            if background:
+                allowed[:, -1] = True  # the background prompt is not a label to choose
+            result = self._attention_pass(
+                self.encode_images(_pixels_tensor(crops)), prompts, plan, allowed
+            )
+            origins = [w.cells(step) for w in chunk]
+            canvas.add(result.final, origins)
+            if evidence is not None and result.evidence is not None:
+                evidence.add(result.evidence, origins)
+        blended = None if evidence is None else evidence.result()
+        return self._finish(canvas.result(), shape, labels, return_probs, blended)
+
+    def _working_image(
+        self, image: Any, index: int, step: int
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Tiles' working image (h, w, 3) uint8 and the mask's (H, W), from an image or the
+        :class:`PreparedImage` that :meth:`prepare` made of it."""
+        if not isinstance(image, PreparedImage):
+            image = self.prepare(to_rgb_array(image, index=index))
+        pixels = np.asarray(image.pixels)
+        height, width = pixels.shape[:2]
+        side = self.config.image_size
+        if (
+            pixels.ndim != 3
+            or pixels.dtype != np.uint8
+            or height % step
+            or width % step
+            or min(height, width) < side
+        ):
+            raise ValueError(
+                f"prepared image {index} must be (h, w, 3) uint8 with each side a multiple of "
+                f"{step} and at least {side} for tiles, got {pixels.shape} {pixels.dtype}"
+            )
+        width_out, height_out = image.size
+        return pixels, (int(height_out), int(width_out))
 
     def _model_input(
         self, images: Sequence[Any], first_index: int
@@ -519,8 +633,13 @@ class StableSeg:
                 pixels = resize_for_model(rgb, side)
                 shapes.append(rgb.shape[:2])
             batch.append(pixels)
-        tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
-        return tensor.float().div_(127.5).sub_(1.0), shapes
+        return _pixels_tensor(batch), shapes
+
+
+def _pixels_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
+    """(S, S, 3) uint8 arrays -> (B, 3, S, S) float in [-1, 1]."""
+    tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+    return tensor.float().div_(127.5).sub_(1.0)
 
 
 def _uniform(
