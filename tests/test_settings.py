@@ -76,6 +76,9 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "prompt_template": "a photo of {}",
         "background_prompt": "background",
         "background_threshold": 0.25,
+        "tiles": 2.5,
+        "tile_overlap": 0.5,
+        "tile_gate": 0.2,
         "weights": str(weights),
     }
     assert set(values) == set(by_name(ModelSettings))  # the test covers every setting
@@ -403,6 +406,7 @@ COMMAND_INPUTS = {
         "ignore_index",
         "sweep",
         "preview",
+        "save_masks",
         "verbose",
     },
     "evaluate": {

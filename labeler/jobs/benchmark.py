@@ -7,6 +7,11 @@ Layout of OUT (every file written atomically; a rerun overwrites them):
     table.md         the Markdown printed at the end: Table 1's row, or the sweep's grid
     preview.png      image | ground truth | prediction rows of the first images (--preview N)
 
+With ``--save-masks DIR`` every predicted mask is written as ``DIR/<sample key>.png`` in the
+dataset's own ids (``DatasetPreset.encode_prediction``: Cityscapes labelIds, ADE20K 1..150 with
+0 = other, CamVid 0..10 with 11 = void, ...), the files evaluation servers take; with a sweep,
+each point's masks go to ``DIR/<point>/`` (e.g. ``DIR/tiles=2/``).
+
 Protocols (the score protocol, which pixels count, is the dataset preset's):
 
 - ``paper``: each image is prompted with the classes present in its ground truth (the paper's
@@ -78,6 +83,8 @@ class BenchmarkOptions:
             not scored).
         sweep: axes of a sweep (``labeler.jobs.sweep``); empty for one configuration.
         preview: rows of the preview strip (0: none), from the first sweep point.
+        save_masks: a folder for the predicted masks in the dataset's ids (see the module);
+            None: none are written.
     """
 
     dataset: str
@@ -93,6 +100,7 @@ class BenchmarkOptions:
     ignore_index: tuple[int, ...] = ()
     sweep: tuple[SweepAxis, ...] = ()
     preview: int = 0
+    save_masks: Path | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -169,6 +177,7 @@ def score_point(
     previews: int = 0,
     bar: Any = None,
     workers: int | None = None,
+    save_masks: Path | None = None,
 ) -> PointScore:
     """Segment and score the first ``limit`` samples with one configuration.
 
@@ -177,7 +186,8 @@ def score_point(
     segmented in full batches; under the paper protocol each image is prompted with the
     classes of its ground truth, and images that share a label set share batches. The scores
     are sums over the images, so the order the stage yields them in does not matter; the
-    preview rows and the skipped images are kept in the samples' order.
+    preview rows and the skipped images are kept in the samples' order. With ``save_masks``
+    each prediction is written there in the dataset's own ids (``<sample key>.png``).
     """
     preset = dataset.preset
     score = preset.new_score()
@@ -222,6 +232,8 @@ def score_point(
                 pred = item.mask  # (H, W) dataset ids
                 assert pred is not None
                 score.add(pred, truth.gt)
+                if save_masks is not None:
+                    save_prediction(preset, pred, save_masks / f"{samples[item.key].key}.png")
                 if len(rows) < previews or (rows and -rows[0][0] > item.key):
                     # one of the first ``previews`` scored samples so far
                     row = (-item.key, _preview_row(truth.image, truth.gt, pred))
@@ -237,6 +249,19 @@ def score_point(
     result.previews = [row for _, row in sorted(rows, key=lambda pair: -pair[0])]
     result.metrics = score.summary()
     return result
+
+
+def save_prediction(preset: Any, pred: np.ndarray, path: Path) -> None:
+    """Write one predicted mask (project ids) at ``path`` in the dataset's own ids: a palette
+    PNG for index ids, an RGB PNG with the id in red for UEC FoodPix (atomically)."""
+    from PIL import Image
+
+    from exporters.png import mask_to_png
+
+    raw = preset.encode_prediction(pred)  # (H, W) or (H, W, 3) uint8
+    image = Image.fromarray(raw, "RGB") if raw.ndim == 3 else mask_to_png(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, image_bytes(image))
 
 
 def _preview_row(
@@ -309,6 +334,7 @@ def run_benchmark(
             options.limit,
             previews=options.preview if index == 0 else 0,
             bar=progress,
+            save_masks=_masks_folder(options, point),
         )
         if progress is not None:
             progress.close()
@@ -337,6 +363,14 @@ def run_benchmark(
     atomic_write_text(options.out / "table.md", markdown)
     atomic_write_json(options.out / "benchmark.json", report, indent=2)
     return report
+
+
+def _masks_folder(options: BenchmarkOptions, point: SweepPoint) -> Path | None:
+    """Where a point's masks go: ``--save-masks``, or its subfolder named by the point."""
+    if options.save_masks is None or not point.values:
+        return options.save_masks
+    name = "_".join(f"{key}={value}" for key, value in point.values.items())
+    return options.save_masks / name.replace("/", "-").replace("<", "le").replace(" ", "")
 
 
 def _notes(options: BenchmarkOptions, preset: Any) -> list[str]:
