@@ -407,6 +407,7 @@ COMMAND_INPUTS = {
         "sweep",
         "preview",
         "save_masks",
+        "student",
         "verbose",
     },
     "evaluate": {

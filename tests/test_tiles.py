@@ -1,6 +1,5 @@
 """Tiles (labeler.tiles, ``--tiles``): the windows' geometry and blend on hand-made tensors, the
-segmenter and the CLI with tiles on the tiny model, and ``benchmark --save-masks`` in every
-preset's own ids."""
+segmenter and the CLI with tiles on the tiny model."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from PIL import Image
 
 from cli import main
 from labeler import SegmenterConfig
-from labeler.datasets import PRESETS, folder_preset
 from labeler.jobs.sweep import parse_sweep, sweep_points
 from labeler.tiles import (
     EDGE_WEIGHT,
@@ -185,35 +183,3 @@ def test_tiles_through_benchmark_with_saved_masks(
         with Image.open(masks / folder / "img1.png") as saved:
             ids = np.array(saved)
             assert saved.size == (52, 36) and set(np.unique(ids)) <= {0, 1, 2}
-
-
-# ---------------------------------------------------------------------- --save-masks' ids
-@pytest.mark.parametrize("name", [*PRESETS, "folder"])
-def test_predictions_are_written_in_each_datasets_own_ids(name: str) -> None:
-    preset = PRESETS[name] if name != "folder" else folder_preset(["cat", "dog"], (7,))
-    top = preset.num_classes
-    pred = np.array([[0, 1, 2], [top, 1, 0]], np.uint8)  # project ids: 0 background
-    raw = preset.encode_prediction(pred)
-    # The file decodes back to the prediction (background where the dataset has none becomes
-    # its ignored id: 255 after decoding).
-    decoded = preset.decode(raw, preset.prediction_kind)
-    background = 0 if preset.background_switchable else 255
-    np.testing.assert_array_equal(decoded, np.where(pred == 0, background, pred))
-    expected = {
-        "voc": [[0, 1, 2], [20, 1, 0]],
-        "voc21": [[0, 1, 2], [20, 1, 0]],
-        "context59": [[0, 1, 2], [59, 1, 0]],
-        "context60": [[0, 1, 2], [59, 1, 0]],
-        "ade150": [[0, 1, 2], [150, 1, 0]],  # 1-based, 0 = other
-        "cityscapes": [[0, 7, 8], [33, 7, 0]],  # labelIds (road 7, sidewalk 8, bicycle 33)
-        "foodseg103": [[0, 1, 2], [103, 1, 0]],
-        "uecfoodpix": [[0, 1, 2], [102, 1, 0]],  # in the red channel
-        "camvid": [[11, 0, 1], [10, 0, 11]],  # 0-based, 11 = void
-        "folder": [[0, 1, 2], [2, 1, 0]],
-    }[name]
-    if name == "uecfoodpix":
-        assert raw.shape == (2, 3, 3) and not raw[..., 1:].any()
-        raw = raw[..., 0]
-    np.testing.assert_array_equal(raw, expected)
-    with pytest.raises(ValueError, match="no id"):
-        preset.encode_prediction(np.array([[top + 1]], np.uint8))

@@ -131,6 +131,12 @@ def _folder_options(
     "evaluation servers take them (Cityscapes labelIds, ADE20K 1..150 with 0 = other); with "
     "--sweep, one subfolder per point.",
 )
+@click.option(
+    "--student",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Score a DeepLabV3+ trained by `refine` (W/plus/student or W/plusplus/student) "
+    "instead of StableSeg, e.g. on the validation split (the paper's Table 5).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def benchmark(
     dataset: str,
@@ -148,6 +154,7 @@ def benchmark(
     sweep: tuple[str, ...],
     preview: int,
     save_masks: Path | None,
+    student: Path | None,
     verbose: bool,
 ) -> None:
     """Measure StableSeg on DATASET (a preset) found under --root.
@@ -190,11 +197,13 @@ def benchmark(
             sweep=axes,
             preview=preview,
             save_masks=save_masks,
+            student=student,
         )
         found = open_benchmark_dataset(options)  # layout errors before the model loads
     except (ValueError, KeyError) as err:
         raise click.UsageError(str(err).strip("'\"")) from None
-    check_model_source(settings.model.source)
+    if student is None:
+        check_model_source(settings.model.source)
     click.echo(
         f"{found.preset.title}, split {found.split}: {len(found.samples)} images"
         + (f", scoring the first {limit}" if limit else ""),

@@ -19,6 +19,9 @@ Protocols (the score protocol, which pixels count, is the dataset preset's):
 - ``open``: every class of the dataset is in every prompt (the usual open-vocabulary protocol).
 
 The model loads once; each sweep point is a :meth:`StableSeg.with_config` sharing its weights.
+With ``--student DIR`` the model scored is a DeepLabV3+ trained by ``refine`` (``W/plus/student``
+or ``W/plusplus/student``) instead of StableSeg: the paper's Table 5 scores its students on the
+validation split, which ``refine`` (trained and reported on its pool) does not see.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class BenchmarkOptions:
         preview: rows of the preview strip (0: none), from the first sweep point.
         save_masks: a folder for the predicted masks in the dataset's ids (see the module);
             None: none are written.
+        student: a ``refine`` student folder to score instead of StableSeg (no sweep).
     """
 
     dataset: str
@@ -101,8 +105,13 @@ class BenchmarkOptions:
     sweep: tuple[SweepAxis, ...] = ()
     preview: int = 0
     save_masks: Path | None = None
+    student: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.student is not None and self.sweep:
+            raise ValueError("--student scores one trained DeepLabV3+: it takes no --sweep")
+        if self.student is not None and self.settings.weights is not None:
+            raise ValueError("--weights applies to StableSeg; it cannot be combined with --student")
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}"
@@ -123,12 +132,13 @@ class PointScore:
     seconds: float = 0.0
     model_seconds: float = 0.0
     previews: list[tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=list)
+    method: str | None = None  # the row's name when it is not StableSeg's (a student)
 
     def to_dict(self) -> dict[str, Any]:
         images = self.metrics["images"]
         return {
             "values": dict(self.point.values),
-            "method": method_name(self.point.config.mask_settings()),
+            "method": self.method or method_name(self.point.config.mask_settings()),
             "segmenter": config_json(self.point.config),
             **{k: v for k, v in self.metrics.items() if k != "protocol"},
             "skipped": self.skipped,
@@ -285,7 +295,7 @@ def markdown_for(dataset: Dataset, results: Sequence[PointScore], grid: dict | N
     if grid is not None:
         return grid_markdown(grid)
     (only,) = results
-    method = method_name(only.point.config.mask_settings())
+    method = only.method or method_name(only.point.config.mask_settings())
     return table1_markdown(
         dataset.preset.name, dataset.preset.title, method, only.metrics.get("mIoU")
     )
@@ -308,14 +318,24 @@ def run_benchmark(
     """
     dataset = open_benchmark_dataset(options)
     points = sweep_points(options.settings.segmenter, options.sweep)
-    if model is None:
-        from .models import load_stableseg
+    if options.student is not None:
+        from .models import load_student_segmenter
 
-        model = load_stableseg(options.settings.model, points[0].config)
-    segmenters = [model.with_config(point.config) for point in points]
+        if model is None:
+            model = load_student_segmenter(
+                options.student, points[0].config, options.settings.model.device
+            )
+        segmenters = [model]
+    else:
+        if model is None:
+            from .models import load_stableseg
+
+            model = load_stableseg(options.settings.model, points[0].config)
+        segmenters = [model.with_config(point.config) for point in points]
     for point, segmenter in zip(points, segmenters, strict=True):
         try:
-            segmenter.plan()
+            if options.student is None:
+                segmenter.plan()
         except ValueError as err:
             where = f"sweep point {point.label()}: " if point.values else ""
             raise ValueError(f"{where}{err}") from None
@@ -338,6 +358,8 @@ def run_benchmark(
         )
         if progress is not None:
             progress.close()
+        if options.student is not None:
+            scored.method = f"DeepLabV3+ student ({options.student})"
         if not scored.metrics["images"]:
             first = scored.skipped[0] if scored.skipped else {"image": "-", "reason": "no images"}
             raise ValueError(
@@ -425,8 +447,9 @@ def _report(
             "model": asdict(settings.model),
             "segmenter": config_json(settings.segmenter),
             "weights": str(settings.weights) if settings.weights else None,
-            "device": str(model.device),
-            "torch_dtype": str(model.dtype).removeprefix("torch."),
+            "student": str(options.student) if options.student else None,
+            "device": str(getattr(model, "device", settings.model.device)),
+            "torch_dtype": str(getattr(model, "dtype", "float32")).removeprefix("torch."),
         },
         "paper": paper_figures(preset.name) if options.protocol == "paper" else {},
         "table": markdown,
