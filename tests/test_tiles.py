@@ -141,13 +141,13 @@ def test_one_tile_without_a_gate_is_the_papers_pass(tiny_model) -> None:
 
 
 def test_tiles_segment_a_large_image_at_its_size(tiny_model) -> None:
-    config = tiny_model.config.replace(tiles=2, tile_overlap=0.5)
+    config = tiny_model.config.replace(tiles=1.5, tile_overlap=0.5)
     model = tiny_model.with_config(config)
-    assert model.input_size == 128  # readers decode at least this large
+    assert model.input_size == 96  # readers decode at least this large
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)  # (H, W, 3)
     prepared = model.prepare(image)
-    assert prepared.size == (150, 100) and prepared.pixels.shape == (86, 128, 3)
+    assert prepared.size == (150, 100) and prepared.pixels.shape == (64, 96, 3)  # 2 windows
     labels = ["cat", "dog"]
     (direct,) = model.segment(image, labels, return_probs=True)
     (from_prepared,) = model.segment([prepared], labels)
@@ -157,7 +157,7 @@ def test_tiles_segment_a_large_image_at_its_size(tiny_model) -> None:
     with pytest.raises(ValueError, match="tiles"):
         model.segment(image, labels, return_layer_maps=True)
     with pytest.raises(ValueError, match="multiple of 2"):
-        model.segment([type(prepared)(prepared.pixels[:, :127], prepared.size)], labels)
+        model.segment([type(prepared)(prepared.pixels[:, :95], prepared.size)], labels)
 
 
 def test_tiles_through_benchmark_with_saved_masks(
@@ -166,14 +166,16 @@ def test_tiles_through_benchmark_with_saved_masks(
     tmp_path,
 ) -> None:
     out, masks = tmp_path / "out", tmp_path / "masks"
-    args = _folder_args(folder_root, tiny_model_dir, out, "--sweep", "tiles=off,2", "--limit", "2")
+    args = _folder_args(
+        folder_root, tiny_model_dir, out, "--sweep", "tiles=off,1.5", "--limit", "2"
+    )
     shown = CliRunner().invoke(main, [*args, "--save-masks", str(masks)])
     assert shown.exit_code == 0, shown.output
     report = json.loads((out / "benchmark.json").read_text())
     points = report["sweep"]["points"]
-    assert [p["segmenter"].get("tiles") for p in points] == [None, 2.0]
-    assert points[1]["method"] == "StableSeg, tiles 2"
-    for folder in ("tiles=off", "tiles=2"):
+    assert [p["segmenter"].get("tiles") for p in points] == [None, 1.5]
+    assert points[1]["method"] == "StableSeg, tiles 1.5"
+    for folder in ("tiles=off", "tiles=1.5"):
         written = sorted(
             p.relative_to(masks / folder).as_posix()
             for p in masks.rglob("*.png")
