@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -193,7 +194,7 @@ class StableSeg:
         assert self.config.tiles is not None
         return working_size(size, self.config.image_size, self.config.tiles, self._cell_pixels)
 
-    @property
+    @functools.cached_property
     def _cell_pixels(self) -> int:
         """Input pixels per cell of the final scores (8 for SD at 512 px)."""
         latent = self.config.image_size // self.vae_scale_factor
