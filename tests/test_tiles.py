@@ -166,16 +166,14 @@ def test_tiles_through_benchmark_with_saved_masks(
     tmp_path,
 ) -> None:
     out, masks = tmp_path / "out", tmp_path / "masks"
-    args = _folder_args(
-        folder_root, tiny_model_dir, out, "--sweep", "tiles=off,1.5", "--limit", "2"
-    )
+    args = _folder_args(folder_root, tiny_model_dir, out, "--sweep", "tiles=1.5", "--limit", "2")
     shown = CliRunner().invoke(main, [*args, "--save-masks", str(masks)])
     assert shown.exit_code == 0, shown.output
     report = json.loads((out / "benchmark.json").read_text())
     points = report["sweep"]["points"]
-    assert [p["segmenter"].get("tiles") for p in points] == [None, 1.5]
-    assert points[1]["method"] == "StableSeg, tiles 1.5"
-    for folder in ("tiles=off", "tiles=1.5"):
+    assert [p["segmenter"].get("tiles") for p in points] == [1.5]  # a setting swept by its name
+    assert points[0]["method"] == "StableSeg, tiles 1.5"
+    for folder in ("tiles=1.5",):
         written = sorted(
             p.relative_to(masks / folder).as_posix()
             for p in masks.rglob("*.png")
