@@ -232,14 +232,59 @@ def make_scenes(
 
 
 # ---------------------------------------------------------------------- evaluation set files
+def make_mosaic(seed: int, index: int, grid: int, config: SceneConfig | None = None) -> Scene:
+    """``grid`` x ``grid`` scenes stitched into one image, masks stitched alike: the mosaic
+    tier, a stand-in for a photo larger than the model's side (each scene keeps its pixels, so
+    squeezing the mosaic to the model's side shrinks every object ``grid`` times).
+
+    Mosaic ``index`` holds scenes ``index * grid**2`` to ``(index + 1) * grid**2 - 1`` of
+    ``seed``, row by row; its objects are theirs, moved to the mosaic's pixels, and its caption
+    joins theirs with "; ".
+    """
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    scenes = make_scenes(seed, index * grid * grid, grid * grid, config)
+    side = scenes[0].image.shape[0]
+
+    def stitch(parts: list[np.ndarray]) -> np.ndarray:
+        rows = [np.concatenate(parts[r * grid : (r + 1) * grid], axis=1) for r in range(grid)]
+        return np.concatenate(rows, axis=0)
+
+    objects = [
+        SceneObject(
+            obj.colour,
+            obj.shape,
+            (obj.centre[0] + (i % grid) * side, obj.centre[1] + (i // grid) * side),
+            obj.radius,
+            obj.rgb,
+        )
+        for i, scene in enumerate(scenes)
+        for obj in scene.objects
+    ]
+    return Scene(
+        image=stitch([scene.image for scene in scenes]),
+        colour_mask=stitch([scene.colour_mask for scene in scenes]),
+        shape_mask=stitch([scene.shape_mask for scene in scenes]),
+        objects=objects,
+        caption="; ".join(scene.caption for scene in scenes),
+        textured=any(scene.textured for scene in scenes),
+    )
+
+
 def scene_name(index: int) -> str:
     return f"scene_{index:03d}"
 
 
 def write_scene_set(
-    root: str | Path, count: int = 100, seed: int = EVAL_SEED, config: SceneConfig | None = None
+    root: str | Path,
+    count: int = 100,
+    seed: int = EVAL_SEED,
+    config: SceneConfig | None = None,
+    mosaic: int = 1,
 ) -> list[Scene]:
     """Write ``count`` scenes under ``root`` as an evaluation set; returns the scenes.
+
+    With ``mosaic`` > 1 each image is a :func:`make_mosaic` of ``mosaic`` x ``mosaic`` scenes.
 
     Layout: ``images/NAME.png`` (RGB), ``masks/NAME.png`` (indexed, ids of colours.txt),
     ``shape_masks/NAME.png`` (indexed, ids of shapes.txt), ``colours.txt`` and ``shapes.txt``
@@ -252,7 +297,10 @@ def write_scene_set(
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "colours.txt").write_text("\n".join(COLOUR_NAMES) + "\n")
     (root / "shapes.txt").write_text("\n".join(SHAPES) + "\n")
-    scenes = make_scenes(seed, 0, count, config)
+    if mosaic > 1:
+        scenes = [make_mosaic(seed, index, mosaic, config) for index in range(count)]
+    else:
+        scenes = make_scenes(seed, 0, count, config)
     lines = []
     for index, scene in enumerate(scenes):
         name = scene_name(index)
@@ -292,14 +340,21 @@ def read_scene_set(
 @click.option("--count", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=EVAL_SEED, show_default=True)
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True)
-def cli(out: str, count: int, seed: int, size: int) -> None:
+@click.option(
+    "--mosaic",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Stitch N x N scenes into each image (the mosaic tier: 4 gives 256 px images).",
+)
+def cli(out: str, count: int, seed: int, size: int, mosaic: int) -> None:
     """Write an evaluation set of synthetic scenes with exact masks."""
     if seed == TRAIN_SEED:
         raise click.BadParameter(
             f"seed {seed} is the training seed; pick another", param_hint="--seed"
         )
-    write_scene_set(out, count, seed, SceneConfig(size=size))
-    click.echo(f"wrote {count} scenes to {out}")
+    write_scene_set(out, count, seed, SceneConfig(size=size), mosaic=mosaic)
+    click.echo(f"wrote {count} {'mosaics' if mosaic > 1 else 'scenes'} to {out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ PROB_FLOOR = 1e-5  # probabilities are clipped to this before taking -log
 
 @dataclass(frozen=True)
 class CRFConfig:
-    """DenseCRF parameters (defaults: the common DeepLab settings, as in the StableSeg+ setup).
+    """DenseCRF parameters.
+
+    The paper cites DenseCRF (Krähenbühl & Koltun, NeurIPS 2011) for StableSeg+ but states no
+    parameters; the defaults are this project's choice, values of the kind commonly used for
+    DenseCRF post-processing of segmentation maps, not figures from the paper.
 
     Attributes:
         iterations: mean-field inference steps.

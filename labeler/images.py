@@ -315,13 +315,15 @@ def to_rgb_array(image: Any, index: int = 0) -> np.ndarray:
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
-def resize_for_model(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """The model's view of an image: (size, size, 3) uint8, bicubic resize of its RGB pixels.
+def resize_for_model(image: np.ndarray | Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+    """The model's view of an image: (size, size, 3) uint8, bicubic resize of its RGB pixels
+    (a (width, height) ``size`` gives (height, width, 3), the working image of tiles).
 
     ``image`` is an RGB uint8 array (from :func:`to_rgb_array`) or an RGB PIL image.
     """
+    target = (size, size) if isinstance(size, int) else size
     picture = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    return np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))
+    return np.asarray(picture.resize(target, Image.Resampling.BICUBIC))
 
 
 def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -342,7 +344,8 @@ class PreparedImage:
     full-size pixels.
 
     Attributes:
-        pixels: (S, S, 3) uint8 from :func:`resize_for_model` at the model's ``image_size``.
+        pixels: (S, S, 3) uint8 from :func:`resize_for_model` at the model's ``image_size``
+            (with tiles: the (h, w, 3) working image, see :mod:`labeler.tiles`).
         size: (width, height) of the original image (EXIF orientation applied).
     """
 
@@ -350,12 +353,17 @@ class PreparedImage:
     size: tuple[int, int]
 
 
-def prepare_image(image: Any, side: int, size: tuple[int, int] | None = None) -> PreparedImage:
+def prepare_image(
+    image: Any,
+    side: int | Callable[[tuple[int, int]], tuple[int, int]],
+    size: tuple[int, int] | None = None,
+) -> PreparedImage:
     """An image (PIL or array, any mode) -> its :class:`PreparedImage` at ``side``.
 
     ``size`` is the (width, height) of the original when ``image`` is a reduced decode of it
-    (:func:`decode_image`'s ``at_least``); the mask is made at that size. Thread-safe and
-    torch-free: readers call it in worker threads.
+    (:func:`decode_image`'s ``at_least``); the mask is made at that size. ``side`` may be a
+    function of the original's (width, height) giving the (width, height) of the model's view
+    (tiles' working image). Thread-safe and torch-free: readers call it in worker threads.
     """
     picture = image if isinstance(image, Image.Image) and image.mode == "RGB" else None
     if picture is None:
@@ -363,4 +371,5 @@ def prepare_image(image: Any, side: int, size: tuple[int, int] | None = None) ->
         shown = (picture.shape[1], picture.shape[0])
     else:
         shown = picture.size
-    return PreparedImage(resize_for_model(picture, side), size or shown)
+    target = side(size or shown) if callable(side) else side
+    return PreparedImage(resize_for_model(picture, target), size or shown)

@@ -10,6 +10,7 @@ and the docs table are made from that declaration.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -109,6 +110,20 @@ def select_sizes(selection: SizeSelection, available: Iterable[int], default: in
     return set(selection)
 
 
+def _parse_tiles(value: str | float | None) -> float | None:
+    """``"2"`` / ``2.5`` -> model sides along the image's longer side (>= 1); ``"off"`` /
+    ``"none"`` / None -> None (no tiles)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    try:
+        tiles = float(value)
+    except ValueError:
+        raise ValueError(f"tiles must be a number >= 1 or off, got {value!r}") from None
+    if not tiles >= 1.0 or math.isinf(tiles):
+        raise ValueError(f"tiles must be a number >= 1 or off, got {value!r}")
+    return tiles
+
+
 ENV_PREFIX = "STABLESEG_"
 """The prefix of the model's and segmenter's variables (``STABLESEG_IMAGE_SIZE``)."""
 
@@ -135,6 +150,16 @@ def _parse_templates(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(part for part in parts if part.strip())
 
 
+_PAPER_DEFAULTS: dict[str, Any] = {
+    "presence_threshold": None,
+    "flip": False,
+    "ensemble_timesteps": (),
+    "ensemble_templates": (),
+    "sar_rounds": 1,
+}
+"""The test-time additions' values that leave the paper's method as it is."""
+
+
 @settings_group("Segmenter", env_prefix=ENV_PREFIX)
 @dataclass(frozen=True)
 class SegmenterConfig:
@@ -157,8 +182,11 @@ class SegmenterConfig:
         self_only: use the CAPM only to seed SAR, and take the final map from the SAPM alone.
         prompt_template: the prompt, with ``{}`` standing for the joined label names.
         label_separator: text between label names in the prompt.
-        background_threshold: ``None`` gives every pixel a label; otherwise pixels whose best
-            normalised probability is below this value become background (0).
+        background_threshold: ``None`` gives every pixel a label; otherwise a pixel becomes
+            background (0) where the cross-attention of the label it would get is below this
+            fraction of that label's strongest cross-attention in the image
+            (:mod:`labeler.background`), a rule whose meaning does not change with the number
+            of labels.
         background_prompt: a word (e.g. ``"background"``) prompted after the labels as one more
             class; pixels it wins become background (0). ``None``: no such class.
         presence_threshold: ``None`` lets every label compete everywhere; otherwise a label
@@ -172,7 +200,14 @@ class SegmenterConfig:
             ``prompt_template``'s (one more pass each).
         sar_rounds: rounds of Self-Attention Refinement; each round after the first takes its
             class vectors from the previous round's final map (no further UNet pass).
-        batch_size: images per UNet pass.
+        batch_size: images per UNet pass (windows per pass with tiles).
+        tiles: ``None`` for the paper's single pass over the image squeezed to ``image_size``;
+            otherwise the image is brought to a working size whose longer side is this many
+            model sides and segmented in overlapping windows of ``image_size``, each window
+            using only the labels a whole-image pass finds near it (:mod:`labeler.tiles`).
+        tile_overlap: the fraction of a window's side its neighbours share, at least.
+        tile_gate: a label takes part in a window where the whole-image pass gives it at least
+            this fraction of its peak probability in the image, near the window.
         map_weights: learned weight per attention layer (layer name -> weight), as written by
             the StableSeg++ trainer. ``None`` means uniform: the CAPM is the mean of the chosen
             cross-attention layers and the SAPM the mean of the chosen self-attention layers.
@@ -314,6 +349,35 @@ class SegmenterConfig:
         default=4,
         metadata=setting("Images per UNet pass.", parse=integer(minimum=1), metavar="N"),
     )
+    tiles: float | None = field(
+        default=None,
+        metadata=setting(
+            "Tiles for images larger than the model's side: the image is resized so its longer "
+            "side is TILES x image_size and segmented in overlapping windows of image_size "
+            "(labels chosen per window by a whole-image pass); e.g. 2 = about 4-9 windows.",
+            parse=_parse_tiles,
+            metavar="N",
+            default_text="off: one pass over the whole image (the paper)",
+        ),
+    )
+    tile_overlap: float = field(
+        default=0.25,
+        metadata=setting(
+            "With --tiles: the fraction of a window's side its neighbours share, at least.",
+            parse=number(0.0, 0.9),
+            metavar="0..0.9",
+        ),
+    )
+    tile_gate: float = field(
+        default=0.3,
+        metadata=setting(
+            "With --tiles: a label takes part in a window where the whole-image pass gives it "
+            "at least this fraction of its peak in the image, near the window (0: every label "
+            "in every window).",
+            parse=number(0.0, 1.0),
+            metavar="0..1",
+        ),
+    )
     map_weights: Mapping[str, float] | None = field(default=None, compare=True)
 
     def __post_init__(self) -> None:
@@ -349,6 +413,12 @@ class SegmenterConfig:
 
             prompt = normalise_label(self.background_prompt, "background_prompt")
             object.__setattr__(self, "background_prompt", prompt)
+        if self.tiles is not None:
+            object.__setattr__(self, "tiles", _parse_tiles(self.tiles))
+        if not 0.0 <= self.tile_overlap <= 0.9:
+            raise ValueError(f"tile_overlap must be in [0, 0.9], got {self.tile_overlap}")
+        if not 0.0 <= self.tile_gate <= 1.0:
+            raise ValueError(f"tile_gate must be in [0, 1], got {self.tile_gate}")
         if self.self_only and not self.use_sar:
             raise ValueError("self_only=True needs use_sar=True (the final map comes from SAR)")
         for name in ("cross_sizes", "self_sizes"):
@@ -371,8 +441,15 @@ class SegmenterConfig:
         only and is left out). Run files, cache keys and model versions derive from it."""
         data = asdict(self)
         data.pop("batch_size")
+        # Settings at their paper defaults are left out: the keys of runs (and model versions)
+        # made before they existed stay the same.
+        if data["tiles"] is None:
+            del data["tiles"], data["tile_overlap"], data["tile_gate"]
+        for name, paper in _PAPER_DEFAULTS.items():
+            if data[name] == paper:
+                del data[name]
         for name in ("cross_sizes", "self_sizes", "ensemble_timesteps", "ensemble_templates"):
-            if isinstance(data[name], tuple):
+            if isinstance(data.get(name), tuple):
                 data[name] = list(data[name])
         return data
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,9 +29,11 @@ from .sar import (
     cross_attention_map,
     final_scores,
     label_attention_from_tokens,
+    normalise,
     renormalise_over_labels,
     self_attention_class_probs,
 )
+from .tiles import TileCanvas, tile_windows, window_labels, working_size
 
 
 def default_device() -> torch.device:
@@ -267,7 +271,10 @@ class StableSeg:
     @property
     def input_size(self) -> int:
         """Side of the square image the model sees: ``config.image_size``, or the model's own
-        (``native_size``) when that is None."""
+        (``native_size``) when that is None; with tiles, the longer side of the working image
+        (readers decode images at least this large)."""
+        if self.config.tiles is not None:
+            return math.ceil(self.config.tiles * self.image_size)
         return self.image_size
 
     @property
@@ -282,7 +289,21 @@ class StableSeg:
         worker threads, so the calling thread never touches full-size pixels. ``size`` is the
         (width, height) of the original when ``image`` is a reduced decode of it.
         """
+        if self.config.tiles is not None:
+            return prepare_image(image, self._working_size, size)
         return prepare_image(image, self.image_size, size)
+
+    def _working_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the working image of tiles for an original of ``size``."""
+        assert self.config.tiles is not None
+        return working_size(size, self.image_size, self.config.tiles, self._cell_pixels)
+
+    @functools.cached_property
+    def _cell_pixels(self) -> int:
+        """Input pixels per cell of the final scores (8 for SD at 512 px)."""
+        latent = self.image_size // self.vae_scale_factor
+        cells = max(layer.side for layer in unet_attention_layers(self.unet, (latent, latent)))
+        return self.image_size // cells
 
     @property
     def device(self) -> torch.device:
@@ -521,13 +542,19 @@ class StableSeg:
         return [_View(*view) for view in itertools.product(templates, timesteps, flips)]
 
     @torch.inference_mode()
-    def _ensemble_pass(self, pixels: torch.Tensor, labels: list[str], plan: MapPlan) -> _Pass:
+    def _ensemble_pass(
+        self,
+        pixels: torch.Tensor,
+        labels: list[str],
+        plan: MapPlan,
+        present: torch.Tensor | None = None,
+    ) -> _Pass:
         """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
 
         The first member decides which labels are present (with a presence threshold) for all
-        of them; a mirrored member sees the mirrored image (``pixels``, (B, 3, S, S), encoded
-        once per orientation) and its maps are mirrored back. The per-layer maps returned are
-        the first member's.
+        of them, unless ``present`` (B, C) says it (tiles' windows); a mirrored member sees the
+        mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation) and its maps are
+        mirrored back. The per-layer maps returned are the first member's.
         """
         views = self.views()
         latents_of: dict[bool, torch.Tensor] = {}
@@ -539,7 +566,8 @@ class StableSeg:
                 seen_pixels = pixels.flip(-1) if view.flipped else pixels
                 latents_of[view.flipped] = self.encode_images(seen_pixels)  # (B, c, h, w)
             inputs = latents_of[view.flipped]
-            present = None if first is None else first.present
+            if first is not None:
+                present = first.present
             result = self._attention_pass(
                 inputs, self._prompts(labels, view.template), plan, view.timestep, present
             )
@@ -848,6 +876,15 @@ class StableSeg:
         if not isinstance(images, (list, tuple)):
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
+        if self.config.tiles is not None:
+            if return_layer_maps:
+                raise ValueError(
+                    "tiles do not make one set of layer maps per image (StableSeg++ map "
+                    "weights are fitted without tiles): leave tiles off for this run"
+                )
+            for index, image in enumerate(images):
+                yield self._segment_tiles(image, index, labels, prompted, plan, return_probs)
+            return
         size = self.config.batch_size
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
@@ -870,6 +907,86 @@ class StableSeg:
                     evidence=None if result.evidence is None else result.evidence[i],
                     layer_maps=layer_maps,
                 )
+
+    @torch.inference_mode()
+    def _segment_tiles(
+        self,
+        image: Any,
+        index: int,
+        labels: list[str],
+        prompted: list[str],
+        plan: MapPlan,
+        return_probs: bool,
+    ) -> PendingResult:
+        """One image with tiles (:mod:`labeler.tiles`): a whole-image pass chooses each
+        window's labels, the windows' final scores are blended at score resolution, and the
+        blend is finished as one image's scores are. Each pass is the ensemble's
+        (:meth:`_ensemble_pass`); the windows' labels are passed as the classes present, so a
+        label judged absent by the whole-image pass (with a presence threshold) stays out of
+        every window."""
+        side, step = self.image_size, self._cell_pixels
+        pixels, shape = self._working_image(image, index, step)  # (h, w, 3), (H, W)
+        height, width = pixels.shape[:2]
+        whole = self._ensemble_pass(
+            _pixels_tensor([resize_for_model(pixels, side)]), prompted, plan
+        )
+        whole_probs = normalise(whole.final[0], dim=0)  # (C, s, s)
+        windows = tile_windows((width, height), side, self.config.tile_overlap, step)
+        num_classes = whole.final.shape[1]
+        canvas = TileCanvas(num_classes, (height // step, width // step), self.device)
+        evidence = None
+        if whole.evidence is not None:
+            evidence = TileCanvas(whole.evidence.shape[1], canvas.weight.shape, self.device)
+        background = self.config.background_prompt is not None
+        gate = self.config.tile_gate
+        for start in range(0, len(windows), self.config.batch_size):
+            chunk = windows[start : start + self.config.batch_size]
+            crops = [pixels[w.top : w.top + side, w.left : w.left + side] for w in chunk]
+            allowed = torch.stack(
+                [window_labels(whole_probs, w, (width, height), gate) for w in chunk]
+            )  # (B, C)
+            if background:
+                allowed[:, -1] = True  # the background prompt is not a label to choose
+            if whole.present is not None:
+                allowed &= whole.present.to(allowed.device)  # (1, C) judged on the whole
+            result = self._ensemble_pass(_pixels_tensor(crops), prompted, plan, allowed)
+            origins = [w.cells(step) for w in chunk]
+            canvas.add(result.final, origins)
+            if evidence is not None and result.evidence is not None:
+                evidence.add(result.evidence, origins)
+        blended = None if evidence is None else evidence.result()
+        return PendingResult(
+            segmenter=self,
+            scores=canvas.result(),
+            shape=shape,
+            labels=labels,
+            return_probs=return_probs,
+            evidence=blended,
+        )
+
+    def _working_image(
+        self, image: Any, index: int, step: int
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Tiles' working image (h, w, 3) uint8 and the mask's (H, W), from an image or the
+        :class:`PreparedImage` that :meth:`prepare` made of it."""
+        if not isinstance(image, PreparedImage):
+            image = self.prepare(to_rgb_array(image, index=index))
+        pixels = np.asarray(image.pixels)
+        height, width = pixels.shape[:2]
+        side = self.image_size
+        if (
+            pixels.ndim != 3
+            or pixels.dtype != np.uint8
+            or height % step
+            or width % step
+            or min(height, width) < side
+        ):
+            raise ValueError(
+                f"prepared image {index} must be (h, w, 3) uint8 with each side a multiple of "
+                f"{step} and at least {side} for tiles, got {pixels.shape} {pixels.dtype}"
+            )
+        width_out, height_out = image.size
+        return pixels, (int(height_out), int(width_out))
 
     def _model_input(
         self, images: Sequence[Any], first_index: int
@@ -897,8 +1014,13 @@ class StableSeg:
                 pixels = resize_for_model(rgb, side)
                 shapes.append(rgb.shape[:2])
             batch.append(pixels)
-        tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
-        return tensor.float().div_(127.5).sub_(1.0), shapes
+        return _pixels_tensor(batch), shapes
+
+
+def _pixels_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
+    """(S, S, 3) uint8 arrays -> (B, 3, S, S) float in [-1, 1]."""
+    tensor = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+    return tensor.float().div_(127.5).sub_(1.0)
 
 
 def _uniform(

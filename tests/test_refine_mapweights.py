@@ -102,3 +102,24 @@ def test_targets_fit_background_only_when_it_has_a_map() -> None:
     np.testing.assert_array_equal(targets_at(mask, (2, 2)), [[-1, 0], [1, -1]])
     # A background prompt's map is the channel after the labels' (here 2 labels -> index 2).
     np.testing.assert_array_equal(targets_at(mask, (2, 2), background_index=2), [[2, 0], [1, -1]])
+
+
+def test_a_student_that_predicts_only_background_is_warned_about() -> None:
+    from labeler.train.mapweights import PixelSampler
+
+    maps = {"a": np.full((3, 2, 2), 1 / 3, np.float32)}  # 2 labels + the background prompt
+    config = MapFitConfig()
+    sampler = PixelSampler(["a"], (2, 2), config, num_images=2, background_index=2)
+    sampler.add(maps, np.zeros((4, 4), np.uint8))  # all background: fitted, as channel 2
+    sampler.add(maps, np.zeros((4, 4), np.uint8))
+    warning = sampler.background_only()
+    assert warning is not None and "only background" in warning
+    assert len(sampler.samples()[1]) == 8  # the fit can still run; the warning says why not to
+    sampler.add(maps, np.array([[0, 1], [0, 0]], np.uint8).repeat(2, 0).repeat(2, 1))
+    assert sampler.background_only() is None  # one label pixel is enough
+    # Without a background prompt nothing of an all-background mask is fitted (an error).
+    plain = PixelSampler(["a"], (2, 2), config, num_images=1)
+    plain.add({"a": np.full((2, 2, 2), 0.5, np.float32)}, np.zeros((4, 4), np.uint8))
+    assert plain.background_only() is None
+    with pytest.raises(ValueError, match="only background"):
+        plain.samples()

@@ -82,6 +82,9 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "ensemble_timesteps": (50, 100),
         "ensemble_templates": ("a {}", "the {}"),
         "sar_rounds": 2,
+        "tiles": 2.5,
+        "tile_overlap": 0.5,
+        "tile_gate": 0.2,
         "weights": str(weights),
     }
     assert set(values) == set(by_name(ModelSettings))  # the test covers every setting
@@ -409,6 +412,8 @@ COMMAND_INPUTS = {
         "ignore_index",
         "sweep",
         "preview",
+        "save_masks",
+        "student",
         "verbose",
     },
     "evaluate": {

@@ -112,10 +112,12 @@ def _folder_options(
     "--sweep",
     multiple=True,
     help="Measure every combination: key=v1,v2 items (repeatable, or space-separated in one "
-    "value). cross=16,32,64 self=16,32,64 prints Table 3's grid (a value is one side, "
-    "8+16 a list, <=32 every side up to 32); timestep=1,50,100,200 Table 4's row; "
-    "sar=on,off,self-only Table 2's; presence=off,1 flip=off,on timesteps=1,1+50+100 "
-    "sar-rounds=1,2 compare the test-time additions (docs/benchmark.md).",
+    "value). 'cross=<=16,<=32,<=64 self=<=16,<=32,<=64' prints Table 3's grid (the paper's "
+    "cells: every side up to the value, 8 included; a value may also be one side, 8+16 a "
+    "list, or all); timestep=1,50,100,200 Table 4's row; sar=on,off,self-only Table 2's; "
+    "presence=off,1 flip=off,on timesteps=1,1+50+100 sar-rounds=1,2 compare the test-time "
+    "additions (docs/benchmark.md); any other segmenter setting by its option's name, e.g. "
+    "tiles=off,2,4.",
 )
 @click.option(
     "--preview",
@@ -123,6 +125,19 @@ def _folder_options(
     default=0,
     show_default=True,
     help="Write preview.png: image | ground truth | prediction for the first N images.",
+)
+@click.option(
+    "--save-masks",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write every predicted mask to DIR/<image key>.png in the dataset's own ids, as "
+    "evaluation servers take them (Cityscapes labelIds, ADE20K 1..150 with 0 = other); with "
+    "--sweep, one subfolder per point.",
+)
+@click.option(
+    "--student",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Score a DeepLabV3+ trained by `refine` (W/plus/student or W/plusplus/student) "
+    "instead of StableSeg, e.g. on the validation split (the paper's Table 5).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def benchmark(
@@ -140,6 +155,8 @@ def benchmark(
     ignore_index: tuple[int, ...],
     sweep: tuple[str, ...],
     preview: int,
+    save_masks: Path | None,
+    student: Path | None,
     verbose: bool,
 ) -> None:
     """Measure StableSeg on DATASET (a preset) found under --root.
@@ -181,11 +198,14 @@ def benchmark(
             ignore_index=ignore_index,
             sweep=axes,
             preview=preview,
+            save_masks=save_masks,
+            student=student,
         )
         found = open_benchmark_dataset(options)  # layout errors before the model loads
     except (ValueError, KeyError) as err:
         raise click.UsageError(str(err).strip("'\"")) from None
-    check_model_source(settings.model.source)
+    if student is None:
+        check_model_source(settings.model.source)
     click.echo(
         f"{found.preset.title}, split {found.split}: {len(found.samples)} images"
         + (f", scoring the first {limit}" if limit else ""),
@@ -204,6 +224,8 @@ def benchmark(
     click.echo(f"wrote {out / 'benchmark.json'} and {out / 'table.md'}", err=True)
     if report.get("preview"):
         click.echo(f"wrote {out / report['preview']}", err=True)
+    if save_masks is not None:
+        click.echo(f"wrote the predicted masks (the dataset's own ids) to {save_masks}", err=True)
 
 
 def _echo_point(point: dict) -> None:

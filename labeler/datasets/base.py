@@ -71,6 +71,46 @@ class GtEncoding:
             raise ValueError(f"ground truth holds ids {bad} that this dataset does not use")
         return decoded.astype(np.uint8)  # (H, W)
 
+    def raw_ids(self) -> np.ndarray:
+        """(256,) int16: the raw id a project id is written as (the inverse of ``table``).
+
+        A project id several raw ids decode to is written as the smallest of them. Background
+        (0) and ignore (255), where no raw id decodes to them, are written as the first raw id
+        the dataset ignores (ADE20K's 0 = "other", Cityscapes' 0 = "unlabeled", CamVid's 11 =
+        void). ``INVALID`` where a project id has no raw id at all.
+        """
+        raw_of = np.full(256, INVALID, dtype=np.int16)
+        for raw in range(len(self.table) - 1, -1, -1):  # the smallest raw id wins
+            project = int(self.table[raw])
+            if project not in (INVALID, IGNORE):
+                raw_of[project] = raw
+        ignored = np.flatnonzero(self.table == IGNORE)
+        for project in (BACKGROUND, IGNORE):
+            if raw_of[project] == INVALID and len(ignored):
+                raw_of[project] = ignored[0]
+        return raw_of
+
+    def encode(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) project ids -> the dataset's own raw ids, as its files hold them: (H, W)
+        uint8 for an "index" encoding, (H, W, 3) uint8 with the id in red for a "red" one.
+
+        Raises:
+            ValueError: the mask holds ids this dataset cannot write (named).
+        """
+        mask = np.asarray(mask)
+        raw_of = self.raw_ids()
+        values = mask.astype(np.int64)
+        encoded = np.where((values >= 0) & (values < 256), raw_of[np.clip(values, 0, 255)], -1)
+        if (encoded < 0).any():
+            bad = sorted({int(v) for v in np.unique(values[encoded < 0])})[:10]
+            raise ValueError(f"mask ids {bad} have no id in this dataset's format")
+        ids = encoded.astype(np.uint8)  # (H, W)
+        if self.channel == "red":
+            rgb = np.zeros((*ids.shape, 3), np.uint8)  # (H, W, 3)
+            rgb[..., 0] = ids
+            return rgb
+        return ids
+
 
 def lookup_table(
     mapping: Mapping[int, int], ignored: Sequence[int] = (), size: int = 256
@@ -112,6 +152,8 @@ class DatasetPreset:
         background_rule: a sentence on what 0 means in this dataset and how it is scored.
         layout: the folder layout it reads, for help texts and error messages.
         download: where the dataset is published.
+        prediction_kind: the encoding predictions are written in for the dataset's evaluation
+            server or scripts (``benchmark --save-masks``): Cityscapes' labelIds, not trainIds.
     """
 
     name: str
@@ -125,6 +167,7 @@ class DatasetPreset:
     background_rule: str
     layout: str
     download: str
+    prediction_kind: str = "default"
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.class_names) <= MAX_LABELS:
@@ -133,6 +176,8 @@ class DatasetPreset:
             )
         if self.default_split not in self.splits:
             raise ValueError(f"{self.name}: default split {self.default_split!r} not in splits")
+        if self.prediction_kind not in self.encodings:
+            raise ValueError(f"{self.name}: prediction kind {self.prediction_kind!r} unknown")
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +216,11 @@ class DatasetPreset:
                 f"known: {', '.join(self.encodings)}"
             )
         return self.encodings[kind].decode(raw)
+
+    def encode_prediction(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) predicted project ids -> the dataset's own ids (``prediction_kind``), as its
+        evaluation server reads them (see :meth:`GtEncoding.encode`)."""
+        return self.encodings[self.prediction_kind].encode(mask)
 
     def score_protocol(self) -> ScoreProtocol:
         """How this dataset is scored: 255 ignored, and its background rule."""

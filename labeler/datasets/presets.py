@@ -131,6 +131,7 @@ CITYSCAPES = DatasetPreset(
         "https://www.cityscapes-dataset.com/ (leftImg8bit_trainvaltest.zip, "
         "gtFine_trainvaltest.zip)"
     ),
+    prediction_kind="labelIds",  # the evaluation server and cityscapesScripts read labelIds
 )
 
 FOOD_BACKGROUND = (

@@ -7,6 +7,11 @@ Layout of OUT (every file written atomically; a rerun overwrites them):
     table.md         the Markdown printed at the end: Table 1's row, or the sweep's grid
     preview.png      image | ground truth | prediction rows of the first images (--preview N)
 
+With ``--save-masks DIR`` every predicted mask is written as ``DIR/<sample key>.png`` in the
+dataset's own ids (``DatasetPreset.encode_prediction``: Cityscapes labelIds, ADE20K 1..150 with
+0 = other, CamVid 0..10 with 11 = void, ...), the files evaluation servers take; with a sweep,
+each point's masks go to ``DIR/<point>/`` (e.g. ``DIR/tiles=2/``).
+
 Protocols (the score protocol, which pixels count, is the dataset preset's):
 
 - ``paper``: each image is prompted with the classes present in its ground truth (the paper's
@@ -14,6 +19,9 @@ Protocols (the score protocol, which pixels count, is the dataset preset's):
 - ``open``: every class of the dataset is in every prompt (the usual open-vocabulary protocol).
 
 The model loads once; each sweep point is a :meth:`StableSeg.with_config` sharing its weights.
+With ``--student DIR`` the model scored is a DeepLabV3+ trained by ``refine`` (``W/plus/student``
+or ``W/plusplus/student``) instead of StableSeg: the paper's Table 5 scores its students on the
+validation split, which ``refine`` (trained and reported on its pool) does not see.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ class BenchmarkOptions:
             not scored).
         sweep: axes of a sweep (``labeler.jobs.sweep``); empty for one configuration.
         preview: rows of the preview strip (0: none), from the first sweep point.
+        save_masks: a folder for the predicted masks in the dataset's ids (see the module);
+            None: none are written.
+        student: a ``refine`` student folder to score instead of StableSeg (no sweep).
     """
 
     dataset: str
@@ -93,8 +104,14 @@ class BenchmarkOptions:
     ignore_index: tuple[int, ...] = ()
     sweep: tuple[SweepAxis, ...] = ()
     preview: int = 0
+    save_masks: Path | None = None
+    student: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.student is not None and self.sweep:
+            raise ValueError("--student scores one trained DeepLabV3+: it takes no --sweep")
+        if self.student is not None and self.settings.weights is not None:
+            raise ValueError("--weights applies to StableSeg; it cannot be combined with --student")
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOLS)}"
@@ -115,12 +132,13 @@ class PointScore:
     seconds: float = 0.0
     model_seconds: float = 0.0
     previews: list[tuple[Any, np.ndarray, np.ndarray]] = field(default_factory=list)
+    method: str | None = None  # the row's name when it is not StableSeg's (a student)
 
     def to_dict(self) -> dict[str, Any]:
         images = self.metrics["images"]
         return {
             "values": dict(self.point.values),
-            "method": method_name(self.point.config.mask_settings()),
+            "method": self.method or method_name(self.point.config.mask_settings()),
             "segmenter": config_json(self.point.config),
             **{k: v for k, v in self.metrics.items() if k != "protocol"},
             "skipped": self.skipped,
@@ -169,6 +187,7 @@ def score_point(
     previews: int = 0,
     bar: Any = None,
     workers: int | None = None,
+    save_masks: Path | None = None,
 ) -> PointScore:
     """Segment and score the first ``limit`` samples with one configuration.
 
@@ -177,7 +196,8 @@ def score_point(
     segmented in full batches; under the paper protocol each image is prompted with the
     classes of its ground truth, and images that share a label set share batches. The scores
     are sums over the images, so the order the stage yields them in does not matter; the
-    preview rows and the skipped images are kept in the samples' order.
+    preview rows and the skipped images are kept in the samples' order. With ``save_masks``
+    each prediction is written there in the dataset's own ids (``<sample key>.png``).
     """
     preset = dataset.preset
     score = preset.new_score()
@@ -222,6 +242,8 @@ def score_point(
                 pred = item.mask  # (H, W) dataset ids
                 assert pred is not None
                 score.add(pred, truth.gt)
+                if save_masks is not None:
+                    save_prediction(preset, pred, save_masks / f"{samples[item.key].key}.png")
                 if len(rows) < previews or (rows and -rows[0][0] > item.key):
                     # one of the first ``previews`` scored samples so far
                     row = (-item.key, _preview_row(truth.image, truth.gt, pred))
@@ -237,6 +259,19 @@ def score_point(
     result.previews = [row for _, row in sorted(rows, key=lambda pair: -pair[0])]
     result.metrics = score.summary()
     return result
+
+
+def save_prediction(preset: Any, pred: np.ndarray, path: Path) -> None:
+    """Write one predicted mask (project ids) at ``path`` in the dataset's own ids: a palette
+    PNG for index ids, an RGB PNG with the id in red for UEC FoodPix (atomically)."""
+    from PIL import Image
+
+    from exporters.png import mask_to_png
+
+    raw = preset.encode_prediction(pred)  # (H, W) or (H, W, 3) uint8
+    image = Image.fromarray(raw, "RGB") if raw.ndim == 3 else mask_to_png(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, image_bytes(image))
 
 
 def _preview_row(
@@ -260,7 +295,7 @@ def markdown_for(dataset: Dataset, results: Sequence[PointScore], grid: dict | N
     if grid is not None:
         return grid_markdown(grid)
     (only,) = results
-    method = method_name(only.point.config.mask_settings())
+    method = only.method or method_name(only.point.config.mask_settings())
     return table1_markdown(
         dataset.preset.name, dataset.preset.title, method, only.metrics.get("mIoU")
     )
@@ -283,14 +318,24 @@ def run_benchmark(
     """
     dataset = open_benchmark_dataset(options)
     points = sweep_points(options.settings.segmenter, options.sweep)
-    if model is None:
-        from .models import load_stableseg
+    if options.student is not None:
+        from .models import load_student_segmenter
 
-        model = load_stableseg(options.settings.model, points[0].config)
-    segmenters = [model.with_config(point.config) for point in points]
+        if model is None:
+            model = load_student_segmenter(
+                options.student, points[0].config, options.settings.model.device
+            )
+        segmenters = [model]
+    else:
+        if model is None:
+            from .models import load_stableseg
+
+            model = load_stableseg(options.settings.model, points[0].config)
+        segmenters = [model.with_config(point.config) for point in points]
     for point, segmenter in zip(points, segmenters, strict=True):
         try:
-            segmenter.plan()
+            if options.student is None:
+                segmenter.plan()
         except ValueError as err:
             where = f"sweep point {point.label()}: " if point.values else ""
             raise ValueError(f"{where}{err}") from None
@@ -309,9 +354,12 @@ def run_benchmark(
             options.limit,
             previews=options.preview if index == 0 else 0,
             bar=progress,
+            save_masks=_masks_folder(options, point),
         )
         if progress is not None:
             progress.close()
+        if options.student is not None:
+            scored.method = f"DeepLabV3+ student ({options.student})"
         if not scored.metrics["images"]:
             first = scored.skipped[0] if scored.skipped else {"image": "-", "reason": "no images"}
             raise ValueError(
@@ -337,6 +385,14 @@ def run_benchmark(
     atomic_write_text(options.out / "table.md", markdown)
     atomic_write_json(options.out / "benchmark.json", report, indent=2)
     return report
+
+
+def _masks_folder(options: BenchmarkOptions, point: SweepPoint) -> Path | None:
+    """Where a point's masks go: ``--save-masks``, or its subfolder named by the point."""
+    if options.save_masks is None or not point.values:
+        return options.save_masks
+    name = "_".join(f"{key}={value}" for key, value in point.values.items())
+    return options.save_masks / name.replace("/", "-").replace("<", "le").replace(" ", "")
 
 
 def _notes(options: BenchmarkOptions, preset: Any) -> list[str]:
@@ -391,8 +447,9 @@ def _report(
             "model": asdict(settings.model),
             "segmenter": config_json(settings.segmenter),
             "weights": str(settings.weights) if settings.weights else None,
-            "device": str(model.device),
-            "torch_dtype": str(model.dtype).removeprefix("torch."),
+            "student": str(options.student) if options.student else None,
+            "device": str(getattr(model, "device", settings.model.device)),
+            "torch_dtype": str(getattr(model, "dtype", "float32")).removeprefix("torch."),
         },
         "paper": paper_figures(preset.name) if options.protocol == "paper" else {},
         "table": markdown,

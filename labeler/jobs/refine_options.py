@@ -151,6 +151,12 @@ class RefineOptions:
                 f"({FIRST_STAGE}, the pseudo-masks and cache, always runs first)"
             )
         object.__setattr__(self, "stages", tuple(s for s in STAGES if s in self.stages))
+        if self.segmenter.tiles is not None:
+            raise ValueError(
+                "refine caches one set of attention maps per image for StableSeg++, which tiles "
+                "do not make: leave --tiles off for refine (pseudo-label, benchmark and serve "
+                "take it)"
+            )
         if self.plusplus_masks not in PLUSPLUS_MASKS:
             raise ValueError(
                 f"plusplus_masks must be one of {', '.join(PLUSPLUS_MASKS)}, "

@@ -13,6 +13,9 @@ A sweep is one or more axes, each written ``key=v1,v2,...``:
     timesteps=1,1+50+100  the timesteps averaged (the first is --timestep, the others the
                         ensemble's)
     sar-rounds=1,2,3    rounds of Self-Attention Refinement
+    tiles=off,2,4       any other setting of the segmenter, by its name (``--tiles`` ->
+                        ``tiles``, ``--tile-overlap`` -> ``tile-overlap``), values as its option
+                        reads them
 
 Every combination of the axes' values is one point: the base :class:`SegmenterConfig` with
 those fields changed.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from labeler.model_settings import SegmenterConfig, parse_sizes
+from labeler.settings import Setting, by_name
 
 
 def _sizes(field: str) -> Callable[[str], dict[str, Any]]:
@@ -112,6 +116,19 @@ SWEEP_KEYS: dict[str, SweepKey] = {
 SIZE_KEYS = ("cross", "self")
 
 
+def _declared(key: str) -> Setting | None:
+    """The segmenter setting a sweep key names (``tile-overlap`` or ``tile_overlap``), if any:
+    every declared setting of :class:`SegmenterConfig` is sweepable by its name."""
+    return by_name(SegmenterConfig).get(key.replace("-", "_"))
+
+
+def _setting_value(setting: Setting) -> Callable[[str], dict[str, Any]]:
+    def parse(text: str) -> dict[str, Any]:
+        return {setting.field: setting.parse(text, source=setting.name.replace("_", "-"))}
+
+    return parse
+
+
 @dataclass(frozen=True)
 class SweepAxis:
     """One axis: a key and its values as written, with the config changes of each value."""
@@ -139,9 +156,14 @@ def parse_axis(text: str) -> SweepAxis:
     key = key.strip().lower()
     if not sep or not key:
         raise ValueError(f"sweep {text!r}: write key=v1,v2 (keys: {', '.join(SWEEP_KEYS)})")
-    if key not in SWEEP_KEYS:
+    declared = None if key in SWEEP_KEYS else _declared(key)
+    if key not in SWEEP_KEYS and declared is None:
         keys = ", ".join(SWEEP_KEYS)
-        raise ValueError(f"sweep {text!r}: unknown key {key!r}; choose from {keys}")
+        raise ValueError(
+            f"sweep {text!r}: unknown key {key!r}; choose from {keys}, or a segmenter setting "
+            "by its option's name (e.g. tiles)"
+        )
+    parse_value = SWEEP_KEYS[key].parse if declared is None else _setting_value(declared)
     # "<=16,<=32" splits into "<=16" and "<=32"; a list inside one value is joined by "+".
     values = tuple(v.strip() for v in rest.split(",") if v.strip())
     if not values:
@@ -151,7 +173,7 @@ def parse_axis(text: str) -> SweepAxis:
     changes = []
     for value in values:
         try:
-            changes.append(SWEEP_KEYS[key].parse(value))
+            changes.append(parse_value(value))
         except ValueError as err:
             raise ValueError(f"sweep {key}={value!r}: {err}") from None
     return SweepAxis(key, values, tuple(changes))

@@ -90,6 +90,8 @@ def method_name(config: Mapping[str, Any]) -> str:
         name = "StableSeg, SAR map only"
     else:
         name = "StableSeg"
+    if config.get("tiles"):
+        name += f", tiles {config['tiles']:g}"
     return name
 
 

@@ -122,6 +122,7 @@ class PixelSampler:
         self.rng = np.random.default_rng(config.seed)
         self.features: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.label_pixels = 0  # sampled pixels whose target is a label, not background
 
     def add(
         self,
@@ -143,6 +144,22 @@ class PixelSampler:
         features, labels = sample_pixels(stacked, targets, self.count, self.rng)
         self.features.append(features)  # (n, L, C)
         self.labels.append(labels)  # (n,)
+        if background is None:
+            self.label_pixels += len(labels)
+        else:
+            self.label_pixels += int((labels != background).sum())
+
+    def background_only(self) -> str | None:
+        """A warning when the student's masks give every fitted pixel to background (with a
+        background prompt, whose pixels are fitted too): the weights would then be learned
+        from background alone and cannot teach the labels anything. None otherwise."""
+        if self.label_pixels or not sum(len(labels) for labels in self.labels):
+            return None
+        return (
+            "the StableSeg+ student predicted only background on the pool: the map weights "
+            "are fitted to background pixels alone and will not improve the labels (train "
+            "the student longer, or look at its predictions in plus/pred)"
+        )
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, L, C) features and (N,) labels of every image added.

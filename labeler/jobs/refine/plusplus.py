@@ -9,6 +9,7 @@ stage-1 maps, whose self-attention part was seeded by the uniform CA map) would 
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from labeler.model_settings import SegmenterConfig
 
     from .workdir import RefineRun
+
+log = logging.getLogger(__name__)
 
 
 def fit(run: RefineRun) -> dict[str, Any]:
@@ -51,6 +54,9 @@ def fit(run: RefineRun) -> dict[str, Any]:
         bar.update(1)
     bar.close()
     features, labels = sampler.samples()
+    warning = sampler.background_only()
+    if warning:
+        log.warning(warning)
     bar = run.bar(config.steps, "plusplus: fitting map weights", "step")
     fit = fit_map_weights(
         features, labels, sampler.names, initial, config, lambda s, v: bar.update()
@@ -80,6 +86,7 @@ def fit(run: RefineRun) -> dict[str, Any]:
         "final_loss": fit.final_loss,
         "weights": fit.weights,
         "initial_weights": fit.initial,
+        **({"warning": warning} if warning else {}),
     }
 
 
