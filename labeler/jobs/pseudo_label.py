@@ -181,25 +181,8 @@ def label_images(
             with lock:
                 on_progress(n)
 
-    read_plan = ReadPlan(
-        images_dir=options.images_dir,
-        max_pixels=options.max_pixels,
-        input_size=model.input_size,
-        preview=options.preview,
-        keep_rgb=options.crf,
-        gt_dir=options.labels_from_gt,
-        num_labels=len(options.labels),
-    )
-    write_plan = WritePlan(
-        out_dir=options.out_dir,
-        labels=list(options.labels),
-        formats=tuple(options.formats),
-        preview=options.preview,
-        crf=options.crf,
-        background_threshold=options.segmenter.background_threshold,
-        model_version=model.model_version,
-        polygons=options.polygon_settings(),
-    )
+    read_plan = ReadPlan.for_run(options, model.input_size)
+    write_plan = WritePlan.for_run(options, model.model_version)
 
     def load(relative: Path) -> Loaded:
         stats.waiting.add()  # taken off when the image comes out of the stage

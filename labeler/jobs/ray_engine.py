@@ -295,24 +295,8 @@ def _dataset(
     """The Ray Data pipeline of the run: listing -> read tasks -> model actors -> write tasks."""
     rule = InputRule.of(options)
     batch_size = max(1, options.segmenter.batch_size)
-    read_plan = ReadPlan(
-        images_dir=options.images_dir,
-        max_pixels=options.max_pixels,
-        input_size=rule.input_size,
-        preview=options.preview,
-        keep_rgb=options.crf,
-        gt_dir=options.labels_from_gt,
-        num_labels=len(options.labels),
-    )
-    write_plan = WritePlan(
-        out_dir=options.out_dir,
-        labels=list(options.labels),
-        formats=tuple(options.formats),
-        preview=options.preview,
-        crf=options.crf,
-        background_threshold=options.segmenter.background_threshold,
-        model_version="",  # each image's, from the actor that segmented it
-    )
+    read_plan = ReadPlan.for_run(options, rule.input_size)
+    write_plan = WritePlan.for_run(options, "")  # each image's version: its actor's
     # The listing in chunks of whole model batches, one block each: each actor call segments
     # one chunk, batched by the stage as the local engine batches (the same images together).
     task_images = batch_size * math.ceil(TASK_IMAGES / batch_size)

@@ -34,6 +34,7 @@ from labeler.images import ImageError, decode_image, open_image
 
 from .io import image_input
 from .layout import stem_path
+from .pseudo_label_options import PseudoLabelOptions
 from .stage import Loaded
 from .storage import Location
 
@@ -77,6 +78,19 @@ class ReadPlan:
     def reduce(self) -> bool:
         """Whether a JPEG may be decoded at a reduced scale (see the module's docstring)."""
         return self.input_size is not None and not self.keep_rgb
+
+    @classmethod
+    def for_run(cls, options: PseudoLabelOptions, input_size: int | None) -> ReadPlan:
+        """The reading of a ``pseudo-label`` run, whichever engine runs it."""
+        return cls(
+            images_dir=options.images_dir,
+            max_pixels=options.max_pixels,
+            input_size=input_size,
+            preview=options.preview,
+            keep_rgb=options.crf,
+            gt_dir=options.labels_from_gt,
+            num_labels=len(options.labels),
+        )
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .io import (
 )
 from .layout import mask_path, pieces_path, preview_path, record_path
 from .pipeline import StageClock
+from .pseudo_label_options import PseudoLabelOptions
 from .reading import Pictures
 from .stage import Segmented
 from .storage import Location
@@ -49,6 +50,20 @@ class WritePlan:
     background_threshold: float | None
     model_version: str
     polygons: dict[str, Any] | None = None  # PseudoLabelOptions.polygon_settings()
+
+    @classmethod
+    def for_run(cls, options: PseudoLabelOptions, model_version: str) -> WritePlan:
+        """The writing of a ``pseudo-label`` run, whichever engine runs it."""
+        return cls(
+            out_dir=options.out_dir,
+            labels=list(options.labels),
+            formats=tuple(options.formats),
+            preview=options.preview,
+            crf=options.crf,
+            background_threshold=options.segmenter.background_threshold,
+            model_version=model_version,
+            polygons=options.polygon_settings(),
+        )
 
 
 def apply_crf(
