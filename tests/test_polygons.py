@@ -165,9 +165,19 @@ def ultralytics_masks(data_yaml: Path, side: int = 640) -> dict[str, np.ndarray]
     ``side`` x ``side`` (class + 1 ids), by image stem."""
     import os
 
+    from PIL import Image
+
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics.data import YOLODataset
-    from ultralytics.data.utils import check_det_dataset, polygon2mask
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # never pip-installs from a test
+    pil_open = Image.open
+    try:
+        from ultralytics.data import YOLODataset
+        from ultralytics.data.utils import check_det_dataset, polygon2mask
+    finally:
+        # Importing ultralytics replaces PIL's Image.open with one that, on a file PIL cannot
+        # identify, tries to install a HEIF plugin: every later test in this process would
+        # get that instead of PIL's UnidentifiedImageError.
+        Image.open = pil_open
 
     data = check_det_dataset(str(data_yaml), autodownload=False)
     dataset = YOLODataset(img_path=data["train"], imgsz=side, data=data, task="segment")
