@@ -18,8 +18,8 @@ Synonyms: a label may have more names, written after it and separated by ``|`` (
 | sedan`` on a labels file's line, ``--labels "car|automobile, person"``). The first name is the
 label's name in every output; every name is prompted, and the label's attention is the mean over
 its names (:func:`labeler.sar.label_attention_from_tokens`). A label whose own name holds ``|``
-writes it ``\\|``. A synonym follows the rules above; it may repeat its own label's name, not
-another label's.
+writes it ``\\|``. A synonym follows the rules above; it may repeat its own label's name (a
+repeat is prompted once), not another label's.
 
 Any other character is allowed and carried unchanged into the prompt, COCO categories,
 ``classes.json`` and Label Studio results. ``labelmap.txt`` (the CVAT format, whose fields are
@@ -53,7 +53,15 @@ class Label(str):
 
     def __new__(cls, name: str, synonyms: Iterable[str] = ()) -> Label:
         label = super().__new__(cls, name)
-        label.synonyms = tuple(synonyms)
+        # A name given twice (the label's own included) is prompted once: a repeat would only
+        # move the same word to another position of the prompt.
+        seen = {name.strip().casefold()}
+        kept = []
+        for other in synonyms:
+            if other.strip().casefold() not in seen:
+                seen.add(other.strip().casefold())
+                kept.append(other)
+        label.synonyms = tuple(kept)
         return label
 
     def __repr__(self) -> str:
@@ -164,7 +172,8 @@ def with_synonyms(
                     f"{name!r} ({names[k]}) names two labels, {labels[first]!r} and {label!r}; "
                     "a synonym must belong to one label"
                 )
-        result.append(Label(label, clean) if clean else label)
+        named = Label(label, clean)
+        result.append(named if named.synonyms else label)
     return result
 
 
