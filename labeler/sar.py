@@ -16,7 +16,11 @@ EPS = 1e-8
 
 
 def label_attention_from_tokens(
-    token_maps: torch.Tensor, token_class: torch.Tensor, num_classes: int, num_prompts: int
+    token_maps: torch.Tensor,
+    token_class: torch.Tensor,
+    num_classes: int,
+    num_prompts: int,
+    token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The cross-attention each label gets at one layer, before renormalisation over labels.
 
@@ -26,20 +30,32 @@ def label_attention_from_tokens(
         token_class: (P, T) label index of each token column; -1 on padding.
         num_classes: C.
         num_prompts: P.
+        token_weight: (P, T) each token's weight (``PromptBatch.token_weight``): with synonyms,
+            the mean over the label's names of each name's mean token map. None: every token of
+            a label weighs the same.
 
     Returns:
         (B, C, h, w): for each label the mean of its tokens' maps (a share of the softmax over
         the prompt's tokens; the rest went to other tokens, BOS and padding among them).
+
+    Synonyms are merged here, before the renormalisation over labels: everything after (the
+    CAPM, the background evidence, presence, SAR's class vectors, the argmax) sees one class per
+    label, and a label with synonyms neither gains nor loses weight against the others for
+    having more names, as it would if each name were a class of its own until the final map.
     """
     rows, _, height, width = token_maps.shape
     batch = rows // num_prompts
     valid = token_class >= 0
     onehot = F.one_hot(token_class.clamp(min=0), num_classes).to(token_maps.dtype)  # (P, T, C)
     onehot = onehot * valid[..., None].to(token_maps.dtype)
-    counts = onehot.sum(dim=1, keepdim=True).clamp(min=1)  # (P, 1, C)
-    average = onehot / counts  # (P, T, C)
+    if token_weight is None:
+        counts = onehot.sum(dim=1, keepdim=True).clamp(min=1)  # (P, 1, C)
+        average = onehot / counts  # (P, T, C)
+    else:
+        average = onehot * token_weight[..., None].to(token_maps.dtype)  # (P, T, C)
     maps = token_maps.view(batch, num_prompts, -1, height, width)  # (B, P, T, h, w)
-    # Every label lives in exactly one prompt, so summing over prompts concatenates the labels.
+    # A label's weights sum to 1 over every prompt it appears in (its names may be spread over
+    # several), so summing over prompts gives each label's (weighted) mean.
     return torch.einsum("bpthw,ptc->bchw", maps, average)  # (B, C, h, w)
 
 

@@ -20,6 +20,7 @@ from .attention import AttentionRecorder, LayerInfo, recorder_for, unet_attentio
 from .background import layers_evidence
 from .finish import BAND_BYTES, finish_scores
 from .images import PreparedImage, prepare_image, resize_for_model, to_rgb_array
+from .labels import synonyms_of
 from .model_settings import SegmenterConfig, SizeSelection, select_sizes
 from .presence import gate, judge_presence, presence_evidence
 from .prompts import PromptBatch, build_prompts, validate_labels
@@ -73,6 +74,7 @@ class _Prompts:
     embeddings: torch.Tensor  # (P, L, D)
     token_index: torch.Tensor  # (P, T)
     token_class: torch.Tensor  # (P, T)
+    token_weight: torch.Tensor | None  # (P, T), with synonyms only (the default: each label's mean)
 
 
 @dataclass
@@ -435,7 +437,8 @@ class StableSeg:
     @torch.inference_mode()
     def _prompts(self, labels: Sequence[str], template: str | None = None) -> _Prompts:
         template = self.config.prompt_template if template is None else template
-        key = (*labels, "\x00", template, self.config.label_separator)
+        synonyms = tuple(synonyms_of(label) for label in labels)  # Label == its name: keyed too
+        key = (*labels, "\x00", template, self.config.label_separator, synonyms)
         if key not in self._embedding_cache:
             batch = build_prompts(self.tokenizer, labels, template, self.config.label_separator)
             ids = batch.input_ids.to(self.device)
@@ -448,6 +451,7 @@ class StableSeg:
                 embeddings,
                 batch.token_index.to(self.device),
                 batch.token_class.to(self.device),
+                batch.token_weight.to(self.device) if any(synonyms) else None,
             )
         return self._embedding_cache[key]
 
@@ -668,7 +672,7 @@ class StableSeg:
         shares: dict[str, torch.Tensor] = {}
         for name, token_maps in cross.items():
             attention[name] = label_attention_from_tokens(
-                token_maps, prompts.token_class, num_classes, num_prompts
+                token_maps, prompts.token_class, num_classes, num_prompts, prompts.token_weight
             )  # (B, C, h, w) before renormalisation
             # CAPM of the layer (B, C, h, w) and the labels' share of its attention (B, 1, h, w)
             layer_maps[name], shares[name] = renormalise_over_labels(attention[name])

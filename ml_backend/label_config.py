@@ -6,7 +6,12 @@ a PolygonLabels tag (then each object of a label comes back as one polygon regio
 ``<Image name="image" value="$image"/>``. A config with both predicts for its first
 BrushLabels. The model sees each label's
 prompt: its ``prompt`` attribute, else the first of its ``predicted_values``, else the label
-itself (its ``alias`` when it has one, as Label Studio stores the alias in results).
+itself (its ``alias`` when it has one, as Label Studio stores the alias in results). A label's
+``synonyms`` attribute (``<Label value="Car" synonyms="automobile, sedan"/>``, comma-separated)
+gives more names the model is prompted with for it, averaged into its map
+(:class:`labeler.labels.Label`); like ``prompt`` it is the backend's own attribute, which Label
+Studio ignores (its ``alias`` renames the label in results and ``hint`` is a tooltip, so neither
+is taken for this).
 
 Prompts follow the one label rule (:func:`labeler.labels.validate_labels`: NFC, single spaces,
 no invisible characters, unique ignoring case); label values stay exactly as the config spells
@@ -33,7 +38,7 @@ from xml.etree import ElementTree
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse
 
-from labeler.labels import validate_labels
+from labeler.labels import validate_labels, with_synonyms
 from labeler.result import MAX_LABELS
 
 logger = logging.getLogger(__name__)
@@ -168,6 +173,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
     from_name = brush.get("name", "")
     labels: list[str] = []
     prompts: list[str] = []
+    synonyms: list[list[str]] = []
     for tag in brush.iter("Label"):
         label = (tag.get("alias") or tag.get("value") or "").strip()
         if label and label not in labels:
@@ -179,6 +185,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
                 )
             labels.append(label)
             prompts.append(_prompt(label, tag.attrib))
+            synonyms.append([n for n in tag.get("synonyms", "").split(",") if n.strip()])
     if not labels:
         raise LabelConfigError(
             f'<{brush.tag} name="{from_name}"> has no <Label> children; add the classes to '
@@ -187,6 +194,7 @@ def parse_label_config(label_config: Any, max_labels: int = MAX_LABELS) -> Brush
     where = [f"the prompt of label {label!r}" for label in labels]
     try:
         prompts = validate_labels(prompts, where, max_labels=max_labels)
+        prompts = with_synonyms(prompts, synonyms, where)
     except ValueError as err:
         hint = ""
         if str(err).startswith("duplicate"):

@@ -210,13 +210,13 @@ def segmenter_options(func: Callable[..., Any] | None = None, *, environment: bo
 
 def parse_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     """--labels "a,b" or --labels-file: exactly one of them, validated (labeler.labels)."""
-    from labeler.labels import parse_labels_file, split_labels, validate_labels
+    from labeler.labels import parse_labels_file, parse_labels_text
 
     if (labels is None) == (labels_file is None):
         raise click.UsageError("give the label names with exactly one of --labels or --labels-file")
     try:
         if labels is not None:
-            return validate_labels(split_labels(labels))
+            return parse_labels_text(labels)
         assert labels_file is not None
         lines = labels_file.read_text(encoding="utf-8-sig").splitlines()
         return parse_labels_file(lines, str(labels_file))
