@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +150,14 @@ def _parse_templates(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(part for part in parts if part.strip())
 
 
-_PAPER_DEFAULTS: dict[str, Any] = {
-    "presence_threshold": None,
-    "flip": False,
-    "ensemble_timesteps": (),
-    "ensemble_templates": (),
-    "sar_rounds": 1,
-}
-"""The test-time additions' values that leave the paper's method as it is."""
+_ADDITIONS = (
+    "presence_threshold",
+    "flip",
+    "ensemble_timesteps",
+    "ensemble_templates",
+    "sar_rounds",
+)
+"""The test-time additions: at their declared defaults they leave the paper's method as it is."""
 
 
 @settings_group("Segmenter", env_prefix=ENV_PREFIX)
@@ -445,13 +445,17 @@ class SegmenterConfig:
         # made before they existed stay the same.
         if data["tiles"] is None:
             del data["tiles"], data["tile_overlap"], data["tile_gate"]
-        for name, paper in _PAPER_DEFAULTS.items():
-            if data[name] == paper:
+        for name in _ADDITIONS:
+            if data[name] == _DEFAULTS[name]:
                 del data[name]
         for name in ("cross_sizes", "self_sizes", "ensemble_timesteps", "ensemble_templates"):
             if isinstance(data.get(name), tuple):
                 data[name] = list(data[name])
         return data
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SegmenterConfig)}
+"""Each segmenter setting's default, as declared on its field."""
 
 
 @settings_group("Model", env_prefix=ENV_PREFIX)

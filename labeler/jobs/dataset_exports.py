@@ -43,27 +43,21 @@ HF_PARQUET_ROWS = 1000  # rows per Parquet file
 FORMAT_EXTRAS = {"hf": ("datasets", "hf")}
 
 
-def check_dataset_formats(formats: Iterable[str], out: Location) -> None:
-    """Refuse ``--format hf`` into object storage at once: its two folders replace the old ones
-    by a rename (:func:`~labeler.jobs.io.atomic_folder`), which object stores do not have.
-
-    Raises:
-        ValueError: saying what to do instead.
-    """
+def check_formats(formats: Iterable[str], out: Location) -> None:
+    """Refuse at once, before anything is labelled, a format this run cannot write: one whose
+    package is missing (:class:`~labeler.jobs.extras.MissingExtraError`, with the install
+    command), or ``--format hf`` into object storage (``ValueError``: its two folders replace
+    the old ones by a rename, :func:`~labeler.jobs.io.atomic_folder`, which object stores do
+    not have)."""
+    formats = set(formats)
+    for name in sorted(formats & FORMAT_EXTRAS.keys()):
+        module, extra = FORMAT_EXTRAS[name]
+        require_extra(module, extra, f"--format {name}")
     if "hf" in formats and isinstance(out, RemotePath):
         raise ValueError(
             f"--format hf writes folders, which cannot be replaced atomically in object storage "
             f"({out}): write it to a local --out, or choose coco, labelstudio or cvat-mask"
         )
-
-
-def check_format_extras(formats: Iterable[str]) -> None:
-    """Fail at once (:class:`~labeler.jobs.extras.MissingExtraError`) when a format in
-    ``formats`` needs a package that is not installed."""
-    for name in formats:
-        if name in FORMAT_EXTRAS:
-            module, extra = FORMAT_EXTRAS[name]
-            require_extra(module, extra, f"--format {name}")
 
 
 def write_cvat_files(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
-from .dataset_exports import check_dataset_formats, check_format_extras
+from .dataset_exports import check_formats
 from .distributed import Distributed
 from .exports import assemble_exports
 from .io import (
@@ -256,8 +256,7 @@ def run(
     unknown = sorted(set(options.formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown --format {unknown}; choose from {list(FORMATS)}")
-    check_format_extras(options.formats)
-    check_dataset_formats(options.formats, options.out_dir)
+    check_formats(options.formats, options.out_dir)
     if options.engine == "ray":
         from .ray_engine import require_ray
 
