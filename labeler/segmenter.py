@@ -87,6 +87,16 @@ class _Pass:
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
     present: torch.Tensor | None = None  # (B, C) bool, with a presence threshold
 
+    def select(self, rows: list[int]) -> _Pass:
+        """The pass of some of its images (``rows``, in that order)."""
+        return _Pass(
+            final=self.final[rows],
+            layer_maps={name: m[rows] for name, m in self.layer_maps.items()},
+            evidence=None if self.evidence is None else self.evidence[rows],
+            shares=None if self.shares is None else {n: m[rows] for n, m in self.shares.items()},
+            present=None if self.present is None else self.present[rows],
+        )
+
     @staticmethod
     def concat(parts: list[_Pass]) -> _Pass:
         """The passes of consecutive image groups as one pass over all their images."""
@@ -552,16 +562,40 @@ class StableSeg:
         labels: list[str],
         plan: MapPlan,
         present: torch.Tensor | None = None,
+        encoded: torch.Tensor | None = None,
     ) -> _Pass:
         """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
 
         The first member decides which labels are present (with a presence threshold) for all
         of them, unless ``present`` (B, C) says it (tiles' windows); a mirrored member sees the
-        mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation) and its maps are
-        mirrored back. The per-layer maps returned are the first member's.
+        mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation; ``encoded``:
+        the unmirrored latents when already made) and its maps are mirrored back. The
+        per-layer maps returned are the first member's. With ``reprompt``, the images with a
+        class left out are segmented again with only the classes that take part
+        (:meth:`_prompt_present`).
         """
         views = self.views()
         latents_of: dict[bool, torch.Tensor] = {}
+        if encoded is not None:
+            latents_of[False] = encoded
+        reuse: _Pass | None = None
+        if self.config.reprompt:
+            if present is None and self.config.presence_threshold is not None:
+                # The judging pass: the first member, every label prompted.
+                view = views[0]
+                latents_of[False] = latents_of.get(False, self.encode_images(pixels))
+                judged = self._attention_pass(
+                    latents_of[False], self._prompts(labels, view.template), plan, view.timestep
+                )
+                present = judged.present
+                assert present is not None
+                reuse = judged if len(views) == 1 else None
+                if reuse is not None and bool(present.all()):
+                    return judged
+            if present is not None and not bool(present.all()):
+                return self._prompt_present(
+                    pixels, labels, plan, present, latents_of.get(False), reuse
+                )
         first: _Pass | None = None
         final: torch.Tensor | None = None
         evidence: torch.Tensor | None = None
@@ -590,6 +624,68 @@ class StableSeg:
         first.final = final / len(views)
         first.evidence = None if evidence is None else evidence / len(views)
         return first
+
+    @torch.inference_mode()
+    def _prompt_present(
+        self,
+        pixels: torch.Tensor,
+        labels: list[str],
+        plan: MapPlan,
+        present: torch.Tensor,
+        encoded: torch.Tensor | None,
+        reuse: _Pass | None = None,
+    ) -> _Pass:
+        """The ensemble's pass with each image prompted with only its classes that take part
+        (``present``, (B, C) bool; the background prompt always does).
+
+        Images that keep the same classes share a pass; each pass's maps are put back in the
+        channels of ``labels``, the left-out classes' channels 0, as :func:`gate` leaves them.
+        The images that keep every class take their rows of ``reuse`` (the judging pass, when
+        it was the whole ensemble) instead of a pass of their own.
+        """
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        for index, row in enumerate(present.cpu().tolist()):
+            groups.setdefault(tuple(row), []).append(index)
+        batch, num_classes = present.shape
+        num_labels = num_classes - (self.config.background_prompt is not None)
+        merged: _Pass | None = None
+        for pattern, rows in groups.items():
+            keep = [c for c, on in enumerate(pattern) if on]
+            if reuse is not None and len(keep) == num_classes:
+                part = reuse.select(rows)
+            else:
+                part = self._ensemble_pass(
+                    pixels[rows],
+                    [labels[c] for c in keep],
+                    plan,
+                    torch.ones(len(rows), len(keep), dtype=torch.bool, device=present.device),
+                    None if encoded is None else encoded[rows],
+                )
+            if merged is None:
+                merged = _Pass(
+                    final=_in_channels(part.final, batch, num_classes),
+                    layer_maps={
+                        name: _in_channels(m, batch, num_classes)
+                        for name, m in part.layer_maps.items()
+                    },
+                    evidence=None
+                    if part.evidence is None
+                    else _in_channels(part.evidence, batch, num_labels),
+                    shares=None
+                    if part.shares is None
+                    else {name: _in_channels(m, batch, 1) for name, m in part.shares.items()},
+                    present=present,
+                )
+            label_keep = [c for c in keep if c < num_labels]
+            _scatter(merged.final, part.final, rows, keep)
+            for name, m in part.layer_maps.items():
+                _scatter(merged.layer_maps[name], m, rows, keep)
+            if merged.evidence is not None and part.evidence is not None:
+                _scatter(merged.evidence, part.evidence, rows, label_keep)
+            for name, m in (part.shares or {}).items():
+                _scatter(merged.shares[name], m, rows, [0])  # type: ignore[index]
+        assert merged is not None
+        return merged
 
     @torch.inference_mode()
     def _attention_pass(
@@ -1019,6 +1115,18 @@ class StableSeg:
                 shapes.append(rgb.shape[:2])
             batch.append(pixels)
         return _pixels_tensor(batch), shapes
+
+
+def _in_channels(part: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
+    """Zeros shaped like ``part`` (b, c, ...) with ``batch`` rows and ``channels`` channels."""
+    return part.new_zeros((batch, channels, *part.shape[2:]))
+
+
+def _scatter(whole: torch.Tensor, part: torch.Tensor, rows: list[int], channels: list[int]) -> None:
+    """``whole[rows[i], channels[j]] = part[i, j]``: a group's maps back in the full batch."""
+    index = torch.tensor(channels, device=whole.device)
+    for position, row in enumerate(rows):
+        whole[row].index_copy_(0, index, part[position].to(whole.dtype))
 
 
 def _pixels_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:
