@@ -34,7 +34,7 @@ from .sar import (
     renormalise_over_labels,
     self_attention_class_probs,
 )
-from .tiles import TileCanvas, tile_windows, window_labels, working_size
+from .tiles import TileCanvas, Window, tile_windows, window_labels, working_size
 
 
 def default_device() -> torch.device:
@@ -976,16 +976,17 @@ class StableSeg:
         if not isinstance(images, (list, tuple)):
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
-        if self.config.tiles is not None:
-            if return_layer_maps:
-                raise ValueError(
-                    "tiles do not make one set of layer maps per image (StableSeg++ map "
-                    "weights are fitted without tiles): leave tiles off for this run"
-                )
-            for index, image in enumerate(images):
-                yield self._segment_tiles(image, index, labels, prompted, plan, return_probs)
-            return
+        if self.config.tiles is not None and return_layer_maps:
+            raise ValueError(
+                "tiles do not make one set of layer maps per image (StableSeg++ map "
+                "weights are fitted without tiles): leave tiles off for this run"
+            )
         size = self.config.batch_size
+        if self.config.tiles is not None:
+            for start in range(0, len(images), size):
+                chunk = images[start : start + size]
+                yield from self._segment_tiles(chunk, start, labels, prompted, plan, return_probs)
+            return
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
             pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
@@ -1011,58 +1012,78 @@ class StableSeg:
     @torch.inference_mode()
     def _segment_tiles(
         self,
-        image: Any,
-        index: int,
+        images: Sequence[Any],
+        first_index: int,
         labels: list[str],
         prompted: list[str],
         plan: MapPlan,
         return_probs: bool,
-    ) -> PendingResult:
-        """One image with tiles (:mod:`labeler.tiles`): a whole-image pass chooses each
-        window's labels, the windows' final scores are blended at score resolution, and the
-        blend is finished as one image's scores are. Each pass is the ensemble's
+    ) -> list[PendingResult]:
+        """A batch of images with tiles (:mod:`labeler.tiles`): one whole-image pass over the
+        batch chooses each window's labels, the windows of every image go through in full
+        batches, and each image's windows' final scores are blended at score resolution and
+        finished as one image's scores are. Each pass is the ensemble's
         (:meth:`_ensemble_pass`); the windows' labels are passed as the classes present, so a
         label judged absent by the whole-image pass (with a presence threshold) stays out of
-        every window."""
+        every window of its image."""
         side, step = self.image_size, self._cell_pixels
-        pixels, shape = self._working_image(image, index, step)  # (h, w, 3), (H, W)
-        height, width = pixels.shape[:2]
+        working = [
+            self._working_image(image, first_index + offset, step)
+            for offset, image in enumerate(images)
+        ]  # (h, w, 3) pixels and the mask's (H, W), per image
         whole = self._ensemble_pass(
-            _pixels_tensor([resize_for_model(pixels, side)]), prompted, plan
+            _pixels_tensor([resize_for_model(pixels, side) for pixels, _ in working]),
+            prompted,
+            plan,
         )
-        whole_probs = normalise(whole.final[0], dim=0)  # (C, s, s)
-        windows = tile_windows((width, height), side, self.config.tile_overlap, step)
         num_classes = whole.final.shape[1]
-        canvas = TileCanvas(num_classes, (height // step, width // step), self.device)
-        evidence = None
-        if whole.evidence is not None:
-            evidence = TileCanvas(whole.evidence.shape[1], canvas.weight.shape, self.device)
         background = self.config.background_prompt is not None
-        gate = self.config.tile_gate
-        for start in range(0, len(windows), self.config.batch_size):
-            chunk = windows[start : start + self.config.batch_size]
-            crops = [pixels[w.top : w.top + side, w.left : w.left + side] for w in chunk]
-            allowed = torch.stack(
-                [window_labels(whole_probs, w, (width, height), gate) for w in chunk]
-            )  # (B, C)
-            if background:
-                allowed[:, -1] = True  # the background prompt is not a label to choose
-            if whole.present is not None:
-                allowed &= whole.present.to(allowed.device)  # (1, C) judged on the whole
+        canvases: list[TileCanvas] = []
+        evidences: list[TileCanvas | None] = []
+        jobs: list[tuple[int, Window, torch.Tensor]] = []  # (image, window, its classes)
+        for k, (pixels, _) in enumerate(working):
+            height, width = pixels.shape[:2]
+            canvases.append(TileCanvas(num_classes, (height // step, width // step), self.device))
+            evidences.append(
+                None
+                if whole.evidence is None
+                else TileCanvas(whole.evidence.shape[1], canvases[k].weight.shape, self.device)
+            )
+            whole_probs = normalise(whole.final[k], dim=0)  # (C, s, s)
+            for window in tile_windows((width, height), side, self.config.tile_overlap, step):
+                allowed = window_labels(whole_probs, window, (width, height), self.config.tile_gate)
+                if background:
+                    allowed[-1] = True  # the background prompt is not a label to choose
+                if whole.present is not None:
+                    allowed &= whole.present[k].to(allowed.device)  # judged on the whole
+                jobs.append((k, window, allowed))
+        for start in range(0, len(jobs), self.config.batch_size):
+            chunk = jobs[start : start + self.config.batch_size]
+            crops = [
+                working[k][0][w.top : w.top + side, w.left : w.left + side] for k, w, _ in chunk
+            ]
+            allowed = torch.stack([classes for _, _, classes in chunk])  # (B, C)
             result = self._ensemble_pass(_pixels_tensor(crops), prompted, plan, allowed)
-            origins = [w.cells(step) for w in chunk]
-            canvas.add(result.final, origins)
-            if evidence is not None and result.evidence is not None:
-                evidence.add(result.evidence, origins)
-        blended = None if evidence is None else evidence.result()
-        return PendingResult(
-            segmenter=self,
-            scores=canvas.result(),
-            shape=shape,
-            labels=labels,
-            return_probs=return_probs,
-            evidence=blended,
-        )
+            for row, (k, window, _) in enumerate(chunk):
+                origin = [window.cells(step)]
+                canvases[k].add(result.final[row : row + 1], origin)
+                blend = evidences[k]
+                if blend is not None and result.evidence is not None:
+                    blend.add(result.evidence[row : row + 1], origin)
+        results = []
+        for k, (_, shape) in enumerate(working):
+            blend = evidences[k]
+            results.append(
+                PendingResult(
+                    segmenter=self,
+                    scores=canvases[k].result(),
+                    shape=shape,
+                    labels=labels,
+                    return_probs=return_probs,
+                    evidence=None if blend is None else blend.result(),
+                )
+            )
+        return results
 
     def _working_image(
         self, image: Any, index: int, step: int
