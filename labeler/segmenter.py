@@ -578,21 +578,18 @@ class StableSeg:
         latents_of: dict[bool, torch.Tensor] = {}
         if encoded is not None:
             latents_of[False] = encoded
-        reuse: _Pass | None = None
+        judged: _Pass | None = None  # the first member's pass, when made to judge presence
         if self.config.reprompt:
             if present is None and self.config.presence_threshold is not None:
-                # The judging pass: the first member, every label prompted.
-                view = views[0]
+                view = views[0]  # unmirrored: every label prompted, presence judged
                 latents_of[False] = latents_of.get(False, self.encode_images(pixels))
                 judged = self._attention_pass(
                     latents_of[False], self._prompts(labels, view.template), plan, view.timestep
                 )
                 present = judged.present
                 assert present is not None
-                reuse = judged if len(views) == 1 else None
-                if reuse is not None and bool(present.all()):
-                    return judged
             if present is not None and not bool(present.all()):
+                reuse = judged if len(views) == 1 else None
                 return self._prompt_present(
                     pixels, labels, plan, present, latents_of.get(False), reuse
                 )
@@ -606,9 +603,12 @@ class StableSeg:
             inputs = latents_of[view.flipped]
             if first is not None:
                 present = first.present
-            result = self._attention_pass(
-                inputs, self._prompts(labels, view.template), plan, view.timestep, present
-            )
+            if first is None and judged is not None:
+                result = judged  # every label kept: the judging pass is the first member's
+            else:
+                result = self._attention_pass(
+                    inputs, self._prompts(labels, view.template), plan, view.timestep, present
+                )
             scores, seen = result.final, result.evidence  # (B, C, S, S), (B, labels, S, S)
             if view.flipped:
                 scores = scores.flip(-1)

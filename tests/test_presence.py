@@ -3,6 +3,7 @@ wiring on the tiny model, and the open setting's quality on the demo model."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,12 @@ def test_presence_gates_sar_and_the_argmax(tiny_model: StableSeg) -> None:
     torch.testing.assert_close(loose.final, plain.final)
 
 
+def _counted(method, calls: list[int], *args, **kwargs):
+    """``method(*args, **kwargs)``, noting the call in ``calls``."""
+    calls.append(1)
+    return method(*args, **kwargs)
+
+
 def test_reprompt_segments_each_image_with_its_present_labels(tiny_model: StableSeg) -> None:
     labels = ["cat", "dog", "tree", "house", "car", "boat"]
     config = tiny_model.config.replace(presence_threshold=0.99, background_prompt="background")
@@ -142,33 +149,46 @@ def test_reprompt_segments_each_image_with_its_present_labels(tiny_model: Stable
     images = [pool[i] for i in picks]
     pixels, _ = model._model_input(images, 0)
     judged = judge._ensemble_pass(pixels, prompted, plan)
-    result = model._ensemble_pass(pixels, prompted, plan)
-    assert result.present is not None and judged.present is not None
-    torch.testing.assert_close(result.present, judged.present)
-    assert len({tuple(row) for row in result.present.tolist()}) == 3
-    plain = tiny_model.with_config(config.replace(presence_threshold=None))
-    for index, row in enumerate(result.present.tolist()):
-        keep = [c for c, on in enumerate(row) if on]
-        alone = plain._ensemble_pass(pixels[index : index + 1], [prompted[c] for c in keep], plan)
-        # Its own pass, prompted with only the labels it keeps (and the background prompt) ...
-        torch.testing.assert_close(result.final[index, keep], alone.final[0], rtol=1e-4, atol=1e-6)
-        for name, layer_map in alone.layer_maps.items():
-            torch.testing.assert_close(
-                result.layer_maps[name][index, keep], layer_map[0], rtol=1e-4, atol=1e-6
+    assert judged.present is not None
+    # With one member and with two (the mirrored image too), whose first member judges.
+    for extra in ({}, {"flip": True}):
+        reprompting = model.with_config(model.config.replace(**extra))
+        result = reprompting._ensemble_pass(pixels, prompted, plan)
+        assert result.present is not None
+        torch.testing.assert_close(result.present, judged.present)
+        assert len({tuple(row) for row in result.present.tolist()}) == 3
+        plain = tiny_model.with_config(config.replace(presence_threshold=None, **extra))
+        for index, row in enumerate(result.present.tolist()):
+            keep = [c for c, on in enumerate(row) if on]
+            alone = plain._ensemble_pass(
+                pixels[index : index + 1], [prompted[c] for c in keep], plan
             )
-        # ... and nothing for the labels left out.
-        left_out = [c for c, on in enumerate(row) if not on]
-        assert (result.final[index, left_out] == 0).all()
-    # An image that keeps every label keeps its judging pass.
-    everything = model.with_config(model.config.replace(presence_threshold=0.0))
-    torch.testing.assert_close(
-        everything._ensemble_pass(pixels, prompted, plan).final,
-        plain._ensemble_pass(pixels, prompted, plan).final,
-    )
-    masks = [r.mask for r in model.segment(images, labels)]
-    for mask, row in zip(masks, result.present.tolist()):
-        absent = {c + 1 for c, on in enumerate(row[: len(labels)]) if not on}
-        assert not absent & set(np.unique(mask).tolist())
+            # Its own pass, prompted with only the labels it keeps (and the background prompt)
+            torch.testing.assert_close(
+                result.final[index, keep], alone.final[0], rtol=1e-4, atol=1e-6
+            )
+            for name, layer_map in alone.layer_maps.items():
+                torch.testing.assert_close(
+                    result.layer_maps[name][index, keep], layer_map[0], rtol=1e-4, atol=1e-6
+                )
+            # ... and nothing for the labels left out.
+            left_out = [c for c, on in enumerate(row) if not on]
+            assert (result.final[index, left_out] == 0).all()
+        # Images that keep every label: the judging pass is the first member's.
+        everything = reprompting.with_config(reprompting.config.replace(presence_threshold=0.0))
+        passes: list[int] = []
+        everything._attention_pass = functools.partial(  # type: ignore[method-assign]
+            _counted, everything._attention_pass, passes
+        )
+        torch.testing.assert_close(
+            everything._ensemble_pass(pixels, prompted, plan).final,
+            plain._ensemble_pass(pixels, prompted, plan).final,
+        )
+        assert len(passes) == len(reprompting.views())  # no pass more than without reprompt
+        masks = [r.mask for r in reprompting.segment(images, labels)]
+        for mask, row in zip(masks, result.present.tolist()):
+            absent = {c + 1 for c, on in enumerate(row[: len(labels)]) if not on}
+            assert not absent & set(np.unique(mask).tolist())
 
 
 def test_reprompt_needs_labels_to_leave_out() -> None:
