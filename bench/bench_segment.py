@@ -12,6 +12,8 @@ compute as the real model; no download) and prints JSON:
     python bench/bench_segment.py --device cuda   # GPU: 512 px, batches 1, 8, 32, fp16
     python bench/bench_segment.py --device cuda --dtype bf16 --compile
     python bench/bench_segment.py --tiny --image-size 64   # the tiny model: checks the script
+    python bench/bench_segment.py --device cuda --variant tiles=2 \
+        --variant "presence=0.5 reprompt=on"
 """
 
 from __future__ import annotations
@@ -93,15 +95,18 @@ def segment_uncached(model: Any, images: list[np.ndarray], labels: list[str]) ->
 
 
 def bare_pass(model: Any, pixels: torch.Tensor, labels: list[str]) -> None:
-    """VAE encode + text encode + UNet pass, default processors, nothing recorded."""
+    """VAE encode + text encode + UNet pass, default processors, nothing recorded: one UNet
+    row per (image, prompt), as StableSeg runs them (many labels take several prompts)."""
     from labeler.prompts import build_prompts
 
     with torch.inference_mode():
         latents = model.encode_images(pixels)
         ids = build_prompts(model.tokenizer, labels).input_ids.to(model.device)
-        context = model.text_encoder(ids)[0].repeat(latents.shape[0], 1, 1)
-        timestep = torch.full((latents.shape[0],), 1, device=model.device)
-        model.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
+        embeddings = model.text_encoder(ids)[0]  # (P, L, D)
+        rows = latents.repeat_interleave(embeddings.shape[0], dim=0)  # (B * P, c, h, w)
+        context = embeddings.repeat(latents.shape[0], 1, 1)  # (B * P, L, D)
+        timestep = torch.full((rows.shape[0],), 1, device=model.device)
+        model.unet(rows, timestep, encoder_hidden_states=context, return_dict=False)
 
 
 def peak_bytes(fn, device: torch.device) -> int:
@@ -144,7 +149,16 @@ def interleaved_seconds(fns: dict[str, Any], device: torch.device, repeats: int)
     help="torch.compile the UNet (StableSeg.compile) before timing; warm-up calls compile.",
 )
 @click.option("--tiny", is_flag=True, help="The tiny random model instead of SD-1.5's shapes.")
-def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, tiny) -> None:
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    help="Segmenter settings to time besides the paper's method, by option name as benchmark "
+    "--sweep takes them, e.g. 'tiles=2' or 'presence=0.5 reprompt=on' (repeatable).",
+)
+def main(
+    device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, tiny, variants
+) -> None:
     import diffusers
 
     from labeler import SegmenterConfig, StableSeg
@@ -181,8 +195,19 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, 
     if image_size != 512:
         at512 = model.with_config(SegmenterConfig(image_size=512))
         report["recording_per_image_at_512"] = recording_bytes(at512, label_tokens)
-    for batch in sizes:
-        seg_model = model.with_config(SegmenterConfig(image_size=image_size, batch_size=batch))
+    from labeler.jobs.sweep import parse_sweep, sweep_points
+
+    runs = [
+        ("paper", batch, SegmenterConfig(image_size=image_size, batch_size=batch))
+        for batch in sizes
+    ]
+    for text in variants:
+        for batch in sizes:
+            base = SegmenterConfig(image_size=image_size, batch_size=batch)
+            (point,) = sweep_points(base, parse_sweep([text]))
+            runs.append((text, batch, point.config))
+    for variant, batch, config in runs:
+        seg_model = model.with_config(config)
         if compile_unet:
             seg_model.compile()  # the warm-up call in peak_bytes compiles
         images = [
@@ -199,6 +224,7 @@ def main(device, image_size, batch_sizes, dtype, repeats, labels, compile_unet, 
         seg_s, bare_s = seconds["segment"], seconds["bare"]
         report["runs"].append(
             {
+                "variant": variant,
                 "batch_size": batch,
                 "segment_s_per_image": seg_s / batch,
                 "bare_s_per_image": bare_s / batch,

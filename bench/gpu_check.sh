@@ -7,6 +7,9 @@
 #   segment         bench/bench_segment.py at 512 px, fp16 and bf16, batches 1, 8 and 32
 #   job             bench/bench_job.py: the whole pseudo-label job on 512 generated 512x512
 #                   images with SD-1.5-shaped random weights (images/s end to end)
+#   segment_additions  bench_segment.py with the test-time additions at batch 8, 30 labels:
+#                   --tiles 2, --flip, --presence-threshold 0.5 --reprompt (seconds per image
+#                   against the paper's pass)
 #   segment_compile bench_segment.py with --compile, fp16 and bf16, in the time that is left
 # Each step runs under a time limit; a step that fails or runs out of time is reported as such
 # (with what it printed) and the next one runs.
@@ -41,6 +44,7 @@ if [[ $SMOKE == 1 ]]; then
     COMPILE_ARGS=(--tiny --image-size 64 --batch-sizes 1 --repeats 1)
     JOB_ARGS=(--tiny --images 16 --size 64 --image-size 64 --batch 4)
     LARGE_ARGS=(--smoke)
+    ADDITION_ARGS=(--tiny --image-size 64 --batch-sizes 2 --repeats 1)
 else
     DEVICE=cuda
     DTYPES=(fp16 bf16)
@@ -48,7 +52,10 @@ else
     COMPILE_ARGS=("${SEGMENT_ARGS[@]}")
     JOB_ARGS=(--images 512 --size 512 --image-size 512 --batch 32)
     LARGE_ARGS=()
+    ADDITION_ARGS=(--image-size 512 --batch-sizes 8 --repeats 2)
 fi
+ADDITION_LABELS=person,car,tree,dog,cat,bird,boat,house,road,sky,grass,water,chair,table,bottle
+ADDITION_LABELS+=,plant,horse,sheep,cow,bus,train,truck,bicycle,sofa,window,door,wall,floor,sign,fence
 
 # step NAME MAX_SECONDS COMMAND...: run COMMAND for at most MAX_SECONDS (and never past the
 # budget), keep its output in $WORK/NAME.{out,err} and its status in $WORK/NAME.status.
@@ -75,6 +82,9 @@ for dtype in "${DTYPES[@]}"; do
         --dtype "$dtype" "${SEGMENT_ARGS[@]}"
 done
 step job 150 "$PYTHON" bench/bench_job.py --device "$DEVICE" --dtype "${DTYPES[0]}" "${JOB_ARGS[@]}"
+step segment_additions 100 "$PYTHON" bench/bench_segment.py --device "$DEVICE" \
+    --dtype "${DTYPES[0]}" "${ADDITION_ARGS[@]}" --labels "$ADDITION_LABELS" \
+    --variant tiles=2 --variant flip=on --variant "presence=0.5 reprompt=on"
 for dtype in "${DTYPES[@]}"; do
     step "segment_compile_$dtype" 170 "$PYTHON" bench/bench_segment.py --device "$DEVICE" \
         --dtype "$dtype" --compile "${COMPILE_ARGS[@]}" # what is left of the budget

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .png import voc_palette
-from .polygons import label_components
+from .polygons import bounding_box, label_components
 
 MAX_OBJECTS = 254  # ids 1..254 of a VOC object PNG; 255 is void
 VOID = 255
@@ -38,11 +38,17 @@ def object_mask(mask: np.ndarray, label_ids: Iterable[int]) -> np.ndarray:
     objects[mask == VOID] = VOID
     next_id = 1
     for label_id in label_ids:
-        count, components = label_components(mask == label_id)
-        if count:
-            numbered = np.minimum(components + (next_id - 1), MAX_OBJECTS).astype(np.uint8)
-            objects = np.where(components > 0, numbered, objects)
-            next_id += count
+        # Each label's components are found in the box around its pixels: a small label costs
+        # its box, not the image.
+        binary = mask == label_id
+        left, top, width, height = bounding_box(binary)
+        if not width:
+            continue
+        box = (slice(top, top + height), slice(left, left + width))
+        count, components = label_components(binary[box])
+        inside = components > 0
+        objects[box][inside] = np.minimum(components[inside] + (next_id - 1), MAX_OBJECTS)
+        next_id += count
     return objects
 
 

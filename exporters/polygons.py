@@ -51,8 +51,8 @@ def label_components(binary: np.ndarray) -> tuple[int, np.ndarray]:
 
     Returns:
         ``(count, components)``: ``components`` is (H, W) int32, 0 outside the mask and
-        1..count for the components, numbered in the order their first pixel comes in a
-        row-major scan (top to bottom, then left to right).
+        1..count for the components, in OpenCV's order (mostly that of their first pixels in a
+        row-major scan; not promised, and it may change when the mask is cropped).
     """
     cv2 = _cv2()
     binary = np.ascontiguousarray(binary, dtype=np.uint8)
@@ -60,6 +60,13 @@ def label_components(binary: np.ndarray) -> tuple[int, np.ndarray]:
         return 0, np.zeros(binary.shape, np.int32)
     count, components = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
     return int(count) - 1, components
+
+
+def bounding_box(binary: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` of the smallest box holding every True pixel of an (H, W) boolean mask;
+    ``(0, 0, 0, 0)`` when it has none."""
+    x, y, w, h = _cv2().boundingRect(np.ascontiguousarray(binary).view(np.uint8))
+    return int(x), int(y), int(w), int(h)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .result import MAX_LABELS
 
@@ -71,6 +72,21 @@ class Label(str):
 def synonyms_of(label: str) -> tuple[str, ...]:
     """A label's synonyms (none for a plain ``str``)."""
     return getattr(label, "synonyms", ())
+
+
+def labels_record(labels: Sequence[str], key: str = "labels") -> dict[str, Any]:
+    """``{key: the label names}``, and ``"synonyms"``: label -> its synonyms when any label has
+    some.
+
+    Run files, the refine work dir's settings and ``benchmark.json`` record it: synonyms change
+    the masks, so a rerun with other synonyms is another run, while a run without synonyms
+    records what it did before they existed.
+    """
+    record: dict[str, Any] = {key: [str(label) for label in labels]}
+    synonyms = {str(label): list(synonyms_of(label)) for label in labels if synonyms_of(label)}
+    if synonyms:
+        record["synonyms"] = synonyms
+    return record
 
 
 def normalise_label(text: str, where: str = "label") -> str:

@@ -152,6 +152,7 @@ def _parse_templates(value: str | Iterable[str]) -> tuple[str, ...]:
 
 _ADDITIONS = (
     "presence_threshold",
+    "reprompt",
     "flip",
     "ensemble_timesteps",
     "ensemble_templates",
@@ -192,6 +193,11 @@ class SegmenterConfig:
         presence_threshold: ``None`` lets every label compete everywhere; otherwise a label
             whose presence evidence (:mod:`labeler.presence`) is below this value is judged
             absent from the image: it takes no part in SAR's class vectors or the argmax.
+        reprompt: prompt each image again with only the labels that take part (judged present
+            with ``presence_threshold``; a tile window's own labels with ``tiles``), so the
+            absent labels leave the prompt too, not only SAR and the argmax. An image whose
+            labels all take part keeps its first pass; any other costs one more pass per
+            member of the ensemble, with fewer prompt rows.
         flip: also segment the horizontally flipped image and average the two final maps
             (flipped back): two VAE encodes and two UNet passes per image.
         ensemble_timesteps: further UNet timesteps whose final maps are averaged with
@@ -307,6 +313,16 @@ class SegmenterConfig:
             default_text="every label competes",
         ),
     )
+    reprompt: bool = field(
+        default=False,
+        metadata=setting(
+            "Prompt each image again with only the labels judged present (--presence-threshold), "
+            "and each tile window with only its own labels (--tiles): absent labels leave the "
+            "prompt too. One more UNet pass per image that has an absent label, with fewer "
+            "prompt rows.",
+            switch=True,
+        ),
+    )
     flip: bool = field(
         default=False,
         metadata=setting(
@@ -405,6 +421,10 @@ class SegmenterConfig:
         presence = self.presence_threshold
         if presence is not None and not 0.0 <= presence <= 1.0:
             raise ValueError(f"presence_threshold must be in [0, 1] or None, got {presence}")
+        if self.reprompt and presence is None and self.tiles is None:
+            raise ValueError(
+                "reprompt needs presence_threshold or tiles (it prompts the labels they keep)"
+            )
         thr = self.background_threshold
         if thr is not None and not 0.0 <= thr <= 1.0:
             raise ValueError(f"background_threshold must be in [0, 1] or None, got {thr}")

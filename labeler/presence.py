@@ -19,6 +19,10 @@ strongest class's there:
 winning class gets. A label is present when ``presence_c >= threshold``. Like the background
 threshold, the value compares a label with its competitors at the same place, not with 1/C, so
 it means the same for two labels or 150. The label with the most evidence always takes part.
+
+Gating leaves the absent labels' words in the prompt, where they still shape every other label's
+cross-attention; with ``SegmenterConfig.reprompt`` the segmenter prompts each image again with
+only the labels judged present (:meth:`labeler.segmenter.StableSeg._prompt_present`).
 """
 
 from __future__ import annotations

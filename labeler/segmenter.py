@@ -34,7 +34,7 @@ from .sar import (
     renormalise_over_labels,
     self_attention_class_probs,
 )
-from .tiles import TileCanvas, tile_windows, window_labels, working_size
+from .tiles import TileCanvas, Window, tile_windows, window_labels, working_size
 
 
 def default_device() -> torch.device:
@@ -86,6 +86,16 @@ class _Pass:
     evidence: torch.Tensor | None = None  # (B, labels, S, S), with a background threshold
     shares: dict[str, torch.Tensor] | None = None  # cross layer -> (B, 1, h, w) label share
     present: torch.Tensor | None = None  # (B, C) bool, with a presence threshold
+
+    def select(self, rows: list[int]) -> _Pass:
+        """The pass of some of its images (``rows``, in that order)."""
+        return _Pass(
+            final=self.final[rows],
+            layer_maps={name: m[rows] for name, m in self.layer_maps.items()},
+            evidence=None if self.evidence is None else self.evidence[rows],
+            shares=None if self.shares is None else {n: m[rows] for n, m in self.shares.items()},
+            present=None if self.present is None else self.present[rows],
+        )
 
     @staticmethod
     def concat(parts: list[_Pass]) -> _Pass:
@@ -552,16 +562,37 @@ class StableSeg:
         labels: list[str],
         plan: MapPlan,
         present: torch.Tensor | None = None,
+        encoded: torch.Tensor | None = None,
     ) -> _Pass:
         """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
 
         The first member decides which labels are present (with a presence threshold) for all
         of them, unless ``present`` (B, C) says it (tiles' windows); a mirrored member sees the
-        mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation) and its maps are
-        mirrored back. The per-layer maps returned are the first member's.
+        mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation; ``encoded``:
+        the unmirrored latents when already made) and its maps are mirrored back. The
+        per-layer maps returned are the first member's. With ``reprompt``, the images with a
+        class left out are segmented again with only the classes that take part
+        (:meth:`_prompt_present`).
         """
         views = self.views()
         latents_of: dict[bool, torch.Tensor] = {}
+        if encoded is not None:
+            latents_of[False] = encoded
+        judged: _Pass | None = None  # the first member's pass, when made to judge presence
+        if self.config.reprompt:
+            if present is None and self.config.presence_threshold is not None:
+                view = views[0]  # unmirrored: every label prompted, presence judged
+                latents_of[False] = latents_of.get(False, self.encode_images(pixels))
+                judged = self._attention_pass(
+                    latents_of[False], self._prompts(labels, view.template), plan, view.timestep
+                )
+                present = judged.present
+                assert present is not None
+            if present is not None and not bool(present.all()):
+                reuse = judged if len(views) == 1 else None
+                return self._prompt_present(
+                    pixels, labels, plan, present, latents_of.get(False), reuse
+                )
         first: _Pass | None = None
         final: torch.Tensor | None = None
         evidence: torch.Tensor | None = None
@@ -572,9 +603,12 @@ class StableSeg:
             inputs = latents_of[view.flipped]
             if first is not None:
                 present = first.present
-            result = self._attention_pass(
-                inputs, self._prompts(labels, view.template), plan, view.timestep, present
-            )
+            if first is None and judged is not None:
+                result = judged  # every label kept: the judging pass is the first member's
+            else:
+                result = self._attention_pass(
+                    inputs, self._prompts(labels, view.template), plan, view.timestep, present
+                )
             scores, seen = result.final, result.evidence  # (B, C, S, S), (B, labels, S, S)
             if view.flipped:
                 scores = scores.flip(-1)
@@ -590,6 +624,68 @@ class StableSeg:
         first.final = final / len(views)
         first.evidence = None if evidence is None else evidence / len(views)
         return first
+
+    @torch.inference_mode()
+    def _prompt_present(
+        self,
+        pixels: torch.Tensor,
+        labels: list[str],
+        plan: MapPlan,
+        present: torch.Tensor,
+        encoded: torch.Tensor | None,
+        reuse: _Pass | None = None,
+    ) -> _Pass:
+        """The ensemble's pass with each image prompted with only its classes that take part
+        (``present``, (B, C) bool; the background prompt always does).
+
+        Images that keep the same classes share a pass; each pass's maps are put back in the
+        channels of ``labels``, the left-out classes' channels 0, as :func:`gate` leaves them.
+        The images that keep every class take their rows of ``reuse`` (the judging pass, when
+        it was the whole ensemble) instead of a pass of their own.
+        """
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        for index, row in enumerate(present.cpu().tolist()):
+            groups.setdefault(tuple(row), []).append(index)
+        batch, num_classes = present.shape
+        num_labels = num_classes - (self.config.background_prompt is not None)
+        merged: _Pass | None = None
+        for pattern, rows in groups.items():
+            keep = [c for c, on in enumerate(pattern) if on]
+            if reuse is not None and len(keep) == num_classes:
+                part = reuse.select(rows)
+            else:
+                part = self._ensemble_pass(
+                    pixels[rows],
+                    [labels[c] for c in keep],
+                    plan,
+                    torch.ones(len(rows), len(keep), dtype=torch.bool, device=present.device),
+                    None if encoded is None else encoded[rows],
+                )
+            if merged is None:
+                merged = _Pass(
+                    final=_in_channels(part.final, batch, num_classes),
+                    layer_maps={
+                        name: _in_channels(m, batch, num_classes)
+                        for name, m in part.layer_maps.items()
+                    },
+                    evidence=None
+                    if part.evidence is None
+                    else _in_channels(part.evidence, batch, num_labels),
+                    shares=None
+                    if part.shares is None
+                    else {name: _in_channels(m, batch, 1) for name, m in part.shares.items()},
+                    present=present,
+                )
+            label_keep = [c for c in keep if c < num_labels]
+            _scatter(merged.final, part.final, rows, keep)
+            for name, m in part.layer_maps.items():
+                _scatter(merged.layer_maps[name], m, rows, keep)
+            if merged.evidence is not None and part.evidence is not None:
+                _scatter(merged.evidence, part.evidence, rows, label_keep)
+            for name, m in (part.shares or {}).items():
+                _scatter(merged.shares[name], m, rows, [0])  # type: ignore[index]
+        assert merged is not None
+        return merged
 
     @torch.inference_mode()
     def _attention_pass(
@@ -880,16 +976,17 @@ class StableSeg:
         if not isinstance(images, (list, tuple)):
             images = [images]
         plan = self.plan(all_layers=return_layer_maps)
-        if self.config.tiles is not None:
-            if return_layer_maps:
-                raise ValueError(
-                    "tiles do not make one set of layer maps per image (StableSeg++ map "
-                    "weights are fitted without tiles): leave tiles off for this run"
-                )
-            for index, image in enumerate(images):
-                yield self._segment_tiles(image, index, labels, prompted, plan, return_probs)
-            return
+        if self.config.tiles is not None and return_layer_maps:
+            raise ValueError(
+                "tiles do not make one set of layer maps per image (StableSeg++ map "
+                "weights are fitted without tiles): leave tiles off for this run"
+            )
         size = self.config.batch_size
+        if self.config.tiles is not None:
+            for start in range(0, len(images), size):
+                chunk = images[start : start + size]
+                yield from self._segment_tiles(chunk, start, labels, prompted, plan, return_probs)
+            return
         for start in range(0, len(images), size):
             chunk = images[start : start + size]
             pixels, shapes = self._model_input(chunk, start)  # (B, 3, S, S), B x (H, W)
@@ -915,58 +1012,78 @@ class StableSeg:
     @torch.inference_mode()
     def _segment_tiles(
         self,
-        image: Any,
-        index: int,
+        images: Sequence[Any],
+        first_index: int,
         labels: list[str],
         prompted: list[str],
         plan: MapPlan,
         return_probs: bool,
-    ) -> PendingResult:
-        """One image with tiles (:mod:`labeler.tiles`): a whole-image pass chooses each
-        window's labels, the windows' final scores are blended at score resolution, and the
-        blend is finished as one image's scores are. Each pass is the ensemble's
+    ) -> list[PendingResult]:
+        """A batch of images with tiles (:mod:`labeler.tiles`): one whole-image pass over the
+        batch chooses each window's labels, the windows of every image go through in full
+        batches, and each image's windows' final scores are blended at score resolution and
+        finished as one image's scores are. Each pass is the ensemble's
         (:meth:`_ensemble_pass`); the windows' labels are passed as the classes present, so a
         label judged absent by the whole-image pass (with a presence threshold) stays out of
-        every window."""
+        every window of its image."""
         side, step = self.image_size, self._cell_pixels
-        pixels, shape = self._working_image(image, index, step)  # (h, w, 3), (H, W)
-        height, width = pixels.shape[:2]
+        working = [
+            self._working_image(image, first_index + offset, step)
+            for offset, image in enumerate(images)
+        ]  # (h, w, 3) pixels and the mask's (H, W), per image
         whole = self._ensemble_pass(
-            _pixels_tensor([resize_for_model(pixels, side)]), prompted, plan
+            _pixels_tensor([resize_for_model(pixels, side) for pixels, _ in working]),
+            prompted,
+            plan,
         )
-        whole_probs = normalise(whole.final[0], dim=0)  # (C, s, s)
-        windows = tile_windows((width, height), side, self.config.tile_overlap, step)
         num_classes = whole.final.shape[1]
-        canvas = TileCanvas(num_classes, (height // step, width // step), self.device)
-        evidence = None
-        if whole.evidence is not None:
-            evidence = TileCanvas(whole.evidence.shape[1], canvas.weight.shape, self.device)
         background = self.config.background_prompt is not None
-        gate = self.config.tile_gate
-        for start in range(0, len(windows), self.config.batch_size):
-            chunk = windows[start : start + self.config.batch_size]
-            crops = [pixels[w.top : w.top + side, w.left : w.left + side] for w in chunk]
-            allowed = torch.stack(
-                [window_labels(whole_probs, w, (width, height), gate) for w in chunk]
-            )  # (B, C)
-            if background:
-                allowed[:, -1] = True  # the background prompt is not a label to choose
-            if whole.present is not None:
-                allowed &= whole.present.to(allowed.device)  # (1, C) judged on the whole
+        canvases: list[TileCanvas] = []
+        evidences: list[TileCanvas | None] = []
+        jobs: list[tuple[int, Window, torch.Tensor]] = []  # (image, window, its classes)
+        for k, (pixels, _) in enumerate(working):
+            height, width = pixels.shape[:2]
+            canvases.append(TileCanvas(num_classes, (height // step, width // step), self.device))
+            evidences.append(
+                None
+                if whole.evidence is None
+                else TileCanvas(whole.evidence.shape[1], canvases[k].weight.shape, self.device)
+            )
+            whole_probs = normalise(whole.final[k], dim=0)  # (C, s, s)
+            for window in tile_windows((width, height), side, self.config.tile_overlap, step):
+                allowed = window_labels(whole_probs, window, (width, height), self.config.tile_gate)
+                if background:
+                    allowed[-1] = True  # the background prompt is not a label to choose
+                if whole.present is not None:
+                    allowed &= whole.present[k].to(allowed.device)  # judged on the whole
+                jobs.append((k, window, allowed))
+        for start in range(0, len(jobs), self.config.batch_size):
+            chunk = jobs[start : start + self.config.batch_size]
+            crops = [
+                working[k][0][w.top : w.top + side, w.left : w.left + side] for k, w, _ in chunk
+            ]
+            allowed = torch.stack([classes for _, _, classes in chunk])  # (B, C)
             result = self._ensemble_pass(_pixels_tensor(crops), prompted, plan, allowed)
-            origins = [w.cells(step) for w in chunk]
-            canvas.add(result.final, origins)
-            if evidence is not None and result.evidence is not None:
-                evidence.add(result.evidence, origins)
-        blended = None if evidence is None else evidence.result()
-        return PendingResult(
-            segmenter=self,
-            scores=canvas.result(),
-            shape=shape,
-            labels=labels,
-            return_probs=return_probs,
-            evidence=blended,
-        )
+            for row, (k, window, _) in enumerate(chunk):
+                origin = [window.cells(step)]
+                canvases[k].add(result.final[row : row + 1], origin)
+                blend = evidences[k]
+                if blend is not None and result.evidence is not None:
+                    blend.add(result.evidence[row : row + 1], origin)
+        results = []
+        for k, (_, shape) in enumerate(working):
+            blend = evidences[k]
+            results.append(
+                PendingResult(
+                    segmenter=self,
+                    scores=canvases[k].result(),
+                    shape=shape,
+                    labels=labels,
+                    return_probs=return_probs,
+                    evidence=None if blend is None else blend.result(),
+                )
+            )
+        return results
 
     def _working_image(
         self, image: Any, index: int, step: int
@@ -1019,6 +1136,18 @@ class StableSeg:
                 shapes.append(rgb.shape[:2])
             batch.append(pixels)
         return _pixels_tensor(batch), shapes
+
+
+def _in_channels(part: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
+    """Zeros shaped like ``part`` (b, c, ...) with ``batch`` rows and ``channels`` channels."""
+    return part.new_zeros((batch, channels, *part.shape[2:]))
+
+
+def _scatter(whole: torch.Tensor, part: torch.Tensor, rows: list[int], channels: list[int]) -> None:
+    """``whole[rows[i], channels[j]] = part[i, j]``: a group's maps back in the full batch."""
+    index = torch.tensor(channels, device=whole.device)
+    for position, row in enumerate(rows):
+        whole[row].index_copy_(0, index, part[position].to(whole.dtype))
 
 
 def _pixels_tensor(batch: Sequence[np.ndarray]) -> torch.Tensor:

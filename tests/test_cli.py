@@ -173,6 +173,13 @@ def test_other_settings_in_the_same_out_dir_are_refused(labelled, image_folder, 
     )
     assert proc.returncode == 2
     assert "other settings" in proc.stderr and "--overwrite" in proc.stderr
+    # Synonyms change the masks too: the same labels with one more name are another run.
+    args = full_run_args(image_folder, tiny_model_dir, out)
+    first, rest = LABELS.split(",", 1)
+    args[args.index(LABELS)] = f"{first}|kitty,{rest}"
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert "other settings" in proc.stderr and "synonyms" in proc.stderr
 
 
 def test_resume_after_a_kill_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):

@@ -134,6 +134,30 @@ def test_object_mask_numbers_each_component_and_keeps_void():
     assert objects[3, 42] == 2 and objects[14, 14] == 3 and objects[32, 32] == 4
 
 
+def test_objects_found_in_each_labels_box_are_the_images_components():
+    # Labels in small boxes of a larger mask, one touching two edges, one diagonal chain (one
+    # object under 8-connectivity): each object is exactly one component of its label.
+    rng = np.random.default_rng(4)
+    mask = np.zeros((300, 400), np.uint8)
+    mask[10:40, 350:400] = 1
+    mask[250:300, 0:30] = 1
+    for k in range(20):
+        mask[100 + k, 100 + k] = 2
+    mask[rng.integers(0, 300, 200), rng.integers(0, 400, 200)] = 3
+    objects = object_mask(mask, [1, 2, 3])
+    seen: set[int] = set()
+    for label in (1, 2, 3):
+        count, parts = label_components(mask == label)
+        ids = set()
+        for part in range(1, count + 1):
+            (found,) = np.unique(objects[parts == part])  # one id for the whole component
+            ids.add(int(found))
+        assert len(ids) == count and not ids & seen  # one id per component, never shared
+        seen |= ids
+    assert count > 100 and sorted(seen) == list(range(1, len(seen) + 1))
+    assert (objects[mask == 0] == 0).all()
+
+
 def test_more_objects_than_the_format_holds_share_the_last_id():
     mask = np.zeros((3, 2 * 300), np.uint8)
     mask[1, ::2] = 1  # 300 separate pixels

@@ -3,6 +3,7 @@ wiring on the tiny model, and the open setting's quality on the demo model."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,82 @@ def test_presence_gates_sar_and_the_argmax(tiny_model: StableSeg) -> None:
     torch.testing.assert_close(loose.final, plain.final)
 
 
+def _counted(method, calls: list[int], *args, **kwargs):
+    """``method(*args, **kwargs)``, noting the call in ``calls``."""
+    calls.append(1)
+    return method(*args, **kwargs)
+
+
+def test_reprompt_segments_each_image_with_its_present_labels(tiny_model: StableSeg) -> None:
+    labels = ["cat", "dog", "tree", "house", "car", "boat"]
+    config = tiny_model.config.replace(presence_threshold=0.99, background_prompt="background")
+    judge = tiny_model.with_config(config)
+    model = tiny_model.with_config(config.replace(reprompt=True))
+    prompted = model.prompt_labels(labels)
+    plan = model.plan()
+    # Three images with three label sets, one of them every label (its judging pass is reused).
+    pool = [_image(seed) for seed in range(12)]
+    pool_present = judge._ensemble_pass(model._model_input(pool, 0)[0], prompted, plan).present
+    assert pool_present is not None
+    chosen: dict[tuple[bool, ...], int] = {}
+    for index, row in enumerate(pool_present.tolist()):
+        chosen.setdefault(tuple(row), index)
+    every = (True,) * len(prompted)
+    assert every in chosen and len(chosen) >= 3, pool_present
+    picks = [chosen[every], *[i for p, i in chosen.items() if p != every][:2]]
+    images = [pool[i] for i in picks]
+    pixels, _ = model._model_input(images, 0)
+    judged = judge._ensemble_pass(pixels, prompted, plan)
+    assert judged.present is not None
+    # With one member and with two (the mirrored image too), whose first member judges.
+    for extra in ({}, {"flip": True}):
+        reprompting = model.with_config(model.config.replace(**extra))
+        result = reprompting._ensemble_pass(pixels, prompted, plan)
+        assert result.present is not None
+        torch.testing.assert_close(result.present, judged.present)
+        assert len({tuple(row) for row in result.present.tolist()}) == 3
+        plain = tiny_model.with_config(config.replace(presence_threshold=None, **extra))
+        for index, row in enumerate(result.present.tolist()):
+            keep = [c for c, on in enumerate(row) if on]
+            alone = plain._ensemble_pass(
+                pixels[index : index + 1], [prompted[c] for c in keep], plan
+            )
+            # Its own pass, prompted with only the labels it keeps (and the background prompt)
+            torch.testing.assert_close(
+                result.final[index, keep], alone.final[0], rtol=1e-4, atol=1e-6
+            )
+            for name, layer_map in alone.layer_maps.items():
+                torch.testing.assert_close(
+                    result.layer_maps[name][index, keep], layer_map[0], rtol=1e-4, atol=1e-6
+                )
+            # ... and nothing for the labels left out.
+            left_out = [c for c, on in enumerate(row) if not on]
+            assert (result.final[index, left_out] == 0).all()
+        # Images that keep every label: the judging pass is the first member's.
+        everything = reprompting.with_config(reprompting.config.replace(presence_threshold=0.0))
+        passes: list[int] = []
+        everything._attention_pass = functools.partial(  # type: ignore[method-assign]
+            _counted, everything._attention_pass, passes
+        )
+        torch.testing.assert_close(
+            everything._ensemble_pass(pixels, prompted, plan).final,
+            plain._ensemble_pass(pixels, prompted, plan).final,
+        )
+        assert len(passes) == len(reprompting.views())  # no pass more than without reprompt
+        masks = [r.mask for r in reprompting.segment(images, labels)]
+        for mask, row in zip(masks, result.present.tolist()):
+            absent = {c + 1 for c, on in enumerate(row[: len(labels)]) if not on}
+            assert not absent & set(np.unique(mask).tolist())
+
+
+def test_reprompt_needs_labels_to_leave_out() -> None:
+    with pytest.raises(ValueError, match="reprompt needs presence_threshold or tiles"):
+        SegmenterConfig(reprompt=True)
+    assert "reprompt" not in SegmenterConfig(presence_threshold=0.5).mask_settings()
+    assert SegmenterConfig(presence_threshold=0.5, reprompt=True).mask_settings()["reprompt"]
+    SegmenterConfig(tiles=2, reprompt=True)
+
+
 def test_sar_rounds_reseed_from_the_refined_map(tiny_model: StableSeg) -> None:
     labels = ["cat", "dog", "tree"]
     image = _image(5)
@@ -153,9 +230,17 @@ def test_settings_and_sweep_keys() -> None:
 
 # ---------------------------------------------------------------------- the open setting, demo
 OPEN_SCENES = 50
-# mIoU (percent) of the first OPEN_SCENES shipped scenes, every colour prompted (docs/benchmark.md
-# "What to try on your data"); the guard allows 2 points less, and presence must keep its lead.
-OPEN_MEASURED = {"every label": 71.7, "presence 1.0": 73.7}
+# mIoU (percent) of the first OPEN_SCENES shipped scenes (docs/benchmark.md "What to try on your
+# data"), every colour prompted ("open") or only the image's own ("per image", the paper's
+# protocol). The guard allows 2 points less; presence with reprompt must keep its lead in the
+# open setting and cost the per-image protocol at most the issue's 0.5.
+PRESENCE = {"presence_threshold": 0.5, "reprompt": True}
+OPEN_MEASURED = {
+    ("open", "every label"): 71.7,
+    ("open", "presence"): 74.8,
+    ("per image", "every label"): 76.3,
+    ("per image", "presence"): 76.3,
+}
 
 
 @pytest.mark.slow
@@ -170,10 +255,17 @@ def test_presence_in_the_open_setting_on_the_demo() -> None:
     _, images, gts, labels = read_scene_set(ROOT / "demo" / "scenes")
     images, gts = images[:OPEN_SCENES], gts[:OPEN_SCENES]
     scores = {}
-    for row, threshold in (("every label", None), ("presence 1.0", 1.0)):
-        segmenter = model.with_config(config.replace(presence_threshold=threshold))
+    for row, changes in (("every label", {}), ("presence", PRESENCE)):
+        segmenter = model.with_config(config.replace(**changes))
         masks = [result.mask for result in segmenter.segment(images, labels)]
-        scores[row] = mean_iou(masks, gts, labels)["mIoU"]
-    for row, measured in OPEN_MEASURED.items():
-        assert scores[row] >= measured - 2.0, scores
-    assert scores["presence 1.0"] >= scores["every label"] + 1.0, scores
+        scores["open", row] = mean_iou(masks, gts, labels)["mIoU"]
+        own = []  # each image prompted with the colours of its ground truth, mask ids remapped
+        for image, gt in zip(images, gts):
+            ids = [k for k in range(1, len(labels) + 1) if (gt == k).any()]
+            (result,) = segmenter.segment(image, [labels[k - 1] for k in ids])
+            own.append(np.array([0, *ids], dtype=np.uint8)[result.mask])
+        scores["per image", row] = mean_iou(own, gts, labels)["mIoU"]
+    for key, measured in OPEN_MEASURED.items():
+        assert scores[key] >= measured - 2.0, scores
+    assert scores["open", "presence"] >= scores["open", "every label"] + 1.5, scores
+    assert scores["per image", "presence"] >= scores["per image", "every label"] - 0.5, scores

@@ -78,6 +78,7 @@ def test_environment_round_trip_gives_the_same_settings(tmp_path):
         "background_prompt": "background",
         "background_threshold": 0.25,
         "presence_threshold": 0.9,
+        "reprompt": True,
         "flip": True,
         "ensemble_timesteps": (50, 100),
         "ensemble_templates": ("a {}", "the {}"),

@@ -33,6 +33,20 @@ def test_labels_file_synonyms_and_escapes() -> None:
         parse_labels_file(["car | "])
 
 
+def test_runs_record_synonyms_beside_the_label_names() -> None:
+    from labeler.jobs.refine_options import RefineOptions
+    from labeler.labels import labels_record
+
+    labels = parse_labels_text("cat|kitty, dog")
+    assert labels_record(labels) == {"labels": ["cat", "dog"], "synonyms": {"cat": ["kitty"]}}
+    assert labels_record(["cat", "dog"], key="classes") == {"classes": ["cat", "dog"]}
+    # The refine work dir's settings: the names as before, the synonyms beside them (and no
+    # key at all without synonyms, so the work dirs made before synonyms still resume).
+    settings = RefineOptions(labels=tuple(labels)).settings()
+    assert settings["labels"] == ["cat", "dog"] and settings["synonyms"] == {"cat": ["kitty"]}
+    assert "synonyms" not in RefineOptions(labels=("cat", "dog")).settings()
+
+
 def test_labels_option_synonyms() -> None:
     labels = parse_labels_text("cat|kitty, dog")
     assert labels == ["cat", "dog"] and synonyms_of(labels[0]) == ("kitty",)

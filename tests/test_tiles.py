@@ -160,6 +160,27 @@ def test_tiles_segment_a_large_image_at_its_size(tiny_model) -> None:
         model.segment([type(prepared)(prepared.pixels[:, :95], prepared.size)], labels)
 
 
+def test_tiles_batch_the_windows_of_several_images(tiny_model) -> None:
+    # Images of different sizes in one batch: the whole-image passes share a call, windows of
+    # two images share calls, and each image's masks are those of segmenting it alone.
+    rng = np.random.default_rng(2)
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8)
+        for shape in ((100, 150, 3), (64, 64, 3), (150, 90, 3))
+    ]
+    labels = ["cat", "dog", "person"]
+    config = tiny_model.config.replace(tiles=1.5, tile_overlap=0.5, presence_threshold=0.99)
+    for extra in ({}, {"reprompt": True}):
+        alone = tiny_model.with_config(config.replace(batch_size=1, **extra))
+        batched = tiny_model.with_config(config.replace(batch_size=3, **extra))
+        together = batched.segment(images, labels, return_probs=True)
+        for image, result in zip(images, together):
+            (single,) = alone.segment(image, labels, return_probs=True)
+            assert result.mask.shape == image.shape[:2]
+            np.testing.assert_allclose(result.probs, single.probs, atol=1e-4)
+            assert (result.mask == single.mask).mean() > 0.999
+
+
 def test_tiles_through_benchmark_with_saved_masks(
     folder_root,  # noqa: F811 (the fixture imported above)
     tiny_model_dir,

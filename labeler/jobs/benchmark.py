@@ -47,6 +47,7 @@ from labeler.jobs.tables import (
     sweep_grid,
     table1_markdown,
 )
+from labeler.labels import labels_record
 from labeler.model_settings import ModelSettings
 
 from .datasets import Dataset, open_dataset
@@ -434,7 +435,7 @@ def _report(
             "split": dataset.split,
             "images_in_split": len(dataset.samples),
             "limit": options.limit,
-            "classes": list(preset.class_names),
+            **labels_record(preset.class_names, key="classes"),
             "background_is_class": preset.background_is_class,
             "background_rule": preset.background_rule,
             "ignore_index": list(options.ignore_index),

@@ -46,12 +46,15 @@ from .io import (
     stored_stems,
 )
 from .layout import YOLO_DIR, mask_path, pieces_path, record_path, stem_path
-from .pipeline import StageClock
+from .pipeline import StageClock, default_workers, ordered_map
 from .pseudo_label_options import POLYGON_FORMATS, PseudoLabelOptions
 from .storage import RemotePath
 
 COCO_INFO = {"description": "StableSeg pseudo-labels"}
 _COPY_BUFFER = 1 << 20
+REMOTE_READERS = 16
+"""Threads that read the done images' records and pieces for the assembly when OUT_DIR is in
+object storage, at least: each read is a request whose time is mostly waiting."""
 
 
 def _dumps(value: Any) -> str:
@@ -281,6 +284,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         raise
 
 
+def _read_done(
+    options: PseudoLabelOptions, relative: Path, wanted: Sequence[str]
+) -> tuple[dict[str, Any], Pieces | None]:
+    """A done image's record and, when a piece format is ``wanted``, its pieces; its YOLO files
+    are written here (order does not matter to them). Run by the assembly's reader threads."""
+    record = json.loads(record_path(options.out_dir, relative).read_text(encoding="utf-8"))
+    if not wanted:
+        return record, None
+    pieces = load_pieces(options, relative, record)
+    if "yolo-seg" in wanted:
+        _write_yolo_image(options, relative, pieces.lines("yolo-seg"))
+    return record, pieces
+
+
 def _write_yolo_image(options: PseudoLabelOptions, relative: Path, lines: list[str]) -> None:
     """An image's label file in ``OUT_DIR/yolo/labels/`` (rewritten only when it changed) and
     the image in ``OUT_DIR/yolo/images/`` (linked or copied once)."""
@@ -360,11 +377,21 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         coco_annotations = {fmt: section(f"{fmt}-annotations") for fmt in cocos}
         tasks = {fmt: section(f"{fmt}-tasks") for fmt in studios}
         gallery = section("gallery", "\n")
-        for relative in images:
-            if stem_path(relative) not in recorded:
-                continue
-            rec_file = record_path(out, relative)
-            record = json.loads(rec_file.read_text(encoding="utf-8"))
+        todo = [relative for relative in images if stem_path(relative) in recorded]
+        readers = options.workers or default_workers()
+        if isinstance(out, RemotePath):
+            readers = max(readers, REMOTE_READERS)
+        read = stack.enter_context(
+            contextlib.closing(
+                ordered_map(
+                    lambda relative: _read_done(options, relative, wanted),
+                    todo,
+                    readers,
+                    2 * readers,
+                )
+            )
+        )
+        for relative, (record, pieces) in zip(todo, read, strict=True):
             done.append(relative)
             if options.preview:
                 entry = {
@@ -373,9 +400,8 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                     "labels": record["labels_present"],
                 }
                 gallery.add(gallery_figure(entry, gallery.count))
-            if not wanted:
+            if pieces is None:
                 continue
-            pieces = load_pieces(options, relative, record)
             for fmt in cocos:
                 image_id = coco_images[fmt].count + 1
                 entry = coco_image(image_id, record["file"], record["width"], record["height"])
@@ -387,8 +413,6 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
                 url = _dumps(image_url(root_url, record["file"]))
                 (found,) = pieces.lines(fmt)
                 tasks[fmt].add(f'{{"data": {{"image": {url}}}, "predictions": [{found}]}}')
-            if "yolo-seg" in wanted:
-                _write_yolo_image(options, relative, pieces.lines("yolo-seg"))
 
         for fmt in cocos:
             _write_coco(out / f"{fmt}.json", coco_images[fmt], coco_annotations[fmt], labels)

@@ -14,6 +14,7 @@ from typing import Any
 
 from exporters.polygons import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.labels import labels_record
 from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, number, setting, settings_group
 
@@ -227,7 +228,7 @@ class PseudoLabelOptions:
         return {
             "format": RUN_FORMAT,
             "images_dir": describe(self.images_dir),
-            "labels": list(self.labels),
+            **labels_record(self.labels),
             "model": str(self.student or self.model.source),
             "student": self.student is not None,
             "segmenter": segmenter,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from labeler.labels import validate_labels
+from labeler.labels import labels_record, validate_labels
 from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import group, setting, settings_group
 from labeler.train.trainer_settings import MapFitConfig, PseudoConfig, StudentConfig
@@ -185,7 +185,7 @@ class RefineOptions:
                 {
                     "model": self.model.source,
                     "dtype": self.model.dtype,
-                    "labels": list(self.labels),
+                    **labels_record(self.labels),
                     "segmenter": self.segmenter.mask_settings(),
                     "pseudo": asdict(self.pseudo),
                     "student": {
