@@ -563,6 +563,7 @@ class StableSeg:
         plan: MapPlan,
         present: torch.Tensor | None = None,
         encoded: torch.Tensor | None = None,
+        judged: _Pass | None = None,
     ) -> _Pass:
         """Steps 3-7 for every member of the ensemble, their final maps (and evidence) averaged.
 
@@ -570,7 +571,8 @@ class StableSeg:
         of them, unless ``present`` (B, C) says it (tiles' windows); a mirrored member sees the
         mirrored image (``pixels``, (B, 3, S, S), encoded once per orientation; ``encoded``:
         the unmirrored latents when already made) and its maps are mirrored back. The
-        per-layer maps returned are the first member's. With ``reprompt``, the images with a
+        per-layer maps returned are the first member's; ``judged`` is that member's pass when
+        already made (the judging pass of ``reprompt``). With ``reprompt``, the images with a
         class left out are segmented again with only the classes that take part
         (:meth:`_prompt_present`).
         """
@@ -578,20 +580,19 @@ class StableSeg:
         latents_of: dict[bool, torch.Tensor] = {}
         if encoded is not None:
             latents_of[False] = encoded
-        judged: _Pass | None = None  # the first member's pass, when made to judge presence
         if self.config.reprompt:
             if present is None and self.config.presence_threshold is not None:
                 view = views[0]  # unmirrored: every label prompted, presence judged
-                latents_of[False] = latents_of.get(False, self.encode_images(pixels))
+                if False not in latents_of:
+                    latents_of[False] = self.encode_images(pixels)
                 judged = self._attention_pass(
                     latents_of[False], self._prompts(labels, view.template), plan, view.timestep
                 )
                 present = judged.present
                 assert present is not None
             if present is not None and not bool(present.all()):
-                reuse = judged if len(views) == 1 else None
                 return self._prompt_present(
-                    pixels, labels, plan, present, latents_of.get(False), reuse
+                    pixels, labels, plan, present, latents_of.get(False), judged
                 )
         first: _Pass | None = None
         final: torch.Tensor | None = None
@@ -604,7 +605,7 @@ class StableSeg:
             if first is not None:
                 present = first.present
             if first is None and judged is not None:
-                result = judged  # every label kept: the judging pass is the first member's
+                result = judged  # the first member's pass, made to judge presence
             else:
                 result = self._attention_pass(
                     inputs, self._prompts(labels, view.template), plan, view.timestep, present
@@ -633,15 +634,15 @@ class StableSeg:
         plan: MapPlan,
         present: torch.Tensor,
         encoded: torch.Tensor | None,
-        reuse: _Pass | None = None,
+        judged: _Pass | None = None,
     ) -> _Pass:
         """The ensemble's pass with each image prompted with only its classes that take part
         (``present``, (B, C) bool; the background prompt always does).
 
         Images that keep the same classes share a pass; each pass's maps are put back in the
         channels of ``labels``, the left-out classes' channels 0, as :func:`gate` leaves them.
-        The images that keep every class take their rows of ``reuse`` (the judging pass, when
-        it was the whole ensemble) instead of a pass of their own.
+        The images that keep every class take their rows of ``judged`` (the judging pass, every
+        class prompted) as their first member's pass.
         """
         groups: dict[tuple[bool, ...], list[int]] = {}
         for index, row in enumerate(present.cpu().tolist()):
@@ -651,16 +652,14 @@ class StableSeg:
         merged: _Pass | None = None
         for pattern, rows in groups.items():
             keep = [c for c, on in enumerate(pattern) if on]
-            if reuse is not None and len(keep) == num_classes:
-                part = reuse.select(rows)
-            else:
-                part = self._ensemble_pass(
-                    pixels[rows],
-                    [labels[c] for c in keep],
-                    plan,
-                    torch.ones(len(rows), len(keep), dtype=torch.bool, device=present.device),
-                    None if encoded is None else encoded[rows],
-                )
+            part = self._ensemble_pass(
+                pixels[rows],
+                [labels[c] for c in keep],
+                plan,
+                torch.ones(len(rows), len(keep), dtype=torch.bool, device=present.device),
+                None if encoded is None else encoded[rows],
+                judged.select(rows) if judged is not None and len(keep) == num_classes else None,
+            )
             if merged is None:
                 merged = _Pass(
                     final=_in_channels(part.final, batch, num_classes),

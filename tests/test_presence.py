@@ -153,10 +153,17 @@ def test_reprompt_segments_each_image_with_its_present_labels(tiny_model: Stable
     # With one member and with two (the mirrored image too), whose first member judges.
     for extra in ({}, {"flip": True}):
         reprompting = model.with_config(model.config.replace(**extra))
+        counted: list[int] = []
+        reprompting._attention_pass = functools.partial(  # type: ignore[method-assign]
+            _counted, reprompting._attention_pass, counted
+        )
         result = reprompting._ensemble_pass(pixels, prompted, plan)
         assert result.present is not None
         torch.testing.assert_close(result.present, judged.present)
         assert len({tuple(row) for row in result.present.tolist()}) == 3
+        # One pass a member for each label set: the judging pass is the first member's for the
+        # image that keeps every label.
+        assert len(counted) == 3 * len(reprompting.views())
         plain = tiny_model.with_config(config.replace(presence_threshold=None, **extra))
         for index, row in enumerate(result.present.tolist()):
             keep = [c for c, on in enumerate(row) if on]
