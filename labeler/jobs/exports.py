@@ -46,7 +46,7 @@ from .io import (
     stored_stems,
 )
 from .layout import YOLO_DIR, mask_path, pieces_path, record_path, stem_path
-from .pipeline import StageClock, default_workers, ordered_map
+from .pipeline import StageClock, ordered_map
 from .pseudo_label_options import POLYGON_FORMATS, PseudoLabelOptions
 from .storage import RemotePath
 
@@ -378,7 +378,7 @@ def assemble_exports(options: PseudoLabelOptions, images: Sequence[Path]) -> dic
         tasks = {fmt: section(f"{fmt}-tasks") for fmt in studios}
         gallery = section("gallery", "\n")
         todo = [relative for relative in images if stem_path(relative) in recorded]
-        readers = options.workers or default_workers()
+        readers = options.thread_count()
         if isinstance(out, RemotePath):
             readers = max(readers, REMOTE_READERS)
         read = stack.enter_context(

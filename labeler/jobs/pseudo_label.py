@@ -51,7 +51,7 @@ from .io import (
     write_jsonl,
 )
 from .layout import PER_IMAGE_FOLDERS, RUN_FILE, stem_path
-from .pipeline import Backlog, StageClock, WriterPool, default_workers
+from .pipeline import Backlog, StageClock, WriterPool
 from .pseudo_label_options import FORMATS, PseudoLabelOptions
 from .reading import ReadPlan, read_image
 from .stage import Loaded, Segmented, StageModel, queue_behind, segment_stream
@@ -171,7 +171,7 @@ def label_images(
     :mod:`labeler.jobs.reading`).
     """
     stats = stats or LabelStats()
-    workers = options.workers or default_workers()
+    workers = options.thread_count()
     stats.readers = stats.writers = workers
     lock = threading.Lock()
     skipped: list[Failure] = []

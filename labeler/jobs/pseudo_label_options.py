@@ -18,7 +18,7 @@ from labeler.labels import labels_record
 from labeler.model_settings import ModelSpec, SegmenterConfig
 from labeler.settings import integer, number, setting, settings_group
 
-from .pipeline import MAX_DEFAULT_WORKERS
+from .pipeline import MAX_DEFAULT_WORKERS, default_workers
 from .storage import Location, as_location, describe, parse_location
 
 FORMATS = (
@@ -211,6 +211,10 @@ class PseudoLabelOptions:
                 f"--ray-max-actors {self.ray_max_actors} is below --ray-min-actors "
                 f"{self.ray_min_actors}"
             )
+
+    def thread_count(self) -> int:
+        """Threads per pool of the run: ``workers``, or :func:`default_workers` when unset."""
+        return self.workers or default_workers()
 
     def polygon_settings(self) -> dict[str, Any] | None:
         """What shapes the polygon pieces (None when no polygon format is asked for)."""
